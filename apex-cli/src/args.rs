@@ -1,0 +1,150 @@
+//! The command line, as argh structs. Options take their value after a space
+//! (`--replicates 3`; argh does not accept `--replicates=3`).
+
+use argh::FromArgs;
+use serde::Serialize;
+
+#[derive(FromArgs, Debug)]
+/// Apex runs reproducible batches of LLM generations (conditions x contexts x
+/// replicates) against OpenAI and Anthropic, and records every generation in a
+/// SQL ledger.
+pub struct Cli {
+    /// ledger URL: sqlite://PATH (default: $APEX_DATABASE_URL, else sqlite://apex.db)
+    #[argh(option)]
+    pub database_url: Option<String>,
+    /// log level: error, warn, info (default), debug or trace
+    #[argh(option)]
+    pub log_level: Option<String>,
+    #[argh(subcommand)]
+    pub command: Command,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand)]
+pub enum Command {
+    Conditions(ConditionsCmd),
+    Ingest(IngestCmd),
+    Run(RunCmd),
+    Status(StatusCmd),
+    Runs(RunsCmd),
+    Sql(SqlCmd),
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "conditions")]
+/// Register or list conditions.
+pub struct ConditionsCmd {
+    #[argh(subcommand)]
+    pub command: ConditionsSub,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand)]
+pub enum ConditionsSub {
+    Register(RegisterCmd),
+    List(ListCmd),
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "register")]
+/// Register the conditions of a TOML file (idempotent; a slug used by a run can
+/// never change its parameters).
+pub struct RegisterCmd {
+    #[argh(positional)]
+    /// the conditions file
+    pub file: String,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "list")]
+/// List the registered conditions.
+pub struct ListCmd {}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "ingest")]
+/// Ingest every context package directory under DIR (idempotent).
+pub struct IngestCmd {
+    #[argh(positional)]
+    /// directory holding one directory per package
+    pub dir: String,
+}
+
+#[derive(FromArgs, Debug, Serialize)]
+#[argh(subcommand, name = "run")]
+/// Plan and run a batch, or resume one.
+pub struct RunCmd {
+    /// condition to run (repeat the flag for several)
+    #[argh(option)]
+    pub condition_slug: Vec<String>,
+    /// replicates per (condition, context) (default 1)
+    #[argh(option)]
+    pub replicates: Option<u32>,
+    /// only the first N contexts, in id order
+    #[argh(option)]
+    pub limit: Option<u32>,
+    /// send one real request per condition before the rest of the batch
+    #[argh(switch)]
+    pub verify_first: bool,
+    /// plan and record the run, log every request it would send, send nothing
+    #[argh(switch)]
+    pub dry_run: bool,
+    /// send no prompt-caching hints (no cache_control, no prompt_cache_key)
+    #[argh(switch)]
+    pub no_cache: bool,
+    /// do not pace requests under the per-minute limits
+    #[argh(switch)]
+    pub no_rate_limiting: bool,
+    /// retries after a failed attempt (default 3)
+    #[argh(option)]
+    pub max_retries: Option<u32>,
+    /// rate limits TOML file (per provider and model, per minute)
+    #[argh(option)]
+    pub limits: Option<String>,
+    /// most requests in flight at once (default 16)
+    #[argh(option)]
+    pub concurrency: Option<usize>,
+    /// multiply every pacing duration by F, for simulators F times faster than real time (default 1)
+    #[argh(option)]
+    pub time_scale: Option<f64>,
+    /// who started the run
+    #[argh(option)]
+    pub created_by: Option<String>,
+    /// free-text notes stored with the run
+    #[argh(option)]
+    pub notes: Option<String>,
+    /// ingest the context packages under DIR first
+    #[argh(option)]
+    pub ingest: Option<String>,
+    /// with --ingest: ingest, then stop
+    #[argh(switch)]
+    pub register_only: bool,
+    /// finish the run RUN_ID: its pending and crashed-while-running generations
+    #[argh(option)]
+    pub resume: Option<String>,
+    /// with --resume: also retry the generations stored as error
+    #[argh(switch)]
+    pub retry_errors: bool,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "status")]
+/// Show a run's progress: the seed's monitoring queries as tables.
+pub struct StatusCmd {
+    #[argh(positional)]
+    /// the run id
+    pub run_id: String,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "runs")]
+/// List the runs in the store, newest first.
+pub struct RunsCmd {}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "sql")]
+/// Run one read-only SQL query against the ledger (schema apex_audition).
+pub struct SqlCmd {
+    #[argh(positional)]
+    /// the query
+    pub query: String,
+}

@@ -1,0 +1,28 @@
+//! Exit codes, and the mapping from errors to them.
+
+use std::process::ExitCode;
+
+use apex_core::Error;
+use apex_store::StoreError;
+
+/// An unexpected failure (a bug, or the operating system).
+pub const INTERNAL: u8 = 1;
+/// The command line itself was wrong (unknown flag, missing argument).
+pub const USAGE: u8 = 2;
+/// Bad input: a conditions file, a context package, an unknown slug or run,
+/// a write statement given to `apex sql`, a preflight failure.
+pub const BAD_INPUT: u8 = 3;
+/// The ledger could not be opened or used (bad URL, newer schema, I/O).
+pub const STORE: u8 = 4;
+/// The exit code for an error that ended a command.
+pub fn code_for(error: &anyhow::Error) -> ExitCode {
+    for cause in error.chain() {
+        if let Some(e) = cause.downcast_ref::<Error>() {
+            return ExitCode::from(if e.is_bad_input() { BAD_INPUT } else { STORE });
+        }
+        if cause.downcast_ref::<StoreError>().is_some() {
+            return ExitCode::from(STORE);
+        }
+    }
+    ExitCode::from(INTERNAL)
+}

@@ -1,0 +1,86 @@
+//! The `apex` binary: parse, wire, call the library, map errors to exit codes.
+
+mod args;
+mod commands;
+mod exit;
+mod table;
+
+use std::process::ExitCode;
+
+use args::Cli;
+
+/// A command line that parsed but makes no sense (exit code 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+fn main() -> ExitCode {
+    let raw: Vec<String> = std::env::args().collect();
+    let strs: Vec<&str> = raw.iter().map(String::as_str).collect();
+    let cli = match <Cli as argh::FromArgs>::from_args(&strs[..1], &strs[1..]) {
+        Ok(cli) => cli,
+        Err(early) => {
+            return if early.status.is_ok() {
+                println!("{}", early.output);
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("{}", early.output.trim_end());
+                ExitCode::from(exit::USAGE)
+            };
+        }
+    };
+    if let Err(message) = init_logging(cli.log_level.as_deref()) {
+        eprintln!("error: {message}");
+        return ExitCode::from(exit::USAGE);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(exit::INTERNAL);
+        }
+    };
+    match runtime.block_on(commands::dispatch(cli)) {
+        Ok(code) => code,
+        Err(error) => {
+            // One line: the whole cause chain, joined.
+            eprintln!("error: {error:#}");
+            if error
+                .chain()
+                .any(|c| c.downcast_ref::<UsageError>().is_some())
+            {
+                ExitCode::from(exit::USAGE)
+            } else {
+                exit::code_for(&error)
+            }
+        }
+    }
+}
+
+fn init_logging(level: Option<&str>) -> Result<(), String> {
+    let level = level.unwrap_or("info").to_ascii_lowercase();
+    if !matches!(
+        level.as_str(),
+        "error" | "warn" | "info" | "debug" | "trace"
+    ) {
+        return Err(format!(
+            "unknown --log-level `{level}`; use error, warn, info, debug or trace"
+        ));
+    }
+    // Dependencies stay at warn: their DEBUG output would show request
+    // headers, and API keys live there.
+    let filter = format!(
+        "warn,apex={level},apex_core={level},apex_store={level},apex_providers={level},apex_cli={level}"
+    );
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .compact()
+        .init();
+    Ok(())
+}

@@ -1,0 +1,178 @@
+use std::fs;
+
+use crate::{Sandbox, examples, ok, run_id_from, stderr};
+
+/// Runs a command that must fail: non-zero exit, a one-line error naming the
+/// problem, and an unchanged ledger.
+fn refused(sb: &Sandbox, args: &[&str], code: i32, needle: &str) {
+    let before = sb.dump();
+    let out = sb.apex(args);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(code), "{args:?}: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line expected, got: {err}");
+    assert!(lines[0].starts_with("error: "), "{err}");
+    assert!(err.contains(needle), "expected `{needle}` in: {err}");
+    assert_eq!(before, sb.dump(), "{args:?} changed the ledger");
+}
+
+fn registered() -> Sandbox {
+    let sb = Sandbox::new();
+    ok(sb.apex(&[
+        "conditions",
+        "register",
+        examples().join("conditions.toml").to_str().unwrap(),
+    ]));
+    ok(sb.apex(&["ingest", examples().join("contexts").to_str().unwrap()]));
+    sb
+}
+
+fn write_conditions(sb: &Sandbox, text: &str) -> String {
+    let path = sb.path("bad.toml");
+    fs::write(&path, text).unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+const ONE: &str = "[[condition]]\nslug = \"c\"\nprovider = \"anthropic\"\nmodel = \"claude-sonnet-4-5\"\nmax_tokens = 100\n";
+
+#[test]
+fn malformed_and_unknown_key_conditions_files() {
+    let sb = registered();
+    let file = write_conditions(&sb, "[[condition]\nslug = 1");
+    refused(
+        &sb,
+        &["conditions", "register", &file],
+        3,
+        "invalid conditions file",
+    );
+    let file = write_conditions(&sb, &format!("{ONE}colour = \"red\"\n"));
+    refused(
+        &sb,
+        &["conditions", "register", &file],
+        3,
+        "unknown field `colour`",
+    );
+    let file = write_conditions(&sb, &ONE.replace("anthropic", "gemini"));
+    refused(
+        &sb,
+        &["conditions", "register", &file],
+        3,
+        "unknown variant `gemini`",
+    );
+    let file = write_conditions(
+        &sb,
+        &ONE.replace("max_tokens = 100", "max_tokens = 100\ntemperature = 3.0"),
+    );
+    refused(
+        &sb,
+        &["conditions", "register", &file],
+        3,
+        "`temperature` 3 is out of range",
+    );
+}
+
+#[test]
+fn used_slug_cannot_change() {
+    let sb = registered();
+    let out = ok(sb.apex(&["run", "--condition-slug", "prod-sonnet45", "--dry-run"]));
+    let run_id = run_id_from(&out);
+    let text = fs::read_to_string(examples().join("conditions.toml"))
+        .unwrap()
+        .replacen(
+            "max_tokens = 2048\n\n[[condition]]\nslug = \"prod-opus41\"",
+            "max_tokens = 4096\n\n[[condition]]\nslug = \"prod-opus41\"",
+            1,
+        );
+    assert!(text.contains("4096"));
+    let file = write_conditions(&sb, &text);
+    refused(
+        &sb,
+        &["conditions", "register", &file],
+        3,
+        &format!("condition `prod-sonnet45` is used by run {run_id}"),
+    );
+}
+
+#[test]
+fn bad_context_packages() {
+    let sb = registered();
+    let cases: &[(&str, &[u8], &str)] = &[
+        ("context.md", b"text", "no `prompt.md`"),
+        ("prompt.md", b"go\xff", "`prompt.md` is not UTF-8"),
+        ("prompt.md", b"", "`prompt.md` is empty"),
+    ];
+    for (i, (name, bytes, needle)) in cases.iter().enumerate() {
+        let root = sb.path(&format!("pkgs{i}"));
+        let pkg = root.join("ctx-new");
+        fs::create_dir_all(&pkg).unwrap();
+        fs::write(pkg.join("context.md"), "some context").unwrap();
+        fs::write(pkg.join(name), bytes).unwrap();
+        refused(&sb, &["ingest", root.to_str().unwrap()], 3, needle);
+    }
+    // An empty context file.
+    let root = sb.path("pkgs-empty");
+    fs::create_dir_all(root.join("ctx-new")).unwrap();
+    fs::write(root.join("ctx-new/context.md"), "").unwrap();
+    fs::write(root.join("ctx-new/prompt.md"), "go").unwrap();
+    refused(
+        &sb,
+        &["ingest", root.to_str().unwrap()],
+        3,
+        "`context.md` is empty",
+    );
+}
+
+#[test]
+fn unknown_slug_bad_url_and_write_sql() {
+    let sb = registered();
+    refused(
+        &sb,
+        &["run", "--condition-slug", "prod-nope", "--dry-run"],
+        3,
+        "unknown condition `prod-nope`",
+    );
+    refused(
+        &sb,
+        &["sql", "DELETE FROM apex_audition.generations"],
+        3,
+        "read-only",
+    );
+    refused(
+        &sb,
+        &["sql", "UPDATE apex_audition.conditions SET model = 'x'"],
+        3,
+        "read-only",
+    );
+    refused(&sb, &["status", "not-a-uuid"], 3, "unknown run");
+
+    let before = sb.dump();
+    for (url, needle) in [
+        ("mysql://localhost/x", "unknown scheme"),
+        (
+            "sqlite:///no/such/dir/x.db",
+            "check that the directory exists",
+        ),
+    ] {
+        let out = sb.apex_raw(&["--database-url", url, "runs"]);
+        assert_eq!(out.status.code(), Some(4), "{url}");
+        let err = stderr(&out);
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(err.contains(needle), "{err}");
+    }
+    assert_eq!(before, sb.dump());
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let sb = registered();
+    for args in [
+        &["run", "--register-only"][..],
+        &["run", "--condition-slug", "prod-gpt5", "--retry-errors"],
+        &["run", "--condition-slug", "prod-gpt5", "--replicates", "x"],
+        &["--log-level", "loud", "runs"],
+        &["frobnicate"],
+    ] {
+        let out = sb.apex(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+    }
+}

@@ -1,0 +1,122 @@
+//! apex-cli integration tests: the real `apex` binary, driven as a user would.
+
+mod bad_input;
+mod workflow;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// A scratch directory with its own ledger.
+pub(crate) struct Sandbox {
+    pub dir: tempfile::TempDir,
+}
+
+impl Sandbox {
+    pub fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.dir.path().join("ledger.db")
+    }
+
+    pub fn url(&self) -> String {
+        format!("sqlite://{}", self.db_path().display())
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// Runs `apex --database-url <this ledger> ARGS`.
+    pub fn apex(&self, args: &[&str]) -> Output {
+        let url = self.url();
+        let mut full = vec!["--database-url", url.as_str()];
+        full.extend_from_slice(args);
+        self.apex_raw(&full)
+    }
+
+    pub fn apex_raw(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_apex"))
+            .args(args)
+            .current_dir(self.dir.path())
+            .env_remove("APEX_DATABASE_URL")
+            .env_remove("OPENAI_API_KEY")
+            .env_remove("ANTHROPIC_API_KEY")
+            .output()
+            .unwrap()
+    }
+
+    /// Every row of every ledger table, as text: equal dumps mean an
+    /// unchanged store.
+    pub fn dump(&self) -> String {
+        if !self.db_path().exists() {
+            return String::new();
+        }
+        let conn = rusqlite::Connection::open(self.db_path()).unwrap();
+        let tables: Vec<String> = conn
+            .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let mut out = String::new();
+        for table in tables {
+            let mut stmt = conn
+                .prepare(&format!("SELECT * FROM \"{table}\" ORDER BY 1"))
+                .unwrap();
+            let width = stmt.column_count();
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok((0..width)
+                        .map(|i| format!("{:?}", r.get_ref(i).unwrap()))
+                        .collect::<Vec<_>>()
+                        .join("|"))
+                })
+                .unwrap();
+            out.push_str(&format!("## {table}\n"));
+            for row in rows {
+                out.push_str(&row.unwrap());
+                out.push('\n');
+            }
+        }
+        out
+    }
+}
+
+pub(crate) fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub(crate) fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Asserts success and returns stdout.
+pub(crate) fn ok(o: Output) -> String {
+    assert!(
+        o.status.success(),
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        stdout(&o),
+        stderr(&o)
+    );
+    stdout(&o)
+}
+
+/// The repository's examples directory.
+pub(crate) fn examples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/production")
+}
+
+/// The run id printed by `apex run`.
+pub(crate) fn run_id_from(out: &str) -> String {
+    out.split_whitespace()
+        .skip_while(|w| *w != "run")
+        .nth(1)
+        .expect("a run id in the output")
+        .to_owned()
+}

@@ -1,0 +1,61 @@
+//! apex-core: the domain model of Apex, the traits its backends implement, and
+//! the planner. It does no I/O: files, HTTP and SQL live in other crates.
+//!
+//! # Overview
+//!
+//! - [`Condition`]: a named, immutable model configuration, parsed from TOML
+//!   by [`parse_conditions`].
+//! - [`ContextPackage`]: one prompt (system, cacheable context, instruction),
+//!   identified by the SHA-256 of its content.
+//! - [`Plan`]: the generation cells of a run in context-sequential order.
+//! - [`Store`]: the ledger (SQLite or PostgreSQL in `apex-store`).
+//! - [`Provider`]: a model API (OpenAI or Anthropic in `apex-providers`).
+//!
+//! # Example
+//!
+//! ```
+//! use apex_core::{parse_conditions, ContextPackage, PackageRef, Plan, PlanOptions};
+//!
+//! let conditions = parse_conditions(r#"
+//! [[condition]]
+//! slug = "prod-sonnet45"
+//! provider = "anthropic"
+//! model = "claude-sonnet-4-5"
+//! temperature = 0.7
+//! max_tokens = 2048
+//! "#)?;
+//! let package = ContextPackage::new("ctx-01", None, "A long document.".into(), "Summarise it.".into())?;
+//! let packages = vec![PackageRef {
+//!     id: package.id().into(),
+//!     version: package.version().into(),
+//!     estimated_tokens: package.estimated_input_tokens(),
+//!     byte_len: package.byte_len() as u64,
+//! }];
+//! let plan = Plan::build(conditions, packages, PlanOptions { replicates: 3, limit: None })?;
+//! assert_eq!(plan.cells.len(), 3);
+//! assert_eq!(plan.cells[0].replicate_index, 0);
+//! # Ok::<(), apex_core::Error>(())
+//! ```
+
+pub mod condition;
+pub mod context;
+pub mod error;
+pub mod plan;
+pub mod provider;
+pub mod run;
+pub mod store;
+pub mod time;
+
+pub use condition::{Condition, ProviderKind, parse_conditions};
+pub use context::{ContextPackage, PackageSources, SourceFile};
+pub use error::{Error, Result};
+pub use plan::{Cell, PackageRef, Plan, PlanOptions};
+pub use provider::{
+    AttemptError, CacheHint, CacheTtl, ErrorClass, Generated, GenerationRequest, Provider,
+    RateLimitSnapshot, RequestPreview, Usage,
+};
+pub use run::{
+    AttemptEnd, ErrorRow, GenerationResult, GenerationStatus, NewRun, RunId, RunInfo, RunState,
+    StatusCounts, WorkItem,
+};
+pub use store::{ConditionInfo, IngestReport, QueryResult, RegisterReport, SqlValue, Store};

@@ -1,0 +1,302 @@
+//! The `Provider` trait the scheduler calls, and the normalised shapes of
+//! what a provider returns.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::condition::{Condition, ProviderKind};
+use crate::context::ContextPackage;
+
+/// Token usage, normalised across providers.
+///
+/// `input_tokens` is the *uncached* input only: OpenAI's `prompt_tokens`
+/// minus `cached_tokens`, Anthropic's `input_tokens`. Total input is
+/// `input_tokens + cache_write_tokens + cache_read_tokens`.
+/// `output_tokens` includes `reasoning_tokens`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    /// Input neither written to nor read from the cache.
+    pub input_tokens: u64,
+    /// Input written to the cache (all TTLs).
+    pub cache_write_tokens: u64,
+    /// Of `cache_write_tokens`, those written with the 1-hour TTL.
+    pub cache_write_1h_tokens: u64,
+    /// Input read from the cache.
+    pub cache_read_tokens: u64,
+    /// Output, reasoning included.
+    pub output_tokens: u64,
+    /// Of `output_tokens`, the reasoning tokens.
+    pub reasoning_tokens: u64,
+}
+
+impl Usage {
+    /// All input tokens, however they were billed.
+    pub fn total_input(&self) -> u64 {
+        self.input_tokens + self.cache_write_tokens + self.cache_read_tokens
+    }
+    /// Whether the response read from the provider's cache.
+    pub fn cache_hit(&self) -> bool {
+        self.cache_read_tokens > 0
+    }
+}
+
+/// Which prompt-cache lifetime to ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CacheTtl {
+    /// Five minutes (the default; writes cost 1.25× input on Anthropic).
+    FiveMinutes,
+    /// One hour (writes cost 2× input on Anthropic).
+    OneHour,
+}
+
+/// Whether to send cache hints, and which.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CacheHint {
+    /// `--no-cache`: no `cache_control`, no `prompt_cache_key`.
+    Off,
+    /// Mark the context block as cacheable with this TTL.
+    On(CacheTtl),
+}
+
+/// One request to send: a condition applied to a context package.
+#[derive(Debug, Clone)]
+pub struct GenerationRequest {
+    /// The condition (shared across its cells).
+    pub condition: Arc<Condition>,
+    /// The package (shared across replicates: its text is held once).
+    pub package: Arc<ContextPackage>,
+    /// The cache hint.
+    pub cache: CacheHint,
+}
+
+/// One bucket of a provider's rate-limit headers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LimitBucket {
+    /// The limit the provider applies.
+    pub limit: Option<u64>,
+    /// What is left now.
+    pub remaining: Option<u64>,
+    /// Time until the bucket is full again.
+    pub reset_after: Option<Duration>,
+}
+
+/// What a response's rate-limit headers said.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RateLimitSnapshot {
+    /// Requests per minute.
+    pub requests: Option<LimitBucket>,
+    /// OpenAI TPM, or Anthropic's combined `tokens` bucket.
+    pub tokens: Option<LimitBucket>,
+    /// Anthropic ITPM.
+    pub input_tokens: Option<LimitBucket>,
+    /// Anthropic OTPM.
+    pub output_tokens: Option<LimitBucket>,
+}
+
+/// A successful attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generated {
+    /// The response text.
+    pub text: String,
+    /// Normalised usage.
+    pub usage: Usage,
+    /// Finish or stop reason.
+    pub finish_reason: Option<String>,
+    /// The provider's request id.
+    pub request_id: Option<String>,
+    /// The model snapshot that answered.
+    pub model_snapshot: Option<String>,
+    /// SHA-256 of the exact request body sent.
+    pub request_hash: String,
+    /// Rate-limit headers of the response.
+    pub rate_limits: RateLimitSnapshot,
+}
+
+/// Why an attempt failed, as the retry policy needs to know it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorClass {
+    /// 429 rate limit (retry after the hinted delay).
+    RateLimited,
+    /// Anthropic 529 or OpenAI 503 overloaded.
+    Overloaded,
+    /// Other 5xx.
+    ServerError,
+    /// 408, or the request timed out locally.
+    Timeout,
+    /// 409 conflict.
+    Conflict,
+    /// Connection failed or dropped.
+    Transport,
+    /// 400: the request is wrong and will stay wrong.
+    InvalidRequest,
+    /// 401.
+    Authentication,
+    /// 403.
+    PermissionDenied,
+    /// 404, e.g. an unknown or retired model.
+    NotFound,
+    /// 413.
+    RequestTooLarge,
+    /// Out of credit or over a spend limit.
+    QuotaExhausted,
+    /// One request larger than a per-minute limit: can never succeed.
+    ExceedsRateLimit,
+    /// A response that could not be understood.
+    Decode,
+}
+
+impl ErrorClass {
+    /// Whether another attempt may succeed.
+    pub fn is_retryable(self) -> bool {
+        matches!(
+            self,
+            Self::RateLimited
+                | Self::Overloaded
+                | Self::ServerError
+                | Self::Timeout
+                | Self::Conflict
+                | Self::Transport
+        )
+    }
+
+    /// Whether every request of the same condition will fail the same way,
+    /// so the condition stops at once.
+    pub fn is_fatal_for_condition(self) -> bool {
+        matches!(
+            self,
+            Self::Authentication | Self::PermissionDenied | Self::NotFound | Self::QuotaExhausted
+        )
+    }
+
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::RateLimited => "rate_limited",
+            Self::Overloaded => "overloaded",
+            Self::ServerError => "server_error",
+            Self::Timeout => "timeout",
+            Self::Conflict => "conflict",
+            Self::Transport => "transport",
+            Self::InvalidRequest => "invalid_request",
+            Self::Authentication => "authentication",
+            Self::PermissionDenied => "permission_denied",
+            Self::NotFound => "not_found",
+            Self::RequestTooLarge => "request_too_large",
+            Self::QuotaExhausted => "quota_exhausted",
+            Self::ExceedsRateLimit => "exceeds_rate_limit",
+            Self::Decode => "decode",
+        }
+    }
+}
+
+/// A failed attempt.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{} ({}): {message}", class.as_str(), http_status.map_or_else(|| "no response".to_owned(), |s| format!("HTTP {s}")))]
+pub struct AttemptError {
+    /// What kind of failure.
+    pub class: ErrorClass,
+    /// The provider's message (never contains the API key).
+    pub message: String,
+    /// HTTP status, if a response arrived.
+    pub http_status: Option<u16>,
+    /// `retry-after-ms` / `retry-after`, if the response carried one.
+    pub retry_after: Option<Duration>,
+    /// The provider's request id, if any.
+    pub request_id: Option<String>,
+    /// Rate-limit headers of the response.
+    pub rate_limits: RateLimitSnapshot,
+}
+
+impl AttemptError {
+    /// An error with only a class and message.
+    pub fn new(class: ErrorClass, message: impl Into<String>) -> Self {
+        Self {
+            class,
+            message: message.into(),
+            http_status: None,
+            retry_after: None,
+            request_id: None,
+            rate_limits: RateLimitSnapshot::default(),
+        }
+    }
+}
+
+/// A preview of the exact request a provider would send (for dry runs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestPreview {
+    /// The full URL.
+    pub url: String,
+    /// The JSON body, exactly as it would be sent.
+    pub body: String,
+    /// SHA-256 of `body`.
+    pub request_hash: String,
+}
+
+/// A model API. Implementations live in `apex-providers`; the scheduler only
+/// sees this trait, so tests and benchmarks can plug in fakes.
+#[async_trait]
+pub trait Provider: Send + Sync {
+    /// Which API this is.
+    fn kind(&self) -> ProviderKind;
+
+    /// The exact request that [`Provider::generate`] would send, without sending it.
+    fn preview(&self, request: &GenerationRequest) -> RequestPreview;
+
+    /// Sends one attempt and returns its normalised outcome. Implementations
+    /// do not retry: the scheduler owns retries, so each attempt is counted
+    /// and passes the rate limiter.
+    async fn generate(&self, request: &GenerationRequest) -> Result<Generated, AttemptError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_and_fatal_classes_are_disjoint() {
+        use ErrorClass::*;
+        let all = [
+            RateLimited,
+            Overloaded,
+            ServerError,
+            Timeout,
+            Conflict,
+            Transport,
+            InvalidRequest,
+            Authentication,
+            PermissionDenied,
+            NotFound,
+            RequestTooLarge,
+            QuotaExhausted,
+            ExceedsRateLimit,
+            Decode,
+        ];
+        for class in all {
+            assert!(
+                !(class.is_retryable() && class.is_fatal_for_condition()),
+                "{class:?}"
+            );
+        }
+        assert!(!InvalidRequest.is_retryable());
+        assert!(!ExceedsRateLimit.is_retryable());
+        assert!(QuotaExhausted.is_fatal_for_condition());
+    }
+
+    #[test]
+    fn usage_totals() {
+        let u = Usage {
+            input_tokens: 10,
+            cache_write_tokens: 100,
+            cache_write_1h_tokens: 0,
+            cache_read_tokens: 0,
+            output_tokens: 5,
+            reasoning_tokens: 2,
+        };
+        assert_eq!(u.total_input(), 110);
+        assert!(!u.cache_hit());
+    }
+}

@@ -1,0 +1,142 @@
+//! The `Store` trait: the ledger every state change goes through.
+
+use std::fmt;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::condition::Condition;
+use crate::context::ContextPackage;
+use crate::error::Result;
+use crate::plan::{PackageRef, Plan};
+use crate::run::{AttemptEnd, ErrorRow, NewRun, RunId, RunInfo, RunState, WorkItem};
+
+/// What registering a conditions file changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterReport {
+    /// Slugs new to the store.
+    pub added: Vec<String>,
+    /// Slugs already registered with the same parameters.
+    pub unchanged: Vec<String>,
+    /// Slugs not yet used by any run whose parameters were replaced.
+    pub updated: Vec<String>,
+}
+
+/// What ingesting packages changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IngestReport {
+    /// Package ids new to the store.
+    pub added: Vec<String>,
+    /// Packages whose content was already stored as their current version.
+    pub unchanged: Vec<String>,
+    /// Packages whose content changed: (id, old version, new version).
+    pub new_versions: Vec<(String, String, String)>,
+}
+
+/// A registered condition and whether a run has used it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConditionInfo {
+    /// The condition.
+    pub condition: Condition,
+    /// Runs that used it (immutable once > 0).
+    pub runs: u64,
+}
+
+/// A value in a query result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum SqlValue {
+    /// SQL NULL.
+    Null,
+    /// A boolean (PostgreSQL).
+    Bool(bool),
+    /// An integer.
+    Integer(i64),
+    /// A floating-point number.
+    Real(f64),
+    /// Text.
+    Text(String),
+}
+
+impl fmt::Display for SqlValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Null => f.write_str("NULL"),
+            Self::Bool(b) => write!(f, "{b}"),
+            Self::Integer(i) => write!(f, "{i}"),
+            Self::Real(r) => write!(f, "{r}"),
+            Self::Text(t) => f.write_str(t),
+        }
+    }
+}
+
+/// Rows returned by [`Store::query_read_only`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct QueryResult {
+    /// Column names.
+    pub columns: Vec<String>,
+    /// Rows, each as long as `columns`.
+    pub rows: Vec<Vec<SqlValue>>,
+}
+
+/// The ledger. Backends (SQLite, PostgreSQL) live in `apex-store`.
+///
+/// Every method that changes state is durable when it returns: a crash right
+/// after it leaves a ledger from which a run can be resumed.
+#[async_trait]
+pub trait Store: Send + Sync {
+    /// `sqlite` or `postgres`.
+    fn backend(&self) -> &'static str;
+
+    /// Registers conditions, all or nothing. Idempotent; a slug used by a run
+    /// cannot change its parameters.
+    async fn register_conditions(&self, conditions: &[Condition]) -> Result<RegisterReport>;
+
+    /// All registered conditions, by slug.
+    async fn conditions(&self) -> Result<Vec<ConditionInfo>>;
+
+    /// One condition, or [`crate::Error::UnknownCondition`].
+    async fn condition(&self, slug: &str) -> Result<Condition>;
+
+    /// Stores packages, all or nothing. Idempotent; changed content under an
+    /// existing id becomes that id's new current version.
+    async fn ingest_packages(&self, packages: &[ContextPackage]) -> Result<IngestReport>;
+
+    /// The current version of every package, by id.
+    async fn current_packages(&self) -> Result<Vec<PackageRef>>;
+
+    /// One package version with its text.
+    async fn package(&self, id: &str, version: &str) -> Result<ContextPackage>;
+
+    /// Records a run and all its cells as `pending`, in one transaction.
+    async fn create_run(&self, run: &NewRun, plan: &Plan) -> Result<()>;
+
+    /// One run with its counts.
+    async fn run(&self, run_id: &RunId) -> Result<RunInfo>;
+
+    /// All runs, newest first.
+    async fn runs(&self) -> Result<Vec<RunInfo>>;
+
+    /// The conditions a run uses, in plan order, with the parameters stored.
+    async fn run_conditions(&self, run_id: &RunId) -> Result<Vec<Condition>>;
+
+    /// Moves a run to a state (and stamps `started_at` / `finished_at`).
+    async fn set_run_state(&self, run_id: &RunId, state: RunState) -> Result<()>;
+
+    /// The generations still to do, in plan order: `pending`, `running` (left
+    /// by a crash) and, with `include_errors`, `error` (reset to `pending`).
+    async fn work_items(&self, run_id: &RunId, include_errors: bool) -> Result<Vec<WorkItem>>;
+
+    /// Marks a generation `running` for attempt number `attempt` (1-based).
+    async fn begin_attempt(&self, generation_id: i64, attempt: u32) -> Result<()>;
+
+    /// Records how an attempt ended and the generation's resulting status.
+    async fn end_attempt(&self, generation_id: i64, attempt: u32, end: &AttemptEnd) -> Result<()>;
+
+    /// The error rows of a run (the seed's second query).
+    async fn error_rows(&self, run_id: &RunId) -> Result<Vec<ErrorRow>>;
+
+    /// Runs one read-only statement; a statement that would write is refused
+    /// with [`crate::Error::ReadOnly`]. The `apex_audition` schema is available.
+    async fn query_read_only(&self, sql: &str) -> Result<QueryResult>;
+}

@@ -1,0 +1,28 @@
+//! apex-store integration tests: one binary (builds are slow on 2 cores).
+
+mod files;
+mod sqlite;
+
+use apex_core::{Condition, ContextPackage, ProviderKind};
+
+pub(crate) fn condition(slug: &str, provider: ProviderKind, model: &str) -> Condition {
+    Condition {
+        slug: slug.into(),
+        provider,
+        model: model.into(),
+        temperature: Some(0.7),
+        top_p: None,
+        max_tokens: 256,
+        reasoning_effort: None,
+    }
+}
+
+pub(crate) fn package(id: &str, context: &str) -> ContextPackage {
+    ContextPackage::new(
+        id,
+        Some("Be brief.".into()),
+        context.into(),
+        "Summarise.".into(),
+    )
+    .unwrap()
+}

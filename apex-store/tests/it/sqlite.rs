@@ -1,0 +1,343 @@
+use apex_core::run::AttemptEnd;
+use apex_core::{
+    Error, ErrorClass, GenerationResult, NewRun, Plan, PlanOptions, ProviderKind, RunId, RunState,
+    SqlValue, Store, Usage,
+};
+use apex_store::SqliteStore;
+
+use crate::{condition, package};
+
+async fn seeded(replicates: u32) -> (SqliteStore, RunId) {
+    let store = SqliteStore::open_in_memory().unwrap();
+    let c = condition("c1", ProviderKind::Anthropic, "claude-sonnet-4-5");
+    store
+        .register_conditions(std::slice::from_ref(&c))
+        .await
+        .unwrap();
+    store
+        .ingest_packages(&[package("ctx-01", "one"), package("ctx-02", "two")])
+        .await
+        .unwrap();
+    let plan = Plan::build(
+        vec![c],
+        store.current_packages().await.unwrap(),
+        PlanOptions {
+            replicates,
+            limit: None,
+        },
+    )
+    .unwrap();
+    let run = NewRun {
+        run_id: RunId::generate(),
+        created_by: Some("tester".into()),
+        notes: Some("notes".into()),
+        flags: serde_json::json!({"replicates": replicates}),
+        dry_run: false,
+    };
+    store.create_run(&run, &plan).await.unwrap();
+    (store, run.run_id)
+}
+
+fn seed_status_sql(run_id: &RunId) -> String {
+    format!(
+        "SELECT\n  status,\n  COUNT(*) as count,\n  COUNT(*) FILTER (WHERE cache_hit) as cache_hits\nFROM apex_audition.generations\nWHERE run_id = '{run_id}'\nGROUP BY status;"
+    )
+}
+
+fn success(cache_read: u64) -> AttemptEnd {
+    AttemptEnd::Success(GenerationResult {
+        usage: Usage {
+            input_tokens: 10,
+            cache_write_tokens: 0,
+            cache_write_1h_tokens: 0,
+            cache_read_tokens: cache_read,
+            output_tokens: 5,
+            reasoning_tokens: 0,
+        },
+        cost_usd: Some(0.01),
+        finish_reason: Some("end_turn".into()),
+        provider_request_id: Some("req_1".into()),
+        model_snapshot: Some("claude-sonnet-4-5-20250929".into()),
+        request_hash: Some("abc".into()),
+        response_text: "hello".into(),
+        latency_ms: 12,
+    })
+}
+
+#[tokio::test]
+async fn register_is_idempotent_and_used_slugs_are_immutable() {
+    let store = SqliteStore::open_in_memory().unwrap();
+    let c = condition("c1", ProviderKind::OpenAi, "gpt-4o");
+    let first = store
+        .register_conditions(std::slice::from_ref(&c))
+        .await
+        .unwrap();
+    assert_eq!(first.added, vec!["c1"]);
+    let again = store
+        .register_conditions(std::slice::from_ref(&c))
+        .await
+        .unwrap();
+    assert_eq!(again.unchanged, vec!["c1"]);
+
+    // Not used yet: a change replaces the parameters.
+    let mut changed = c.clone();
+    changed.max_tokens = 512;
+    let updated = store
+        .register_conditions(std::slice::from_ref(&changed))
+        .await
+        .unwrap();
+    assert_eq!(updated.updated, vec!["c1"]);
+    assert_eq!(store.condition("c1").await.unwrap().max_tokens, 512);
+
+    // Used by a run: a change is refused and nothing is written, not even
+    // the new condition registered in the same call.
+    store
+        .ingest_packages(&[package("ctx-01", "x")])
+        .await
+        .unwrap();
+    let plan = Plan::build(
+        vec![changed.clone()],
+        store.current_packages().await.unwrap(),
+        PlanOptions::default(),
+    )
+    .unwrap();
+    let run = NewRun {
+        run_id: RunId::generate(),
+        created_by: None,
+        notes: None,
+        flags: serde_json::json!({}),
+        dry_run: true,
+    };
+    store.create_run(&run, &plan).await.unwrap();
+    let mut again = changed.clone();
+    again.temperature = Some(0.1);
+    let other = condition("c2", ProviderKind::OpenAi, "gpt-4o");
+    let err = store
+        .register_conditions(&[other, again])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::ConditionImmutable { .. }), "{err}");
+    assert!(err.to_string().contains("temperature: 0.7 -> 0.1"), "{err}");
+    let conditions = store.conditions().await.unwrap();
+    assert_eq!(conditions.len(), 1, "c2 must not be half-registered");
+    assert_eq!(conditions[0].runs, 1);
+    assert_eq!(conditions[0].condition, changed);
+}
+
+#[tokio::test]
+async fn ingest_is_idempotent_and_versions_changed_content() {
+    let store = SqliteStore::open_in_memory().unwrap();
+    let a = package("ctx-01", "alpha");
+    let report = store
+        .ingest_packages(std::slice::from_ref(&a))
+        .await
+        .unwrap();
+    assert_eq!(report.added, vec!["ctx-01"]);
+    let report = store
+        .ingest_packages(std::slice::from_ref(&a))
+        .await
+        .unwrap();
+    assert_eq!(report.unchanged, vec!["ctx-01"]);
+    let b = package("ctx-01", "alpha, revised");
+    let report = store
+        .ingest_packages(std::slice::from_ref(&b))
+        .await
+        .unwrap();
+    assert_eq!(
+        report.new_versions,
+        vec![("ctx-01".into(), a.version().into(), b.version().into())]
+    );
+    let current = store.current_packages().await.unwrap();
+    assert_eq!(current.len(), 1);
+    assert_eq!(current[0].version, b.version());
+    // Both versions stay readable: old runs still point at theirs.
+    assert_eq!(store.package("ctx-01", a.version()).await.unwrap(), a);
+    assert_eq!(store.package("ctx-01", b.version()).await.unwrap(), b);
+}
+
+#[tokio::test]
+async fn seed_sql_runs_verbatim_and_counts_transitions() {
+    let (store, run_id) = seeded(3).await;
+    let result = store
+        .query_read_only(&seed_status_sql(&run_id))
+        .await
+        .unwrap();
+    assert_eq!(result.columns, vec!["status", "count", "cache_hits"]);
+    assert_eq!(
+        result.rows,
+        vec![vec![
+            SqlValue::Text("pending".into()),
+            SqlValue::Integer(6),
+            SqlValue::Integer(0)
+        ]]
+    );
+
+    let items = store.work_items(&run_id, false).await.unwrap();
+    assert_eq!(items.len(), 6);
+    assert_eq!(
+        (items[0].prompt_id.as_str(), items[0].replicate_index),
+        ("ctx-01", 0)
+    );
+    assert_eq!(
+        (items[3].prompt_id.as_str(), items[3].replicate_index),
+        ("ctx-02", 0)
+    );
+
+    // Leader writes the cache, follower reads it, one fails for good.
+    store
+        .begin_attempt(items[0].generation_id, 1)
+        .await
+        .unwrap();
+    store
+        .end_attempt(items[0].generation_id, 1, &success(0))
+        .await
+        .unwrap();
+    store
+        .begin_attempt(items[1].generation_id, 1)
+        .await
+        .unwrap();
+    store
+        .end_attempt(items[1].generation_id, 1, &success(900))
+        .await
+        .unwrap();
+    let failed = |last| AttemptEnd::Failed {
+        class: ErrorClass::ServerError,
+        message: "api_error: boom".into(),
+        http_status: Some(500),
+        provider_request_id: None,
+        latency_ms: 3,
+        last,
+    };
+    store
+        .begin_attempt(items[2].generation_id, 1)
+        .await
+        .unwrap();
+    store
+        .end_attempt(items[2].generation_id, 1, &failed(false))
+        .await
+        .unwrap();
+    store
+        .begin_attempt(items[2].generation_id, 2)
+        .await
+        .unwrap();
+    store
+        .end_attempt(items[2].generation_id, 2, &failed(true))
+        .await
+        .unwrap();
+    // Left running, as a crash would leave it.
+    store
+        .begin_attempt(items[3].generation_id, 1)
+        .await
+        .unwrap();
+
+    let mut rows = store
+        .query_read_only(&seed_status_sql(&run_id))
+        .await
+        .unwrap()
+        .rows;
+    rows.sort_by_key(|r| r[0].to_string());
+    let shown: Vec<String> = rows
+        .iter()
+        .map(|r| format!("{} {} {}", r[0], r[1], r[2]))
+        .collect();
+    assert_eq!(
+        shown,
+        vec!["error 1 0", "pending 2 0", "running 1 0", "success 2 1"]
+    );
+
+    let errors = store.error_rows(&run_id).await.unwrap();
+    assert_eq!(errors.len(), 1);
+    assert_eq!(errors[0].prompt_id, "ctx-01");
+    assert_eq!(errors[0].replicate_index, 2);
+    assert_eq!(errors[0].error_message.as_deref(), Some("api_error: boom"));
+    let attempts = store
+        .query_read_only(&format!(
+            "SELECT attempts FROM apex_audition.generations WHERE generation_id = {}",
+            items[2].generation_id
+        ))
+        .await
+        .unwrap();
+    assert_eq!(attempts.rows[0][0], SqlValue::Integer(2));
+
+    // A success is never handed out or started again.
+    let err = store
+        .begin_attempt(items[0].generation_id, 2)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("will not be sent again"), "{err}");
+    let todo = store.work_items(&run_id, false).await.unwrap();
+    assert_eq!(todo.len(), 3, "2 pending + 1 running");
+    assert!(
+        todo.iter()
+            .any(|w| w.generation_id == items[3].generation_id && w.attempts == 1)
+    );
+    let with_errors = store.work_items(&run_id, true).await.unwrap();
+    assert_eq!(with_errors.len(), 4);
+    assert!(store.error_rows(&run_id).await.unwrap().is_empty());
+
+    let info = store.run(&run_id).await.unwrap();
+    assert_eq!(info.counts.success, 2);
+    assert!((info.cost_usd - 0.02).abs() < 1e-9);
+    assert_eq!(info.state, RunState::Running);
+    store
+        .set_run_state(&run_id, RunState::Finished)
+        .await
+        .unwrap();
+    assert!(store.run(&run_id).await.unwrap().finished_at.is_some());
+}
+
+#[tokio::test]
+async fn read_only_sql_refuses_writes() {
+    let (store, run_id) = seeded(1).await;
+    for sql in [
+        "DELETE FROM apex_audition.generations",
+        "UPDATE apex_audition.generations SET status = 'success'",
+        "WITH x AS (SELECT 1) DELETE FROM apex_audition.generations",
+        "DROP TABLE apex_audition.generations",
+        "PRAGMA query_only = OFF",
+        "SELECT 1; DELETE FROM apex_audition.generations",
+    ] {
+        let err = store.query_read_only(sql).await.unwrap_err();
+        assert!(matches!(err, Error::ReadOnly(_)), "{sql}: {err}");
+    }
+    let rows = store
+        .query_read_only(&seed_status_sql(&run_id))
+        .await
+        .unwrap();
+    assert_eq!(rows.rows[0][1], SqlValue::Integer(2));
+    // The connection is writable again afterwards.
+    store
+        .set_run_state(&run_id, RunState::Finished)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn unknown_run_and_condition_are_named() {
+    let store = SqliteStore::open_in_memory().unwrap();
+    let err = store.run(&RunId::generate()).await.unwrap_err();
+    assert!(matches!(err, Error::UnknownRun(_)));
+    let err = store.condition("nope").await.unwrap_err();
+    assert!(err.to_string().contains("unknown condition `nope`"));
+}
+
+#[tokio::test]
+async fn file_store_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.db");
+    let store = SqliteStore::open(&path).unwrap();
+    store
+        .ingest_packages(&[package("ctx-01", "x")])
+        .await
+        .unwrap();
+    drop(store);
+    let store = SqliteStore::open(&path).unwrap();
+    assert_eq!(store.current_packages().await.unwrap().len(), 1);
+    drop(store);
+    // WAL is a property of the file: a fresh plain connection sees it.
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(mode, "wal");
+}
