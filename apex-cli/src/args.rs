@@ -28,6 +28,7 @@ pub enum Command {
     Status(StatusCmd),
     Runs(RunsCmd),
     Sql(SqlCmd),
+    Simulate(SimulateCmd),
 }
 
 #[derive(FromArgs, Debug)]
@@ -91,15 +92,12 @@ pub struct RunCmd {
     /// send no prompt-caching hints (no cache_control, no prompt_cache_key)
     #[argh(switch)]
     pub no_cache: bool,
-    /// do not pace requests under the per-minute limits
-    #[argh(switch)]
-    pub no_rate_limiting: bool,
     /// retries after a failed attempt (default 3)
     #[argh(option)]
     pub max_retries: Option<u32>,
-    /// rate limits TOML file (per provider and model, per minute)
+    /// model catalog TOML file whose entries override or extend the built-in prices and limits
     #[argh(option)]
-    pub limits: Option<String>,
+    pub catalog: Option<String>,
     /// most requests in flight at once (default 16)
     #[argh(option)]
     pub concurrency: Option<usize>,
@@ -147,4 +145,32 @@ pub struct SqlCmd {
     #[argh(positional)]
     /// the query
     pub query: String,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "simulate")]
+/// Serve a local simulator of both APIs (for offline runs and tests); point
+/// OPENAI_BASE_URL and ANTHROPIC_BASE_URL at it.
+pub struct SimulateCmd {
+    /// address to listen on (default 127.0.0.1:0, any free port)
+    #[argh(option, default = "String::from(\"127.0.0.1:0\")")]
+    pub listen: String,
+    /// the API key clients must send (default: any)
+    #[argh(option)]
+    pub api_key: Option<String>,
+    /// multiply every simulated duration by F (default 1)
+    #[argh(option, default = "1.0")]
+    pub time_scale: f64,
+    /// base latency of a response in milliseconds, before scaling (default 400)
+    #[argh(option, default = "400")]
+    pub latency_ms: u64,
+    /// output tokens per answer (default 200)
+    #[argh(option, default = "200")]
+    pub output_tokens: u32,
+    /// share of requests (0 to 1) answered with a transient 500/503/529 (default 0)
+    #[argh(option, default = "0.0")]
+    pub fault_rate: f64,
+    /// write the listening address to this file once bound
+    #[argh(option)]
+    pub addr_file: Option<String>,
 }

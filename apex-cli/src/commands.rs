@@ -4,13 +4,23 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use std::collections::HashMap;
+
 use anyhow::{Context as _, Result};
-use apex_core::{Condition, NewRun, Plan, PlanOptions, RunId, RunInfo, Store};
+use apex_core::executor::{Executor, RunOptions};
+use apex_core::{
+    CacheHint, CacheTtl, Catalog, Condition, GenerationRequest, NewRun, PackageRef, Plan,
+    PlanOptions, Provider, ProviderKind, RunId, RunInfo, Store,
+};
+use apex_providers::ProviderConfig;
+use apex_providers::simulator::{Simulator, SimulatorConfig};
 use apex_store::files::{read_conditions_file, read_packages_under};
 use apex_store::{DEFAULT_DATABASE_URL, open_store};
 
 use crate::UsageError;
-use crate::args::{Cli, Command, ConditionsSub, RunCmd};
+use crate::args::{Cli, Command, ConditionsSub, RunCmd, SimulateCmd};
+use crate::exit;
+use crate::progress::LogProgress;
 use crate::table::{render, render_query};
 
 /// The seed's first monitoring query, verbatim but for the run id.
@@ -32,6 +42,9 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
         .database_url
         .or_else(|| std::env::var("APEX_DATABASE_URL").ok())
         .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned());
+    if let Command::Simulate(cmd) = cli.command {
+        return simulate(cmd).await;
+    }
     let store = open_store(&url).await?;
     match cli.command {
         Command::Conditions(c) => match c.command {
@@ -42,6 +55,7 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Run(r) => run(store, r).await,
         Command::Status(s) => status(&*store, &s.run_id).await,
         Command::Runs(_) => runs(&*store).await,
+        Command::Simulate(_) => unreachable!("handled before the store opens"),
         Command::Sql(q) => {
             let result = store.query_read_only(&q.query).await?;
             print!("{}", render_query(&result));
@@ -130,10 +144,14 @@ fn check_run_flags(cmd: &RunCmd) -> Result<()> {
         return usage("--retry-errors needs --resume RUN_ID");
     }
     if cmd.resume.is_some()
-        && (!cmd.condition_slug.is_empty() || cmd.replicates.is_some() || cmd.limit.is_some())
+        && (!cmd.condition_slug.is_empty()
+            || cmd.replicates.is_some()
+            || cmd.limit.is_some()
+            || cmd.dry_run
+            || cmd.ingest.is_some())
     {
         return usage(
-            "--resume takes the run's own conditions, replicates and limit; drop --condition-slug, --replicates and --limit",
+            "--resume takes the run's own conditions, contexts and replicates; drop --condition-slug, --replicates, --limit, --ingest and --dry-run",
         );
     }
     if cmd.resume.is_none() && cmd.condition_slug.is_empty() && !cmd.register_only {
@@ -158,6 +176,59 @@ async fn resolve_conditions(store: &dyn Store, slugs: &[String]) -> Result<Vec<C
     Ok(conditions)
 }
 
+fn load_catalog(path: Option<&str>) -> Result<Catalog> {
+    match path {
+        None => Ok(Catalog::built_in()),
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| apex_core::Error::CatalogFile(format!("cannot read `{path}`: {e}")))?;
+            Ok(Catalog::with_overrides(&text)?)
+        }
+    }
+}
+
+/// Preflight for every condition; warnings are logged, errors end the run
+/// before anything is recorded or sent.
+fn preflight_all(
+    catalog: &Catalog,
+    conditions: &[Condition],
+    packages: &[PackageRef],
+) -> Result<()> {
+    let today = jiff::Timestamp::now().strftime("%Y-%m-%d").to_string();
+    for condition in conditions {
+        for warning in apex_core::catalog::preflight(catalog, condition, packages, &today)? {
+            tracing::warn!("{}", warning.0);
+        }
+    }
+    Ok(())
+}
+
+/// One provider per kind the conditions use. `need_keys`: a missing key is
+/// a preflight error naming the variable.
+fn providers_for(
+    conditions: &[Condition],
+    need_keys: bool,
+) -> Result<HashMap<ProviderKind, Arc<dyn Provider>>> {
+    let mut providers = HashMap::new();
+    for c in conditions {
+        if providers.contains_key(&c.provider) {
+            continue;
+        }
+        let config = ProviderConfig::from_env(c.provider);
+        if need_keys && config.api_key.is_none() {
+            return Err(apex_core::Error::Preflight(format!(
+                "condition `{}`: no API key for {}; set {}",
+                c.slug,
+                c.provider,
+                c.provider.api_key_env()
+            ))
+            .into());
+        }
+        providers.insert(c.provider, apex_providers::build(c.provider, config)?);
+    }
+    Ok(providers)
+}
+
 async fn run(store: Arc<dyn Store>, cmd: RunCmd) -> Result<ExitCode> {
     check_run_flags(&cmd)?;
     if let Some(dir) = &cmd.ingest {
@@ -168,55 +239,193 @@ async fn run(store: Arc<dyn Store>, cmd: RunCmd) -> Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
     }
+    let catalog = Arc::new(load_catalog(cmd.catalog.as_deref())?);
+    let (run_id, conditions, include_errors, cache) = match &cmd.resume {
+        Some(id) => {
+            let run_id = RunId::parse(id)?;
+            let info = store.run(&run_id).await?;
+            let conditions = store.run_conditions(&run_id).await?;
+            // A resumed run sends the requests it was planned with.
+            let cache = !info
+                .flags
+                .get("no_cache")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false);
+            (run_id, conditions, cmd.retry_errors, cache)
+        }
+        None => {
+            let conditions = resolve_conditions(&*store, &cmd.condition_slug).await?;
+            let packages = store.current_packages().await?;
+            let options = PlanOptions {
+                replicates: cmd.replicates.unwrap_or(1),
+                limit: cmd.limit,
+            };
+            let plan = Plan::build(conditions, packages, options)?;
+            preflight_all(&catalog, &plan.conditions, &plan.packages)?;
+            let providers = providers_for(&plan.conditions, !cmd.dry_run)?;
+            let new_run = NewRun {
+                run_id: RunId::generate(),
+                created_by: cmd.created_by.clone(),
+                notes: cmd.notes.clone(),
+                flags: serde_json::to_value(&cmd).context("recording the flags")?,
+                dry_run: cmd.dry_run,
+            };
+            store.create_run(&new_run, &plan).await?;
+            if cmd.dry_run {
+                dry_run_log(&*store, &plan, &providers, !cmd.no_cache).await?;
+                println!(
+                    "run {} planned (dry run): {} generation(s), nothing sent",
+                    new_run.run_id,
+                    plan.cells.len()
+                );
+                println!("see it with: apex status {}", new_run.run_id);
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!(
+                "run {} started: {} generation(s)",
+                new_run.run_id,
+                plan.cells.len()
+            );
+            (new_run.run_id, plan.conditions, false, !cmd.no_cache)
+        }
+    };
     if cmd.resume.is_some() {
-        return Err(UsageError(
-            "--resume needs the executing runner, which this build does not have yet".into(),
-        )
-        .into());
+        println!("run {run_id} resumed");
     }
-    let conditions = resolve_conditions(&*store, &cmd.condition_slug).await?;
-    let packages = store.current_packages().await?;
-    let options = PlanOptions {
-        replicates: cmd.replicates.unwrap_or(1),
-        limit: cmd.limit,
+    let providers = providers_for(&conditions, true)?;
+    let options = RunOptions {
+        concurrency: cmd.concurrency.unwrap_or(16),
+        max_retries: cmd.max_retries.unwrap_or(3),
+        cache,
+        verify_first: cmd.verify_first,
+        time_scale: cmd.time_scale.unwrap_or(1.0),
+        backoff_base: std::time::Duration::from_secs(1),
     };
-    let plan = Plan::build(conditions, packages, options)?;
-    if !cmd.dry_run {
-        return Err(UsageError("sending requests needs the provider clients, which this build does not have yet; use --dry-run".into()).into());
+    let progress = Arc::new(LogProgress::new(std::time::Duration::from_secs(10)));
+    let executor = Executor::new(Arc::clone(&store), providers, catalog, options, progress);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            tracing::warn!(
+                "interrupted: finishing the requests in flight; press Ctrl-C again to exit at once"
+            );
+            let _ = stop_tx.send(true);
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!(
+                    "error: interrupted twice; exiting now (generations in flight stay `running` and are sent again by --resume)"
+                );
+                std::process::exit(i32::from(exit::INTERRUPTED));
+            }
+        }
+    });
+    let report = executor.execute(&run_id, include_errors, stop_rx).await?;
+    println!();
+    status(&*store, run_id.as_str()).await?;
+    for (slug, reason) in &report.stopped {
+        eprintln!("error: condition `{slug}` stopped: {reason}");
     }
-    let new_run = NewRun {
-        run_id: RunId::generate(),
-        created_by: cmd.created_by.clone(),
-        notes: cmd.notes.clone(),
-        flags: serde_json::to_value(&cmd).context("recording the flags")?,
-        dry_run: cmd.dry_run,
-    };
-    store.create_run(&new_run, &plan).await?;
-    for cell in &plan.cells {
-        let package = plan.packages.iter().find(|p| p.id == cell.prompt_id);
-        let condition = plan
-            .conditions
-            .iter()
-            .find(|c| c.slug == cell.condition_slug);
-        if let (Some(p), Some(c)) = (package, condition) {
-            tracing::info!(
-                condition = %c.slug,
-                provider = %c.provider,
-                model = %c.model,
-                prompt_id = %p.id,
-                replicate = cell.replicate_index,
-                est_input_tokens = p.estimated_tokens,
-                max_tokens = c.max_tokens,
-                "dry run: would send"
+    let code = if report.verify_failed || !report.stopped.is_empty() {
+        if report.verify_failed {
+            eprintln!(
+                "error: --verify-first failed; nothing else was sent. Fix the cause, then: apex run --resume {run_id}"
             );
         }
+        exit::RUN_STOPPED
+    } else if report.interrupted {
+        eprintln!("interrupted; finish the run with: apex run --resume {run_id}");
+        exit::INTERRUPTED
+    } else if report.counts.error > 0 {
+        eprintln!(
+            "error: {} generation(s) failed; retry them with: apex run --resume {run_id} --retry-errors",
+            report.counts.error
+        );
+        exit::GENERATIONS_FAILED
+    } else {
+        0
+    };
+    Ok(ExitCode::from(code))
+}
+
+/// Logs each request a dry run would send: URL, size and hash at INFO, the
+/// body at TRACE. No key is needed and nothing leaves the machine.
+async fn dry_run_log(
+    store: &dyn Store,
+    plan: &Plan,
+    providers: &HashMap<ProviderKind, Arc<dyn Provider>>,
+    cache: bool,
+) -> Result<()> {
+    let conditions: HashMap<&str, Arc<Condition>> = plan
+        .conditions
+        .iter()
+        .map(|c| (c.slug.as_str(), Arc::new(c.clone())))
+        .collect();
+    let mut packages: HashMap<&str, Arc<apex_core::ContextPackage>> = HashMap::new();
+    for p in &plan.packages {
+        packages.insert(
+            p.id.as_str(),
+            Arc::new(store.package(&p.id, &p.version).await?),
+        );
     }
-    println!(
-        "run {} planned (dry run): {} generation(s), nothing sent",
-        new_run.run_id,
-        plan.cells.len()
-    );
-    println!("see it with: apex status {}", new_run.run_id);
+    for cell in &plan.cells {
+        let condition = Arc::clone(&conditions[cell.condition_slug.as_str()]);
+        let request = GenerationRequest {
+            package: Arc::clone(&packages[cell.prompt_id.as_str()]),
+            cache: if cache {
+                CacheHint::On(CacheTtl::FiveMinutes)
+            } else {
+                CacheHint::Off
+            },
+            trace: None,
+            condition,
+        };
+        let preview = providers[&request.condition.provider].preview(&request);
+        tracing::info!(
+            condition = %cell.condition_slug,
+            prompt_id = %cell.prompt_id,
+            replicate = cell.replicate_index,
+            url = %preview.url,
+            bytes = preview.body.len(),
+            est_input_tokens = request.package.estimated_input_tokens(),
+            request_hash = %preview.request_hash,
+            "dry run: would send"
+        );
+        tracing::trace!(body = %preview.body, "dry run: request body");
+    }
+    Ok(())
+}
+
+async fn simulate(cmd: SimulateCmd) -> Result<ExitCode> {
+    if !(cmd.time_scale.is_finite() && cmd.time_scale > 0.0) {
+        return Err(UsageError("--time-scale must be a number above 0".into()).into());
+    }
+    if !(0.0..=1.0).contains(&cmd.fault_rate) {
+        return Err(UsageError("--fault-rate must be between 0 and 1".into()).into());
+    }
+    let addr: std::net::SocketAddr = cmd.listen.parse().map_err(|_| {
+        UsageError(format!(
+            "--listen `{}` is not an address like 127.0.0.1:8080",
+            cmd.listen
+        ))
+    })?;
+    let config = SimulatorConfig {
+        api_key: cmd.api_key,
+        time_scale: cmd.time_scale,
+        base_latency: std::time::Duration::from_millis(cmd.latency_ms),
+        output_tokens: cmd.output_tokens,
+        fault_rate: cmd.fault_rate,
+        ..SimulatorConfig::default()
+    };
+    let sim = Simulator::start(config, addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    println!("OPENAI_BASE_URL={}", sim.openai_base_url());
+    println!("ANTHROPIC_BASE_URL={}", sim.anthropic_base_url());
+    if let Some(path) = &cmd.addr_file {
+        std::fs::write(path, sim.addr().to_string()).with_context(|| format!("writing {path}"))?;
+    }
+    tokio::signal::ctrl_c()
+        .await
+        .context("waiting for Ctrl-C")?;
     Ok(ExitCode::SUCCESS)
 }
 

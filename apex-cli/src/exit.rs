@@ -14,6 +14,14 @@ pub const USAGE: u8 = 2;
 pub const BAD_INPUT: u8 = 3;
 /// The ledger could not be opened or used (bad URL, newer schema, I/O).
 pub const STORE: u8 = 4;
+/// The run ended, but some generations are stored as `error`.
+pub const GENERATIONS_FAILED: u8 = 5;
+/// The run stopped early: `--verify-first` failed, or a condition failed
+/// fatally (auth, quota, unknown model); the rest stays `pending`.
+pub const RUN_STOPPED: u8 = 6;
+/// Interrupted by Ctrl-C; `apex run --resume RUN_ID` finishes the run.
+pub const INTERRUPTED: u8 = 130;
+
 /// The exit code for an error that ended a command.
 pub fn code_for(error: &anyhow::Error) -> ExitCode {
     for cause in error.chain() {

@@ -3,6 +3,7 @@
 mod args;
 mod commands;
 mod exit;
+mod progress;
 mod table;
 
 use std::process::ExitCode;

@@ -13,6 +13,12 @@ pub enum Error {
     /// A conditions file that is not valid TOML, or has unknown keys.
     #[error("invalid conditions file: {0}")]
     ConditionsFile(String),
+    /// A model catalog override file that cannot be read or parsed.
+    #[error("invalid model catalog file: {0}")]
+    CatalogFile(String),
+    /// A limits file that cannot be read or parsed.
+    #[error("invalid limits file: {0}")]
+    LimitsFile(String),
     /// A condition whose parameters are wrong on their own.
     #[error("condition `{slug}`: {problem}")]
     InvalidCondition {

@@ -37,15 +37,18 @@
 //! # Ok::<(), apex_core::Error>(())
 //! ```
 
+pub mod catalog;
 pub mod condition;
 pub mod context;
 pub mod error;
+pub mod executor;
 pub mod plan;
 pub mod provider;
 pub mod run;
 pub mod store;
 pub mod time;
 
+pub use catalog::{Catalog, ModelInfo, Prices};
 pub use condition::{Condition, ProviderKind, parse_conditions};
 pub use context::{ContextPackage, PackageSources, SourceFile};
 pub use error::{Error, Result};

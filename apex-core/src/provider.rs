@@ -70,6 +70,9 @@ pub struct GenerationRequest {
     pub package: Arc<ContextPackage>,
     /// The cache hint.
     pub cache: CacheHint,
+    /// Sent as the `x-apex-generation` header (run id, generation id and
+    /// attempt), so proxies and simulators can tell replicates apart.
+    pub trace: Option<String>,
 }
 
 /// One bucket of a provider's rate-limit headers.

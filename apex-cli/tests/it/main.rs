@@ -1,6 +1,7 @@
 //! apex-cli integration tests: the real `apex` binary, driven as a user would.
 
 mod bad_input;
+mod live;
 mod workflow;
 
 use std::path::{Path, PathBuf};
@@ -39,14 +40,29 @@ impl Sandbox {
     }
 
     pub fn apex_raw(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_apex"))
-            .args(args)
-            .current_dir(self.dir.path())
-            .env_remove("APEX_DATABASE_URL")
-            .env_remove("OPENAI_API_KEY")
-            .env_remove("ANTHROPIC_API_KEY")
-            .output()
-            .unwrap()
+        self.command(args, &[]).output().unwrap()
+    }
+
+    /// The `apex` command with this ledger and extra environment; provider
+    /// variables not given are removed, so nothing can reach a real API.
+    pub fn command(&self, args: &[&str], env: &[(&str, String)]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_apex"));
+        cmd.args(args).current_dir(self.dir.path());
+        for var in [
+            "APEX_DATABASE_URL",
+            "OPENAI_API_KEY",
+            "ANTHROPIC_API_KEY",
+            "OPENAI_BASE_URL",
+            "ANTHROPIC_BASE_URL",
+        ] {
+            cmd.env_remove(var);
+        }
+        cmd.env("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
+            .env("ANTHROPIC_BASE_URL", "http://127.0.0.1:9");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd
     }
 
     /// Every row of every ledger table, as text: equal dumps mean an

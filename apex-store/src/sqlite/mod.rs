@@ -912,7 +912,7 @@ impl Store for SqliteStore {
                     .db()?;
                     tx.execute(
                         "UPDATE apex_audition.attempts SET finished_at = ?3, outcome = 'abandoned'
-                         WHERE generation_id = ?1 AND attempt = ?2",
+                         WHERE generation_id = ?1 AND attempt = ?2 AND finished_at IS NULL",
                         params![generation_id, attempt, now],
                     )
                     .db()?;

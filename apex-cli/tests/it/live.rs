@@ -1,0 +1,488 @@
+//! `apex run` end to end against the loopback simulator.
+
+use std::fs;
+use std::process::Output;
+
+use apex_providers::simulator::{Fault, Simulator, SimulatorConfig};
+
+use crate::{Sandbox, examples, ok, run_id_from, stderr, stdout};
+
+const OPENAI_KEY: &str = "sk-test-openai-0123456789";
+const ANTHROPIC_KEY: &str = "sk-ant-test-0123456789";
+
+struct Live {
+    sb: Sandbox,
+    sim: Simulator,
+}
+
+impl Live {
+    async fn new() -> Self {
+        Self::with(SimulatorConfig::default()).await
+    }
+
+    async fn with(config: SimulatorConfig) -> Self {
+        let sim = Simulator::start(
+            SimulatorConfig {
+                time_scale: 0.01,
+                ..config
+            },
+            "127.0.0.1:0".parse().unwrap(),
+        )
+        .await
+        .unwrap();
+        let sb = Sandbox::new();
+        ok(sb.apex(&[
+            "conditions",
+            "register",
+            examples().join("conditions.toml").to_str().unwrap(),
+        ]));
+        ok(sb.apex(&["ingest", examples().join("contexts").to_str().unwrap()]));
+        Self { sb, sim }
+    }
+
+    fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("OPENAI_BASE_URL", self.sim.openai_base_url()),
+            ("ANTHROPIC_BASE_URL", self.sim.anthropic_base_url()),
+            ("OPENAI_API_KEY", OPENAI_KEY.to_owned()),
+            ("ANTHROPIC_API_KEY", ANTHROPIC_KEY.to_owned()),
+        ]
+    }
+
+    async fn apex(&self, args: &[&str]) -> Output {
+        self.apex_env(args, self.env()).await
+    }
+
+    async fn apex_env(&self, args: &[&str], env: Vec<(&'static str, String)>) -> Output {
+        let url = self.sb.url();
+        let mut full = vec!["--database-url".to_owned(), url];
+        full.extend(args.iter().map(|s| s.to_string()));
+        let refs: Vec<&str> = full.iter().map(String::as_str).collect();
+        let mut cmd = self.sb.command(&refs, &env);
+        tokio::task::spawn_blocking(move || cmd.output().unwrap())
+            .await
+            .unwrap()
+    }
+
+    async fn sql(&self, query: &str) -> String {
+        ok(self.apex(&["sql", query]).await)
+    }
+
+    /// Rows of a one-column query, without header and footer.
+    async fn column(&self, query: &str) -> Vec<String> {
+        let out = self.sql(query).await;
+        out.lines()
+            .skip(2)
+            .filter(|l| !l.starts_with('('))
+            .map(|l| l.trim().to_owned())
+            .collect()
+    }
+}
+
+const RUN: &[&str] = &["run", "--time-scale", "0.01"];
+
+fn args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    RUN.iter().copied().chain(extra.iter().copied()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn production_example_runs_with_cache_hits_usage_and_cost() {
+    let live = Live::new().await;
+    let out = live
+        .apex(&args(&[
+            "--condition-slug",
+            "prod-gpt5",
+            "--condition-slug",
+            "prod-gpt4o",
+            "--condition-slug",
+            "prod-sonnet45",
+            "--condition-slug",
+            "prod-opus41",
+            "--replicates",
+            "3",
+            "--created-by",
+            "t",
+            "--notes",
+            "n",
+        ]))
+        .await;
+    let text = ok(out);
+    let run_id = run_id_from(&text);
+    // The seed's monitoring SQL: all success, hits for every follower.
+    let status = live
+        .sql(&format!("SELECT status, COUNT(*) AS count, COUNT(*) FILTER (WHERE cache_hit) AS cache_hits FROM apex_audition.generations WHERE run_id = '{run_id}' GROUP BY status"))
+        .await;
+    assert!(status.contains("success  36     24"), "{status}");
+    // Leaders write, followers read, per (condition, context).
+    let leaders = live
+        .column(&format!("SELECT COUNT(*) FROM apex_audition.generations WHERE run_id = '{run_id}' AND replicate_index = 0 AND cache_hit"))
+        .await;
+    assert_eq!(leaders, vec!["0"]);
+    let anthropic_writes = live
+        .column(&format!("SELECT COUNT(*) FROM apex_audition.generations g JOIN apex_audition.conditions c ON c.slug = g.condition_slug WHERE run_id = '{run_id}' AND c.provider = 'anthropic' AND cache_write_tokens > 0"))
+        .await;
+    assert_eq!(
+        anthropic_writes,
+        vec!["6"],
+        "one write per (condition, context)"
+    );
+    // Usage, cost and provenance are stored per generation.
+    let missing = live
+        .column(&format!("SELECT COUNT(*) FROM apex_audition.generations WHERE run_id = '{run_id}' AND (cost_usd IS NULL OR cost_usd <= 0 OR output_tokens IS NULL OR provider_request_id IS NULL OR model_snapshot IS NULL OR request_hash IS NULL OR response_text IS NULL OR finish_reason IS NULL OR latency_ms IS NULL OR attempts <> 1)"))
+        .await;
+    assert_eq!(missing, vec!["0"]);
+    // The stored cost is the catalog's formula over the stored usage (Sonnet 4.5 prices).
+    let check = live
+        .column(&format!("SELECT COUNT(*) FROM apex_audition.generations WHERE run_id = '{run_id}' AND condition_slug = 'prod-sonnet45' AND ABS(cost_usd - (input_tokens * 3.0 + cache_write_tokens * 3.75 + cache_read_tokens * 0.30 + output_tokens * 15.0) / 1000000.0) > 1e-12"))
+        .await;
+    assert_eq!(check, vec!["0"]);
+    // Every request the simulator answered was valid for its API (it
+    // rejects unknown keys and bad shapes with 400).
+    let requests = live.sim.requests();
+    assert_eq!(requests.len(), 36);
+    assert!(requests.iter().all(|r| r.status == 200));
+    // Each follower was sent after its leader's response.
+    for r in requests.iter().filter(|r| r.cache_read_tokens > 0) {
+        assert!(requests.iter().any(|l| l.body_hash == r.body_hash
+            && l.cache_read_tokens == 0
+            && l.answered <= r.arrived));
+    }
+    let status = ok(live.apex(&["status", &run_id]).await);
+    assert!(status.contains("state       finished"), "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn transient_failures_are_retried_and_succeed() {
+    let live = Live::new().await;
+    for fault in [
+        Fault::anthropic(
+            429,
+            "rate_limit_error",
+            "Number of request tokens has exceeded your per-minute rate limit",
+        )
+        .with_header("retry-after", "0"),
+        Fault::anthropic(500, "api_error", "Internal server error"),
+        Fault::anthropic(529, "overloaded_error", "Overloaded"),
+        Fault::Drop,
+    ] {
+        live.sim.push_fault(None, fault);
+    }
+    let out = live
+        .apex(&args(&[
+            "--condition-slug",
+            "prod-sonnet45",
+            "--limit",
+            "1",
+            "--replicates",
+            "1",
+            "--max-retries",
+            "4",
+        ]))
+        .await;
+    let text = ok(out);
+    let run_id = run_id_from(&text);
+    let attempts = live
+        .column(&format!("SELECT attempts || ' ' || status FROM apex_audition.generations WHERE run_id = '{run_id}' ORDER BY generation_id"))
+        .await;
+    // The leader failed four times (429, 500, 529, dropped) and then succeeded.
+    assert_eq!(attempts, vec!["5 success"]);
+    let classes = live
+        .column(&format!("SELECT COALESCE(a.error_class, a.outcome) FROM apex_audition.attempts a JOIN apex_audition.generations g USING (generation_id) WHERE g.run_id = '{run_id}' ORDER BY a.attempt"))
+        .await;
+    assert_eq!(
+        classes,
+        vec![
+            "rate_limited",
+            "server_error",
+            "overloaded",
+            "transport",
+            "success"
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retries_are_bounded_and_errors_stored_with_their_message() {
+    let live = Live::new().await;
+    for _ in 0..4 {
+        live.sim.push_fault(
+            None,
+            Fault::anthropic(500, "api_error", "Internal server error"),
+        );
+    }
+    let out = live
+        .apex(&args(&[
+            "--condition-slug",
+            "prod-sonnet45",
+            "--limit",
+            "1",
+            "--replicates",
+            "1",
+        ]))
+        .await;
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    let run_id = run_id_from(&stdout(&out));
+    let rows = live
+        .column(&format!("SELECT status || '|' || attempts || '|' || error_class || '|' || error_message FROM apex_audition.generations WHERE run_id = '{run_id}'"))
+        .await;
+    assert_eq!(
+        rows,
+        vec!["error|4|server_error|server_error (HTTP 500): api_error: Internal server error"]
+    );
+    let tries = live.column(&format!("SELECT COUNT(*) FROM apex_audition.attempts a JOIN apex_audition.generations g USING (generation_id) WHERE g.run_id = '{run_id}'")).await;
+    assert_eq!(tries, vec!["4"]);
+    // The seed's error query shows it.
+    let errors = live.sql(&format!("SELECT prompt_id, replicate_index, error_message FROM apex_audition.generations WHERE status = 'error' AND run_id = '{run_id}';")).await;
+    assert!(
+        errors.contains("ctx-01") && errors.contains("Internal server error"),
+        "{errors}"
+    );
+    // And --retry-errors finishes it.
+    let out = live
+        .apex(&args(&["--resume", &run_id, "--retry-errors"]))
+        .await;
+    ok(out);
+    let rows = live.column(&format!("SELECT status || '|' || attempts FROM apex_audition.generations WHERE run_id = '{run_id}'")).await;
+    assert_eq!(rows, vec!["success|5"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn permanent_errors_are_not_retried() {
+    for (fault, class) in [
+        (
+            Fault::openai(
+                400,
+                "invalid_request_error",
+                Some("context_length_exceeded"),
+                "This model's maximum context length is 128000 tokens.",
+            ),
+            "invalid_request",
+        ),
+        (
+            Fault::openai(
+                401,
+                "invalid_request_error",
+                Some("invalid_api_key"),
+                "Incorrect API key provided",
+            ),
+            "authentication",
+        ),
+        (
+            Fault::openai(
+                429,
+                "insufficient_quota",
+                Some("insufficient_quota"),
+                "You exceeded your current quota, please check your plan and billing details.",
+            ),
+            "quota_exhausted",
+        ),
+    ] {
+        let live = Live::new().await;
+        live.sim.push_fault(None, fault);
+        let out = live
+            .apex(&args(&[
+                "--condition-slug",
+                "prod-gpt4o",
+                "--limit",
+                "1",
+                "--replicates",
+                "1",
+            ]))
+            .await;
+        assert!(
+            matches!(out.status.code(), Some(5 | 6)),
+            "{class}: {}",
+            stderr(&out)
+        );
+        let run_id = run_id_from(&stdout(&out));
+        let rows = live.column(&format!("SELECT attempts || '|' || error_class FROM apex_audition.generations WHERE run_id = '{run_id}'")).await;
+        assert_eq!(rows, vec![format!("1|{class}")]);
+        assert_eq!(live.sim.requests().len(), 1, "{class} was retried");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn auth_failure_stops_the_condition_after_one_request() {
+    let live = Live::new().await;
+    // A simulator that knows one key: OpenAI gets it, Anthropic a wrong one.
+    let sim = Simulator::start(
+        SimulatorConfig {
+            api_key: Some(OPENAI_KEY.into()),
+            time_scale: 0.01,
+            ..Default::default()
+        },
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .unwrap();
+    let env = vec![
+        ("OPENAI_BASE_URL", sim.openai_base_url()),
+        ("ANTHROPIC_BASE_URL", sim.anthropic_base_url()),
+        ("OPENAI_API_KEY", OPENAI_KEY.to_owned()),
+        (
+            "ANTHROPIC_API_KEY",
+            "sk-ant-wrong-key-0000000000".to_owned(),
+        ),
+    ];
+    let mut with_debug = vec!["--log-level", "debug"];
+    with_debug.extend(args(&[
+        "--condition-slug",
+        "prod-sonnet45",
+        "--condition-slug",
+        "prod-gpt4o",
+        "--replicates",
+        "3",
+    ]));
+    let out = live.apex_env(&with_debug, env).await;
+    assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("condition `prod-sonnet45` stopped"), "{err}");
+    let anthropic: Vec<_> = sim
+        .requests()
+        .into_iter()
+        .filter(|r| r.provider == apex_core::ProviderKind::Anthropic)
+        .collect();
+    assert_eq!(
+        anthropic.len(),
+        1,
+        "one request, then the condition stopped"
+    );
+    let run_id = run_id_from(&stdout(&out));
+    let rows = live.column(&format!("SELECT condition_slug || '|' || status || '|' || COUNT(*) FROM apex_audition.generations WHERE run_id = '{run_id}' GROUP BY condition_slug, status ORDER BY 1")).await;
+    assert_eq!(
+        rows,
+        vec![
+            "prod-gpt4o|success|9",
+            "prod-sonnet45|error|1",
+            "prod-sonnet45|pending|8"
+        ]
+    );
+    // Secrets never reach logs or the ledger.
+    for secret in ["sk-ant-wrong-key-0000000000", OPENAI_KEY] {
+        assert!(!err.contains(secret) && !stdout(&out).contains(secret));
+        let bytes = fs::read(live.sb.db_path()).unwrap();
+        assert!(
+            !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "{secret} in the ledger"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn preflight_refuses_before_sending() {
+    let live = Live::new().await;
+    let bad = live.sb.path("bad.toml");
+    fs::write(&bad, "[[condition]]\nslug = \"gpt5-warm\"\nprovider = \"openai\"\nmodel = \"gpt-5\"\ntemperature = 0.7\nmax_tokens = 2048\n").unwrap();
+    ok(live
+        .sb
+        .apex(&["conditions", "register", bad.to_str().unwrap()]));
+    let before = live.sb.dump();
+    let out = live.apex(&args(&["--condition-slug", "gpt5-warm"])).await;
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        stderr(&out).contains("gpt-5 accepts only the default temperature (1)"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(before, live.sb.dump(), "nothing recorded");
+
+    // A context too large for GPT-4o's 128K window (input + output).
+    let big = live.sb.path("big");
+    fs::create_dir_all(big.join("ctx-big")).unwrap();
+    fs::write(big.join("ctx-big/context.md"), "x".repeat(4 * 127_000)).unwrap();
+    fs::write(big.join("ctx-big/prompt.md"), "Summarise.").unwrap();
+    ok(live.sb.apex(&["ingest", big.to_str().unwrap()]));
+    let before = live.sb.dump();
+    let out = live.apex(&args(&["--condition-slug", "prod-gpt4o"])).await;
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        stderr(&out).contains("exceeds gpt-4o's window of 128000 tokens"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(before, live.sb.dump());
+    // A missing key is named before anything is sent.
+    let mut env = live.env();
+    env.retain(|(k, _)| *k != "OPENAI_API_KEY");
+    let out = live
+        .apex_env(
+            &args(&["--condition-slug", "prod-gpt5", "--limit", "1"]),
+            env,
+        )
+        .await;
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        stderr(&out).contains("set OPENAI_API_KEY"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(live.sim.requests().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn verify_first_stops_before_fanning_out() {
+    let live = Live::new().await;
+    live.sim.push_fault(
+        Some("claude-opus-4-1-20250805"),
+        Fault::anthropic(404, "not_found_error", "model: claude-opus-4-1-20250805"),
+    );
+    let out = live
+        .apex(&args(&[
+            "--condition-slug",
+            "prod-sonnet45",
+            "--condition-slug",
+            "prod-opus41",
+            "--replicates",
+            "3",
+            "--verify-first",
+        ]))
+        .await;
+    assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("--verify-first failed"),
+        "{}",
+        stderr(&out)
+    );
+    // One request per condition, nothing more.
+    assert_eq!(live.sim.requests().len(), 2);
+    let run_id = run_id_from(&stdout(&out));
+    // Resuming after the cause is gone finishes the run.
+    ok(live
+        .apex(&args(&["--resume", &run_id, "--retry-errors"]))
+        .await);
+    let rows = live.column(&format!("SELECT status || ' ' || COUNT(*) FROM apex_audition.generations WHERE run_id = '{run_id}' GROUP BY status")).await;
+    assert_eq!(rows, vec!["success 18"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_cache_sends_no_hints_and_debug_logs_hold_no_key() {
+    let live = Live::new().await;
+    let mut with_trace = vec!["--log-level", "trace"];
+    with_trace.extend(args(&[
+        "--condition-slug",
+        "prod-sonnet45",
+        "--condition-slug",
+        "prod-gpt5",
+        "--limit",
+        "1",
+        "--replicates",
+        "2",
+        "--no-cache",
+    ]));
+    let out = live.apex(&with_trace).await;
+    let err = stderr(&out);
+    ok(out);
+    for r in live.sim.requests() {
+        let body = r.body.to_string();
+        assert!(
+            !body.contains("cache_control") && !body.contains("prompt_cache_key"),
+            "{body}"
+        );
+        assert!(r.trace.is_some(), "x-apex-generation header sent");
+    }
+    assert!(!err.contains(OPENAI_KEY) && !err.contains(ANTHROPIC_KEY));
+    assert!(
+        err.contains("DEBUG") || err.contains("TRACE"),
+        "verbose logs were on: {err}"
+    );
+}

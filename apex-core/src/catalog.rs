@@ -1,0 +1,407 @@
+//! The model catalog: per model its window, output limit, accepted
+//! parameters, prices and lifecycle dates. Data, not code: the built-in table
+//! is `catalog.toml`, and users can override or extend it with a file of the
+//! same shape.
+
+use serde::Deserialize;
+
+use crate::condition::{Condition, ProviderKind};
+use crate::error::{Error, Result};
+use crate::plan::PackageRef;
+use crate::provider::Usage;
+
+const BUILT_IN: &str = include_str!("catalog.toml");
+
+/// Prices in USD per million tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Prices {
+    /// Uncached input.
+    pub input: f64,
+    /// Cache write, 5-minute TTL (OpenAI: same as input).
+    pub cache_write_5m: f64,
+    /// Cache write, 1-hour TTL.
+    pub cache_write_1h: f64,
+    /// Cache read.
+    pub cache_read: f64,
+    /// Output, reasoning included.
+    pub output: f64,
+    /// Multiplier for the Batch APIs (0.5 = half price).
+    pub batch_discount: f64,
+}
+
+impl Prices {
+    /// The cost of one response's usage, in USD.
+    pub fn cost(&self, usage: &Usage) -> f64 {
+        let cw_1h = usage.cache_write_1h_tokens.min(usage.cache_write_tokens);
+        let cw_5m = usage.cache_write_tokens - cw_1h;
+        (usage.input_tokens as f64 * self.input
+            + cw_5m as f64 * self.cache_write_5m
+            + cw_1h as f64 * self.cache_write_1h
+            + usage.cache_read_tokens as f64 * self.cache_read
+            + usage.output_tokens as f64 * self.output)
+            / 1_000_000.0
+    }
+}
+
+/// What Apex knows about one model.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelInfo {
+    /// The API.
+    pub provider: ProviderKind,
+    /// Model ids that name this model (alias and dated snapshots).
+    pub ids: Vec<String>,
+    /// Tokens of input plus output the model accepts.
+    pub context_window: u64,
+    /// Largest `max_tokens` the model accepts.
+    pub max_output: u64,
+    /// Shortest prefix the provider caches.
+    #[serde(default)]
+    pub min_cacheable_tokens: u64,
+    /// Highest temperature accepted.
+    #[serde(default)]
+    pub max_temperature: Option<f64>,
+    /// Only the default temperature (1) is accepted (GPT-5).
+    #[serde(default)]
+    pub only_default_temperature: bool,
+    /// `temperature` and `top_p` cannot be sent together (Sonnet 4.5).
+    #[serde(default)]
+    pub rejects_temperature_with_top_p: bool,
+    /// A reasoning model: output budget includes reasoning tokens.
+    #[serde(default)]
+    pub reasoning: bool,
+    /// When the provider deprecated it (YYYY-MM-DD).
+    #[serde(default)]
+    pub deprecated_on: Option<String>,
+    /// When the provider retires (retired) it (YYYY-MM-DD).
+    #[serde(default)]
+    pub retires_on: Option<String>,
+    /// Where these facts come from.
+    pub source: String,
+    /// Prices.
+    pub prices: Prices,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CatalogFile {
+    model: Vec<ModelInfo>,
+}
+
+/// The model catalog.
+#[derive(Debug, Clone)]
+pub struct Catalog {
+    models: Vec<ModelInfo>,
+}
+
+impl Catalog {
+    /// The built-in catalog.
+    pub fn built_in() -> Self {
+        let file: CatalogFile = toml::from_str(BUILT_IN).expect("the built-in catalog is valid");
+        Self { models: file.model }
+    }
+
+    /// The built-in catalog with a user file's entries laid over it: an entry
+    /// sharing an id with a built-in one replaces it.
+    pub fn with_overrides(text: &str) -> Result<Self> {
+        let file: CatalogFile = toml::from_str(text)
+            .map_err(|e| Error::CatalogFile(e.message().trim().replace('\n', " ")))?;
+        let mut catalog = Self::built_in();
+        for model in file.model {
+            catalog
+                .models
+                .retain(|m| !m.ids.iter().any(|id| model.ids.contains(id)));
+            catalog.models.push(model);
+        }
+        Ok(catalog)
+    }
+
+    /// The entry for a provider's model id, if known.
+    pub fn lookup(&self, provider: ProviderKind, model: &str) -> Option<&ModelInfo> {
+        self.models
+            .iter()
+            .find(|m| m.provider == provider && m.ids.iter().any(|id| id == model))
+    }
+
+    /// The cost of a response, or `None` for a model the catalog lacks.
+    pub fn cost(&self, condition: &Condition, usage: &Usage) -> Option<f64> {
+        self.lookup(condition.provider, &condition.model)
+            .map(|m| m.prices.cost(usage))
+    }
+}
+
+/// A preflight finding that does not stop the run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Warning(pub String);
+
+/// Checks a condition against its model and the planned contexts before any
+/// paid request. Errors name the condition and the fix; warnings are
+/// returned for the caller to show.
+pub fn preflight(
+    catalog: &Catalog,
+    condition: &Condition,
+    packages: &[PackageRef],
+    today: &str,
+) -> Result<Vec<Warning>> {
+    let slug = &condition.slug;
+    let fail = |problem: String| Err(Error::Preflight(format!("condition `{slug}`: {problem}")));
+    let mut warnings = Vec::new();
+    let Some(model) = catalog.lookup(condition.provider, &condition.model) else {
+        warnings.push(Warning(format!(
+            "condition `{slug}`: model `{}` is not in the catalog; no cost will be computed and its window is not checked",
+            condition.model
+        )));
+        return Ok(warnings);
+    };
+    if model.only_default_temperature && condition.temperature.is_some_and(|t| t != 1.0) {
+        return fail(format!(
+            "{} accepts only the default temperature (1); remove `temperature` from the condition and register it under a new slug",
+            condition.model
+        ));
+    }
+    if let (Some(t), Some(max)) = (condition.temperature, model.max_temperature)
+        && t > max
+    {
+        return fail(format!(
+            "{} accepts temperature up to {max}, not {t}",
+            condition.model
+        ));
+    }
+    if model.rejects_temperature_with_top_p
+        && condition.temperature.is_some()
+        && condition.top_p.is_some()
+    {
+        return fail(format!(
+            "{} rejects `temperature` and `top_p` together; keep one of them",
+            condition.model
+        ));
+    }
+    if u64::from(condition.max_tokens) > model.max_output {
+        return fail(format!(
+            "max_tokens {} is above {}'s output limit of {}; lower it",
+            condition.max_tokens, condition.model, model.max_output
+        ));
+    }
+    for package in packages {
+        let needed = package.estimated_tokens + u64::from(condition.max_tokens);
+        if needed > model.context_window {
+            return fail(format!(
+                "context `{}` (~{} input tokens) plus max_tokens {} exceeds {}'s window of {} tokens; use a model with a larger window, a smaller context or fewer max_tokens",
+                package.id,
+                package.estimated_tokens,
+                condition.max_tokens,
+                condition.model,
+                model.context_window
+            ));
+        }
+    }
+    if let Some(retires) = &model.retires_on {
+        if retires.as_str() <= today {
+            warnings.push(Warning(format!(
+                "condition `{slug}`: {} was retired on {retires}; expect 404 (use --verify-first)",
+                condition.model
+            )));
+        } else {
+            warnings.push(Warning(format!(
+                "condition `{slug}`: {} is deprecated and retires on {retires}",
+                condition.model
+            )));
+        }
+    } else if let Some(since) = &model.deprecated_on
+        && since.as_str() <= today
+    {
+        warnings.push(Warning(format!(
+            "condition `{slug}`: {} is deprecated (since {since})",
+            condition.model
+        )));
+    }
+    if model.reasoning && condition.max_tokens < 25_000 {
+        warnings.push(Warning(format!(
+            "condition `{slug}`: {} spends output tokens on reasoning; max_tokens {} may end with little visible text (OpenAI suggests ~25000)",
+            condition.model, condition.max_tokens
+        )));
+    }
+    Ok(warnings)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn condition(provider: ProviderKind, model: &str, temperature: Option<f64>) -> Condition {
+        Condition {
+            slug: "c".into(),
+            provider,
+            model: model.into(),
+            temperature,
+            top_p: None,
+            max_tokens: 2048,
+            reasoning_effort: None,
+        }
+    }
+
+    fn package(tokens: u64) -> PackageRef {
+        PackageRef {
+            id: "ctx-01".into(),
+            version: "v".into(),
+            estimated_tokens: tokens,
+            byte_len: tokens * 4,
+        }
+    }
+
+    #[test]
+    fn anthropic_cost_matches_the_documented_formula() {
+        // providers.md §1.2: input×P + 5m write×1.25P + 1h write×2P + read×0.1P + output×Pout.
+        let catalog = Catalog::built_in();
+        let c = condition(
+            ProviderKind::Anthropic,
+            "claude-sonnet-4-5-20250929",
+            Some(0.7),
+        );
+        let usage = Usage {
+            input_tokens: 50,
+            cache_write_tokens: 128_000,
+            cache_write_1h_tokens: 28_000,
+            cache_read_tokens: 0,
+            output_tokens: 1000,
+            reasoning_tokens: 0,
+        };
+        let expected = (50.0 * 3.0 + 100_000.0 * 3.75 + 28_000.0 * 6.0 + 1000.0 * 15.0) / 1e6;
+        assert!((catalog.cost(&c, &usage).unwrap() - expected).abs() < 1e-12);
+        let hit = Usage {
+            input_tokens: 50,
+            cache_write_tokens: 0,
+            cache_write_1h_tokens: 0,
+            cache_read_tokens: 128_000,
+            output_tokens: 1000,
+            reasoning_tokens: 0,
+        };
+        // 128K read at $0.30/M + 50 input at $3/M + 1000 output at $15/M.
+        assert!((catalog.cost(&c, &hit).unwrap() - 0.05355).abs() < 1e-12);
+    }
+
+    #[test]
+    fn openai_cost_uses_cached_price_for_reads() {
+        let catalog = Catalog::built_in();
+        let c = condition(ProviderKind::OpenAi, "gpt-5", None);
+        // prompt_tokens 2006 with 1920 cached → uncached 86.
+        let usage = Usage {
+            input_tokens: 86,
+            cache_write_tokens: 0,
+            cache_write_1h_tokens: 0,
+            cache_read_tokens: 1920,
+            output_tokens: 300,
+            reasoning_tokens: 200,
+        };
+        let expected = (86.0 * 1.25 + 1920.0 * 0.125 + 300.0 * 10.0) / 1e6;
+        assert!((catalog.cost(&c, &usage).unwrap() - expected).abs() < 1e-12);
+        assert_eq!(
+            catalog.cost(&condition(ProviderKind::OpenAi, "gpt-9", None), &usage),
+            None
+        );
+    }
+
+    #[test]
+    fn preflight_refuses_gpt5_temperature_and_gpt4o_overflow() {
+        let catalog = Catalog::built_in();
+        let today = "2026-11-27";
+        let err = preflight(
+            &catalog,
+            &condition(ProviderKind::OpenAi, "gpt-5", Some(0.7)),
+            &[package(1000)],
+            today,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("only the default temperature"), "{err}");
+        let err = preflight(
+            &catalog,
+            &condition(ProviderKind::OpenAi, "gpt-4o", Some(0.7)),
+            &[package(127_000)],
+            today,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("exceeds gpt-4o's window of 128000"), "{err}");
+        assert!(
+            preflight(
+                &catalog,
+                &condition(ProviderKind::OpenAi, "gpt-4o", Some(0.7)),
+                &[package(100_000)],
+                today
+            )
+            .is_ok()
+        );
+        let mut both = condition(ProviderKind::Anthropic, "claude-sonnet-4-5", Some(0.7));
+        both.top_p = Some(0.9);
+        assert!(preflight(&catalog, &both, &[package(10)], today).is_err());
+    }
+
+    #[test]
+    fn preflight_warns_about_lifecycle_and_unknown_models() {
+        let catalog = Catalog::built_in();
+        let w = preflight(
+            &catalog,
+            &condition(
+                ProviderKind::Anthropic,
+                "claude-opus-4-1-20250805",
+                Some(0.7),
+            ),
+            &[package(10)],
+            "2026-11-27",
+        )
+        .unwrap();
+        assert!(w[0].0.contains("retired on 2026-08-05"), "{w:?}");
+        let w = preflight(
+            &catalog,
+            &condition(ProviderKind::Anthropic, "claude-sonnet-4-5", Some(0.7)),
+            &[package(10)],
+            "2026-11-27",
+        )
+        .unwrap();
+        assert!(w[0].0.contains("retires on 2026-11-30"), "{w:?}");
+        let w = preflight(
+            &catalog,
+            &condition(ProviderKind::OpenAi, "my-finetune", None),
+            &[package(10)],
+            "2026-11-27",
+        )
+        .unwrap();
+        assert!(w[0].0.contains("not in the catalog"), "{w:?}");
+    }
+
+    #[test]
+    fn overrides_replace_entries() {
+        let text = r#"
+[[model]]
+provider = "openai"
+ids = ["gpt-4o"]
+context_window = 128000
+max_output = 16384
+source = "negotiated"
+[model.prices]
+input = 1.0
+cache_write_5m = 1.0
+cache_write_1h = 1.0
+cache_read = 0.5
+output = 4.0
+batch_discount = 0.5
+"#;
+        let catalog = Catalog::with_overrides(text).unwrap();
+        assert_eq!(
+            catalog
+                .lookup(ProviderKind::OpenAi, "gpt-4o")
+                .unwrap()
+                .prices
+                .input,
+            1.0
+        );
+        assert!(
+            catalog
+                .lookup(ProviderKind::OpenAi, "gpt-4o-2024-08-06")
+                .is_none()
+        );
+        assert!(catalog.lookup(ProviderKind::OpenAi, "gpt-5").is_some());
+    }
+}

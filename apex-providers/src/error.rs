@@ -1,0 +1,19 @@
+//! The one error type of apex-providers (setting a client up; failed
+//! attempts are [`apex_core::AttemptError`]).
+
+/// Failures building a provider client.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProviderError {
+    /// A base URL that is not http(s).
+    #[error("bad base URL `{url}` in {var}: use http(s)://host[:port][/path]")]
+    BadBaseUrl {
+        /// The URL given.
+        url: String,
+        /// The variable it came from.
+        var: &'static str,
+    },
+    /// The HTTP client could not be built (TLS set-up).
+    #[error("cannot build the HTTP client: {0}")]
+    Client(#[from] reqwest::Error),
+}

@@ -1,0 +1,208 @@
+//! The one send path both providers share.
+
+use std::marker::PhantomData;
+use std::time::Duration;
+
+use apex_core::context::sha256_hex;
+use apex_core::provider::ErrorClass;
+use apex_core::{
+    AttemptError, Generated, GenerationRequest, Provider, ProviderKind, RequestPreview,
+};
+use async_trait::async_trait;
+
+use crate::anthropic::AnthropicWire;
+use crate::error::ProviderError;
+use crate::key::ApiKey;
+use crate::openai::OpenAiWire;
+use crate::wire::Wire;
+
+/// Where and how to reach a provider.
+#[derive(Debug, Clone)]
+pub struct ProviderConfig {
+    /// Base URL (`https://api.openai.com/v1`, `https://api.anthropic.com`).
+    pub base_url: String,
+    /// The key; `None` allows dry runs and previews only.
+    pub api_key: Option<ApiKey>,
+    /// TCP + TLS connect timeout.
+    pub connect_timeout: Duration,
+    /// Whole-request timeout (long outputs take minutes).
+    pub request_timeout: Duration,
+}
+
+impl ProviderConfig {
+    /// The official default base URL of a provider.
+    pub fn default_base_url(kind: ProviderKind) -> &'static str {
+        match kind {
+            ProviderKind::OpenAi => "https://api.openai.com/v1",
+            ProviderKind::Anthropic => "https://api.anthropic.com",
+        }
+    }
+
+    /// Reads `OPENAI_BASE_URL` / `ANTHROPIC_BASE_URL` and the API key
+    /// variable, the official SDKs' names.
+    pub fn from_env(kind: ProviderKind) -> Self {
+        let base_url = std::env::var(kind.base_url_env())
+            .ok()
+            .filter(|u| !u.trim().is_empty())
+            .unwrap_or_else(|| Self::default_base_url(kind).to_owned());
+        Self {
+            base_url,
+            api_key: ApiKey::from_env(kind.api_key_env()),
+            connect_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+/// A provider over HTTP, generic over its wire format.
+pub struct HttpProvider<W: Wire> {
+    client: reqwest::Client,
+    url: String,
+    key: Option<ApiKey>,
+    wire: PhantomData<W>,
+}
+
+/// OpenAI Chat Completions.
+pub type OpenAiProvider = HttpProvider<OpenAiWire>;
+/// Anthropic Messages.
+pub type AnthropicProvider = HttpProvider<AnthropicWire>;
+
+impl<W: Wire> std::fmt::Debug for HttpProvider<W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpProvider")
+            .field("kind", &W::KIND)
+            .field("url", &self.url)
+            .field("key", &self.key)
+            .finish()
+    }
+}
+
+impl<W: Wire> HttpProvider<W> {
+    /// Builds a client for a configuration.
+    pub fn new(config: ProviderConfig) -> Result<Self, ProviderError> {
+        let base = config.base_url.trim();
+        if !(base.starts_with("http://") || base.starts_with("https://")) {
+            return Err(ProviderError::BadBaseUrl {
+                url: base.to_owned(),
+                var: W::KIND.base_url_env(),
+            });
+        }
+        let client = reqwest::Client::builder()
+            .connect_timeout(config.connect_timeout)
+            .timeout(config.request_timeout)
+            .tcp_keepalive(Duration::from_secs(30))
+            .build()?;
+        Ok(Self {
+            client,
+            url: W::endpoint(base),
+            key: config.api_key,
+            wire: PhantomData,
+        })
+    }
+
+    /// Whether a key is configured.
+    pub fn has_key(&self) -> bool {
+        self.key.is_some()
+    }
+
+    fn transport_error(&self, error: &reqwest::Error) -> AttemptError {
+        let class = if error.is_timeout() {
+            ErrorClass::Timeout
+        } else {
+            ErrorClass::Transport
+        };
+        let mut message = error.to_string();
+        let mut source = std::error::Error::source(error);
+        while let Some(cause) = source {
+            message.push_str(": ");
+            message.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        let message = match &self.key {
+            Some(key) => key.scrub(&message),
+            None => message,
+        };
+        AttemptError::new(class, message)
+    }
+}
+
+#[async_trait]
+impl<W: Wire> Provider for HttpProvider<W> {
+    fn kind(&self) -> ProviderKind {
+        W::KIND
+    }
+
+    fn preview(&self, request: &GenerationRequest) -> RequestPreview {
+        let body = W::body(request);
+        RequestPreview {
+            url: self.url.clone(),
+            request_hash: sha256_hex(&body),
+            body: String::from_utf8(body).expect("serde_json writes UTF-8"),
+        }
+    }
+
+    async fn generate(&self, request: &GenerationRequest) -> Result<Generated, AttemptError> {
+        let Some(key) = &self.key else {
+            return Err(AttemptError::new(
+                ErrorClass::Authentication,
+                format!("no API key; set {}", W::KIND.api_key_env()),
+            ));
+        };
+        let body = W::body(request);
+        let request_hash = sha256_hex(&body);
+        let mut builder = self
+            .client
+            .post(&self.url)
+            .headers(W::headers(key))
+            .body(body);
+        if let Some(trace) = &request.trace {
+            builder = builder.header("x-apex-generation", trace);
+        }
+        tracing::debug!(url = %self.url, request_hash = %request_hash, trace = request.trace.as_deref().unwrap_or(""), "sending request");
+        let response = builder.send().await.map_err(|e| {
+            let error = self.transport_error(&e);
+            tracing::debug!(url = %self.url, %error, "request failed without a response");
+            error
+        })?;
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| self.transport_error(&e))?;
+        let request_id = headers
+            .get(W::REQUEST_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let rate_limits = W::rate_limits(&headers);
+        tracing::debug!(url = %self.url, status, request_id = request_id.as_deref().unwrap_or(""), bytes = bytes.len(), ?rate_limits, "response received");
+        if status == 200 {
+            let parsed = W::parse(&bytes).map_err(|message| AttemptError {
+                class: ErrorClass::Decode,
+                message: key.scrub(&message),
+                http_status: Some(status),
+                retry_after: None,
+                request_id: request_id.clone(),
+                rate_limits,
+            })?;
+            return Ok(Generated {
+                text: parsed.text,
+                usage: parsed.usage,
+                finish_reason: parsed.finish_reason,
+                request_id: request_id.or(parsed.id),
+                model_snapshot: parsed.model,
+                request_hash,
+                rate_limits,
+            });
+        }
+        let (class, message) = W::classify(status, &bytes);
+        Err(AttemptError {
+            class,
+            message: key.scrub(&message),
+            http_status: Some(status),
+            retry_after: crate::headers::retry_after(&headers),
+            request_id,
+            rate_limits,
+        })
+    }
+}

@@ -1,0 +1,195 @@
+//! The HTTP clients against the loopback simulator.
+
+use std::time::Duration;
+
+use apex_core::provider::ErrorClass;
+use apex_core::{CacheHint, Provider, ProviderKind};
+use apex_providers::simulator::{Fault, SimLimits, Simulator, SimulatorConfig};
+use apex_providers::{AnthropicProvider, ApiKey, OpenAiProvider, ProviderConfig};
+
+use crate::{FIVE_MIN, request};
+
+const KEY: &str = "sk-test-0123456789abcdef";
+
+async fn sim(config: SimulatorConfig) -> Simulator {
+    Simulator::start(
+        SimulatorConfig {
+            api_key: Some(KEY.into()),
+            time_scale: 0.01,
+            ..config
+        },
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .unwrap()
+}
+
+fn config(base_url: String, key: &str) -> ProviderConfig {
+    ProviderConfig {
+        base_url,
+        api_key: Some(ApiKey::new(key)),
+        connect_timeout: Duration::from_secs(2),
+        request_timeout: Duration::from_secs(10),
+    }
+}
+
+#[tokio::test]
+async fn anthropic_cache_is_served_only_after_the_writer_completes() {
+    let sim = sim(SimulatorConfig::default()).await;
+    let p = AnthropicProvider::new(config(sim.anthropic_base_url(), KEY)).unwrap();
+    let req = request(
+        ProviderKind::Anthropic,
+        "claude-sonnet-4-5-20250929",
+        FIVE_MIN,
+    );
+    // Two identical requests at once: both miss and both pay for a write.
+    let (a, b) = tokio::join!(p.generate(&req), p.generate(&req));
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert!(a.usage.cache_write_tokens > 1000 && b.usage.cache_write_tokens > 1000);
+    assert_eq!(a.usage.cache_read_tokens + b.usage.cache_read_tokens, 0);
+    // After completion the prefix is served from the cache.
+    let c = p.generate(&req).await.unwrap();
+    assert_eq!(c.usage.cache_read_tokens, a.usage.cache_write_tokens);
+    assert_eq!(c.usage.cache_write_tokens, 0);
+    assert!(c.request_id.as_deref().unwrap().starts_with("req_sim"));
+    assert_eq!(
+        c.model_snapshot.as_deref(),
+        Some("claude-sonnet-4-5-20250929")
+    );
+    assert_eq!(
+        c.finish_reason.as_deref(),
+        Some("max_tokens"),
+        "64 max tokens < 200 simulated"
+    );
+    // Without the hint nothing is cached.
+    let off = request(ProviderKind::Anthropic, "claude-sonnet-4-5", CacheHint::Off);
+    let d = p.generate(&off).await.unwrap();
+    assert_eq!(d.usage.cache_read_tokens + d.usage.cache_write_tokens, 0);
+}
+
+#[tokio::test]
+async fn openai_reports_cached_tokens_in_128_token_steps() {
+    let sim = sim(SimulatorConfig::default()).await;
+    let p = OpenAiProvider::new(config(sim.openai_base_url(), KEY)).unwrap();
+    let req = request(ProviderKind::OpenAi, "gpt-4o", FIVE_MIN);
+    let first = p.generate(&req).await.unwrap();
+    assert_eq!(first.usage.cache_read_tokens, 0);
+    let second = p.generate(&req).await.unwrap();
+    assert!(second.usage.cache_read_tokens >= 1024 && second.usage.cache_read_tokens % 128 == 0);
+    assert_eq!(second.usage.total_input(), first.usage.total_input());
+}
+
+#[tokio::test]
+async fn error_bodies_and_headers_reach_the_classifier() {
+    let sim = sim(SimulatorConfig::default()).await;
+    let p = OpenAiProvider::new(config(sim.openai_base_url(), KEY)).unwrap();
+    let req = request(ProviderKind::OpenAi, "gpt-4o", FIVE_MIN);
+    sim.push_fault(
+        None,
+        Fault::openai(
+            429,
+            "requests",
+            Some("rate_limit_exceeded"),
+            "Rate limit reached",
+        )
+        .with_header("retry-after", "2"),
+    );
+    let e = p.generate(&req).await.unwrap_err();
+    assert_eq!(
+        (e.class, e.http_status, e.retry_after),
+        (
+            ErrorClass::RateLimited,
+            Some(429),
+            Some(Duration::from_secs(2))
+        )
+    );
+    sim.push_fault(
+        None,
+        Fault::openai(
+            429,
+            "insufficient_quota",
+            Some("insufficient_quota"),
+            "You exceeded your current quota",
+        ),
+    );
+    assert_eq!(
+        p.generate(&req).await.unwrap_err().class,
+        ErrorClass::QuotaExhausted
+    );
+    sim.push_fault(None, Fault::Drop);
+    let e = p.generate(&req).await.unwrap_err();
+    assert_eq!((e.class, e.http_status), (ErrorClass::Transport, None));
+    // GPT-5 rejects a temperature other than 1, with the real error.
+    let gpt5 = request(ProviderKind::OpenAi, "gpt-5", FIVE_MIN);
+    let e = p.generate(&gpt5).await.unwrap_err();
+    assert_eq!(e.class, ErrorClass::InvalidRequest);
+    assert!(e.message.contains("unsupported_value"), "{}", e.message);
+}
+
+#[tokio::test]
+async fn wrong_key_is_authentication_and_never_echoed() {
+    let sim = sim(SimulatorConfig::default()).await;
+    let wrong = "sk-wrong-key-that-must-not-leak";
+    let p = OpenAiProvider::new(config(sim.openai_base_url(), wrong)).unwrap();
+    let e = p
+        .generate(&request(ProviderKind::OpenAi, "gpt-4o", FIVE_MIN))
+        .await
+        .unwrap_err();
+    assert_eq!(e.class, ErrorClass::Authentication);
+    assert!(e.message.contains("Incorrect API key"), "{}", e.message);
+    assert!(
+        !e.message.contains("sk-wron") && !e.message.contains("leak"),
+        "{}",
+        e.message
+    );
+    assert!(!format!("{p:?}").contains(wrong));
+    let a = AnthropicProvider::new(config(sim.anthropic_base_url(), wrong)).unwrap();
+    let e = a
+        .generate(&request(
+            ProviderKind::Anthropic,
+            "claude-sonnet-4-5",
+            FIVE_MIN,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.class, ErrorClass::Authentication);
+}
+
+#[tokio::test]
+async fn rate_limit_headers_and_429_with_retry_after() {
+    let limits = vec![(
+        ProviderKind::Anthropic,
+        "claude-sonnet-4-5".to_string(),
+        SimLimits {
+            rpm: Some(2),
+            itpm: Some(100_000),
+            otpm: Some(10_000),
+            tpm: None,
+        },
+    )];
+    let sim = sim(SimulatorConfig {
+        limits,
+        ..SimulatorConfig::default()
+    })
+    .await;
+    let p = AnthropicProvider::new(config(sim.anthropic_base_url(), KEY)).unwrap();
+    let req = request(
+        ProviderKind::Anthropic,
+        "claude-sonnet-4-5-20250929",
+        FIVE_MIN,
+    );
+    let ok = p.generate(&req).await.unwrap();
+    let requests = ok.rate_limits.requests.unwrap();
+    assert_eq!((requests.limit, requests.remaining), (Some(2), Some(1)));
+    assert_eq!(ok.rate_limits.output_tokens.unwrap().limit, Some(10_000));
+    p.generate(&req).await.unwrap();
+    let e = p.generate(&req).await.unwrap_err();
+    assert_eq!(e.class, ErrorClass::RateLimited);
+    let wait = e.retry_after.unwrap();
+    assert!(
+        wait > Duration::ZERO && wait <= Duration::from_millis(600),
+        "{wait:?}"
+    );
+    tokio::time::sleep(wait).await;
+    p.generate(&req).await.unwrap();
+}
