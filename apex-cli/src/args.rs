@@ -95,6 +95,12 @@ pub struct RunCmd {
     /// retries after a failed attempt (default 3)
     #[argh(option)]
     pub max_retries: Option<u32>,
+    /// do not pace requests under the per-minute limits
+    #[argh(switch)]
+    pub no_rate_limiting: bool,
+    /// rate limits TOML file (per provider and model, per minute); see README for defaults
+    #[argh(option)]
+    pub limits: Option<String>,
     /// model catalog TOML file whose entries override or extend the built-in prices and limits
     #[argh(option)]
     pub catalog: Option<String>,

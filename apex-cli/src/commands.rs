@@ -8,6 +8,7 @@ use std::collections::HashMap;
 
 use anyhow::{Context as _, Result};
 use apex_core::executor::{Executor, RunOptions};
+use apex_core::limiter::LimitTable;
 use apex_core::{
     CacheHint, CacheTtl, Catalog, Condition, GenerationRequest, NewRun, PackageRef, Plan,
     PlanOptions, Provider, ProviderKind, RunId, RunInfo, Store,
@@ -203,6 +204,46 @@ fn preflight_all(
     Ok(())
 }
 
+fn run_options(cmd: &RunCmd, cache: bool) -> Result<RunOptions> {
+    let limits = if cmd.no_rate_limiting {
+        LimitTable::none()
+    } else if let Some(path) = &cmd.limits {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| apex_core::Error::LimitsFile(format!("cannot read `{path}`: {e}")))?;
+        LimitTable::with_file(&text).map_err(|e| match e {
+            apex_core::Error::LimitsFile(m) => apex_core::Error::LimitsFile(format!("{path}: {m}")),
+            other => other,
+        })?
+    } else {
+        LimitTable::defaults()
+    };
+    Ok(RunOptions {
+        concurrency: cmd.concurrency.unwrap_or(16),
+        max_retries: cmd.max_retries.unwrap_or(3),
+        cache,
+        verify_first: cmd.verify_first,
+        time_scale: cmd.time_scale.unwrap_or(1.0),
+        backoff_base: std::time::Duration::from_secs(1),
+        limits,
+    })
+}
+
+/// A request larger than a per-minute limit could never be sent.
+fn limits_preflight(
+    cmd: &RunCmd,
+    catalog: &Catalog,
+    conditions: &[Condition],
+    packages: &[PackageRef],
+) -> Result<()> {
+    let options = run_options(cmd, !cmd.no_cache)?;
+    Ok(apex_core::executor::check_limits(
+        catalog,
+        &options.limits,
+        conditions,
+        packages,
+    )?)
+}
+
 /// One provider per kind the conditions use. `need_keys`: a missing key is
 /// a preflight error naming the variable.
 fn providers_for(
@@ -262,6 +303,7 @@ async fn run(store: Arc<dyn Store>, cmd: RunCmd) -> Result<ExitCode> {
             };
             let plan = Plan::build(conditions, packages, options)?;
             preflight_all(&catalog, &plan.conditions, &plan.packages)?;
+            limits_preflight(&cmd, &catalog, &plan.conditions, &plan.packages)?;
             let providers = providers_for(&plan.conditions, !cmd.dry_run)?;
             let new_run = NewRun {
                 run_id: RunId::generate(),
@@ -293,14 +335,7 @@ async fn run(store: Arc<dyn Store>, cmd: RunCmd) -> Result<ExitCode> {
         println!("run {run_id} resumed");
     }
     let providers = providers_for(&conditions, true)?;
-    let options = RunOptions {
-        concurrency: cmd.concurrency.unwrap_or(16),
-        max_retries: cmd.max_retries.unwrap_or(3),
-        cache,
-        verify_first: cmd.verify_first,
-        time_scale: cmd.time_scale.unwrap_or(1.0),
-        backoff_base: std::time::Duration::from_secs(1),
-    };
+    let options = run_options(&cmd, cache)?;
     let progress = Arc::new(LogProgress::new(std::time::Duration::from_secs(10)));
     let executor = Executor::new(Arc::clone(&store), providers, catalog, options, progress);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

@@ -1,15 +1,22 @@
-//! Executing a run: cache-aware order, a concurrency bound, retries with
-//! backoff, fatal errors that stop a condition, and a clean stop on request.
+//! Executing a run: cache-aware order under per-minute rate limits, a
+//! concurrency bound, retries with backoff, fatal errors that stop a
+//! condition, and a clean stop on request.
 //!
 //! Order: for each (condition, context) the *leader* (first replicate) goes
 //! first; its *followers* are released when it completes, so they read the
-//! cache it wrote. Released followers always go before new leaders. The very
-//! first request of each condition goes alone: if it fails for a reason that
-//! every request of that condition would share (bad key, no quota, unknown
-//! model), the condition stops after one request instead of one per cell.
+//! cache it wrote. Due retries go first, then released followers, then new
+//! leaders. The very first request of each condition goes alone: if it fails
+//! for a reason every request of that condition would share (bad key, no
+//! quota, unknown model), the condition stops after one request.
+//!
+//! Every attempt passes the [`RateLimiter`]: it is reserved before it is
+//! sent (output at `max_tokens`, input by estimate; a follower's cached
+//! prefix does not count against Anthropic's ITPM) and settled to the real
+//! usage when the response arrives. A dispatcher owns the order and the
+//! limiter; each attempt runs as its own task.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -18,14 +25,18 @@ use tokio::time::Instant;
 
 use crate::catalog::Catalog;
 use crate::condition::{Condition, ProviderKind};
-use crate::context::ContextPackage;
+use crate::context::{ContextPackage, estimate_tokens};
 use crate::error::{Error, Result};
-use crate::provider::{AttemptError, CacheHint, CacheTtl, GenerationRequest, Provider};
+use crate::limiter::{Admission, Charge, LimitTable, RateLimiter, Reservation, bucket_key};
+use crate::plan::PackageRef;
+use crate::provider::{
+    AttemptError, CacheHint, CacheTtl, ErrorClass, Generated, GenerationRequest, Provider,
+};
 use crate::run::{AttemptEnd, GenerationResult, RunId, RunState, StatusCounts, WorkItem};
 use crate::store::Store;
 
 /// How to execute.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct RunOptions {
     /// Most requests in flight at once.
     pub concurrency: usize,
@@ -35,10 +46,13 @@ pub struct RunOptions {
     pub cache: bool,
     /// Send one request per condition first; stop everything if one fails.
     pub verify_first: bool,
-    /// Multiplies Apex's own pacing durations (backoff); 1 in real use.
+    /// Multiplies Apex's own pacing durations (windows, backoff, cache TTL
+    /// planning); 1 in real use.
     pub time_scale: f64,
     /// First backoff delay (then ×2 per retry).
     pub backoff_base: Duration,
+    /// Per-minute limits; [`LimitTable::none`] turns rate limiting off.
+    pub limits: LimitTable,
 }
 
 impl Default for RunOptions {
@@ -50,6 +64,7 @@ impl Default for RunOptions {
             verify_first: false,
             time_scale: 1.0,
             backoff_base: Duration::from_secs(1),
+            limits: LimitTable::defaults(),
         }
     }
 }
@@ -122,6 +137,8 @@ pub struct RunReport {
     pub verify_failed: bool,
     /// A stop was requested (Ctrl-C).
     pub interrupted: bool,
+    /// Responses with status 429 received.
+    pub rate_limited: u64,
 }
 
 /// Executes runs against providers, writing every state change to a store.
@@ -138,6 +155,7 @@ struct Group {
     prompt_id: String,
     version: String,
     items: Vec<WorkItem>,
+    ttl: CacheTtl,
 }
 
 #[derive(Default)]
@@ -147,26 +165,30 @@ struct ConditionState {
     stopped: Option<String>,
 }
 
-enum Outcome {
-    Success,
-    Failed(Box<AttemptError>),
-    Abandoned,
+/// One generation on its way: which group, which cell, attempts so far.
+struct Job {
+    group: usize,
+    item: WorkItem,
+    leader: bool,
+    /// Attempts made in this execution (the retry budget counts these).
+    tries: u32,
 }
 
-struct TaskResult {
-    group: Option<usize>,
-    slug: String,
-    outcome: Result<Outcome>,
+struct AttemptDone {
+    job: Job,
+    attempt: u32,
+    reservation: Reservation,
+    key: String,
+    result: std::result::Result<Generated, AttemptError>,
+    stored: Result<()>,
 }
 
-/// Shared per-execution context for generation tasks.
-struct TaskContext {
-    store: Arc<dyn Store>,
-    catalog: Arc<Catalog>,
-    options: RunOptions,
-    progress: Arc<dyn Progress>,
-    run_id: RunId,
-    stopped: Arc<Mutex<HashMap<String, String>>>,
+/// The dispatcher's queues.
+#[derive(Default)]
+struct Queues {
+    retries: Vec<(Instant, Job)>,
+    followers: VecDeque<Job>,
+    leaders: VecDeque<usize>,
 }
 
 impl Executor {
@@ -184,6 +206,73 @@ impl Executor {
             catalog,
             options,
             progress,
+        }
+    }
+
+    /// The reservation for one attempt.
+    fn charge(&self, condition: &Condition, package: &ContextPackage, warm: bool) -> Charge {
+        let prefix =
+            package.system().map_or(0, |s| estimate_tokens(s)) + estimate_tokens(package.context());
+        let rest = estimate_tokens(package.prompt());
+        let min_cacheable = self
+            .catalog
+            .lookup(condition.provider, &condition.model)
+            .map_or(1024, |m| m.min_cacheable_tokens);
+        let cached = self.options.cache && prefix >= min_cacheable;
+        let (uncached, write) = match (cached, warm) {
+            (true, true) => (rest, 0),
+            (true, false) => (rest, prefix),
+            (false, _) => (prefix + rest, 0),
+        };
+        Charge::estimate(
+            condition.provider,
+            uncached,
+            write,
+            prefix + rest,
+            u64::from(condition.max_tokens),
+        )
+    }
+
+    /// The cache TTL for a condition: 5 minutes, unless its followers could
+    /// be held back by the limits for longer than half of that.
+    fn choose_ttl(
+        &self,
+        condition: &Condition,
+        replicates: usize,
+        package: &PackageRef,
+    ) -> CacheTtl {
+        let followers = replicates.saturating_sub(1) as u64;
+        if followers == 0 || self.options.limits_is_empty() {
+            return CacheTtl::FiveMinutes;
+        }
+        let limits =
+            self.options
+                .limits
+                .lookup(&self.catalog, condition.provider, &condition.model);
+        let charge = Charge::estimate(
+            condition.provider,
+            64,
+            0,
+            package.estimated_tokens,
+            u64::from(condition.max_tokens),
+        );
+        let dims: [(Option<u64>, u64); 3] = match condition.provider {
+            ProviderKind::OpenAi => [(limits.rpm, 1), (limits.tpm, charge.input), (None, 0)],
+            ProviderKind::Anthropic => [
+                (limits.rpm, 1),
+                (limits.itpm, charge.input),
+                (limits.otpm, charge.output),
+            ],
+        };
+        let windows = dims
+            .iter()
+            .filter_map(|(limit, per)| limit.map(|l| (followers * per).div_ceil(l.max(1))))
+            .max()
+            .unwrap_or(0);
+        if windows * 60 > 150 {
+            CacheTtl::OneHour
+        } else {
+            CacheTtl::FiveMinutes
         }
     }
 
@@ -211,12 +300,28 @@ impl Executor {
                 )));
             }
         }
+        let limiter = RateLimiter::new(self.options.time_scale);
+        for c in conditions.values() {
+            let key = bucket_key(&self.catalog, c.provider, &c.model);
+            limiter.configure(
+                &key,
+                c.provider,
+                self.options
+                    .limits
+                    .lookup(&self.catalog, c.provider, &c.model),
+            );
+        }
+        let replicates = self.store.run(run_id).await?.replicates as usize;
         let items = self.store.work_items(run_id, include_errors).await?;
         self.store.set_run_state(run_id, RunState::Running).await?;
         self.progress.event(&ProgressEvent::Started {
             total: items.len() as u64,
         });
         let mut groups: Vec<Group> = Vec::new();
+        let mut refs: HashMap<(String, String), PackageRef> = HashMap::new();
+        for p in self.store.current_packages().await? {
+            refs.insert((p.id.clone(), p.version.clone()), p);
+        }
         for item in items {
             let condition = conditions
                 .get(&item.condition_slug)
@@ -235,107 +340,164 @@ impl Executor {
                 {
                     g.items.push(item)
                 }
-                _ => groups.push(Group {
-                    condition,
-                    prompt_id: item.prompt_id.clone(),
-                    version: item.package_version.clone(),
-                    items: vec![item],
-                }),
+                _ => {
+                    let ttl = refs
+                        .get(&(item.prompt_id.clone(), item.package_version.clone()))
+                        .map_or(CacheTtl::FiveMinutes, |p| {
+                            self.choose_ttl(&condition, replicates, p)
+                        });
+                    groups.push(Group {
+                        condition,
+                        prompt_id: item.prompt_id.clone(),
+                        version: item.package_version.clone(),
+                        items: vec![item],
+                        ttl,
+                    })
+                }
             }
         }
 
-        let ctx = Arc::new(TaskContext {
-            store: Arc::clone(&self.store),
-            catalog: Arc::clone(&self.catalog),
-            options: self.options,
-            progress: Arc::clone(&self.progress),
-            run_id: run_id.clone(),
-            stopped: Arc::new(Mutex::new(HashMap::new())),
-        });
         let mut packages: HashMap<(String, String), Arc<ContextPackage>> = HashMap::new();
         let mut states: HashMap<String, ConditionState> = HashMap::new();
-        let mut leaders: VecDeque<usize> = (0..groups.len()).collect();
-        let mut followers: VecDeque<(usize, WorkItem)> = VecDeque::new();
-        let mut tasks: JoinSet<TaskResult> = JoinSet::new();
+        let mut queues = Queues {
+            leaders: (0..groups.len()).collect(),
+            ..Queues::default()
+        };
+        let mut tasks: JoinSet<AttemptDone> = JoinSet::new();
         let mut report = RunReport::default();
         let mut stopping = *stop.borrow();
+        let max_tries = self.options.max_retries + 1;
 
-        // --verify-first: the first generation of each condition, alone.
+        // --verify-first: the first generation of each condition goes first,
+        // and nothing else until all of them have succeeded.
         let mut verifying = self.options.verify_first;
-        if verifying {
-            let mut seen = std::collections::HashSet::new();
-            let firsts: Vec<usize> = leaders
+        let verify_groups: HashSet<usize> = if verifying {
+            let mut seen = HashSet::new();
+            queues
+                .leaders
                 .iter()
                 .copied()
                 .filter(|&g| seen.insert(groups[g].condition.slug.clone()))
-                .collect();
-            leaders.retain(|g| !firsts.contains(g));
-            for g in firsts {
-                let item = groups[g].items.remove(0);
-                self.spawn(
-                    &ctx,
-                    &mut tasks,
-                    &groups,
-                    g,
-                    item,
-                    true,
-                    &mut packages,
-                    &mut states,
-                )
-                .await?;
-            }
-        }
+                .collect()
+        } else {
+            HashSet::new()
+        };
 
         loop {
-            while !verifying && !stopping && tasks.len() < self.options.concurrency.max(1) {
-                let next_follower = followers.iter().position(|(g, _)| {
-                    states
-                        .get(&groups[*g].condition.slug)
-                        .is_none_or(|s| s.stopped.is_none())
-                });
-                if let Some(i) = next_follower {
-                    let (g, item) = followers.remove(i).expect("position is in range");
-                    self.spawn(
-                        &ctx,
-                        &mut tasks,
-                        &groups,
-                        g,
-                        item,
-                        false,
-                        &mut packages,
-                        &mut states,
-                    )
-                    .await?;
+            let now = Instant::now();
+            let mut wake: Option<Instant> = None;
+            let mut blocked: HashSet<String> = HashSet::new();
+            // Candidates in priority order: due retries, followers, leaders.
+            let mut candidates: Vec<(u8, usize)> = Vec::new();
+            queues.retries.sort_by_key(|(at, _)| *at);
+            for (i, (at, _)) in queues.retries.iter().enumerate() {
+                if *at <= now {
+                    candidates.push((0, i));
+                } else {
+                    wake = Some(wake.map_or(*at, |w: Instant| w.min(*at)));
+                }
+            }
+            candidates.extend((0..queues.followers.len()).map(|i| (1, i)));
+            candidates.extend((0..queues.leaders.len()).map(|i| (2, i)));
+            let mut taken: Vec<(u8, usize)> = Vec::new();
+            for (kind, i) in candidates {
+                if stopping || tasks.len() >= self.options.concurrency.max(1) {
+                    break;
+                }
+                let (g, leader) = match kind {
+                    0 => (queues.retries[i].1.group, queues.retries[i].1.leader),
+                    1 => (queues.followers[i].group, false),
+                    _ => (queues.leaders[i], true),
+                };
+                if verifying && !(kind != 1 && verify_groups.contains(&g)) {
                     continue;
                 }
-                let next_leader = leaders.iter().position(|&g| {
-                    let s = states.entry(groups[g].condition.slug.clone()).or_default();
-                    s.stopped.is_none() && (s.probed || s.in_flight == 0)
-                });
-                let Some(i) = next_leader else { break };
-                let g = leaders.remove(i).expect("position is in range");
-                let item = groups[g].items.remove(0);
+                let condition = Arc::clone(&groups[g].condition);
+                let state = states.entry(condition.slug.clone()).or_default();
+                if state.stopped.is_some() || (kind == 2 && !state.probed && state.in_flight > 0) {
+                    continue;
+                }
+                let key = bucket_key(&self.catalog, condition.provider, &condition.model);
+                if blocked.contains(&key) {
+                    continue;
+                }
+                let package = self.package(&mut packages, &groups[g]).await?;
+                let charge = self.charge(&condition, &package, !leader);
+                let reservation = match limiter.try_reserve(&key, charge, now) {
+                    Admission::Granted(r) => r,
+                    Admission::Wait(until) => {
+                        blocked.insert(key);
+                        wake = Some(wake.map_or(until, |w| w.min(until)));
+                        continue;
+                    }
+                };
+                let job = match kind {
+                    0 => None,
+                    1 => None,
+                    _ => {
+                        let item = groups[g].items.remove(0);
+                        Some(Job {
+                            group: g,
+                            item,
+                            leader: true,
+                            tries: 0,
+                        })
+                    }
+                };
+                taken.push((kind, i));
+                let job = match job {
+                    Some(job) => job,
+                    None if kind == 0 => {
+                        std::mem::replace(&mut queues.retries[i].1, placeholder_job())
+                    }
+                    None => std::mem::replace(&mut queues.followers[i], placeholder_job()),
+                };
+                state.in_flight += 1;
                 self.spawn(
-                    &ctx,
                     &mut tasks,
+                    run_id,
+                    job,
                     &groups,
-                    g,
-                    item,
-                    true,
-                    &mut packages,
-                    &mut states,
-                )
-                .await?;
+                    package,
+                    key,
+                    reservation,
+                    max_tries,
+                );
             }
+            // Remove what was taken, highest index first within each queue.
+            taken.sort_by(|a, b| b.cmp(a));
+            for (kind, i) in taken {
+                match kind {
+                    0 => {
+                        queues.retries.remove(i);
+                    }
+                    1 => {
+                        queues.followers.remove(i);
+                    }
+                    _ => {
+                        queues.leaders.remove(i);
+                    }
+                }
+            }
+
             if tasks.is_empty() {
-                if verifying && !report.verify_failed && !stopping {
+                if verifying && (queues.retries.is_empty() || stopping) {
                     verifying = false;
+                    if report.verify_failed || stopping {
+                        break;
+                    }
                     continue;
                 }
-                break;
+                // Nothing in flight and nothing to wait for: what is left
+                // belongs to stopped conditions, or a stop was requested.
+                if stopping || wake.is_none() {
+                    break;
+                }
             }
+            let sleep_until = wake.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
             let joined = tokio::select! {
-                joined = tasks.join_next() => joined,
+                joined = tasks.join_next(), if !tasks.is_empty() => joined,
+                () = tokio::time::sleep_until(sleep_until), if wake.is_some() => continue,
                 changed = stop.changed(), if !stopping => {
                     if changed.is_err() || *stop.borrow() {
                         stopping = true;
@@ -345,55 +507,119 @@ impl Executor {
                 }
             };
             let Some(joined) = joined else { continue };
-            let result =
+            let done =
                 joined.map_err(|e| Error::store_msg(format!("a generation task failed: {e}")))?;
-            let state = states.entry(result.slug.clone()).or_default();
+            done.stored?;
+            let condition = Arc::clone(&groups[done.job.group].condition);
+            let now = Instant::now();
+            let state = states.entry(condition.slug.clone()).or_default();
             state.in_flight -= 1;
-            match result.outcome? {
-                Outcome::Success => state.probed = true,
-                Outcome::Failed(error) if error.class.is_fatal_for_condition() => {
-                    let reason = error.to_string();
-                    if state.stopped.is_none() {
-                        state.stopped = Some(reason.clone());
-                        ctx.stopped
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .insert(result.slug.clone(), reason.clone());
-                        tracing::error!(condition = %result.slug, %reason, "condition stopped");
-                        self.progress.event(&ProgressEvent::ConditionStopped {
-                            condition: result.slug.clone(),
-                            reason: reason.clone(),
-                        });
-                        report.stopped.push((result.slug.clone(), reason));
-                    }
-                    if verifying {
-                        report.verify_failed = true;
-                    }
-                }
-                Outcome::Failed(_) => {
+            let snapshot = match &done.result {
+                Ok(g) => g.rate_limits,
+                Err(e) => e.rate_limits,
+            };
+            limiter.observe(&done.key, &snapshot, done.reservation.at, now);
+            match done.result {
+                Ok(generated) => {
+                    limiter.settle(
+                        &done.reservation,
+                        Charge::actual(condition.provider, &generated.usage),
+                    );
                     state.probed = true;
-                    if verifying {
-                        report.verify_failed = true;
+                    if done.job.leader {
+                        let g = done.job.group;
+                        let items = std::mem::take(&mut groups[g].items);
+                        queues.followers.extend(items.into_iter().map(|item| Job {
+                            group: g,
+                            item,
+                            leader: false,
+                            tries: 0,
+                        }));
                     }
                 }
-                Outcome::Abandoned => {}
+                Err(error) => {
+                    if error.class == ErrorClass::RateLimited {
+                        report.rate_limited += 1;
+                        // Rejected requests spend no tokens.
+                        limiter.settle(
+                            &done.reservation,
+                            Charge {
+                                requests: 1,
+                                input: 0,
+                                output: 0,
+                            },
+                        );
+                        if let Some(wait) = error.retry_after {
+                            limiter.pause(&done.key, now + wait);
+                        }
+                    }
+                    let will_retry = error.class.is_retryable() && done.job.tries < max_tries;
+                    if error.class.is_fatal_for_condition() {
+                        let reason = error.to_string();
+                        if state.stopped.is_none() {
+                            state.stopped = Some(reason.clone());
+                            tracing::error!(condition = %condition.slug, %reason, "condition stopped");
+                            self.progress.event(&ProgressEvent::ConditionStopped {
+                                condition: condition.slug.clone(),
+                                reason: reason.clone(),
+                            });
+                            report.stopped.push((condition.slug.clone(), reason));
+                        }
+                    } else {
+                        state.probed = true;
+                    }
+                    if will_retry {
+                        let delay = backoff_delay(
+                            done.job.tries - 1,
+                            error.retry_after,
+                            self.options.backoff_base,
+                            jitter(done.job.item.generation_id, done.attempt),
+                            self.options.time_scale,
+                        );
+                        tracing::info!(condition = %condition.slug, prompt_id = %done.job.item.prompt_id, replicate = done.job.item.replicate_index, attempt = done.attempt, %error, delay_ms = delay.as_millis() as u64, "retrying");
+                        self.progress.event(&ProgressEvent::Retrying {
+                            condition: condition.slug.clone(),
+                            prompt_id: done.job.item.prompt_id.clone(),
+                            replicate_index: done.job.item.replicate_index,
+                            attempt: done.attempt,
+                            error: error.to_string(),
+                            delay,
+                        });
+                        queues.retries.push((now + delay, done.job));
+                    } else {
+                        if verifying {
+                            report.verify_failed = true;
+                        }
+                        if done.job.leader {
+                            // The followers still run; they will write the cache themselves.
+                            let g = done.job.group;
+                            let items = std::mem::take(&mut groups[g].items);
+                            queues.followers.extend(items.into_iter().map(|item| Job {
+                                group: g,
+                                item,
+                                leader: true,
+                                tries: 0,
+                            }));
+                        }
+                    }
+                }
             }
             if report.verify_failed && !stopping {
                 stopping = true;
                 tracing::error!("--verify-first failed: the batch stops before fanning out");
             }
-            if let Some(g) = result.group {
-                followers.extend(
-                    std::mem::take(&mut groups[g].items)
-                        .into_iter()
-                        .map(|item| (g, item)),
-                );
-                // The package text is no longer needed once the group's
-                // requests are built (each holds its own Arc).
-                packages.remove(&(groups[g].prompt_id.clone(), groups[g].version.clone()));
-            }
         }
 
+        // Retries that will not happen hand their generation back as pending.
+        for (_, job) in queues.retries.drain(..) {
+            self.store
+                .end_attempt(
+                    job.item.generation_id,
+                    job.item.attempts + job.tries,
+                    &AttemptEnd::Abandoned,
+                )
+                .await?;
+        }
         report.interrupted = *stop.borrow();
         let counts = self.store.run(run_id).await?.counts;
         let state = if counts.pending + counts.running == 0 {
@@ -406,53 +632,204 @@ impl Executor {
         Ok(report)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn spawn(
+    async fn package(
         &self,
-        ctx: &Arc<TaskContext>,
-        tasks: &mut JoinSet<TaskResult>,
-        groups: &[Group],
-        g: usize,
-        item: WorkItem,
-        leader: bool,
         packages: &mut HashMap<(String, String), Arc<ContextPackage>>,
-        states: &mut HashMap<String, ConditionState>,
-    ) -> Result<()> {
-        let group = &groups[g];
+        group: &Group,
+    ) -> Result<Arc<ContextPackage>> {
         let key = (group.prompt_id.clone(), group.version.clone());
-        let package = match packages.get(&key) {
-            Some(p) => Arc::clone(p),
-            None => {
-                let p = Arc::new(self.store.package(&key.0, &key.1).await?);
-                packages.insert(key, Arc::clone(&p));
-                p
-            }
-        };
+        if let Some(p) = packages.get(&key) {
+            return Ok(Arc::clone(p));
+        }
+        let p = Arc::new(self.store.package(&key.0, &key.1).await?);
+        packages.insert(key, Arc::clone(&p));
+        Ok(p)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn spawn(
+        &self,
+        tasks: &mut JoinSet<AttemptDone>,
+        run_id: &RunId,
+        mut job: Job,
+        groups: &[Group],
+        package: Arc<ContextPackage>,
+        key: String,
+        reservation: Reservation,
+        max_tries: u32,
+    ) {
+        let group = &groups[job.group];
         let condition = Arc::clone(&group.condition);
         let provider = Arc::clone(&self.providers[&condition.provider]);
-        states.entry(condition.slug.clone()).or_default().in_flight += 1;
-        let ctx = Arc::clone(ctx);
+        let store = Arc::clone(&self.store);
+        let catalog = Arc::clone(&self.catalog);
+        let progress = Arc::clone(&self.progress);
+        job.tries += 1;
+        let attempt = job.item.attempts + job.tries;
         let request = GenerationRequest {
             condition,
             package,
             cache: if self.options.cache {
-                CacheHint::On(CacheTtl::FiveMinutes)
+                CacheHint::On(group.ttl)
             } else {
                 CacheHint::Off
             },
-            trace: None,
+            trace: Some(format!("{run_id}/{}/{attempt}", job.item.generation_id)),
         };
         tasks.spawn(async move {
-            let slug = request.condition.slug.clone();
-            let outcome = run_generation(&ctx, provider.as_ref(), request, &item).await;
-            TaskResult {
-                group: leader.then_some(g),
-                slug,
-                outcome,
+            let last_allowed = job.tries >= max_tries;
+            let (result, stored) = attempt_once(
+                store.as_ref(),
+                catalog.as_ref(),
+                progress.as_ref(),
+                provider.as_ref(),
+                &request,
+                &job.item,
+                attempt,
+                last_allowed,
+            )
+            .await;
+            AttemptDone {
+                job,
+                attempt,
+                reservation,
+                key,
+                result,
+                stored,
             }
         });
-        Ok(())
     }
+}
+
+impl RunOptions {
+    fn limits_is_empty(&self) -> bool {
+        self.limits.is_empty()
+    }
+}
+
+fn placeholder_job() -> Job {
+    Job {
+        group: usize::MAX,
+        item: WorkItem {
+            generation_id: -1,
+            condition_slug: String::new(),
+            prompt_id: String::new(),
+            package_version: String::new(),
+            context_index: 0,
+            replicate_index: 0,
+            attempts: 0,
+        },
+        leader: false,
+        tries: 0,
+    }
+}
+
+/// Refuses, before anything is sent, a condition whose leader request could
+/// never fit under its per-minute limits (it would wait forever).
+pub fn check_limits(
+    catalog: &Catalog,
+    limits: &LimitTable,
+    conditions: &[Condition],
+    packages: &[PackageRef],
+) -> Result<()> {
+    let limiter = RateLimiter::new(1.0);
+    for c in conditions {
+        let key = bucket_key(catalog, c.provider, &c.model);
+        limiter.configure(
+            &key,
+            c.provider,
+            limits.lookup(catalog, c.provider, &c.model),
+        );
+        for p in packages {
+            let charge = Charge::estimate(
+                c.provider,
+                p.estimated_tokens,
+                0,
+                p.estimated_tokens,
+                u64::from(c.max_tokens),
+            );
+            limiter.check_fits(&key, charge).map_err(|problem| {
+                Error::Preflight(format!(
+                    "condition `{}`, context `{}`: {problem}",
+                    c.slug, p.id
+                ))
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// One attempt: mark it, send it, store how it ended.
+#[allow(clippy::too_many_arguments)]
+async fn attempt_once(
+    store: &dyn Store,
+    catalog: &Catalog,
+    progress: &dyn Progress,
+    provider: &dyn Provider,
+    request: &GenerationRequest,
+    item: &WorkItem,
+    attempt: u32,
+    last_allowed: bool,
+) -> (std::result::Result<Generated, AttemptError>, Result<()>) {
+    let slug = request.condition.slug.clone();
+    if let Err(e) = store.begin_attempt(item.generation_id, attempt).await {
+        return (
+            Err(AttemptError::new(
+                ErrorClass::Decode,
+                "not sent: the ledger refused the attempt",
+            )),
+            Err(e),
+        );
+    }
+    let started = Instant::now();
+    let result = provider.generate(request).await;
+    let latency_ms = started.elapsed().as_millis() as u64;
+    let stored = match &result {
+        Ok(generated) => {
+            let cost = catalog.cost(&request.condition, &generated.usage);
+            let end = AttemptEnd::Success(GenerationResult {
+                usage: generated.usage,
+                cost_usd: cost,
+                finish_reason: generated.finish_reason.clone(),
+                provider_request_id: generated.request_id.clone(),
+                model_snapshot: generated.model_snapshot.clone(),
+                request_hash: Some(generated.request_hash.clone()),
+                response_text: generated.text.clone(),
+                latency_ms,
+            });
+            let stored = store.end_attempt(item.generation_id, attempt, &end).await;
+            progress.event(&ProgressEvent::Finished {
+                condition: slug,
+                success: true,
+                cache_hit: generated.usage.cache_hit(),
+                cost_usd: cost,
+            });
+            stored
+        }
+        Err(error) => {
+            let last = last_allowed || !error.class.is_retryable();
+            let end = AttemptEnd::Failed {
+                class: error.class,
+                message: error.to_string(),
+                http_status: error.http_status,
+                provider_request_id: error.request_id.clone(),
+                latency_ms,
+                last,
+            };
+            let stored = store.end_attempt(item.generation_id, attempt, &end).await;
+            if last {
+                tracing::warn!(condition = %slug, prompt_id = %item.prompt_id, replicate = item.replicate_index, attempt, %error, "generation failed");
+                progress.event(&ProgressEvent::Finished {
+                    condition: slug,
+                    success: false,
+                    cache_hit: false,
+                    cost_usd: None,
+                });
+            }
+            stored
+        }
+    };
+    (result, stored)
 }
 
 /// The delay before retry number `retry` (0-based): the server's
@@ -480,108 +857,6 @@ fn jitter(generation_id: i64, attempt: u32) -> f64 {
     x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
     x ^= x >> 33;
     (x >> 11) as f64 / (1u64 << 53) as f64
-}
-
-async fn run_generation(
-    ctx: &TaskContext,
-    provider: &dyn Provider,
-    mut request: GenerationRequest,
-    item: &WorkItem,
-) -> Result<Outcome> {
-    let slug = request.condition.slug.clone();
-    let first = item.attempts + 1;
-    let last = item.attempts + ctx.options.max_retries + 1;
-    for attempt in first..=last {
-        let stopped = ctx
-            .stopped
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&slug)
-            .cloned();
-        if let Some(reason) = stopped {
-            tracing::debug!(condition = %slug, %reason, "skipped: condition stopped");
-            if attempt > first {
-                // A retry was pending: hand the generation back as pending.
-                ctx.store
-                    .end_attempt(item.generation_id, attempt - 1, &AttemptEnd::Abandoned)
-                    .await?;
-            }
-            return Ok(Outcome::Abandoned);
-        }
-        request.trace = Some(format!("{}/{}/{attempt}", ctx.run_id, item.generation_id));
-        ctx.store.begin_attempt(item.generation_id, attempt).await?;
-        let started = Instant::now();
-        let result = provider.generate(&request).await;
-        let latency_ms = started.elapsed().as_millis() as u64;
-        match result {
-            Ok(generated) => {
-                let cost = ctx.catalog.cost(&request.condition, &generated.usage);
-                let cache_hit = generated.usage.cache_hit();
-                let end = AttemptEnd::Success(GenerationResult {
-                    usage: generated.usage,
-                    cost_usd: cost,
-                    finish_reason: generated.finish_reason,
-                    provider_request_id: generated.request_id,
-                    model_snapshot: generated.model_snapshot,
-                    request_hash: Some(generated.request_hash),
-                    response_text: generated.text,
-                    latency_ms,
-                });
-                ctx.store
-                    .end_attempt(item.generation_id, attempt, &end)
-                    .await?;
-                ctx.progress.event(&ProgressEvent::Finished {
-                    condition: slug,
-                    success: true,
-                    cache_hit,
-                    cost_usd: cost,
-                });
-                return Ok(Outcome::Success);
-            }
-            Err(error) => {
-                let final_attempt = attempt == last || !error.class.is_retryable();
-                let end = AttemptEnd::Failed {
-                    class: error.class,
-                    message: error.to_string(),
-                    http_status: error.http_status,
-                    provider_request_id: error.request_id.clone(),
-                    latency_ms,
-                    last: final_attempt,
-                };
-                ctx.store
-                    .end_attempt(item.generation_id, attempt, &end)
-                    .await?;
-                if final_attempt {
-                    tracing::warn!(condition = %slug, prompt_id = %item.prompt_id, replicate = item.replicate_index, attempt, %error, "generation failed");
-                    ctx.progress.event(&ProgressEvent::Finished {
-                        condition: slug,
-                        success: false,
-                        cache_hit: false,
-                        cost_usd: None,
-                    });
-                    return Ok(Outcome::Failed(Box::new(error)));
-                }
-                let delay = backoff_delay(
-                    attempt - first,
-                    error.retry_after,
-                    ctx.options.backoff_base,
-                    jitter(item.generation_id, attempt),
-                    ctx.options.time_scale,
-                );
-                tracing::info!(condition = %slug, prompt_id = %item.prompt_id, replicate = item.replicate_index, attempt, %error, delay_ms = delay.as_millis() as u64, "retrying");
-                ctx.progress.event(&ProgressEvent::Retrying {
-                    condition: slug.clone(),
-                    prompt_id: item.prompt_id.clone(),
-                    replicate_index: item.replicate_index,
-                    attempt,
-                    error: error.to_string(),
-                    delay,
-                });
-                tokio::time::sleep(delay).await;
-            }
-        }
-    }
-    unreachable!("the last attempt always returns")
 }
 
 #[cfg(test)]

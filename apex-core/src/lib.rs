@@ -42,6 +42,7 @@ pub mod condition;
 pub mod context;
 pub mod error;
 pub mod executor;
+pub mod limiter;
 pub mod plan;
 pub mod provider;
 pub mod run;
