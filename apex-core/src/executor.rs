@@ -300,7 +300,7 @@ impl Executor {
                 )));
             }
         }
-        let limiter = RateLimiter::new(self.options.time_scale);
+        let limiter = Arc::new(RateLimiter::new(self.options.time_scale));
         for c in conditions.values() {
             let key = bucket_key(&self.catalog, c.provider, &c.model);
             limiter.configure(
@@ -311,6 +311,11 @@ impl Executor {
                     .lookup(&self.catalog, c.provider, &c.model),
             );
         }
+        let limiter_keys: usize = conditions
+            .values()
+            .map(|c| bucket_key(&self.catalog, c.provider, &c.model))
+            .collect::<HashSet<_>>()
+            .len();
         let replicates = self.store.run(run_id).await?.replicates as usize;
         let items = self.store.work_items(run_id, include_errors).await?;
         self.store.set_run_state(run_id, RunState::Running).await?;
@@ -388,20 +393,26 @@ impl Executor {
             let mut wake: Option<Instant> = None;
             let mut blocked: HashSet<String> = HashSet::new();
             // Candidates in priority order: due retries, followers, leaders.
-            let mut candidates: Vec<(u8, usize)> = Vec::new();
+            let mut due: Vec<(u8, usize)> = Vec::new();
             queues.retries.sort_by_key(|(at, _)| *at);
             for (i, (at, _)) in queues.retries.iter().enumerate() {
                 if *at <= now {
-                    candidates.push((0, i));
+                    due.push((0, i));
                 } else {
                     wake = Some(wake.map_or(*at, |w: Instant| w.min(*at)));
                 }
             }
-            candidates.extend((0..queues.followers.len()).map(|i| (1, i)));
-            candidates.extend((0..queues.leaders.len()).map(|i| (2, i)));
+            // Lazily, so a long queue costs nothing once the slots are full.
+            let candidates = due
+                .into_iter()
+                .chain((0..queues.followers.len()).map(|i| (1, i)))
+                .chain((0..queues.leaders.len()).map(|i| (2, i)));
             let mut taken: Vec<(u8, usize)> = Vec::new();
             for (kind, i) in candidates {
-                if stopping || tasks.len() >= self.options.concurrency.max(1) {
+                if stopping
+                    || tasks.len() >= self.options.concurrency.max(1)
+                    || blocked.len() >= limiter_keys
+                {
                     break;
                 }
                 let (g, leader) = match kind {
@@ -462,6 +473,7 @@ impl Executor {
                     key,
                     reservation,
                     max_tries,
+                    &limiter,
                 );
             }
             // Remove what was taken, highest index first within each queue.
@@ -657,7 +669,9 @@ impl Executor {
         key: String,
         reservation: Reservation,
         max_tries: u32,
+        limiter: &Arc<RateLimiter>,
     ) {
+        let limiter = Arc::clone(limiter);
         let group = &groups[job.group];
         let condition = Arc::clone(&group.condition);
         let provider = Arc::clone(&self.providers[&condition.provider]);
@@ -677,7 +691,12 @@ impl Executor {
             trace: Some(format!("{run_id}/{}/{attempt}", job.item.generation_id)),
         };
         tasks.spawn(async move {
+            let mut reservation = reservation;
             let last_allowed = job.tries >= max_tries;
+            let sent = Sent {
+                limiter: &limiter,
+                reservation: &mut reservation,
+            };
             let (result, stored) = attempt_once(
                 store.as_ref(),
                 catalog.as_ref(),
@@ -687,6 +706,7 @@ impl Executor {
                 &job.item,
                 attempt,
                 last_allowed,
+                sent,
             )
             .await;
             AttemptDone {
@@ -759,6 +779,12 @@ pub fn check_limits(
     Ok(())
 }
 
+/// Restamps a reservation at the moment its request leaves.
+struct Sent<'a> {
+    limiter: &'a RateLimiter,
+    reservation: &'a mut Reservation,
+}
+
 /// One attempt: mark it, send it, store how it ended.
 #[allow(clippy::too_many_arguments)]
 async fn attempt_once(
@@ -770,6 +796,7 @@ async fn attempt_once(
     item: &WorkItem,
     attempt: u32,
     last_allowed: bool,
+    sent: Sent<'_>,
 ) -> (std::result::Result<Generated, AttemptError>, Result<()>) {
     let slug = request.condition.slug.clone();
     if let Err(e) = store.begin_attempt(item.generation_id, attempt).await {
@@ -782,6 +809,7 @@ async fn attempt_once(
         );
     }
     let started = Instant::now();
+    sent.limiter.mark_sent(sent.reservation, started);
     let result = provider.generate(request).await;
     let latency_ms = started.elapsed().as_millis() as u64;
     let stored = match &result {

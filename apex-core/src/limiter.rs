@@ -364,12 +364,18 @@ impl RateLimiter {
             }
             // Walk from the oldest entry until enough would have expired.
             let excess = sums[d] + amounts[d] - limit;
+            let mut by_time: Vec<(Instant, u64)> = bucket
+                .entries
+                .iter()
+                .map(|e| (e.at, e.amounts[d]))
+                .collect();
+            by_time.sort_by_key(|(at, _)| *at);
             let mut freed = 0;
             let mut until = now + window;
-            for e in &bucket.entries {
-                freed += e.amounts[d];
+            for (at, amount) in by_time {
+                freed += amount;
                 if freed >= excess {
-                    until = e.at + window;
+                    until = at + window;
                     break;
                 }
             }
@@ -400,6 +406,19 @@ impl RateLimiter {
             && let Some(entry) = bucket.entries.iter_mut().find(|e| e.id == reservation.id)
         {
             entry.amounts = actual.amounts();
+        }
+    }
+
+    /// Moves a reservation's timestamp to when the request actually left:
+    /// the ledger write between reserving and sending takes time, and the
+    /// server counts from arrival.
+    pub fn mark_sent(&self, reservation: &mut Reservation, at: Instant) {
+        let mut state = self.lock();
+        if let Some(bucket) = state.get_mut(&reservation.key)
+            && let Some(entry) = bucket.entries.iter_mut().find(|e| e.id == reservation.id)
+        {
+            entry.at = entry.at.max(at);
+            reservation.at = entry.at;
         }
     }
 

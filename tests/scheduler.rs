@@ -1,0 +1,399 @@
+//! Scheduler tests on paused tokio time: an in-process provider with a
+//! prompt cache like the real ones, the SQLite ledger in memory, and the
+//! executor in between.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use apex::core::context::estimate_tokens;
+use apex::core::executor::{Executor, NoProgress, RunOptions};
+use apex::core::limiter::{LimitTable, SAFETY_MARGIN, WINDOW};
+use apex::core::provider::{ErrorClass, RateLimitSnapshot};
+use apex::core::{
+    AttemptError, Catalog, Condition, ContextPackage, Generated, GenerationRequest, NewRun, Plan,
+    PlanOptions, Provider, ProviderKind, RequestPreview, RunId, Store, Usage,
+};
+use apex::store::SqliteStore;
+use async_trait::async_trait;
+use proptest::prelude::*;
+use tokio::time::Instant;
+
+#[derive(Debug, Clone)]
+struct Call {
+    generation_id: i64,
+    sent: Instant,
+    done: Instant,
+    usage: Option<Usage>,
+    max_tokens: u64,
+}
+
+/// A provider whose cache serves a prefix only after the request that wrote
+/// it has completed, with scripted latencies and failures.
+struct FakeProvider {
+    kind: ProviderKind,
+    latencies: Mutex<VecDeque<Duration>>,
+    default_latency: Duration,
+    output_tokens: u64,
+    failures: Mutex<VecDeque<AttemptError>>,
+    cache: Mutex<HashMap<String, Instant>>,
+    calls: Mutex<Vec<Call>>,
+}
+
+impl FakeProvider {
+    fn new(kind: ProviderKind, latency: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            kind,
+            latencies: Mutex::new(VecDeque::new()),
+            default_latency: latency,
+            output_tokens: 100,
+            failures: Mutex::new(VecDeque::new()),
+            cache: Mutex::new(HashMap::new()),
+            calls: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn calls(&self) -> Vec<Call> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+#[async_trait]
+impl Provider for FakeProvider {
+    fn kind(&self) -> ProviderKind {
+        self.kind
+    }
+
+    fn preview(&self, _: &GenerationRequest) -> RequestPreview {
+        RequestPreview {
+            url: "fake://".into(),
+            body: String::new(),
+            request_hash: String::new(),
+        }
+    }
+
+    async fn generate(&self, request: &GenerationRequest) -> Result<Generated, AttemptError> {
+        let sent = Instant::now();
+        let generation_id: i64 = request
+            .trace
+            .as_deref()
+            .unwrap()
+            .split('/')
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap();
+        let max_tokens = u64::from(request.condition.max_tokens);
+        let failure = self.failures.lock().unwrap().pop_front();
+        if let Some(error) = failure {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            self.calls.lock().unwrap().push(Call {
+                generation_id,
+                sent,
+                done: Instant::now(),
+                usage: None,
+                max_tokens,
+            });
+            return Err(error);
+        }
+        let p = &request.package;
+        let prefix = p.system().map_or(0, |s| estimate_tokens(s)) + estimate_tokens(p.context());
+        let rest = estimate_tokens(p.prompt());
+        let hit = self
+            .cache
+            .lock()
+            .unwrap()
+            .get(p.version())
+            .is_some_and(|ready| *ready <= sent);
+        let latency = self
+            .latencies
+            .lock()
+            .unwrap()
+            .pop_front()
+            .unwrap_or(self.default_latency);
+        tokio::time::sleep(latency).await;
+        self.cache
+            .lock()
+            .unwrap()
+            .entry(p.version().to_owned())
+            .or_insert_with(Instant::now);
+        let output = self.output_tokens.min(max_tokens);
+        let usage = Usage {
+            input_tokens: rest,
+            cache_write_tokens: if hit { 0 } else { prefix },
+            cache_write_1h_tokens: 0,
+            cache_read_tokens: if hit { prefix } else { 0 },
+            output_tokens: output,
+            reasoning_tokens: 0,
+        };
+        self.calls.lock().unwrap().push(Call {
+            generation_id,
+            sent,
+            done: Instant::now(),
+            usage: Some(usage),
+            max_tokens,
+        });
+        Ok(Generated {
+            text: "ok".into(),
+            usage,
+            finish_reason: Some("end_turn".into()),
+            request_id: None,
+            model_snapshot: None,
+            request_hash: "h".into(),
+            rate_limits: RateLimitSnapshot::default(),
+        })
+    }
+}
+
+struct Setup {
+    store: Arc<SqliteStore>,
+    run_id: RunId,
+    /// generation_id -> (context index, replicate)
+    cells: HashMap<i64, (u32, u32)>,
+}
+
+async fn setup(contexts: usize, context_tokens: usize, replicates: u32, max_tokens: u32) -> Setup {
+    let store = Arc::new(SqliteStore::open_in_memory().unwrap());
+    let condition = Condition {
+        slug: "c".into(),
+        provider: ProviderKind::Anthropic,
+        model: "claude-sonnet-4-5".into(),
+        temperature: Some(0.7),
+        top_p: None,
+        max_tokens,
+        reasoning_effort: None,
+    };
+    store
+        .register_conditions(std::slice::from_ref(&condition))
+        .await
+        .unwrap();
+    let packages: Vec<ContextPackage> = (0..contexts)
+        .map(|i| {
+            ContextPackage::new(
+                format!("ctx-{i:02}"),
+                None,
+                format!("{i} ").repeat(context_tokens * 2),
+                "Go.".into(),
+            )
+            .unwrap()
+        })
+        .collect();
+    store.ingest_packages(&packages).await.unwrap();
+    let plan = Plan::build(
+        vec![condition],
+        store.current_packages().await.unwrap(),
+        PlanOptions {
+            replicates,
+            limit: None,
+        },
+    )
+    .unwrap();
+    let run_id = RunId::generate();
+    let run = NewRun {
+        run_id: run_id.clone(),
+        created_by: None,
+        notes: None,
+        flags: serde_json::json!({}),
+        dry_run: false,
+    };
+    store.create_run(&run, &plan).await.unwrap();
+    let cells = store
+        .work_items(&run_id, false)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|w| (w.generation_id, (w.context_index, w.replicate_index)))
+        .collect();
+    Setup {
+        store,
+        run_id,
+        cells,
+    }
+}
+
+async fn execute(
+    setup: &Setup,
+    provider: Arc<FakeProvider>,
+    options: RunOptions,
+) -> apex::core::executor::RunReport {
+    let mut providers: HashMap<ProviderKind, Arc<dyn Provider>> = HashMap::new();
+    providers.insert(ProviderKind::Anthropic, provider);
+    let store: Arc<dyn Store> = setup.store.clone();
+    let executor = Executor::new(
+        store,
+        providers,
+        Arc::new(Catalog::built_in()),
+        options,
+        Arc::new(NoProgress),
+    );
+    let (_tx, rx) = tokio::sync::watch::channel(false);
+    executor.execute(&setup.run_id, false, rx).await.unwrap()
+}
+
+fn limits(rpm: u64, itpm: u64, otpm: u64) -> LimitTable {
+    LimitTable::with_file(&format!(
+        "[anthropic.\"claude-sonnet-4-5\"]\nrpm = {rpm}\nitpm = {itpm}\notpm = {otpm}\n"
+    ))
+    .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn leaders_before_followers_and_followers_before_new_leaders() {
+    let s = setup(5, 2000, 3, 200).await;
+    let fake = FakeProvider::new(ProviderKind::Anthropic, Duration::from_secs(2));
+    let options = RunOptions {
+        concurrency: 3,
+        limits: LimitTable::none(),
+        ..RunOptions::default()
+    };
+    let report = execute(&s, Arc::clone(&fake), options).await;
+    assert_eq!(report.counts.success, 15);
+    let calls = fake.calls();
+    let leader_done: HashMap<u32, Instant> = calls
+        .iter()
+        .filter(|c| s.cells[&c.generation_id].1 == 0)
+        .map(|c| (s.cells[&c.generation_id].0, c.done))
+        .collect();
+    for c in &calls {
+        let (ctx, rep) = s.cells[&c.generation_id];
+        if rep > 0 {
+            // A follower goes only after its leader's response.
+            assert!(
+                c.sent >= leader_done[&ctx],
+                "follower of ctx {ctx} sent before its leader completed"
+            );
+            // Every cache read: the leader wrote, the followers read.
+            assert!(c.usage.unwrap().cache_read_tokens > 0);
+        }
+    }
+    // No new leader starts while a released follower is still waiting.
+    for leader in calls.iter().filter(|c| s.cells[&c.generation_id].1 == 0) {
+        for f in calls.iter().filter(|c| s.cells[&c.generation_id].1 > 0) {
+            let released = leader_done[&s.cells[&f.generation_id].0];
+            if released < leader.sent {
+                assert!(
+                    f.sent <= leader.sent,
+                    "a leader jumped ahead of a released follower"
+                );
+            }
+        }
+    }
+    let hits = calls
+        .iter()
+        .filter(|c| c.usage.unwrap().cache_read_tokens > 0)
+        .count();
+    assert_eq!(
+        hits * 3,
+        calls.len() * 2,
+        "cache-hit ratio is exactly (R-1)/R"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_is_honoured_and_429_pauses_the_model() {
+    let s = setup(1, 2000, 2, 200).await;
+    let fake = FakeProvider::new(ProviderKind::Anthropic, Duration::from_secs(1));
+    let mut error = AttemptError::new(ErrorClass::RateLimited, "rate_limit_error: slow down");
+    error.http_status = Some(429);
+    error.retry_after = Some(Duration::from_secs(7));
+    fake.failures.lock().unwrap().push_back(error);
+    let options = RunOptions {
+        concurrency: 4,
+        limits: limits(100, 1_000_000, 100_000),
+        ..RunOptions::default()
+    };
+    let report = execute(&s, Arc::clone(&fake), options).await;
+    assert_eq!((report.counts.success, report.rate_limited), (2, 1));
+    let calls = fake.calls();
+    assert_eq!(calls.len(), 3);
+    let gap = calls[1].sent.duration_since(calls[0].done);
+    assert!(
+        gap >= Duration::from_secs(7) - Duration::from_millis(60),
+        "retried after {gap:?}"
+    );
+    assert!(
+        gap < Duration::from_secs(8),
+        "backoff added on top of retry-after: {gap:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_per_window_when_the_limit_allows_one() {
+    // ITPM admits one leader (a 4K-token cache write) per minute.
+    let s = setup(3, 4000, 1, 200).await;
+    let fake = FakeProvider::new(ProviderKind::Anthropic, Duration::from_secs(1));
+    let options = RunOptions {
+        concurrency: 8,
+        limits: limits(100, 5000, 100_000),
+        ..RunOptions::default()
+    };
+    let started = Instant::now();
+    execute(&s, Arc::clone(&fake), options).await;
+    let sends: Vec<Duration> = fake
+        .calls()
+        .iter()
+        .map(|c| c.sent.duration_since(started))
+        .collect();
+    assert_eq!(sends.len(), 3);
+    assert!(
+        sends[1] >= WINDOW + SAFETY_MARGIN
+            && sends[1] < WINDOW + SAFETY_MARGIN + Duration::from_secs(1),
+        "{sends:?}"
+    );
+    assert!(sends[2] >= (WINDOW + SAFETY_MARGIN) * 2, "{sends:?}");
+}
+
+/// For every window of the server's length, the sum of what arrived in it.
+fn max_in_any_window(points: &[(Instant, u64)]) -> u64 {
+    let mut points = points.to_vec();
+    points.sort_by_key(|(t, _)| *t);
+    let mut best = 0;
+    for (i, (start, _)) in points.iter().enumerate() {
+        let sum: u64 = points[i..]
+            .iter()
+            .take_while(|(t, _)| t.duration_since(*start) < WINDOW)
+            .map(|(_, v)| v)
+            .sum();
+        best = best.max(sum);
+    }
+    best
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// Limits are never exceeded in any 60-second window, whatever the plan
+    /// and the latencies.
+    #[test]
+    fn limits_never_exceeded(
+        contexts in 1usize..6,
+        replicates in 1u32..4,
+        context_tokens in 1100usize..6000,
+        max_tokens in 50u32..3000,
+        latencies in proptest::collection::vec(100u64..8000, 1..40),
+        rpm in 2u64..12,
+        concurrency in 1usize..6,
+    ) {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().unwrap();
+        runtime.block_on(async {
+            let s = setup(contexts, context_tokens, replicates, max_tokens).await;
+            let fake = FakeProvider::new(ProviderKind::Anthropic, Duration::from_millis(700));
+            fake.latencies.lock().unwrap().extend(latencies.iter().map(|ms| Duration::from_millis(*ms)));
+            let itpm = 6000 + context_tokens as u64;
+            let otpm = 3 * u64::from(max_tokens);
+            let options = RunOptions { concurrency, limits: limits(rpm, itpm, otpm), ..RunOptions::default() };
+            let report = execute(&s, Arc::clone(&fake), options).await;
+            prop_assert_eq!(report.counts.success as usize, contexts * replicates as usize);
+            let calls = fake.calls();
+            let requests: Vec<(Instant, u64)> = calls.iter().map(|c| (c.sent, 1)).collect();
+            // ITPM: uncached input + cache writes; OTPM: as the server counts
+            // it, reserved at max tokens while in flight, then the output.
+            let input: Vec<(Instant, u64)> = calls.iter().map(|c| (c.sent, c.usage.map_or(0, |u| u.input_tokens + u.cache_write_tokens))).collect();
+            let output: Vec<(Instant, u64)> = calls.iter().map(|c| (c.sent, c.usage.map_or(c.max_tokens, |u| u.output_tokens))).collect();
+            prop_assert!(max_in_any_window(&requests) <= rpm);
+            prop_assert!(max_in_any_window(&input) <= itpm);
+            prop_assert!(max_in_any_window(&output) <= otpm);
+            Ok(())
+        })?;
+    }
+}
