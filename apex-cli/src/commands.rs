@@ -21,7 +21,7 @@ use apex_store::{DEFAULT_DATABASE_URL, open_store};
 use crate::UsageError;
 use crate::args::{Cli, Command, ConditionsSub, RunCmd, SimulateCmd};
 use crate::exit;
-use crate::progress::LogProgress;
+use crate::progress::RunProgress;
 use crate::table::{render, render_query};
 
 /// The seed's first monitoring query, verbatim but for the run id.
@@ -336,8 +336,14 @@ async fn run(store: Arc<dyn Store>, cmd: RunCmd) -> Result<ExitCode> {
     }
     let providers = providers_for(&conditions, true)?;
     let options = run_options(&cmd, cache)?;
-    let progress = Arc::new(LogProgress::new(std::time::Duration::from_secs(10)));
-    let executor = Executor::new(Arc::clone(&store), providers, catalog, options, progress);
+    let progress = Arc::new(RunProgress::new(std::time::Duration::from_secs(10)));
+    let executor = Executor::new(
+        Arc::clone(&store),
+        providers,
+        catalog,
+        options,
+        progress.clone(),
+    );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         if tokio::signal::ctrl_c().await.is_ok() {
@@ -353,7 +359,9 @@ async fn run(store: Arc<dyn Store>, cmd: RunCmd) -> Result<ExitCode> {
             }
         }
     });
-    let report = executor.execute(&run_id, include_errors, stop_rx).await?;
+    let report = executor.execute(&run_id, include_errors, stop_rx).await;
+    progress.finish();
+    let report = report?;
     println!();
     status(&*store, run_id.as_str()).await?;
     for (slug, reason) in &report.stopped {

@@ -530,7 +530,13 @@ impl Executor {
                 Ok(g) => g.rate_limits,
                 Err(e) => e.rate_limits,
             };
-            limiter.observe(&done.key, &snapshot, done.reservation.at, now);
+            limiter.observe(
+                &done.key,
+                condition.provider,
+                &snapshot,
+                done.reservation.at,
+                now,
+            );
             match done.result {
                 Ok(generated) => {
                     limiter.settle(

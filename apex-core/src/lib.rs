@@ -47,6 +47,7 @@ pub mod plan;
 pub mod provider;
 pub mod run;
 pub mod store;
+pub mod testing;
 pub mod time;
 
 pub use catalog::{Catalog, ModelInfo, Prices};

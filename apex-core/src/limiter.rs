@@ -243,6 +243,22 @@ struct Bucket {
 }
 
 impl Bucket {
+    fn new(provider: ProviderKind) -> Self {
+        Self {
+            provider,
+            limits: [None; 3],
+            entries: VecDeque::new(),
+            paused_until: None,
+            next_id: 1,
+        }
+    }
+
+    /// The entry of a reservation (entries stay in id order).
+    fn entry_mut(&mut self, id: u64) -> Option<&mut Entry> {
+        let index = self.entries.binary_search_by_key(&id, |e| e.id).ok()?;
+        self.entries.get_mut(index)
+    }
+
     fn prune(&mut self, now: Instant, window: Duration) {
         while self
             .entries
@@ -301,17 +317,19 @@ impl RateLimiter {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Declares the limits of a key (before any reservation).
+    /// Declares the limits of a key (before any reservation). A key with no
+    /// limit at all is not tracked until headers report one.
     pub fn configure(&self, key: &str, provider: ProviderKind, limits: Limits) {
+        let dims = limits.dims(provider);
         let mut state = self.lock();
-        let bucket = state.entry(key.to_owned()).or_insert_with(|| Bucket {
-            provider,
-            limits: [None; 3],
-            entries: VecDeque::new(),
-            paused_until: None,
-            next_id: 1,
-        });
-        bucket.limits = limits.dims(provider);
+        if dims.iter().all(Option::is_none) {
+            state.remove(key);
+            return;
+        }
+        state
+            .entry(key.to_owned())
+            .or_insert_with(|| Bucket::new(provider))
+            .limits = dims;
     }
 
     /// Checks that a request could ever be admitted: a charge above a limit
@@ -403,7 +421,7 @@ impl RateLimiter {
     pub fn settle(&self, reservation: &Reservation, actual: Charge) {
         let mut state = self.lock();
         if let Some(bucket) = state.get_mut(&reservation.key)
-            && let Some(entry) = bucket.entries.iter_mut().find(|e| e.id == reservation.id)
+            && let Some(entry) = bucket.entry_mut(reservation.id)
         {
             entry.amounts = actual.amounts();
         }
@@ -415,7 +433,7 @@ impl RateLimiter {
     pub fn mark_sent(&self, reservation: &mut Reservation, at: Instant) {
         let mut state = self.lock();
         if let Some(bucket) = state.get_mut(&reservation.key)
-            && let Some(entry) = bucket.entries.iter_mut().find(|e| e.id == reservation.id)
+            && let Some(entry) = bucket.entry_mut(reservation.id)
         {
             entry.at = entry.at.max(at);
             reservation.at = entry.at;
@@ -435,12 +453,30 @@ impl RateLimiter {
     /// expects (someone else spends the same key) is charged as outside use.
     /// `sent_at` is when the request was sent: the server's `remaining` was
     /// computed then, so the comparison is made on that basis.
-    pub fn observe(&self, key: &str, snapshot: &RateLimitSnapshot, sent_at: Instant, now: Instant) {
+    pub fn observe(
+        &self,
+        key: &str,
+        provider: ProviderKind,
+        snapshot: &RateLimitSnapshot,
+        sent_at: Instant,
+        now: Instant,
+    ) {
         let window = self.window;
         let mut state = self.lock();
-        let Some(bucket) = state.get_mut(key) else {
+        let reports_limits = [
+            snapshot.requests,
+            snapshot.tokens,
+            snapshot.input_tokens,
+            snapshot.output_tokens,
+        ]
+        .iter()
+        .any(|b| b.is_some_and(|b| b.limit.is_some()));
+        if !reports_limits && !state.contains_key(key) {
             return;
-        };
+        }
+        let bucket = state
+            .entry(key.to_owned())
+            .or_insert_with(|| Bucket::new(provider));
         let buckets: [Option<LimitBucket>; 3] = match bucket.provider {
             ProviderKind::OpenAi => [snapshot.requests, snapshot.tokens, None],
             ProviderKind::Anthropic => [
@@ -489,8 +525,10 @@ impl RateLimiter {
                 ?outside,
                 "rate-limit headers show use outside this run; tightening"
             );
+            let id = bucket.next_id;
+            bucket.next_id += 1;
             bucket.entries.push_back(Entry {
-                id: 0,
+                id,
                 at: now,
                 amounts: outside,
                 reserved: outside,
@@ -604,7 +642,7 @@ mod tests {
             }),
             ..RateLimitSnapshot::default()
         };
-        l.observe("k", &snapshot, now, now);
+        l.observe("k", ProviderKind::Anthropic, &snapshot, now, now);
         let used = l.usage("k", now).unwrap();
         assert_eq!(used[1], 10_000 + 65_000);
         assert!(matches!(
@@ -624,7 +662,7 @@ mod tests {
             }),
             ..RateLimitSnapshot::default()
         };
-        l.observe("k", &agree, now, now);
+        l.observe("k", ProviderKind::Anthropic, &agree, now, now);
         assert_eq!(l.usage("k", now).unwrap()[1], 95_000);
         for _ in 0..48 {
             let _ = l.try_reserve("k", charge(0, 0), now);

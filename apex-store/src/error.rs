@@ -36,6 +36,9 @@ pub enum StoreError {
     /// Any other SQLite failure.
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// The ledger's writer thread could not start.
+    #[error("cannot start the ledger writer thread: {0}")]
+    Thread(std::io::Error),
     /// A worker thread failed.
     #[error("store worker failed: {0}")]
     Join(#[from] tokio::task::JoinError),

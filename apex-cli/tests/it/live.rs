@@ -486,3 +486,100 @@ async fn no_cache_sends_no_hints_and_debug_logs_hold_no_key() {
         "verbose logs were on: {err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigkill_mid_batch_then_resume_sends_no_success_twice() {
+    let live = Live::with(SimulatorConfig {
+        base_latency: std::time::Duration::from_secs(3),
+        ..SimulatorConfig::default()
+    })
+    .await;
+    let url = live.sb.url();
+    let mut argv = vec!["--database-url", url.as_str()];
+    argv.extend(args(&[
+        "--condition-slug",
+        "prod-sonnet45",
+        "--condition-slug",
+        "prod-gpt4o",
+        "--replicates",
+        "3",
+        "--concurrency",
+        "2",
+    ]));
+    let mut child = live
+        .sb
+        .command(&argv, &live.env())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let db = live.sb.db_path();
+    let count = |status: &str| -> i64 {
+        let Ok(conn) =
+            rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        else {
+            return 0;
+        };
+        conn.query_row(
+            "SELECT COUNT(*) FROM generations WHERE status = ?1",
+            [status],
+            |r| r.get(0),
+        )
+        .unwrap_or(0)
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while count("success") < 6 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the run made no progress"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    child.kill().unwrap(); // SIGKILL: no chance to clean up
+    child.wait().unwrap();
+    let sent_before_kill = live.sim.requests().len();
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let run_id: String = conn
+        .query_row("SELECT run_id FROM runs", [], |r| r.get(0))
+        .unwrap();
+    let done_before: Vec<i64> = conn
+        .prepare("SELECT generation_id FROM generations WHERE status = 'success'")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    drop(conn);
+    assert!(
+        done_before.len() >= 6 && done_before.len() < 18,
+        "killed mid-batch: {}",
+        done_before.len()
+    );
+
+    let out = live.apex(&args(&["--resume", &run_id])).await;
+    ok(out);
+    assert_eq!(count("success"), 18, "every generation ends success");
+    assert_eq!(count("running") + count("pending") + count("error"), 0);
+    // No generation stored as success before the kill was requested again.
+    for r in &live.sim.requests()[sent_before_kill..] {
+        let generation_id: i64 = r
+            .trace
+            .as_deref()
+            .unwrap()
+            .split('/')
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(
+            !done_before.contains(&generation_id),
+            "generation {generation_id} was sent again after success"
+        );
+    }
+    let runs = live
+        .column(&format!(
+            "SELECT state FROM apex_audition.runs WHERE run_id = '{run_id}'"
+        ))
+        .await;
+    assert_eq!(runs, vec!["finished"]);
+}

@@ -41,6 +41,67 @@ impl<T> Db<T> for rusqlite::Result<T> {
 #[derive(Clone)]
 pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
+    writer: std::sync::mpsc::Sender<WriteRequest>,
+}
+
+/// A small write that joins a group commit.
+type WriteOp = Box<dyn FnOnce(&Connection) -> CoreResult<()> + Send>;
+
+struct WriteRequest {
+    op: WriteOp,
+    done: std::sync::mpsc::SyncSender<CoreResult<()>>,
+}
+
+/// Group commit: the attempt writes of many concurrent generations share one
+/// transaction (each in its own savepoint, so one failing write does not
+/// undo the others). Every caller hears back only after the COMMIT, so each
+/// write is durable before the scheduler acts on it.
+fn writer_loop(conn: Arc<Mutex<Connection>>, requests: std::sync::mpsc::Receiver<WriteRequest>) {
+    while let Ok(first) = requests.recv() {
+        let mut batch = vec![first];
+        while batch.len() < 512 {
+            match requests.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        let guard = conn.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = guard.execute_batch("BEGIN IMMEDIATE") {
+            for r in batch {
+                let _ = r
+                    .done
+                    .send(Err(Error::store_msg(format!("cannot begin a write: {e}"))));
+            }
+            continue;
+        }
+        let mut results = Vec::with_capacity(batch.len());
+        for r in batch {
+            let outcome = guard
+                .execute_batch("SAVEPOINT apex_write")
+                .db()
+                .and_then(|()| (r.op)(&guard));
+            let cleanup = if outcome.is_ok() {
+                "RELEASE apex_write"
+            } else {
+                "ROLLBACK TO apex_write; RELEASE apex_write"
+            };
+            let _ = guard.execute_batch(cleanup);
+            results.push((r.done, outcome));
+        }
+        match guard.execute_batch("COMMIT") {
+            Ok(()) => {
+                for (done, outcome) in results {
+                    let _ = done.send(outcome);
+                }
+            }
+            Err(e) => {
+                let _ = guard.execute_batch("ROLLBACK");
+                for (done, _) in results {
+                    let _ = done.send(Err(Error::store_msg(format!("commit failed: {e}"))));
+                }
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -97,9 +158,38 @@ impl SqliteStore {
             StoreError::Sqlite(cause) => open_err(cause),
             other => other,
         })?;
-        Ok(Self {
-            conn: Arc::new(Mutex::new(conn)),
+        let conn = Arc::new(Mutex::new(conn));
+        let (writer, requests) = std::sync::mpsc::channel();
+        let shared = Arc::clone(&conn);
+        std::thread::Builder::new()
+            .name("apex-sqlite-writer".into())
+            .spawn(move || writer_loop(shared, requests))
+            .map_err(StoreError::Thread)?;
+        Ok(Self { conn, writer })
+    }
+
+    /// Runs a small write as part of the next group commit. The wait runs
+    /// on a blocking thread, so the runtime knows work is under way (paused
+    /// test clocks do not jump over a write).
+    async fn write<F>(&self, op: F) -> CoreResult<()>
+    where
+        F: FnOnce(&Connection) -> CoreResult<()> + Send + 'static,
+    {
+        let writer = self.writer.clone();
+        tokio::task::spawn_blocking(move || {
+            let (done, result) = std::sync::mpsc::sync_channel(1);
+            writer
+                .send(WriteRequest {
+                    op: Box::new(op),
+                    done,
+                })
+                .map_err(|_| Error::store_msg("the ledger writer has stopped"))?;
+            result
+                .recv()
+                .map_err(|_| Error::store_msg("the ledger writer has stopped"))?
         })
+        .await
+        .map_err(StoreError::from)?
     }
 
     async fn call<T, F>(&self, f: F) -> CoreResult<T>
@@ -783,15 +873,11 @@ impl Store for SqliteStore {
     }
 
     async fn begin_attempt(&self, generation_id: i64, attempt: u32) -> CoreResult<()> {
-        self.call(move |conn| {
-            let tx = conn.transaction().db()?;
+        self.write(move |tx| {
             let now = now_rfc3339();
-            let n = tx
-                .execute(
-                    "UPDATE apex_audition.generations SET status = 'running', attempts = ?2,
+            let n = tx.prepare_cached("UPDATE apex_audition.generations SET status = 'running', attempts = ?2,
                          started_at = COALESCE(started_at, ?3)
-                     WHERE generation_id = ?1 AND status IN ('pending', 'running')",
-                    params![generation_id, attempt, now],
+                     WHERE generation_id = ?1 AND status IN ('pending', 'running')").db()?.execute(params![generation_id, attempt, now],
                 )
                 .db()?;
             if n == 0 {
@@ -799,13 +885,11 @@ impl Store for SqliteStore {
                     "generation {generation_id} is not pending or running; it will not be sent again"
                 )));
             }
-            tx.execute(
-                "INSERT INTO apex_audition.attempts (generation_id, attempt, started_at)
-                 VALUES (?1, ?2, ?3)",
-                params![generation_id, attempt, now],
+            tx.prepare_cached("INSERT INTO apex_audition.attempts (generation_id, attempt, started_at)
+                 VALUES (?1, ?2, ?3)").db()?.execute(params![generation_id, attempt, now],
             )
             .db()?;
-            tx.commit().db()
+            Ok(())
         })
         .await
     }
@@ -817,22 +901,19 @@ impl Store for SqliteStore {
         end: &AttemptEnd,
     ) -> CoreResult<()> {
         let end = end.clone();
-        self.call(move |conn| {
-            let tx = conn.transaction().db()?;
+        self.write(move |tx| {
             let now = now_rfc3339();
             match &end {
                 AttemptEnd::Success(r) => {
                     let u = &r.usage;
-                    tx.execute(
-                        "UPDATE apex_audition.generations SET status = 'success', cache_hit = ?2,
+                    tx.prepare_cached("UPDATE apex_audition.generations SET status = 'success', cache_hit = ?2,
                              input_tokens = ?3, cache_write_tokens = ?4, cache_write_1h_tokens = ?5,
                              cache_read_tokens = ?6, output_tokens = ?7, reasoning_tokens = ?8,
                              cost_usd = ?9, latency_ms = ?10, finish_reason = ?11,
                              provider_request_id = ?12, model_snapshot = ?13, request_hash = ?14,
                              response_text = ?15, error_class = NULL, error_message = NULL,
                              finished_at = ?16
-                         WHERE generation_id = ?1",
-                        params![
+                         WHERE generation_id = ?1").db()?.execute(params![
                             generation_id,
                             u.cache_hit(),
                             u.input_tokens,
@@ -852,11 +933,9 @@ impl Store for SqliteStore {
                         ],
                     )
                     .db()?;
-                    tx.execute(
-                        "UPDATE apex_audition.attempts SET finished_at = ?3, outcome = 'success',
+                    tx.prepare_cached("UPDATE apex_audition.attempts SET finished_at = ?3, outcome = 'success',
                              http_status = 200, provider_request_id = ?4, latency_ms = ?5
-                         WHERE generation_id = ?1 AND attempt = ?2",
-                        params![generation_id, attempt, now, r.provider_request_id, r.latency_ms],
+                         WHERE generation_id = ?1 AND attempt = ?2").db()?.execute(params![generation_id, attempt, now, r.provider_request_id, r.latency_ms],
                     )
                     .db()?;
                 }
@@ -869,12 +948,10 @@ impl Store for SqliteStore {
                     last,
                 } => {
                     if *last {
-                        tx.execute(
-                            "UPDATE apex_audition.generations SET status = 'error', error_class = ?2,
+                        tx.prepare_cached("UPDATE apex_audition.generations SET status = 'error', error_class = ?2,
                                  error_message = ?3, provider_request_id = ?4, latency_ms = ?5,
                                  finished_at = ?6
-                             WHERE generation_id = ?1",
-                            params![
+                             WHERE generation_id = ?1").db()?.execute(params![
                                 generation_id,
                                 class.as_str(),
                                 message,
@@ -885,12 +962,10 @@ impl Store for SqliteStore {
                         )
                         .db()?;
                     }
-                    tx.execute(
-                        "UPDATE apex_audition.attempts SET finished_at = ?3, outcome = 'error',
+                    tx.prepare_cached("UPDATE apex_audition.attempts SET finished_at = ?3, outcome = 'error',
                              http_status = ?4, error_class = ?5, error_message = ?6,
                              provider_request_id = ?7, latency_ms = ?8
-                         WHERE generation_id = ?1 AND attempt = ?2",
-                        params![
+                         WHERE generation_id = ?1 AND attempt = ?2").db()?.execute(params![
                             generation_id,
                             attempt,
                             now,
@@ -904,21 +979,17 @@ impl Store for SqliteStore {
                     .db()?;
                 }
                 AttemptEnd::Abandoned => {
-                    tx.execute(
-                        "UPDATE apex_audition.generations SET status = 'pending'
-                         WHERE generation_id = ?1 AND status = 'running'",
-                        [generation_id],
+                    tx.prepare_cached("UPDATE apex_audition.generations SET status = 'pending'
+                         WHERE generation_id = ?1 AND status = 'running'").db()?.execute([generation_id],
                     )
                     .db()?;
-                    tx.execute(
-                        "UPDATE apex_audition.attempts SET finished_at = ?3, outcome = 'abandoned'
-                         WHERE generation_id = ?1 AND attempt = ?2 AND finished_at IS NULL",
-                        params![generation_id, attempt, now],
+                    tx.prepare_cached("UPDATE apex_audition.attempts SET finished_at = ?3, outcome = 'abandoned'
+                         WHERE generation_id = ?1 AND attempt = ?2 AND finished_at IS NULL").db()?.execute(params![generation_id, attempt, now],
                     )
                     .db()?;
                 }
             }
-            tx.commit().db()
+            Ok(())
         })
         .await
     }
