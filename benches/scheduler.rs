@@ -38,6 +38,7 @@ fn packages(n: usize) -> Vec<PackageRef> {
             version: format!("{i:064}"),
             estimated_tokens: 128_000,
             byte_len: 512_000,
+            o200k_tokens: 110_000,
         })
         .collect()
 }

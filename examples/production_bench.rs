@@ -7,8 +7,10 @@
 //! cargo run --release --example production_bench              # 0.01, 21, 120000
 //! ```
 //!
-//! Contexts are 120,000 tokens, not 128,000: GPT-4o's 128K window includes
-//! the output, so a 128K context cannot be sent to it at all. The limits are
+//! Contexts are 120,000 tokens under OpenAI's o200k_base (a little more by
+//! Apex's four-bytes-per-token estimate used for Claude), not 128,000:
+//! GPT-4o's 128K window includes the output, so a 128K context cannot be
+//! sent to it at all. The limits are
 //! Apex's documented defaults (`apex-core/src/limits.toml`), and the
 //! simulator enforces the same numbers, as the real APIs would for an
 //! account at those tiers. Times are reported in real-time equivalents
@@ -110,10 +112,14 @@ async fn main() -> Result<()> {
     store.register_conditions(&conditions).await?;
     let system =
         "You are a careful analyst. Answer only from the case file you are given.".to_string();
+    // Size each context to TOKENS under o200k_base (OpenAI's exact count);
+    // Apex's 4-bytes-per-token estimate for Claude comes out a few % higher.
+    let sentence = |i: usize| format!("On day {i}, the survey team recorded the tide readings. ");
+    let per_sentence =
+        apex::core::tokens::Tokenizer::O200k.count(&sentence(7).repeat(100)) as f64 / 100.0;
     for i in 0..contexts {
         let body = format!("Case file {i:02}. ")
-            + &format!("On day {i}, the survey team recorded the tide readings. ")
-                .repeat(tokens * 4 / 56);
+            + &sentence(i).repeat((tokens as f64 / per_sentence) as usize);
         let package = ContextPackage::new(
             format!("ctx-{:02}", i + 1),
             Some(system.clone()),
@@ -180,9 +186,15 @@ async fn main() -> Result<()> {
         report.counts
     );
 
+    let sample = store
+        .current_packages()
+        .await?
+        .into_iter()
+        .next()
+        .context("a package")?;
     println!(
-        "{} contexts x ~{} tokens x {REPLICATES} replicates, time scale {scale} (times in real-time equivalents)\n",
-        contexts, tokens
+        "{contexts} contexts x {} o200k tokens ({} estimated for Claude) x {REPLICATES} replicates, time scale {scale} (times in real-time equivalents)\n",
+        sample.o200k_tokens, sample.estimated_tokens
     );
     println!(
         "{:<14} {:>5} {:>9} {:>9} {:>6} {:>5} {:>11} {:>10} {:>10} {:>6}",

@@ -247,6 +247,7 @@ mod tests {
             version: "v".into(),
             estimated_tokens: tokens,
             byte_len: tokens * 4,
+            o200k_tokens: tokens,
         }
     }
 

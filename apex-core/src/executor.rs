@@ -25,7 +25,7 @@ use tokio::time::Instant;
 
 use crate::catalog::Catalog;
 use crate::condition::{Condition, ProviderKind};
-use crate::context::{ContextPackage, estimate_tokens};
+use crate::context::ContextPackage;
 use crate::error::{Error, Result};
 use crate::limiter::{Admission, Charge, LimitTable, RateLimiter, Reservation, bucket_key};
 use crate::plan::PackageRef;
@@ -34,6 +34,7 @@ use crate::provider::{
 };
 use crate::run::{AttemptEnd, GenerationResult, RunId, RunState, StatusCounts, WorkItem};
 use crate::store::Store;
+use crate::tokens::Tokenizer;
 
 /// How to execute.
 #[derive(Debug, Clone)]
@@ -210,10 +211,7 @@ impl Executor {
     }
 
     /// The reservation for one attempt.
-    fn charge(&self, condition: &Condition, package: &ContextPackage, warm: bool) -> Charge {
-        let prefix =
-            package.system().map_or(0, |s| estimate_tokens(s)) + estimate_tokens(package.context());
-        let rest = estimate_tokens(package.prompt());
+    fn charge(&self, condition: &Condition, (prefix, rest): (u64, u64), warm: bool) -> Charge {
         let min_cacheable = self
             .catalog
             .lookup(condition.provider, &condition.model)
@@ -253,7 +251,7 @@ impl Executor {
             condition.provider,
             64,
             0,
-            package.estimated_tokens,
+            package.tokens(Tokenizer::for_provider(condition.provider)),
             u64::from(condition.max_tokens),
         );
         let dims: [(Option<u64>, u64); 3] = match condition.provider {
@@ -363,6 +361,7 @@ impl Executor {
         }
 
         let mut packages: HashMap<(String, String), Arc<ContextPackage>> = HashMap::new();
+        let mut splits: HashMap<(String, Tokenizer), (u64, u64)> = HashMap::new();
         let mut states: HashMap<String, ConditionState> = HashMap::new();
         let mut queues = Queues {
             leaders: (0..groups.len()).collect(),
@@ -433,7 +432,21 @@ impl Executor {
                     continue;
                 }
                 let package = self.package(&mut packages, &groups[g]).await?;
-                let charge = self.charge(&condition, &package, !leader);
+                let tokenizer = Tokenizer::for_provider(condition.provider);
+                let split = match splits.get(&(package.version().to_owned(), tokenizer)) {
+                    Some(split) => *split,
+                    None => {
+                        // Exact counts of a large context take a moment: off
+                        // the async threads, once per (context, tokenizer).
+                        let counted = Arc::clone(&package);
+                        let split = tokio::task::spawn_blocking(move || tokenizer.split(&counted))
+                            .await
+                            .map_err(|e| Error::store_msg(format!("token counting failed: {e}")))?;
+                        splits.insert((package.version().to_owned(), tokenizer), split);
+                        split
+                    }
+                };
+                let charge = self.charge(&condition, split, !leader);
                 let reservation = match limiter.try_reserve(&key, charge, now) {
                     Admission::Granted(r) => r,
                     Admission::Wait(until) => {
@@ -767,13 +780,8 @@ pub fn check_limits(
             limits.lookup(catalog, c.provider, &c.model),
         );
         for p in packages {
-            let charge = Charge::estimate(
-                c.provider,
-                p.estimated_tokens,
-                0,
-                p.estimated_tokens,
-                u64::from(c.max_tokens),
-            );
+            let tokens = p.tokens(Tokenizer::for_provider(c.provider));
+            let charge = Charge::estimate(c.provider, tokens, 0, tokens, u64::from(c.max_tokens));
             limiter.check_fits(&key, charge).map_err(|problem| {
                 Error::Preflight(format!(
                     "condition `{}`, context `{}`: {problem}",

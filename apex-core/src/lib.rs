@@ -30,6 +30,7 @@
 //!     version: package.version().into(),
 //!     estimated_tokens: package.estimated_input_tokens(),
 //!     byte_len: package.byte_len() as u64,
+//!     o200k_tokens: package.estimated_input_tokens(),
 //! }];
 //! let plan = Plan::build(conditions, packages, PlanOptions { replicates: 3, limit: None })?;
 //! assert_eq!(plan.cells.len(), 3);
@@ -49,6 +50,7 @@ pub mod run;
 pub mod store;
 pub mod testing;
 pub mod time;
+pub mod tokens;
 
 pub use catalog::{Catalog, ModelInfo, Prices};
 pub use condition::{Condition, ProviderKind, parse_conditions};

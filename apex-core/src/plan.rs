@@ -16,6 +16,18 @@ pub struct PackageRef {
     pub estimated_tokens: u64,
     /// UTF-8 bytes of its texts.
     pub byte_len: u64,
+    /// Exact input tokens under OpenAI's `o200k_base`.
+    pub o200k_tokens: u64,
+}
+
+impl PackageRef {
+    /// Input tokens as a tokenizer counts them.
+    pub fn tokens(&self, tokenizer: crate::tokens::Tokenizer) -> u64 {
+        match tokenizer {
+            crate::tokens::Tokenizer::O200k => self.o200k_tokens,
+            crate::tokens::Tokenizer::Estimate => self.estimated_tokens,
+        }
+    }
 }
 
 /// How big a run is.
@@ -148,6 +160,7 @@ mod tests {
             version: format!("v-{id}"),
             estimated_tokens: 10,
             byte_len: 40,
+            o200k_tokens: 9,
         }
     }
 

@@ -3,7 +3,8 @@
 //! (Anthropic).
 //!
 //! It checks auth and the request schema, answers with the real error bodies,
-//! counts tokens (four bytes per token, as Apex estimates), keeps a prompt
+//! counts tokens (OpenAI exactly with `o200k_base`; Anthropic at four bytes
+//! per token, Apex's estimate, since its tokenizer is not public), keeps a prompt
 //! cache that serves a prefix only after the request that wrote it has
 //! completed, enforces per-minute limits with the providers' headers, and
 //! plays scripted faults. Every duration is multiplied by `time_scale`, so a
@@ -15,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use apex_core::context::{estimate_tokens, sha256_hex};
+use apex_core::tokens::Tokenizer;
 use apex_core::{Catalog, ProviderKind};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -472,7 +474,7 @@ fn parse_openai(body: &Value, catalog: &Catalog) -> Result<Parsed, Rejection> {
     }
     // The cacheable prefix is everything but the final part (the instruction).
     let (last, prefix) = texts.split_last().expect("messages are non-empty");
-    let prefix_tokens: u64 = prefix.iter().map(|t| estimate_tokens(t)).sum();
+    let prefix_tokens: u64 = prefix.iter().map(|t| Tokenizer::O200k.count(t)).sum();
     let key_material = format!(
         "{model}\u{0}{}\u{0}{}",
         obj.get("prompt_cache_key")
@@ -484,7 +486,7 @@ fn parse_openai(body: &Value, catalog: &Catalog) -> Result<Parsed, Rejection> {
         model: model.to_owned(),
         max_tokens,
         prefix_text_tokens: prefix_tokens,
-        rest_tokens: estimate_tokens(last),
+        rest_tokens: Tokenizer::O200k.count(last),
         cache_key: (prefix_tokens >= info.min_cacheable_tokens.max(1024))
             .then(|| sha256_hex(key_material.as_bytes())),
         ttl_1h: false,
@@ -597,6 +599,17 @@ fn parse_anthropic(body: &Value, catalog: &Catalog) -> Result<Parsed, Rejection>
     })
 }
 
+fn warm_o200k(value: &Value) {
+    match value {
+        Value::String(s) if s.len() >= 4096 => {
+            Tokenizer::O200k.count(s);
+        }
+        Value::Array(items) => items.iter().for_each(warm_o200k),
+        Value::Object(map) => map.values().for_each(warm_o200k),
+        _ => {}
+    }
+}
+
 fn go_duration(d: Duration) -> String {
     let ms = d.as_millis();
     if ms < 1000 {
@@ -639,6 +652,12 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Repl
     };
     let arrived_at = Instant::now();
     let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    if provider == ProviderKind::OpenAi {
+        // Count large texts before taking the lock (the counts are
+        // remembered); OpenAI is counted exactly, as the real API does.
+        let warm = body.clone();
+        let _ = tokio::task::spawn_blocking(move || warm_o200k(&warm)).await;
+    }
     let body_hash = sha256_hex(&bytes);
     let model_name = body
         .get("model")

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use apex_core::run::AttemptEnd;
 use apex_core::store::ConditionInfo;
 use apex_core::time::now_rfc3339;
+use apex_core::tokens::Tokenizer;
 use apex_core::{
     Condition, ContextPackage, Error, ErrorRow, IngestReport, NewRun, PackageRef, Plan,
     ProviderKind, QueryResult, RegisterReport, RunId, RunInfo, RunState, SqlValue, StatusCounts,
@@ -18,7 +19,10 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use crate::error::StoreError;
 
 /// Migrations in order; the index + 1 is the schema version.
-const MIGRATIONS: &[(&str, &str)] = &[("init", include_str!("0001_init.sql"))];
+const MIGRATIONS: &[(&str, &str)] = &[
+    ("init", include_str!("0001_init.sql")),
+    ("o200k_tokens", include_str!("0002_o200k_tokens.sql")),
+];
 
 /// The newest schema version this build knows.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -555,12 +559,21 @@ impl Store for SqliteStore {
     async fn ingest_packages(&self, packages: &[ContextPackage]) -> CoreResult<IngestReport> {
         let packages = packages.to_vec();
         self.call(move |conn| {
+            // Counted before the write lock is taken: exact counts of large
+            // contexts take a moment.
+            let o200k: Vec<u64> = packages
+                .iter()
+                .map(|p| {
+                    let (prefix, rest) = Tokenizer::O200k.split(p);
+                    prefix + rest
+                })
+                .collect();
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .db()?;
             let mut report = IngestReport::default();
             let now = now_rfc3339();
-            for p in &packages {
+            for (p, o200k) in packages.iter().zip(o200k) {
                 let current: Option<String> = tx
                     .query_row(
                         "SELECT current_version FROM apex_audition.context_packages
@@ -577,8 +590,8 @@ impl Store for SqliteStore {
                 tx.execute(
                     "INSERT OR IGNORE INTO apex_audition.context_versions (prompt_id, version,
                          system_text, context_text, prompt_text, estimated_tokens, byte_len,
-                         ingested_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                         ingested_at, o200k_tokens)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                     params![
                         p.id(),
                         p.version(),
@@ -587,7 +600,8 @@ impl Store for SqliteStore {
                         &**p.prompt(),
                         p.estimated_input_tokens(),
                         p.byte_len() as u64,
-                        now
+                        now,
+                        o200k
                     ],
                 )
                 .db()?;
@@ -618,7 +632,8 @@ impl Store for SqliteStore {
         self.call(|conn| {
             let mut stmt = conn
                 .prepare(
-                    "SELECT p.prompt_id, p.current_version, v.estimated_tokens, v.byte_len
+                    "SELECT p.prompt_id, p.current_version, v.estimated_tokens, v.byte_len,
+                            COALESCE(v.o200k_tokens, v.estimated_tokens)
                      FROM apex_audition.context_packages p
                      JOIN apex_audition.context_versions v
                        ON v.prompt_id = p.prompt_id AND v.version = p.current_version
@@ -631,6 +646,7 @@ impl Store for SqliteStore {
                     version: r.get(1)?,
                     estimated_tokens: r.get(2)?,
                     byte_len: r.get(3)?,
+                    o200k_tokens: r.get(4)?,
                 })
             })
             .db()?
