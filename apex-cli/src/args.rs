@@ -29,6 +29,9 @@ pub enum Command {
     Runs(RunsCmd),
     Sql(SqlCmd),
     Simulate(SimulateCmd),
+    Estimate(EstimateCmd),
+    Cost(CostCmd),
+    Export(ExportCmd),
 }
 
 #[derive(FromArgs, Debug)]
@@ -70,7 +73,7 @@ pub struct IngestCmd {
     pub dir: String,
 }
 
-#[derive(FromArgs, Debug, Serialize)]
+#[derive(FromArgs, Debug, Default, Serialize)]
 #[argh(subcommand, name = "run")]
 /// Plan and run a batch, or resume one.
 pub struct RunCmd {
@@ -179,4 +182,56 @@ pub struct SimulateCmd {
     /// write the listening address to this file once bound
     #[argh(option)]
     pub addr_file: Option<String>,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "estimate")]
+/// Estimate a run before spending: tokens, cache writes and reads, cost with
+/// and without caching, the Batch-API price and the least duration.
+pub struct EstimateCmd {
+    /// condition to estimate (repeat the flag for several)
+    #[argh(option)]
+    pub condition_slug: Vec<String>,
+    /// replicates per (condition, context) (default 1)
+    #[argh(option)]
+    pub replicates: Option<u32>,
+    /// only the first N contexts, in id order
+    #[argh(option)]
+    pub limit: Option<u32>,
+    /// estimate without prompt-caching hints
+    #[argh(switch)]
+    pub no_cache: bool,
+    /// rate limits TOML file (as for `run`)
+    #[argh(option)]
+    pub limits: Option<String>,
+    /// model catalog TOML file (as for `run`)
+    #[argh(option)]
+    pub catalog: Option<String>,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "cost")]
+/// A run's actual cost per condition, broken down, beside its estimate.
+pub struct CostCmd {
+    #[argh(positional)]
+    /// the run id
+    pub run_id: String,
+    /// model catalog TOML file (as for `run`)
+    #[argh(option)]
+    pub catalog: Option<String>,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "export")]
+/// Export every generation of a run with every ledger column, streamed.
+pub struct ExportCmd {
+    #[argh(positional)]
+    /// the run id
+    pub run_id: String,
+    /// jsonl or csv
+    #[argh(option)]
+    pub format: String,
+    /// write to FILE instead of standard output
+    #[argh(option)]
+    pub output: Option<String>,
 }

@@ -19,9 +19,10 @@ use apex_store::files::{read_conditions_file, read_packages_under};
 use apex_store::{DEFAULT_DATABASE_URL, open_store};
 
 use crate::UsageError;
-use crate::args::{Cli, Command, ConditionsSub, RunCmd, SimulateCmd};
+use crate::args::{Cli, Command, ConditionsSub, EstimateCmd, RunCmd, SimulateCmd};
 use crate::exit;
 use crate::progress::RunProgress;
+use crate::report;
 use crate::table::{render, render_query};
 
 /// The seed's first monitoring query, verbatim but for the run id.
@@ -57,6 +58,26 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Status(s) => status(&*store, &s.run_id).await,
         Command::Runs(_) => runs(&*store).await,
         Command::Simulate(_) => unreachable!("handled before the store opens"),
+        Command::Estimate(e) => estimate_cmd(&*store, e).await,
+        Command::Cost(c) => {
+            let catalog = load_catalog(c.catalog.as_deref())?;
+            report::cost(&*store, &catalog, &RunId::parse(&c.run_id)?).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Export(e) => {
+            let run_id = RunId::parse(&e.run_id)?;
+            let n = report::export(
+                &*store,
+                &run_id,
+                &e.format,
+                e.output.as_deref().map(Path::new),
+            )
+            .await?;
+            if e.output.is_some() {
+                println!("exported {n} generation(s)");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Sql(q) => {
             let result = store.query_read_only(&q.query).await?;
             print!("{}", render_query(&result));
@@ -315,6 +336,17 @@ async fn run(store: Arc<dyn Store>, cmd: RunCmd) -> Result<ExitCode> {
             store.create_run(&new_run, &plan).await?;
             if cmd.dry_run {
                 dry_run_log(&*store, &plan, &providers, !cmd.no_cache).await?;
+                let limits = run_options(&cmd, !cmd.no_cache)?.limits;
+                report::print_estimate(
+                    &*store,
+                    &catalog,
+                    &limits,
+                    &plan.conditions,
+                    &plan.packages,
+                    options.replicates,
+                    !cmd.no_cache,
+                )
+                .await?;
                 println!(
                     "run {} planned (dry run): {} generation(s), nothing sent",
                     new_run.run_id,
@@ -437,6 +469,41 @@ async fn dry_run_log(
     Ok(())
 }
 
+async fn estimate_cmd(store: &dyn Store, cmd: EstimateCmd) -> Result<ExitCode> {
+    if cmd.condition_slug.is_empty() {
+        return Err(UsageError("give --condition-slug SLUG (repeat it for several)".into()).into());
+    }
+    let catalog = load_catalog(cmd.catalog.as_deref())?;
+    let as_run = RunCmd {
+        condition_slug: cmd.condition_slug.clone(),
+        replicates: cmd.replicates,
+        limit: cmd.limit,
+        no_cache: cmd.no_cache,
+        limits: cmd.limits.clone(),
+        catalog: cmd.catalog.clone(),
+        ..RunCmd::default()
+    };
+    let conditions = resolve_conditions(store, &cmd.condition_slug).await?;
+    let options = PlanOptions {
+        replicates: cmd.replicates.unwrap_or(1),
+        limit: cmd.limit,
+    };
+    let plan = Plan::build(conditions, store.current_packages().await?, options)?;
+    preflight_all(&catalog, &plan.conditions, &plan.packages)?;
+    let limits = run_options(&as_run, !cmd.no_cache)?.limits;
+    report::print_estimate(
+        store,
+        &catalog,
+        &limits,
+        &plan.conditions,
+        &plan.packages,
+        options.replicates,
+        !cmd.no_cache,
+    )
+    .await?;
+    Ok(ExitCode::SUCCESS)
+}
+
 async fn simulate(cmd: SimulateCmd) -> Result<ExitCode> {
     if !(cmd.time_scale.is_finite() && cmd.time_scale > 0.0) {
         return Err(UsageError("--time-scale must be a number above 0".into()).into());
@@ -502,6 +569,7 @@ async fn status(store: &dyn Store, run_id: &str) -> Result<ExitCode> {
         println!();
         print!("{}", render_query(&errors));
     }
+    report::condition_summary(store, &run_id).await?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -517,6 +585,8 @@ async fn runs(store: &dyn Store) -> Result<ExitCode> {
                 r.condition_slugs.join(","),
                 r.created_by.unwrap_or_default(),
                 r.created_at,
+                r.started_at.unwrap_or_default(),
+                r.finished_at.unwrap_or_default(),
                 r.counts.total().to_string(),
                 r.counts.pending.to_string(),
                 r.counts.success.to_string(),
@@ -532,6 +602,8 @@ async fn runs(store: &dyn Store) -> Result<ExitCode> {
         "conditions",
         "created_by",
         "created_at",
+        "started_at",
+        "finished_at",
         "total",
         "pending",
         "success",

@@ -4,6 +4,7 @@ mod args;
 mod commands;
 mod exit;
 mod progress;
+mod report;
 mod table;
 
 use std::process::ExitCode;
@@ -46,6 +47,15 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(commands::dispatch(cli)) {
         Ok(code) => code,
+        Err(error)
+            if error.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+            }) =>
+        {
+            // `apex export … | head`: the reader is gone, which is fine.
+            ExitCode::SUCCESS
+        }
         Err(error) => {
             // One line: the whole cause chain, joined.
             eprintln!("error: {error:#}");

@@ -5,6 +5,10 @@ use apex_core::QueryResult;
 /// Renders rows as an aligned table with a header rule. Cells are shown in
 /// full (nothing truncated); line breaks inside a cell are shown as `\n`.
 pub fn render(columns: &[String], rows: &[Vec<String>]) -> String {
+    debug_assert!(
+        rows.iter().all(|r| r.len() == columns.len()),
+        "a row does not match the header"
+    );
     let clean = |s: &str| s.replace('\r', "\\r").replace('\n', "\\n");
     let rows: Vec<Vec<String>> = rows
         .iter()

@@ -42,6 +42,7 @@ pub mod catalog;
 pub mod condition;
 pub mod context;
 pub mod error;
+pub mod estimate;
 pub mod executor;
 pub mod limiter;
 pub mod plan;
@@ -62,7 +63,7 @@ pub use provider::{
     RateLimitSnapshot, RequestPreview, Usage,
 };
 pub use run::{
-    AttemptEnd, ErrorRow, GenerationResult, GenerationStatus, NewRun, RunId, RunInfo, RunState,
-    StatusCounts, WorkItem,
+    AttemptEnd, ErrorRow, GenerationResult, GenerationRow, GenerationStatus, NewRun, RunId,
+    RunInfo, RunState, StatusCounts, WorkItem,
 };
 pub use store::{ConditionInfo, IngestReport, QueryResult, RegisterReport, SqlValue, Store};

@@ -239,3 +239,64 @@ pub struct ErrorRow {
     /// The stored message.
     pub error_message: Option<String>,
 }
+
+/// Every ledger column of one generation, as exported.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerationRow {
+    /// Row id.
+    pub generation_id: i64,
+    /// The run.
+    pub run_id: String,
+    /// The condition's slug.
+    pub condition_slug: String,
+    /// The context package id.
+    pub prompt_id: String,
+    /// The package version sent.
+    pub package_version: String,
+    /// Position of the context in the plan.
+    pub context_index: u32,
+    /// Replicate number.
+    pub replicate_index: u32,
+    /// `pending`, `running`, `success` or `error`.
+    pub status: String,
+    /// Whether the response read the provider's cache.
+    pub cache_hit: bool,
+    /// Attempts made.
+    pub attempts: u32,
+    /// Uncached input tokens.
+    pub input_tokens: Option<u64>,
+    /// Cache-write tokens.
+    pub cache_write_tokens: Option<u64>,
+    /// Of those, 1-hour writes.
+    pub cache_write_1h_tokens: Option<u64>,
+    /// Cache-read tokens.
+    pub cache_read_tokens: Option<u64>,
+    /// Output tokens (reasoning included).
+    pub output_tokens: Option<u64>,
+    /// Reasoning tokens.
+    pub reasoning_tokens: Option<u64>,
+    /// Cost in USD.
+    pub cost_usd: Option<f64>,
+    /// Latency of the last attempt.
+    pub latency_ms: Option<u64>,
+    /// Finish or stop reason.
+    pub finish_reason: Option<String>,
+    /// The provider's request id.
+    pub provider_request_id: Option<String>,
+    /// The model snapshot that answered.
+    pub model_snapshot: Option<String>,
+    /// SHA-256 of the request body.
+    pub request_hash: Option<String>,
+    /// The response text.
+    pub response_text: Option<String>,
+    /// Error class of the last failure.
+    pub error_class: Option<String>,
+    /// Error message of the last failure.
+    pub error_message: Option<String>,
+    /// When the row was created (RFC 3339).
+    pub created_at: String,
+    /// When the first attempt started.
+    pub started_at: Option<String>,
+    /// When it reached `success` or `error`.
+    pub finished_at: Option<String>,
+}

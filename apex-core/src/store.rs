@@ -9,7 +9,7 @@ use crate::condition::Condition;
 use crate::context::ContextPackage;
 use crate::error::Result;
 use crate::plan::{PackageRef, Plan};
-use crate::run::{AttemptEnd, ErrorRow, NewRun, RunId, RunInfo, RunState, WorkItem};
+use crate::run::{AttemptEnd, ErrorRow, GenerationRow, NewRun, RunId, RunInfo, RunState, WorkItem};
 
 /// What registering a conditions file changed.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -135,6 +135,15 @@ pub trait Store: Send + Sync {
 
     /// The error rows of a run (the seed's second query).
     async fn error_rows(&self, run_id: &RunId) -> Result<Vec<ErrorRow>>;
+
+    /// Up to `limit` generations of a run with ids above `after`, in id
+    /// order: a page of an export, so any run exports in bounded memory.
+    async fn generations_page(
+        &self,
+        run_id: &RunId,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<GenerationRow>>;
 
     /// Runs one read-only statement; a statement that would write is refused
     /// with [`crate::Error::ReadOnly`]. The `apex_audition` schema is available.

@@ -583,3 +583,179 @@ async fn sigkill_mid_batch_then_resume_sends_no_success_twice() {
         .await;
     assert_eq!(runs, vec!["finished"]);
 }
+
+/// Cells of a rendered table row (columns are separated by two spaces).
+fn cells(line: &str) -> Vec<String> {
+    line.split("  ")
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn estimate_matches_the_actual_run_and_cost_breaks_it_down() {
+    let live = Live::new().await;
+    let slugs = ["prod-gpt5", "prod-gpt4o", "prod-sonnet45", "prod-opus41"];
+    let mut shape: Vec<&str> = Vec::new();
+    for s in slugs {
+        shape.extend(["--condition-slug", s]);
+    }
+    shape.extend(["--replicates", "3"]);
+    let mut est_args = vec!["estimate"];
+    est_args.extend(shape.iter().copied());
+    let estimate = ok(live.apex(&est_args).await);
+    let mut run_args = args(&shape);
+    run_args.extend(["--notes", "cost"]);
+    let run_id = run_id_from(&ok(live.apex(&run_args).await));
+    for slug in slugs {
+        let row = cells(estimate.lines().find(|l| l.starts_with(slug)).unwrap());
+        let (write, read, uncached): (f64, f64, f64) = (
+            row[3].parse().unwrap(),
+            row[4].parse().unwrap(),
+            row[5].parse().unwrap(),
+        );
+        let actual = live
+            .column(&format!("SELECT SUM(cache_write_tokens) || ' ' || SUM(cache_read_tokens) || ' ' || SUM(input_tokens) FROM apex_audition.generations WHERE run_id = '{run_id}' AND condition_slug = '{slug}'"))
+            .await;
+        let actual: Vec<f64> = actual[0].split(' ').map(|v| v.parse().unwrap()).collect();
+        for (expected, got) in [(write, actual[0]), (read, actual[1]), (uncached, actual[2])] {
+            assert!(
+                (expected - got).abs() <= expected * 0.02,
+                "{slug}: estimated {expected}, actual {got}"
+            );
+        }
+    }
+    let cost = ok(live.apex(&["cost", &run_id]).await);
+    assert!(
+        !cost.contains("(outside)"),
+        "actual cost outside the estimate: {cost}"
+    );
+    let sonnet = cells(
+        cost.lines()
+            .find(|l| l.starts_with("prod-sonnet45"))
+            .unwrap(),
+    );
+    // Components add up to the stored total.
+    let dollars = |s: &str| {
+        s.trim_start_matches('$')
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse::<f64>()
+            .unwrap()
+    };
+    let parts: f64 = sonnet[2..7].iter().map(|c| dollars(c)).sum();
+    assert!((parts - dollars(&sonnet[7])).abs() < 0.0002, "{sonnet:?}");
+    let stored = live.column(&format!("SELECT ROUND(SUM(cost_usd), 4) FROM apex_audition.generations WHERE run_id = '{run_id}' AND condition_slug = 'prod-sonnet45'")).await;
+    assert!((dollars(&sonnet[7]) - stored[0].parse::<f64>().unwrap()).abs() < 0.00011);
+    // The dry run shows the same estimate.
+    let dry = ok(live
+        .apex(&args(&[
+            "--condition-slug",
+            "prod-sonnet45",
+            "--replicates",
+            "3",
+            "--dry-run",
+        ]))
+        .await);
+    assert!(
+        dry.contains("estimate (3 replicate(s)") && dry.contains("prod-sonnet45"),
+        "{dry}"
+    );
+    // Runs list and status show the run with its per-condition figures.
+    let runs = ok(live.apex(&["runs"]).await);
+    assert!(
+        runs.contains(&run_id) && runs.contains("finished"),
+        "{runs}"
+    );
+    let status = ok(live.apex(&["status", &run_id]).await);
+    assert!(
+        status.contains("p50_ms")
+            && status
+                .lines()
+                .any(|l| l.starts_with("prod-opus41") && l.contains('$')),
+        "{status}"
+    );
+}
+
+#[derive(serde::Deserialize)]
+struct Exported {
+    generation_id: i64,
+    status: String,
+    response_text: Option<String>,
+    cost_usd: Option<f64>,
+    replicate_index: u32,
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn export_round_trips_in_jsonl_and_csv() {
+    let live = Live::new().await;
+    let run_id = run_id_from(&ok(live
+        .apex(&args(&[
+            "--condition-slug",
+            "prod-sonnet45",
+            "--condition-slug",
+            "prod-gpt5",
+            "--replicates",
+            "2",
+        ]))
+        .await));
+    let ids: Vec<i64> = live
+        .column(&format!("SELECT generation_id FROM apex_audition.generations WHERE run_id = '{run_id}' ORDER BY generation_id"))
+        .await
+        .iter()
+        .map(|v| v.parse().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 12);
+    let jsonl = live.sb.path("out.jsonl");
+    let out = ok(live
+        .apex(&[
+            "export",
+            &run_id,
+            "--format",
+            "jsonl",
+            "--output",
+            jsonl.to_str().unwrap(),
+        ])
+        .await);
+    assert!(out.contains("exported 12"), "{out}");
+    let rows: Vec<Exported> = fs::read_to_string(&jsonl)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        rows.iter().map(|r| r.generation_id).collect::<Vec<_>>(),
+        ids
+    );
+    assert!(rows.iter().all(|r| r.status == "success"
+        && r.response_text.as_deref().is_some_and(|t| !t.is_empty())
+        && r.cost_usd.unwrap() > 0.0));
+    // CSV to standard output, read back with a CSV parser.
+    let csv_out = ok(live.apex(&["export", &run_id, "--format", "csv"]).await);
+    let mut reader = csv::Reader::from_reader(csv_out.as_bytes());
+    let headers = reader.headers().unwrap().clone();
+    for column in [
+        "generation_id",
+        "run_id",
+        "condition_slug",
+        "prompt_id",
+        "cache_hit",
+        "cache_read_tokens",
+        "request_hash",
+        "response_text",
+        "error_message",
+        "finished_at",
+    ] {
+        assert!(headers.iter().any(|h| h == column), "missing {column}");
+    }
+    let back: Vec<Exported> = reader.deserialize().collect::<Result<_, _>>().unwrap();
+    assert_eq!(
+        back.iter().map(|r| r.generation_id).collect::<Vec<_>>(),
+        ids
+    );
+    assert_eq!(back.iter().filter(|r| r.replicate_index == 1).count(), 6);
+    let out = live.apex(&["export", &run_id, "--format", "xml"]).await;
+    assert_eq!(out.status.code(), Some(2));
+}

@@ -130,9 +130,10 @@ pub(crate) fn examples() -> PathBuf {
 
 /// The run id printed by `apex run`.
 pub(crate) fn run_id_from(out: &str) -> String {
-    out.split_whitespace()
-        .skip_while(|w| *w != "run")
-        .nth(1)
+    out.lines()
+        .filter_map(|l| l.strip_prefix("run "))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .find(|id| id.len() == 36 && id.matches('-').count() == 4)
         .expect("a run id in the output")
         .to_owned()
 }

@@ -8,9 +8,9 @@ use apex_core::store::ConditionInfo;
 use apex_core::time::now_rfc3339;
 use apex_core::tokens::Tokenizer;
 use apex_core::{
-    Condition, ContextPackage, Error, ErrorRow, IngestReport, NewRun, PackageRef, Plan,
-    ProviderKind, QueryResult, RegisterReport, RunId, RunInfo, RunState, SqlValue, StatusCounts,
-    Store, WorkItem,
+    Condition, ContextPackage, Error, ErrorRow, GenerationRow, IngestReport, NewRun, PackageRef,
+    Plan, ProviderKind, QueryResult, RegisterReport, RunId, RunInfo, RunState, SqlValue,
+    StatusCounts, Store, WorkItem,
 };
 use async_trait::async_trait;
 use rusqlite::types::ValueRef;
@@ -1023,6 +1023,67 @@ impl Store for SqliteStore {
                     prompt_id: r.get(0)?,
                     replicate_index: r.get(1)?,
                     error_message: r.get(2)?,
+                })
+            })
+            .db()?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .db()
+        })
+        .await
+    }
+
+    async fn generations_page(
+        &self,
+        run_id: &RunId,
+        after: i64,
+        limit: u32,
+    ) -> CoreResult<Vec<GenerationRow>> {
+        let run_id = run_id.clone();
+        self.call(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT generation_id, run_id, condition_slug, prompt_id, package_version,
+                            context_index, replicate_index, status, cache_hit, attempts,
+                            input_tokens, cache_write_tokens, cache_write_1h_tokens,
+                            cache_read_tokens, output_tokens, reasoning_tokens, cost_usd,
+                            latency_ms, finish_reason, provider_request_id, model_snapshot,
+                            request_hash, response_text, error_class, error_message,
+                            created_at, started_at, finished_at
+                     FROM apex_audition.generations
+                     WHERE run_id = ?1 AND generation_id > ?2
+                     ORDER BY generation_id LIMIT ?3",
+                )
+                .db()?;
+            stmt.query_map(params![run_id.as_str(), after, limit], |r| {
+                Ok(GenerationRow {
+                    generation_id: r.get(0)?,
+                    run_id: r.get(1)?,
+                    condition_slug: r.get(2)?,
+                    prompt_id: r.get(3)?,
+                    package_version: r.get(4)?,
+                    context_index: r.get(5)?,
+                    replicate_index: r.get(6)?,
+                    status: r.get(7)?,
+                    cache_hit: r.get(8)?,
+                    attempts: r.get(9)?,
+                    input_tokens: r.get(10)?,
+                    cache_write_tokens: r.get(11)?,
+                    cache_write_1h_tokens: r.get(12)?,
+                    cache_read_tokens: r.get(13)?,
+                    output_tokens: r.get(14)?,
+                    reasoning_tokens: r.get(15)?,
+                    cost_usd: r.get(16)?,
+                    latency_ms: r.get(17)?,
+                    finish_reason: r.get(18)?,
+                    provider_request_id: r.get(19)?,
+                    model_snapshot: r.get(20)?,
+                    request_hash: r.get(21)?,
+                    response_text: r.get(22)?,
+                    error_class: r.get(23)?,
+                    error_message: r.get(24)?,
+                    created_at: r.get(25)?,
+                    started_at: r.get(26)?,
+                    finished_at: r.get(27)?,
                 })
             })
             .db()?

@@ -1,0 +1,422 @@
+//! Estimates, cost reports, per-condition status and exports.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::{Context as _, Result};
+use apex_core::estimate::{ConditionEstimate, SizedPackage, estimate};
+use apex_core::limiter::LimitTable;
+use apex_core::tokens::Tokenizer;
+use apex_core::{Catalog, Condition, PackageRef, RunId, SqlValue, Store};
+
+use crate::UsageError;
+use crate::table::render;
+
+fn usd(v: f64) -> String {
+    format!("${v:.4}")
+}
+
+fn range(r: Option<apex_core::estimate::CostRange>) -> String {
+    r.map_or_else(
+        || "no prices".to_owned(),
+        |r| format!("{}–{}", usd(r.low), usd(r.high)),
+    )
+}
+
+fn num(v: &SqlValue) -> f64 {
+    match v {
+        SqlValue::Integer(i) => *i as f64,
+        SqlValue::Real(r) => *r,
+        SqlValue::Bool(b) => f64::from(u8::from(*b)),
+        _ => 0.0,
+    }
+}
+
+/// Loads the planned packages and counts their tokens under both tokenizers.
+pub async fn sized(store: &dyn Store, packages: &[PackageRef]) -> Result<Vec<SizedPackage>> {
+    let mut out = Vec::with_capacity(packages.len());
+    for p in packages {
+        let package = store.package(&p.id, &p.version).await?;
+        let (o200k, est) = tokio::task::spawn_blocking(move || {
+            (
+                Tokenizer::O200k.split(&package),
+                Tokenizer::Estimate.split(&package),
+            )
+        })
+        .await
+        .context("counting tokens")?;
+        out.push(SizedPackage {
+            package: p.clone(),
+            o200k,
+            estimate: est,
+        });
+    }
+    Ok(out)
+}
+
+/// Computes and prints the estimate of a plan.
+pub async fn print_estimate(
+    store: &dyn Store,
+    catalog: &Catalog,
+    limits: &LimitTable,
+    conditions: &[Condition],
+    packages: &[PackageRef],
+    replicates: u32,
+    cache: bool,
+) -> Result<Vec<ConditionEstimate>> {
+    let sized = sized(store, packages).await?;
+    let estimates = estimate(catalog, limits, conditions, &sized, replicates, cache);
+    let mut rows = Vec::new();
+    let (mut low, mut high, mut base_low, mut base_high) = (0.0, 0.0, 0.0, 0.0);
+    for e in &estimates {
+        let per_context = {
+            let min = e
+                .input_tokens_per_context
+                .iter()
+                .min()
+                .copied()
+                .unwrap_or(0);
+            let max = e
+                .input_tokens_per_context
+                .iter()
+                .max()
+                .copied()
+                .unwrap_or(0);
+            if min == max {
+                min.to_string()
+            } else {
+                format!("{min}–{max}")
+            }
+        };
+        let saving = match (e.with_cache, e.without_cache) {
+            (Some(w), Some(n)) => {
+                low += w.low;
+                high += w.high;
+                base_low += n.low;
+                base_high += n.high;
+                format!(
+                    "{} ({:.0}%)",
+                    usd(n.low - w.low),
+                    100.0 * (n.low - w.low) / n.low.max(1e-12)
+                )
+            }
+            _ => "-".into(),
+        };
+        rows.push(vec![
+            e.slug.clone(),
+            e.requests.to_string(),
+            format!("{per_context} ({})", e.tokenizer.name()),
+            e.usage.cache_write_tokens.to_string(),
+            e.usage.cache_read_tokens.to_string(),
+            e.usage.input_tokens.to_string(),
+            range(e.with_cache),
+            range(e.without_cache),
+            saving,
+            range(e.batch),
+            format!("{:.0}s", e.least_duration.as_secs_f64()),
+        ]);
+    }
+    let columns = [
+        "condition",
+        "requests",
+        "input tokens per context",
+        "cache_write",
+        "cache_read",
+        "uncached_input",
+        "cost (cached)",
+        "cost (no cache)",
+        "saving",
+        "batch price",
+        "least duration",
+    ];
+    println!(
+        "estimate ({replicates} replicate(s); cost ranges run from no output to max_tokens on every request):"
+    );
+    print!("{}", render(&columns.map(String::from), &rows));
+    println!(
+        "total: {}–{} with caching, {}–{} without; least duration {:.0}s plus request latencies",
+        usd(low),
+        usd(high),
+        usd(base_low),
+        usd(base_high),
+        estimates
+            .iter()
+            .map(|e| e.least_duration.as_secs_f64())
+            .fold(0.0, f64::max)
+    );
+    Ok(estimates)
+}
+
+/// `apex cost RUN_ID`.
+pub async fn cost(store: &dyn Store, catalog: &Catalog, run_id: &RunId) -> Result<()> {
+    let run = store.run(run_id).await?;
+    let conditions = store.run_conditions(run_id).await?;
+    let rows = store
+        .query_read_only(&format!(
+            "SELECT condition_slug, COUNT(*), COALESCE(SUM(input_tokens), 0), COALESCE(SUM(cache_write_tokens), 0),
+                    COALESCE(SUM(cache_write_1h_tokens), 0), COALESCE(SUM(cache_read_tokens), 0),
+                    COALESCE(SUM(output_tokens), 0), COALESCE(SUM(reasoning_tokens), 0), COALESCE(SUM(cost_usd), 0)
+             FROM apex_audition.generations WHERE run_id = '{run_id}' AND status = 'success'
+             GROUP BY condition_slug"
+        ))
+        .await?
+        .rows;
+    let by_slug: HashMap<String, &Vec<SqlValue>> =
+        rows.iter().map(|r| (r[0].to_string(), r)).collect();
+    // The packages this run sent, for the estimate beside the actual.
+    let versions = store
+        .query_read_only(&format!(
+            "SELECT DISTINCT prompt_id, package_version FROM apex_audition.generations WHERE run_id = '{run_id}' ORDER BY prompt_id"
+        ))
+        .await?
+        .rows;
+    let current: HashMap<(String, String), PackageRef> = store
+        .current_packages()
+        .await?
+        .into_iter()
+        .map(|p| ((p.id.clone(), p.version.clone()), p))
+        .collect();
+    let mut refs = Vec::new();
+    for v in &versions {
+        let key = (v[0].to_string(), v[1].to_string());
+        let package = match current.get(&key) {
+            Some(p) => p.clone(),
+            None => {
+                let p = store.package(&key.0, &key.1).await?;
+                PackageRef {
+                    id: key.0.clone(),
+                    version: key.1.clone(),
+                    estimated_tokens: p.estimated_input_tokens(),
+                    byte_len: p.byte_len() as u64,
+                    o200k_tokens: {
+                        let (a, b) = Tokenizer::O200k.split(&p);
+                        a + b
+                    },
+                }
+            }
+        };
+        refs.push(package);
+    }
+    let cache = !run
+        .flags
+        .get("no_cache")
+        .and_then(|v| v.as_bool())
+        .unwrap_or(false);
+    let sized = sized(store, &refs).await?;
+    let estimates = estimate(
+        catalog,
+        &LimitTable::none(),
+        &conditions,
+        &sized,
+        run.replicates,
+        cache,
+    );
+
+    let mut table = Vec::new();
+    let mut total = 0.0;
+    for (c, e) in conditions.iter().zip(&estimates) {
+        let Some(r) = by_slug.get(&c.slug) else {
+            table.push(vec![
+                c.slug.clone(),
+                "0".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                usd(0.0),
+                "-".into(),
+                range(e.with_cache),
+            ]);
+            continue;
+        };
+        let Some(prices) = catalog.lookup(c.provider, &c.model).map(|m| m.prices) else {
+            table.push(vec![
+                c.slug.clone(),
+                num(&r[1]).to_string(),
+                "no prices".into(),
+                "".into(),
+                "".into(),
+                "".into(),
+                "".into(),
+                usd(num(&r[8])),
+                "".into(),
+                "-".into(),
+            ]);
+            continue;
+        };
+        let (input, write, write_1h, read, output, reasoning) = (
+            num(&r[2]),
+            num(&r[3]),
+            num(&r[4]),
+            num(&r[5]),
+            num(&r[6]),
+            num(&r[7]),
+        );
+        let m = 1e6;
+        let uncached = input * prices.input / m;
+        let writes =
+            ((write - write_1h) * prices.cache_write_5m + write_1h * prices.cache_write_1h) / m;
+        let reads = read * prices.cache_read / m;
+        let reasoning_cost = reasoning * prices.output / m;
+        let visible = (output - reasoning) * prices.output / m;
+        let actual = num(&r[8]);
+        let without_caching =
+            (input + write + read) * prices.input / m + output * prices.output / m;
+        total += actual;
+        let fits = e.with_cache.is_some_and(|range| range.contains(actual));
+        table.push(vec![
+            c.slug.clone(),
+            format!("{}", num(&r[1])),
+            usd(uncached),
+            usd(writes),
+            usd(reads),
+            usd(reasoning_cost),
+            usd(visible),
+            usd(actual),
+            format!(
+                "{} ({:.0}%)",
+                usd(without_caching - actual),
+                100.0 * (without_caching - actual) / without_caching.max(1e-12)
+            ),
+            format!(
+                "{}{}",
+                range(e.with_cache),
+                if fits { "" } else { " (outside)" }
+            ),
+        ]);
+    }
+    let columns = [
+        "condition",
+        "generations",
+        "uncached input",
+        "cache writes",
+        "cache reads",
+        "reasoning",
+        "visible output",
+        "total",
+        "saved by caching",
+        "estimate",
+    ];
+    println!("run {run_id}: cost of successful generations");
+    print!("{}", render(&columns.map(String::from), &table));
+    println!("total {}", usd(total));
+    Ok(())
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil().max(1.0) as usize;
+    sorted[rank.min(sorted.len()) - 1]
+}
+
+/// Per-condition latency, tokens and cost under the seed's tables.
+pub async fn condition_summary(store: &dyn Store, run_id: &RunId) -> Result<()> {
+    let rows = store
+        .query_read_only(&format!(
+            "SELECT condition_slug, latency_ms, input_tokens, cache_write_tokens, cache_read_tokens, output_tokens, cost_usd
+             FROM apex_audition.generations WHERE run_id = '{run_id}' AND status = 'success'
+             ORDER BY condition_slug"
+        ))
+        .await?
+        .rows;
+    let mut by: Vec<(String, Vec<&Vec<SqlValue>>)> = Vec::new();
+    for r in &rows {
+        let slug = r[0].to_string();
+        match by.last_mut() {
+            Some((s, v)) if *s == slug => v.push(r),
+            _ => by.push((slug, vec![r])),
+        }
+    }
+    let table: Vec<Vec<String>> = by
+        .iter()
+        .map(|(slug, rs)| {
+            let mut latencies: Vec<f64> = rs.iter().map(|r| num(&r[1])).collect();
+            latencies.sort_by(f64::total_cmp);
+            let sum = |i: usize| rs.iter().map(|r| num(&r[i])).sum::<f64>();
+            vec![
+                slug.clone(),
+                rs.len().to_string(),
+                format!("{:.0}", percentile(&latencies, 50.0)),
+                format!("{:.0}", percentile(&latencies, 95.0)),
+                format!("{}", sum(2)),
+                format!("{}", sum(3)),
+                format!("{}", sum(4)),
+                format!("{}", sum(5)),
+                usd(sum(6)),
+            ]
+        })
+        .collect();
+    if !table.is_empty() {
+        println!();
+        let columns = [
+            "condition",
+            "success",
+            "p50_ms",
+            "p95_ms",
+            "input",
+            "cache_write",
+            "cache_read",
+            "output",
+            "cost",
+        ];
+        print!("{}", render(&columns.map(String::from), &table));
+    }
+    Ok(())
+}
+
+/// `apex export`: pages of 500 rows, written as they arrive.
+pub async fn export(
+    store: &dyn Store,
+    run_id: &RunId,
+    format: &str,
+    output: Option<&Path>,
+) -> Result<u64> {
+    if !matches!(format, "jsonl" | "csv") {
+        return Err(UsageError(format!(
+            "--format `{format}` is not supported; use jsonl or csv"
+        ))
+        .into());
+    }
+    store.run(run_id).await?;
+    let sink: Box<dyn Write> = match output {
+        Some(path) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
+        )),
+        None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+    };
+    enum Out {
+        Csv(Box<csv::Writer<Box<dyn Write>>>),
+        Jsonl(Box<dyn Write>),
+    }
+    let mut out = if format == "csv" {
+        Out::Csv(Box::new(csv::Writer::from_writer(sink)))
+    } else {
+        Out::Jsonl(sink)
+    };
+    let mut after = 0;
+    let mut written = 0;
+    loop {
+        let page = store.generations_page(run_id, after, 500).await?;
+        let Some(last) = page.last() else { break };
+        after = last.generation_id;
+        for row in &page {
+            match &mut out {
+                Out::Csv(w) => w.serialize(row).context("writing csv")?,
+                Out::Jsonl(w) => {
+                    serde_json::to_writer(&mut *w, row).context("writing jsonl")?;
+                    w.write_all(b"\n")?;
+                }
+            }
+            written += 1;
+        }
+    }
+    match out {
+        Out::Csv(mut w) => w.flush()?,
+        Out::Jsonl(mut w) => w.flush()?,
+    }
+    Ok(written)
+}

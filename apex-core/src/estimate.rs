@@ -1,0 +1,297 @@
+//! Estimating a run before it spends anything: tokens, expected cache writes
+//! and reads under Apex's leader-then-followers schedule, cost with and
+//! without caching (a range: output is unknown until it is produced), the
+//! Batch-API price, and the least duration the per-minute limits allow.
+
+use std::time::Duration;
+
+use crate::catalog::{Catalog, Prices};
+use crate::condition::{Condition, ProviderKind};
+use crate::limiter::{LimitTable, WINDOW};
+use crate::plan::PackageRef;
+use crate::provider::Usage;
+use crate::tokens::Tokenizer;
+
+/// A planned context with its token split under each tokenizer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SizedPackage {
+    /// The package.
+    pub package: PackageRef,
+    /// (cacheable prefix, instruction) under `o200k_base`.
+    pub o200k: (u64, u64),
+    /// (cacheable prefix, instruction) under the 4-bytes-per-token estimate.
+    pub estimate: (u64, u64),
+}
+
+impl SizedPackage {
+    fn split(&self, tokenizer: Tokenizer) -> (u64, u64) {
+        match tokenizer {
+            Tokenizer::O200k => self.o200k,
+            Tokenizer::Estimate => self.estimate,
+        }
+    }
+}
+
+/// A cost range in USD: output from 0 to `max_tokens` per request.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CostRange {
+    /// No output at all.
+    pub low: f64,
+    /// Every request writes `max_tokens`.
+    pub high: f64,
+}
+
+impl CostRange {
+    /// Whether a figure lies inside the range (with a rounding allowance).
+    pub fn contains(&self, cost: f64) -> bool {
+        cost >= self.low * (1.0 - 1e-9) && cost <= self.high * (1.0 + 1e-9)
+    }
+}
+
+/// The estimate of one condition.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConditionEstimate {
+    /// The condition's slug.
+    pub slug: String,
+    /// Its model.
+    pub model: String,
+    /// How its tokens were counted.
+    pub tokenizer: Tokenizer,
+    /// Requests (one per generation, before retries).
+    pub requests: u64,
+    /// Input tokens of each context (prefix + instruction), in plan order.
+    pub input_tokens_per_context: Vec<u64>,
+    /// Expected usage summed over the run, output excluded.
+    pub usage: Usage,
+    /// Output tokens if every request used its whole budget.
+    pub max_output_tokens: u64,
+    /// Cost with Apex's caching; `None` when the model has no prices.
+    pub with_cache: Option<CostRange>,
+    /// Cost if nothing were cached.
+    pub without_cache: Option<CostRange>,
+    /// The Batch APIs' price for the same requests (no caching assumed:
+    /// caching inside a batch is best-effort).
+    pub batch: Option<CostRange>,
+    /// Least time the per-minute limits allow (output reserved at
+    /// `max_tokens`, as the providers count it), request latency excluded.
+    pub least_duration: Duration,
+}
+
+fn cost(prices: Option<&Prices>, usage: &Usage, max_output: u64) -> Option<CostRange> {
+    let p = prices?;
+    let high = Usage {
+        output_tokens: max_output,
+        ..*usage
+    };
+    Some(CostRange {
+        low: p.cost(usage),
+        high: p.cost(&high),
+    })
+}
+
+/// The least time one per-minute limit allows for demand `d` made of
+/// requests of at most `a` each: a 60-second window admits only whole
+/// requests, ⌊L/a⌋ of them, and the first window is free.
+pub fn limit_floor(d: f64, a: f64, l: f64) -> Duration {
+    if l <= 0.0 || d <= 0.0 {
+        return Duration::ZERO;
+    }
+    let whole = if a > 0.0 && a <= l {
+        (((d / a).floor() / (l / a).floor()).ceil() - 1.0).max(0.0)
+    } else {
+        0.0
+    };
+    WINDOW.mul_f64(whole.max((d / l - 1.0).max(0.0)))
+}
+
+/// Estimates each condition of a plan.
+pub fn estimate(
+    catalog: &Catalog,
+    limits: &LimitTable,
+    conditions: &[Condition],
+    packages: &[SizedPackage],
+    replicates: u32,
+    cache: bool,
+) -> Vec<ConditionEstimate> {
+    conditions
+        .iter()
+        .map(|c| {
+            let tokenizer = Tokenizer::for_provider(c.provider);
+            let model = catalog.lookup(c.provider, &c.model);
+            let min_cacheable = model.map_or(1024, |m| m.min_cacheable_tokens);
+            let max_tokens = u64::from(c.max_tokens);
+            let r = u64::from(replicates);
+            let mut usage = Usage::default();
+            let mut uncached_usage = Usage::default();
+            // Per request, what the limits count (output at max_tokens).
+            let mut charges: Vec<(u64, u64)> = Vec::new();
+            for p in packages {
+                let (prefix, rest) = p.split(tokenizer);
+                let total = prefix + rest;
+                uncached_usage.input_tokens += total * r;
+                for replicate in 0..r {
+                    let follower = replicate > 0;
+                    let (input, write, read) = match c.provider {
+                        // cache_control is sent only with caching on.
+                        ProviderKind::Anthropic if cache && prefix >= min_cacheable => {
+                            if follower {
+                                (rest, 0, prefix)
+                            } else {
+                                (rest, prefix, 0)
+                            }
+                        }
+                        ProviderKind::Anthropic => (total, 0, 0),
+                        // OpenAI caches long prefixes automatically, in
+                        // 128-token steps, once the first request completed.
+                        ProviderKind::OpenAi if follower && prefix >= min_cacheable.max(1024) => {
+                            let cached = prefix / 128 * 128;
+                            (total - cached, 0, cached)
+                        }
+                        ProviderKind::OpenAi => (total, 0, 0),
+                    };
+                    usage.input_tokens += input;
+                    usage.cache_write_tokens += write;
+                    usage.cache_read_tokens += read;
+                    charges.push(match c.provider {
+                        ProviderKind::Anthropic => (input + write, max_tokens),
+                        ProviderKind::OpenAi => (total + max_tokens, 0),
+                    });
+                }
+            }
+            let requests = charges.len() as u64;
+            let l = limits.lookup(catalog, c.provider, &c.model);
+            let sum = |f: fn(&(u64, u64)) -> u64| charges.iter().map(f).sum::<u64>() as f64;
+            let max = |f: fn(&(u64, u64)) -> u64| charges.iter().map(f).max().unwrap_or(0) as f64;
+            let input_limit = match c.provider {
+                ProviderKind::Anthropic => l.itpm,
+                ProviderKind::OpenAi => l.tpm,
+            };
+            let floors = [
+                l.rpm
+                    .map(|rpm| limit_floor(requests as f64, 1.0, rpm as f64)),
+                input_limit.map(|lim| limit_floor(sum(|c| c.0), max(|c| c.0), lim as f64)),
+                l.otpm
+                    .map(|lim| limit_floor(sum(|c| c.1), max(|c| c.1), lim as f64)),
+            ];
+            let max_output = max_tokens * requests;
+            let prices = model.map(|m| &m.prices);
+            let batch = cost(prices, &uncached_usage, max_output).map(|range| {
+                let discount = prices.map_or(1.0, |p| p.batch_discount);
+                CostRange {
+                    low: range.low * discount,
+                    high: range.high * discount,
+                }
+            });
+            ConditionEstimate {
+                slug: c.slug.clone(),
+                model: c.model.clone(),
+                tokenizer,
+                requests,
+                input_tokens_per_context: packages
+                    .iter()
+                    .map(|p| {
+                        let (a, b) = p.split(tokenizer);
+                        a + b
+                    })
+                    .collect(),
+                usage,
+                max_output_tokens: max_output,
+                with_cache: cost(prices, &usage, max_output),
+                without_cache: cost(prices, &uncached_usage, max_output),
+                batch,
+                least_duration: floors.into_iter().flatten().max().unwrap_or_default(),
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sized(prefix: u64, rest: u64) -> SizedPackage {
+        SizedPackage {
+            package: PackageRef {
+                id: "ctx".into(),
+                version: "v".into(),
+                estimated_tokens: prefix + rest,
+                byte_len: 4 * (prefix + rest),
+                o200k_tokens: prefix + rest,
+            },
+            o200k: (prefix, rest),
+            estimate: (prefix, rest),
+        }
+    }
+
+    fn condition(provider: ProviderKind, model: &str) -> Condition {
+        Condition {
+            slug: "c".into(),
+            provider,
+            model: model.into(),
+            temperature: None,
+            top_p: None,
+            max_tokens: 2048,
+            reasoning_effort: None,
+        }
+    }
+
+    #[test]
+    fn anthropic_leader_writes_followers_read() {
+        let e = &estimate(
+            &Catalog::built_in(),
+            &LimitTable::defaults(),
+            &[condition(ProviderKind::Anthropic, "claude-sonnet-4-5")],
+            &[sized(128_000, 50)],
+            3,
+            true,
+        )[0];
+        assert_eq!(e.requests, 3);
+        assert_eq!(
+            (
+                e.usage.input_tokens,
+                e.usage.cache_write_tokens,
+                e.usage.cache_read_tokens
+            ),
+            (150, 128_000, 256_000)
+        );
+        // Hand computed: 150 × $3 + 128,000 × $3.75 + 256,000 × $0.30, per million.
+        let low = (150.0 * 3.0 + 128_000.0 * 3.75 + 256_000.0 * 0.30) / 1e6;
+        let with = e.with_cache.unwrap();
+        assert!((with.low - low).abs() < 1e-12);
+        assert!((with.high - (low + 3.0 * 2048.0 * 15.0 / 1e6)).abs() < 1e-12);
+        let without = e.without_cache.unwrap();
+        assert!((without.low - 3.0 * 128_050.0 * 3.0 / 1e6).abs() < 1e-12);
+        // Batch: half of the uncached price.
+        assert!((e.batch.unwrap().low - without.low * 0.5).abs() < 1e-12);
+        // Tier 2 ITPM 450,000: 128,050-token leaders; one context fits one window.
+        assert_eq!(e.least_duration, Duration::ZERO);
+    }
+
+    #[test]
+    fn openai_followers_read_in_128_token_steps() {
+        let e = &estimate(
+            &Catalog::built_in(),
+            &LimitTable::defaults(),
+            &[condition(ProviderKind::OpenAi, "gpt-4o")],
+            &[sized(100_010, 40), sized(100_010, 40)],
+            3,
+            false,
+        )[0];
+        let cached = 100_010 / 128 * 128;
+        assert_eq!(e.usage.cache_read_tokens, 4 * cached);
+        assert_eq!(e.usage.input_tokens, 6 * 100_050 - 4 * cached);
+        // TPM 450,000 admits 4 requests of 102,098 per window: 6 requests → 1 extra window.
+        assert_eq!(e.least_duration, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn limit_floor_matches_the_formula() {
+        // 21 leaders of 120K against 450K ITPM: 3 per window → 6 more windows.
+        assert_eq!(
+            limit_floor(21.0 * 120_000.0, 120_000.0, 450_000.0),
+            Duration::from_secs(360)
+        );
+        assert_eq!(limit_floor(10.0, 1.0, 50.0), Duration::ZERO);
+        assert_eq!(limit_floor(150.0, 1.0, 50.0), Duration::from_secs(120));
+    }
+}
