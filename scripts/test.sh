@@ -1,5 +1,33 @@
 #!/usr/bin/env bash
-# The whole test suite: unit, integration and doc tests of every crate.
+# The whole test suite: unit, integration and doc tests of every crate, with
+# the PostgreSQL half of the store conformance suite run against a real,
+# throwaway server.
+#
+# If APEX_TEST_PG_URL is set, that server is used (APEX_TEST_PG=1 turns the
+# PostgreSQL tests on). Otherwise, where
+# PostgreSQL and postgresql-common are installed, pg_virtualenv starts a
+# throwaway cluster for the duration of the tests. Without either, the
+# PostgreSQL tests are listed as ignored, with the reason.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo test --workspace --locked "$@"
+
+if [ -n "${APEX_TEST_PG_URL:-}" ]; then
+  APEX_TEST_PG=1 exec cargo test --workspace --locked "$@"
+fi
+
+if ! command -v pg_virtualenv >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  echo "scripts/test.sh: installing PostgreSQL (postgresql, postgresql-common) for the store tests" >&2
+  (apt-get install -y -qq postgresql postgresql-common >/dev/null 2>&1 ||
+    { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq postgresql postgresql-common >/dev/null 2>&1; }) || true
+fi
+
+if command -v pg_virtualenv >/dev/null 2>&1; then
+  # pg_virtualenv exports PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE.
+  exec pg_virtualenv -- bash -c '
+    export APEX_TEST_PG=1 APEX_TEST_PG_URL="postgres://${PGUSER}:${PGPASSWORD}@${PGHOST}:${PGPORT}/${PGDATABASE}"
+    echo "scripts/test.sh: PostgreSQL $(psql -XAtc "SHOW server_version") at ${PGHOST}:${PGPORT} for the store tests" >&2
+    cargo test --workspace --locked "$@"' bash "$@"
+fi
+
+echo "scripts/test.sh: WARNING: no PostgreSQL (pg_virtualenv not found); the PostgreSQL tests are ignored" >&2
+exec cargo test --workspace --locked "$@"

@@ -36,6 +36,9 @@ pub enum StoreError {
     /// Any other SQLite failure.
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// PostgreSQL could not be reached or used.
+    #[error("{0}")]
+    Postgres(String),
     /// The ledger's writer thread could not start.
     #[error("cannot start the ledger writer thread: {0}")]
     Thread(std::io::Error),

@@ -35,12 +35,14 @@
 
 mod error;
 pub mod files;
+mod postgres;
 mod sqlite;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 pub use error::StoreError;
+pub use postgres::PostgresStore;
 pub use sqlite::{SCHEMA_VERSION, SqliteStore};
 
 use apex_core::Store;
@@ -54,6 +56,8 @@ pub enum DatabaseUrl {
     /// `sqlite://PATH` (relative to the working directory; `sqlite:///abs`
     /// for an absolute path) or `sqlite::memory:`.
     Sqlite(Option<PathBuf>),
+    /// `postgres://USER:PASSWORD@HOST:PORT/DATABASE` (or `postgresql://`).
+    Postgres(String),
 }
 
 impl DatabaseUrl {
@@ -76,9 +80,7 @@ impl DatabaseUrl {
             return Ok(Self::Sqlite(Some(PathBuf::from(path))));
         }
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            return Err(bad(
-                "PostgreSQL is not supported by this build yet; use sqlite://PATH",
-            ));
+            return Ok(Self::Postgres(url.to_owned()));
         }
         Err(bad(
             "unknown scheme; use sqlite://PATH (e.g. sqlite://apex.db)",
@@ -108,6 +110,7 @@ pub async fn open_store(url: &str) -> Result<Arc<dyn Store>, StoreError> {
             let store = tokio::task::spawn_blocking(move || SqliteStore::open(&path)).await??;
             Ok(Arc::new(store))
         }
+        DatabaseUrl::Postgres(url) => Ok(Arc::new(PostgresStore::open(&url).await?)),
     }
 }
 

@@ -1,7 +1,8 @@
 //! apex-store integration tests: one binary (builds are slow on 2 cores).
 
+mod backends;
+mod conformance;
 mod files;
-mod sqlite;
 
 use apex_core::{Condition, ContextPackage, ProviderKind};
 

@@ -3,12 +3,13 @@ use apex_core::{
     Error, ErrorClass, GenerationResult, NewRun, Plan, PlanOptions, ProviderKind, RunId, RunState,
     SqlValue, Store, Usage,
 };
-use apex_store::SqliteStore;
+use std::sync::Arc;
 
+use crate::backends::{Backend, conformance};
 use crate::{condition, package};
 
-async fn seeded(replicates: u32) -> (SqliteStore, RunId) {
-    let store = SqliteStore::open_in_memory().unwrap();
+async fn seeded(backend: Backend, replicates: u32) -> (Arc<dyn Store>, RunId) {
+    let store = backend.open().await;
     let c = condition("c1", ProviderKind::Anthropic, "claude-sonnet-4-5");
     store
         .register_conditions(std::slice::from_ref(&c))
@@ -64,9 +65,9 @@ fn success(cache_read: u64) -> AttemptEnd {
     })
 }
 
-#[tokio::test]
-async fn register_is_idempotent_and_used_slugs_are_immutable() {
-    let store = SqliteStore::open_in_memory().unwrap();
+conformance!(register_is_idempotent_and_used_slugs_are_immutable);
+async fn register_is_idempotent_and_used_slugs_are_immutable(backend: Backend) {
+    let store = backend.open().await;
     let c = condition("c1", ProviderKind::OpenAi, "gpt-4o");
     let first = store
         .register_conditions(std::slice::from_ref(&c))
@@ -124,9 +125,9 @@ async fn register_is_idempotent_and_used_slugs_are_immutable() {
     assert_eq!(conditions[0].condition, changed);
 }
 
-#[tokio::test]
-async fn ingest_is_idempotent_and_versions_changed_content() {
-    let store = SqliteStore::open_in_memory().unwrap();
+conformance!(ingest_is_idempotent_and_versions_changed_content);
+async fn ingest_is_idempotent_and_versions_changed_content(backend: Backend) {
+    let store = backend.open().await;
     let a = package("ctx-01", "alpha");
     let report = store
         .ingest_packages(std::slice::from_ref(&a))
@@ -155,9 +156,9 @@ async fn ingest_is_idempotent_and_versions_changed_content() {
     assert_eq!(store.package("ctx-01", b.version()).await.unwrap(), b);
 }
 
-#[tokio::test]
-async fn seed_sql_runs_verbatim_and_counts_transitions() {
-    let (store, run_id) = seeded(3).await;
+conformance!(seed_sql_runs_verbatim_and_counts_transitions);
+async fn seed_sql_runs_verbatim_and_counts_transitions(backend: Backend) {
+    let (store, run_id) = seeded(backend, 3).await;
     let result = store
         .query_read_only(&seed_status_sql(&run_id))
         .await
@@ -286,9 +287,9 @@ async fn seed_sql_runs_verbatim_and_counts_transitions() {
     assert!(store.run(&run_id).await.unwrap().finished_at.is_some());
 }
 
-#[tokio::test]
-async fn read_only_sql_refuses_writes() {
-    let (store, run_id) = seeded(1).await;
+conformance!(read_only_sql_refuses_writes);
+async fn read_only_sql_refuses_writes(backend: Backend) {
+    let (store, run_id) = seeded(backend, 1).await;
     for sql in [
         "DELETE FROM apex_audition.generations",
         "UPDATE apex_audition.generations SET status = 'success'",
@@ -312,9 +313,9 @@ async fn read_only_sql_refuses_writes() {
         .unwrap();
 }
 
-#[tokio::test]
-async fn unknown_run_and_condition_are_named() {
-    let store = SqliteStore::open_in_memory().unwrap();
+conformance!(unknown_run_and_condition_are_named);
+async fn unknown_run_and_condition_are_named(backend: Backend) {
+    let store = backend.open().await;
     let err = store.run(&RunId::generate()).await.unwrap_err();
     assert!(matches!(err, Error::UnknownRun(_)));
     let err = store.condition("nope").await.unwrap_err();
@@ -322,7 +323,8 @@ async fn unknown_run_and_condition_are_named() {
 }
 
 #[tokio::test]
-async fn file_store_survives_reopen() {
+async fn sqlite_file_store_survives_reopen() {
+    use apex_store::SqliteStore;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ledger.db");
     let store = SqliteStore::open(&path).unwrap();
@@ -340,4 +342,91 @@ async fn file_store_survives_reopen() {
         .query_row("PRAGMA journal_mode", [], |r| r.get(0))
         .unwrap();
     assert_eq!(mode, "wal");
+}
+
+conformance!(export_pages_cover_every_generation_in_order);
+async fn export_pages_cover_every_generation_in_order(backend: Backend) {
+    let (store, run_id) = seeded(backend, 3).await;
+    let items = store.work_items(&run_id, false).await.unwrap();
+    store
+        .begin_attempt(items[0].generation_id, 1)
+        .await
+        .unwrap();
+    store
+        .end_attempt(items[0].generation_id, 1, &success(5))
+        .await
+        .unwrap();
+    let mut after = 0;
+    let mut seen = Vec::new();
+    loop {
+        let page = store.generations_page(&run_id, after, 4).await.unwrap();
+        let Some(last) = page.last() else { break };
+        after = last.generation_id;
+        seen.extend(page);
+    }
+    assert_eq!(
+        seen.iter().map(|r| r.generation_id).collect::<Vec<_>>(),
+        items.iter().map(|w| w.generation_id).collect::<Vec<_>>()
+    );
+    let first = &seen[0];
+    assert_eq!(
+        (
+            first.status.as_str(),
+            first.cache_hit,
+            first.cache_read_tokens,
+            first.response_text.as_deref()
+        ),
+        ("success", true, Some(5), Some("hello"))
+    );
+    assert_eq!(first.cost_usd, Some(0.01));
+    assert!(seen[1].response_text.is_none() && seen[1].status == "pending");
+    let runs = store.runs().await.unwrap();
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0].counts.total(), 6);
+    assert_eq!(store.run_conditions(&run_id).await.unwrap()[0].slug, "c1");
+}
+
+conformance!(abandoned_attempts_return_to_pending);
+async fn abandoned_attempts_return_to_pending(backend: Backend) {
+    let (store, run_id) = seeded(backend, 1).await;
+    let items = store.work_items(&run_id, false).await.unwrap();
+    let id = items[0].generation_id;
+    store.begin_attempt(id, 1).await.unwrap();
+    store
+        .end_attempt(
+            id,
+            1,
+            &AttemptEnd::Failed {
+                class: ErrorClass::Overloaded,
+                message: "busy".into(),
+                http_status: Some(529),
+                provider_request_id: None,
+                latency_ms: 1,
+                last: false,
+            },
+        )
+        .await
+        .unwrap();
+    store
+        .end_attempt(id, 1, &AttemptEnd::Abandoned)
+        .await
+        .unwrap();
+    let outcome = store
+        .query_read_only(&format!(
+            "SELECT outcome FROM apex_audition.attempts WHERE generation_id = {id}"
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        outcome.rows[0][0].to_string(),
+        "error",
+        "a finished attempt keeps its outcome"
+    );
+    let status = store
+        .query_read_only(&format!(
+            "SELECT status FROM apex_audition.generations WHERE generation_id = {id}"
+        ))
+        .await
+        .unwrap();
+    assert_eq!(status.rows[0][0].to_string(), "pending");
 }
