@@ -104,6 +104,13 @@ pub struct RunCmd {
     /// rate limits TOML file (per provider and model, per minute); see README for defaults
     #[argh(option)]
     pub limits: Option<String>,
+    /// the number of apex processes sharing this run's limits: each process
+    /// paces itself to 1/N of every limit (default 1)
+    #[argh(option)]
+    pub workers: Option<u32>,
+    /// seconds after which a claim not renewed by its process is taken over (default 60)
+    #[argh(option)]
+    pub claim_timeout: Option<u64>,
     /// model catalog TOML file whose entries override or extend the built-in prices and limits
     #[argh(option)]
     pub catalog: Option<String>,

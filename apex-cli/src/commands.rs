@@ -187,6 +187,12 @@ fn check_run_flags(cmd: &RunCmd) -> Result<()> {
     if cmd.concurrency == Some(0) {
         return usage("--concurrency must be at least 1");
     }
+    if cmd.workers == Some(0) {
+        return usage("--workers must be at least 1");
+    }
+    if cmd.claim_timeout == Some(0) {
+        return usage("--claim-timeout must be at least 1 second");
+    }
     Ok(())
 }
 
@@ -245,7 +251,9 @@ fn run_options(cmd: &RunCmd, cache: bool) -> Result<RunOptions> {
         verify_first: cmd.verify_first,
         time_scale: cmd.time_scale.unwrap_or(1.0),
         backoff_base: std::time::Duration::from_secs(1),
-        limits,
+        limits: limits.shared_by(cmd.workers.unwrap_or(1)),
+        worker: apex_core::executor::default_worker(),
+        claim_timeout: std::time::Duration::from_secs(cmd.claim_timeout.unwrap_or(60)),
     })
 }
 

@@ -54,6 +54,11 @@ pub struct RunOptions {
     pub backoff_base: Duration,
     /// Per-minute limits; [`LimitTable::none`] turns rate limiting off.
     pub limits: LimitTable,
+    /// This process's name in claims (unique per process).
+    pub worker: String,
+    /// A claim not renewed for this long (times `time_scale`) is taken over:
+    /// its process is presumed dead.
+    pub claim_timeout: Duration,
 }
 
 impl Default for RunOptions {
@@ -66,8 +71,16 @@ impl Default for RunOptions {
             time_scale: 1.0,
             backoff_base: Duration::from_secs(1),
             limits: LimitTable::defaults(),
+            worker: default_worker(),
+            claim_timeout: Duration::from_secs(60),
         }
     }
+}
+
+/// A worker name unique to this process: `apex-PID-RANDOM`.
+pub fn default_worker() -> String {
+    let id = uuid::Uuid::now_v7().simple().to_string();
+    format!("apex-{}-{}", std::process::id(), &id[id.len() - 8..])
 }
 
 /// What happened, for progress displays.
@@ -315,58 +328,93 @@ impl Executor {
             .collect::<HashSet<_>>()
             .len();
         let replicates = self.store.run(run_id).await?.replicates as usize;
-        let items = self.store.work_items(run_id, include_errors).await?;
+        if include_errors {
+            let n = self.store.reset_errors(run_id).await?;
+            tracing::info!(generations = n, "retrying generations stored as error");
+        }
         self.store.set_run_state(run_id, RunState::Running).await?;
+        let remaining = self.store.run(run_id).await?.counts;
         self.progress.event(&ProgressEvent::Started {
-            total: items.len() as u64,
+            total: remaining.pending + remaining.running,
         });
         let mut groups: Vec<Group> = Vec::new();
         let mut refs: HashMap<(String, String), PackageRef> = HashMap::new();
         for p in self.store.current_packages().await? {
             refs.insert((p.id.clone(), p.version.clone()), p);
         }
-        for item in items {
-            let condition = conditions
-                .get(&item.condition_slug)
-                .cloned()
-                .ok_or_else(|| {
-                    Error::store_msg(format!(
-                        "generation {} names condition `{}` that the run does not list",
-                        item.generation_id, item.condition_slug
-                    ))
-                })?;
-            match groups.last_mut() {
-                Some(g)
-                    if g.condition.slug == item.condition_slug
+        // Work is claimed a few (condition, context) groups at a time, so
+        // several processes can share one run; a claim is renewed while this
+        // process lives and taken over by others when it stops being renewed.
+        let worker = self.options.worker.clone();
+        let lease = self.options.claim_timeout.mul_f64(self.options.time_scale);
+        let claim_batch = (self.options.concurrency.max(1) * 2).max(conditions.len() * 2) as u32;
+        let mut held: HashSet<i64> = HashSet::new();
+        let mut absorb = |items: Vec<WorkItem>,
+                          groups: &mut Vec<Group>,
+                          leaders: &mut VecDeque<usize>|
+         -> Result<usize> {
+            let mut added = 0;
+            for item in items {
+                if !held.insert(item.generation_id) {
+                    continue;
+                }
+                added += 1;
+                let condition = conditions
+                    .get(&item.condition_slug)
+                    .cloned()
+                    .ok_or_else(|| {
+                        Error::store_msg(format!(
+                            "generation {} names condition `{}` that the run does not list",
+                            item.generation_id, item.condition_slug
+                        ))
+                    })?;
+                let same_group = groups.last().is_some_and(|g| {
+                    g.condition.slug == item.condition_slug
                         && g.prompt_id == item.prompt_id
-                        && g.version == item.package_version =>
-                {
-                    g.items.push(item)
+                        && g.version == item.package_version
+                        && leaders.back() == Some(&(groups.len() - 1))
+                });
+                if same_group {
+                    groups.last_mut().expect("checked").items.push(item);
+                    continue;
                 }
-                _ => {
-                    let ttl = refs
-                        .get(&(item.prompt_id.clone(), item.package_version.clone()))
-                        .map_or(CacheTtl::FiveMinutes, |p| {
-                            self.choose_ttl(&condition, replicates, p)
-                        });
-                    groups.push(Group {
-                        condition,
-                        prompt_id: item.prompt_id.clone(),
-                        version: item.package_version.clone(),
-                        items: vec![item],
-                        ttl,
-                    })
-                }
+                let ttl = refs
+                    .get(&(item.prompt_id.clone(), item.package_version.clone()))
+                    .map_or(CacheTtl::FiveMinutes, |p| {
+                        self.choose_ttl(&condition, replicates, p)
+                    });
+                groups.push(Group {
+                    condition,
+                    prompt_id: item.prompt_id.clone(),
+                    version: item.package_version.clone(),
+                    items: vec![item],
+                    ttl,
+                });
+                leaders.push_back(groups.len() - 1);
             }
-        }
+            Ok(added)
+        };
+        let stale_before = |lease: Duration| {
+            let ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
+            format!(
+                "{:.3}",
+                jiff::Timestamp::now() - jiff::SignedDuration::from_millis(ms)
+            )
+        };
 
         let mut packages: HashMap<(String, String), Arc<ContextPackage>> = HashMap::new();
         let mut splits: HashMap<(String, Tokenizer), (u64, u64)> = HashMap::new();
         let mut states: HashMap<String, ConditionState> = HashMap::new();
-        let mut queues = Queues {
-            leaders: (0..groups.len()).collect(),
-            ..Queues::default()
-        };
+        let mut queues = Queues::default();
+        let first = self
+            .store
+            .claim_work(run_id, &worker, claim_batch, &stale_before(lease))
+            .await?;
+        absorb(first.items, &mut groups, &mut queues.leaders)?;
+        let mut others_hold = first.held_by_others;
+        let mut claims_exhausted = false;
+        let mut next_claim = Instant::now();
+        let mut next_renew = Instant::now() + lease / 3;
         let mut tasks: JoinSet<AttemptDone> = JoinSet::new();
         let mut report = RunReport::default();
         let mut stopping = *stop.borrow();
@@ -389,6 +437,26 @@ impl Executor {
 
         loop {
             let now = Instant::now();
+            if !stopping
+                && !verifying
+                && queues.leaders.len() < self.options.concurrency.max(1)
+                && (!claims_exhausted || now >= next_claim)
+            {
+                let claim = self
+                    .store
+                    .claim_work(run_id, &worker, claim_batch, &stale_before(lease))
+                    .await?;
+                others_hold = claim.held_by_others;
+                let added = absorb(claim.items, &mut groups, &mut queues.leaders)?;
+                claims_exhausted = added == 0;
+                // With nothing new, look again later: another process may
+                // finish, or die and leave its claims to be taken over.
+                next_claim = now + lease / 3;
+            }
+            if now >= next_renew {
+                self.store.renew_claims(run_id, &worker).await?;
+                next_renew = now + lease / 3;
+            }
             let mut wake: Option<Instant> = None;
             let mut blocked: HashSet<String> = HashSet::new();
             // Candidates in priority order: due retries, followers, leaders.
@@ -515,10 +583,20 @@ impl Executor {
                 }
                 // Nothing in flight and nothing to wait for: what is left
                 // belongs to stopped conditions, or a stop was requested.
+                // While other processes hold live claims, keep looking.
+                if !stopping && wake.is_none() && others_hold > 0 {
+                    wake = Some(next_claim);
+                }
                 if stopping || wake.is_none() {
                     break;
                 }
             }
+            // Long requests must not let this process's claims go stale.
+            let wake = if tasks.is_empty() {
+                wake
+            } else {
+                Some(wake.map_or(next_renew, |w| w.min(next_renew)))
+            };
             let sleep_until = wake.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
             let joined = tokio::select! {
                 joined = tasks.join_next(), if !tasks.is_empty() => joined,
@@ -651,14 +729,20 @@ impl Executor {
                 )
                 .await?;
         }
+        self.store.release_claims(run_id, &worker).await?;
         report.interrupted = *stop.borrow();
         let counts = self.store.run(run_id).await?.counts;
-        let state = if counts.pending + counts.running == 0 {
-            RunState::Finished
-        } else {
-            RunState::Interrupted
-        };
-        self.store.set_run_state(run_id, state).await?;
+        if counts.pending + counts.running == 0 {
+            self.store.set_run_state(run_id, RunState::Finished).await?;
+        } else if report.interrupted
+            || report.verify_failed
+            || !report.stopped.is_empty()
+            || others_hold == 0
+        {
+            self.store
+                .set_run_state(run_id, RunState::Interrupted)
+                .await?;
+        }
         report.counts = counts;
         Ok(report)
     }
@@ -691,6 +775,7 @@ impl Executor {
         limiter: &Arc<RateLimiter>,
     ) {
         let limiter = Arc::clone(limiter);
+        let worker = self.options.worker.clone();
         let group = &groups[job.group];
         let condition = Arc::clone(&group.condition);
         let provider = Arc::clone(&self.providers[&condition.provider]);
@@ -715,6 +800,7 @@ impl Executor {
             let sent = Sent {
                 limiter: &limiter,
                 reservation: &mut reservation,
+                worker: &worker,
             };
             let (result, stored) = attempt_once(
                 store.as_ref(),
@@ -797,6 +883,7 @@ pub fn check_limits(
 struct Sent<'a> {
     limiter: &'a RateLimiter,
     reservation: &'a mut Reservation,
+    worker: &'a str,
 }
 
 /// One attempt: mark it, send it, store how it ended.
@@ -813,7 +900,10 @@ async fn attempt_once(
     sent: Sent<'_>,
 ) -> (std::result::Result<Generated, AttemptError>, Result<()>) {
     let slug = request.condition.slug.clone();
-    if let Err(e) = store.begin_attempt(item.generation_id, attempt).await {
+    if let Err(e) = store
+        .begin_attempt(item.generation_id, attempt, Some(sent.worker))
+        .await
+    {
         return (
             Err(AttemptError::new(
                 ErrorClass::Decode,

@@ -66,4 +66,4 @@ pub use run::{
     AttemptEnd, ErrorRow, GenerationResult, GenerationRow, GenerationStatus, NewRun, RunId,
     RunInfo, RunState, StatusCounts, WorkItem,
 };
-pub use store::{ConditionInfo, IngestReport, QueryResult, RegisterReport, SqlValue, Store};
+pub use store::{Claim, ConditionInfo, IngestReport, QueryResult, RegisterReport, SqlValue, Store};

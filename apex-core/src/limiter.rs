@@ -183,6 +183,22 @@ impl LimitTable {
         Self::default()
     }
 
+    /// Each limit divided among `n` processes sharing one account, so that
+    /// together they stay under it (at least 1 each).
+    pub fn shared_by(mut self, n: u32) -> Self {
+        let n = u64::from(n.max(1));
+        let share = |v: Option<u64>| v.map(|l| (l / n).max(1));
+        for (_, _, l) in &mut self.entries {
+            *l = Limits {
+                rpm: share(l.rpm),
+                tpm: share(l.tpm),
+                itpm: share(l.itpm),
+                otpm: share(l.otpm),
+            };
+        }
+        self
+    }
+
     /// Whether no model has limits.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()

@@ -33,6 +33,15 @@ pub struct IngestReport {
     pub new_versions: Vec<(String, String, String)>,
 }
 
+/// What [`Store::claim_work`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Claim {
+    /// Every unfinished generation the worker holds, in plan order.
+    pub items: Vec<WorkItem>,
+    /// Unfinished generations held by other workers' live claims.
+    pub held_by_others: u64,
+}
+
 /// A registered condition and whether a run has used it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ConditionInfo {
@@ -127,8 +136,37 @@ pub trait Store: Send + Sync {
     /// by a crash) and, with `include_errors`, `error` (reset to `pending`).
     async fn work_items(&self, run_id: &RunId, include_errors: bool) -> Result<Vec<WorkItem>>;
 
+    /// Claims up to `max_groups` more (condition, context) groups of the
+    /// run's remaining work for `worker`, taking over claims older than
+    /// `stale_before` (RFC 3339: their process stopped renewing). Returns
+    /// every unfinished generation `worker` holds, and how many unfinished
+    /// generations live claims of other workers hold.
+    async fn claim_work(
+        &self,
+        run_id: &RunId,
+        worker: &str,
+        max_groups: u32,
+        stale_before: &str,
+    ) -> Result<Claim>;
+
+    /// Keeps `worker`'s claims alive.
+    async fn renew_claims(&self, run_id: &RunId, worker: &str) -> Result<()>;
+
+    /// Gives back `worker`'s unfinished generations (on a clean exit).
+    async fn release_claims(&self, run_id: &RunId, worker: &str) -> Result<()>;
+
+    /// Sets the run's `error` generations back to `pending` (`--retry-errors`).
+    async fn reset_errors(&self, run_id: &RunId) -> Result<u64>;
+
     /// Marks a generation `running` for attempt number `attempt` (1-based).
-    async fn begin_attempt(&self, generation_id: i64, attempt: u32) -> Result<()>;
+    /// With a `worker`, only if that worker still holds its claim, so no
+    /// generation is sent twice while its claimant is alive.
+    async fn begin_attempt(
+        &self,
+        generation_id: i64,
+        attempt: u32,
+        worker: Option<&str>,
+    ) -> Result<()>;
 
     /// Records how an attempt ended and the generation's resulting status.
     async fn end_attempt(&self, generation_id: i64, attempt: u32, end: &AttemptEnd) -> Result<()>;

@@ -6,9 +6,9 @@ use apex_core::store::ConditionInfo;
 use apex_core::time::now_rfc3339;
 use apex_core::tokens::Tokenizer;
 use apex_core::{
-    Condition, ContextPackage, Error, ErrorRow, GenerationRow, IngestReport, NewRun, PackageRef,
-    Plan, ProviderKind, QueryResult, RegisterReport, RunId, RunInfo, RunState, SqlValue,
-    StatusCounts, Store, WorkItem,
+    Claim, Condition, ContextPackage, Error, ErrorRow, GenerationRow, IngestReport, NewRun,
+    PackageRef, Plan, ProviderKind, QueryResult, RegisterReport, RunId, RunInfo, RunState,
+    SqlValue, StatusCounts, Store, WorkItem,
 };
 use async_trait::async_trait;
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod};
@@ -248,6 +248,18 @@ async fn load_run<C: GenericClient>(client: &C, run_id: &RunId) -> CoreResult<Ru
         counts,
         cost_usd,
     })
+}
+
+fn work_item_from_row(r: &Row) -> WorkItem {
+    WorkItem {
+        generation_id: r.get(0),
+        condition_slug: r.get(1),
+        prompt_id: r.get(2),
+        package_version: r.get(3),
+        context_index: r.get::<_, i64>(4) as u32,
+        replicate_index: r.get::<_, i64>(5) as u32,
+        attempts: r.get::<_, i64>(6) as u32,
+    }
 }
 
 fn opt_u64(v: Option<i64>) -> Option<u64> {
@@ -662,21 +674,142 @@ impl Store for PostgresStore {
             .await
             .map_err(pg)?
             .iter()
-            .map(|r| WorkItem {
-                generation_id: r.get(0),
-                condition_slug: r.get(1),
-                prompt_id: r.get(2),
-                package_version: r.get(3),
-                context_index: r.get::<_, i64>(4) as u32,
-                replicate_index: r.get::<_, i64>(5) as u32,
-                attempts: r.get::<_, i64>(6) as u32,
-            })
+            .map(work_item_from_row)
             .collect();
         tx.commit().await.map_err(pg)?;
         Ok(items)
     }
 
-    async fn begin_attempt(&self, generation_id: i64, attempt: u32) -> CoreResult<()> {
+    async fn claim_work(
+        &self,
+        run_id: &RunId,
+        worker: &str,
+        max_groups: u32,
+        stale_before: &str,
+    ) -> CoreResult<Claim> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg)?;
+        // Claimers of one run take turns; claims are rare (a few groups at a time).
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtext($1))",
+            &[&run_id.as_str()],
+        )
+        .await
+        .map_err(pg)?;
+        let now = now_rfc3339();
+        let claimable = "status IN ('pending', 'running')
+             AND (claimed_by IS NULL OR claimed_by = $2 OR claimed_at < $3)";
+        let groups = tx
+            .query(
+                &format!(
+                    "SELECT condition_slug, prompt_id FROM apex_audition.generations
+                     WHERE run_id = $1 AND {claimable} AND (claimed_by IS NULL OR claimed_by <> $2)
+                     GROUP BY condition_slug, prompt_id ORDER BY MIN(generation_id) LIMIT $4"
+                ),
+                &[
+                    &run_id.as_str(),
+                    &worker,
+                    &stale_before,
+                    &i64::from(max_groups),
+                ],
+            )
+            .await
+            .map_err(pg)?;
+        for g in &groups {
+            let (slug, prompt): (String, String) = (g.get(0), g.get(1));
+            tx.execute(
+                &format!(
+                    "UPDATE apex_audition.generations SET claimed_by = $2, claimed_at = $5
+                     WHERE run_id = $1 AND {claimable} AND condition_slug = $4 AND prompt_id = $6"
+                ),
+                &[
+                    &run_id.as_str(),
+                    &worker,
+                    &stale_before,
+                    &slug,
+                    &now,
+                    &prompt,
+                ],
+            )
+            .await
+            .map_err(pg)?;
+        }
+        let items = tx
+            .query(
+                "SELECT generation_id, condition_slug, prompt_id, package_version, context_index, replicate_index, attempts
+                 FROM apex_audition.generations
+                 WHERE run_id = $1 AND claimed_by = $2 AND status IN ('pending', 'running')
+                 ORDER BY generation_id",
+                &[&run_id.as_str(), &worker],
+            )
+            .await
+            .map_err(pg)?
+            .iter()
+            .map(work_item_from_row)
+            .collect();
+        let held_by_others: i64 = tx
+            .query_one(
+                "SELECT COUNT(*) FROM apex_audition.generations
+                 WHERE run_id = $1 AND status IN ('pending', 'running')
+                   AND claimed_by IS NOT NULL AND claimed_by <> $2 AND claimed_at >= $3",
+                &[&run_id.as_str(), &worker, &stale_before],
+            )
+            .await
+            .map_err(pg)?
+            .get(0);
+        tx.commit().await.map_err(pg)?;
+        Ok(Claim {
+            items,
+            held_by_others: held_by_others as u64,
+        })
+    }
+
+    async fn renew_claims(&self, run_id: &RunId, worker: &str) -> CoreResult<()> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "UPDATE apex_audition.generations SET claimed_at = $3
+                 WHERE run_id = $1 AND claimed_by = $2 AND status IN ('pending', 'running')",
+                &[&run_id.as_str(), &worker, &now_rfc3339()],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(())
+    }
+
+    async fn release_claims(&self, run_id: &RunId, worker: &str) -> CoreResult<()> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "UPDATE apex_audition.generations SET claimed_by = NULL, claimed_at = NULL
+                 WHERE run_id = $1 AND claimed_by = $2 AND status IN ('pending', 'running')",
+                &[&run_id.as_str(), &worker],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(())
+    }
+
+    async fn reset_errors(&self, run_id: &RunId) -> CoreResult<u64> {
+        let client = self.client().await?;
+        load_run(&client, run_id).await?;
+        client
+            .execute(
+                "UPDATE apex_audition.generations SET status = 'pending', error_class = NULL, error_message = NULL,
+                     finished_at = NULL
+                 WHERE run_id = $1 AND status = 'error'",
+                &[&run_id.as_str()],
+            )
+            .await
+            .map_err(pg)
+    }
+
+    async fn begin_attempt(
+        &self,
+        generation_id: i64,
+        attempt: u32,
+        worker: Option<&str>,
+    ) -> CoreResult<()> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg)?;
         let now = now_rfc3339();
@@ -684,14 +817,15 @@ impl Store for PostgresStore {
             .execute(
                 "UPDATE apex_audition.generations SET status = 'running', attempts = $2,
                      started_at = COALESCE(started_at, $3)
-                 WHERE generation_id = $1 AND status IN ('pending', 'running')",
-                &[&generation_id, &i64::from(attempt), &now],
+                 WHERE generation_id = $1 AND status IN ('pending', 'running')
+                   AND ($4::TEXT IS NULL OR claimed_by IS NULL OR claimed_by = $4)",
+                &[&generation_id, &i64::from(attempt), &now, &worker],
             )
             .await
             .map_err(pg)?;
         if n == 0 {
             return Err(Error::store_msg(format!(
-                "generation {generation_id} is not pending or running; it will not be sent again"
+                "generation {generation_id} is not pending or running, or another process holds it; it will not be sent"
             )));
         }
         tx.execute(

@@ -8,9 +8,9 @@ use apex_core::store::ConditionInfo;
 use apex_core::time::now_rfc3339;
 use apex_core::tokens::Tokenizer;
 use apex_core::{
-    Condition, ContextPackage, Error, ErrorRow, GenerationRow, IngestReport, NewRun, PackageRef,
-    Plan, ProviderKind, QueryResult, RegisterReport, RunId, RunInfo, RunState, SqlValue,
-    StatusCounts, Store, WorkItem,
+    Claim, Condition, ContextPackage, Error, ErrorRow, GenerationRow, IngestReport, NewRun,
+    PackageRef, Plan, ProviderKind, QueryResult, RegisterReport, RunId, RunInfo, RunState,
+    SqlValue, StatusCounts, Store, WorkItem,
 };
 use async_trait::async_trait;
 use rusqlite::types::ValueRef;
@@ -261,6 +261,18 @@ fn condition_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Condition> {
         top_p: row.get("top_p")?,
         max_tokens: row.get("max_tokens")?,
         reasoning_effort: row.get("reasoning_effort")?,
+    })
+}
+
+fn work_item_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<WorkItem> {
+    Ok(WorkItem {
+        generation_id: r.get(0)?,
+        condition_slug: r.get(1)?,
+        prompt_id: r.get(2)?,
+        package_version: r.get(3)?,
+        context_index: r.get(4)?,
+        replicate_index: r.get(5)?,
+        attempts: r.get(6)?,
     })
 }
 
@@ -868,17 +880,7 @@ impl Store for SqliteStore {
                      ORDER BY generation_id",
                 )
                 .db()?
-                .query_map([run_id.as_str()], |r| {
-                    Ok(WorkItem {
-                        generation_id: r.get(0)?,
-                        condition_slug: r.get(1)?,
-                        prompt_id: r.get(2)?,
-                        package_version: r.get(3)?,
-                        context_index: r.get(4)?,
-                        replicate_index: r.get(5)?,
-                        attempts: r.get(6)?,
-                    })
-                })
+                .query_map([run_id.as_str()], work_item_from_row)
                 .db()?
                 .collect::<rusqlite::Result<Vec<_>>>()
                 .db()?;
@@ -888,17 +890,132 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn begin_attempt(&self, generation_id: i64, attempt: u32) -> CoreResult<()> {
+    async fn claim_work(
+        &self,
+        run_id: &RunId,
+        worker: &str,
+        max_groups: u32,
+        stale_before: &str,
+    ) -> CoreResult<Claim> {
+        let (run_id, worker, stale) = (run_id.clone(), worker.to_owned(), stale_before.to_owned());
+        self.call(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).db()?;
+            let now = now_rfc3339();
+            const CLAIMABLE: &str = "status IN ('pending', 'running')
+                 AND (claimed_by IS NULL OR claimed_by = ?2 OR claimed_at < ?3)";
+            let groups: Vec<(String, String)> = tx
+                .prepare_cached(&format!(
+                    "SELECT condition_slug, prompt_id FROM apex_audition.generations
+                     WHERE run_id = ?1 AND {CLAIMABLE} AND (claimed_by IS NULL OR claimed_by <> ?2)
+                     GROUP BY condition_slug, prompt_id ORDER BY MIN(generation_id) LIMIT ?4"
+                ))
+                .db()?
+                .query_map(params![run_id.as_str(), worker, stale, max_groups], |r| Ok((r.get(0)?, r.get(1)?)))
+                .db()?
+                .collect::<rusqlite::Result<_>>()
+                .db()?;
+            for (slug, prompt) in &groups {
+                tx.prepare_cached(&format!(
+                    "UPDATE apex_audition.generations SET claimed_by = ?2, claimed_at = ?5
+                     WHERE run_id = ?1 AND {CLAIMABLE} AND condition_slug = ?4 AND prompt_id = ?6"
+                ))
+                .db()?
+                .execute(params![run_id.as_str(), worker, stale, slug, now, prompt])
+                .db()?;
+            }
+            let items = tx
+                .prepare_cached(
+                    "SELECT generation_id, condition_slug, prompt_id, package_version, context_index,
+                            replicate_index, attempts
+                     FROM apex_audition.generations
+                     WHERE run_id = ?1 AND claimed_by = ?2 AND status IN ('pending', 'running')
+                     ORDER BY generation_id",
+                )
+                .db()?
+                .query_map(params![run_id.as_str(), worker], work_item_from_row)
+                .db()?
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .db()?;
+            let held_by_others: u64 = tx
+                .query_row(
+                    "SELECT COUNT(*) FROM apex_audition.generations
+                     WHERE run_id = ?1 AND status IN ('pending', 'running')
+                       AND claimed_by IS NOT NULL AND claimed_by <> ?2 AND claimed_at >= ?3",
+                    params![run_id.as_str(), worker, stale],
+                    |r| r.get(0),
+                )
+                .db()?;
+            tx.commit().db()?;
+            Ok(Claim { items, held_by_others })
+        })
+        .await
+    }
+
+    async fn renew_claims(&self, run_id: &RunId, worker: &str) -> CoreResult<()> {
+        let (run_id, worker) = (run_id.clone(), worker.to_owned());
+        self.write(move |tx| {
+            tx.prepare_cached(
+                "UPDATE apex_audition.generations SET claimed_at = ?3
+                 WHERE run_id = ?1 AND claimed_by = ?2 AND status IN ('pending', 'running')",
+            )
+            .db()?
+            .execute(params![run_id.as_str(), worker, now_rfc3339()])
+            .db()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn release_claims(&self, run_id: &RunId, worker: &str) -> CoreResult<()> {
+        let (run_id, worker) = (run_id.clone(), worker.to_owned());
+        self.write(move |tx| {
+            tx.prepare_cached(
+                "UPDATE apex_audition.generations SET claimed_by = NULL, claimed_at = NULL
+                 WHERE run_id = ?1 AND claimed_by = ?2 AND status IN ('pending', 'running')",
+            )
+            .db()?
+            .execute(params![run_id.as_str(), worker])
+            .db()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn reset_errors(&self, run_id: &RunId) -> CoreResult<u64> {
+        let run_id = run_id.clone();
+        self.call(move |conn| {
+            load_run(conn, &run_id)?;
+            let n = conn
+                .execute(
+                    "UPDATE apex_audition.generations SET status = 'pending', error_class = NULL,
+                         error_message = NULL, finished_at = NULL
+                     WHERE run_id = ?1 AND status = 'error'",
+                    [run_id.as_str()],
+                )
+                .db()?;
+            Ok(n as u64)
+        })
+        .await
+    }
+
+    async fn begin_attempt(
+        &self,
+        generation_id: i64,
+        attempt: u32,
+        worker: Option<&str>,
+    ) -> CoreResult<()> {
+        let worker = worker.map(str::to_owned);
         self.write(move |tx| {
             let now = now_rfc3339();
             let n = tx.prepare_cached("UPDATE apex_audition.generations SET status = 'running', attempts = ?2,
                          started_at = COALESCE(started_at, ?3)
-                     WHERE generation_id = ?1 AND status IN ('pending', 'running')").db()?.execute(params![generation_id, attempt, now],
+                     WHERE generation_id = ?1 AND status IN ('pending', 'running')
+                       AND (?4 IS NULL OR claimed_by IS NULL OR claimed_by = ?4)").db()?.execute(params![generation_id, attempt, now, worker],
                 )
                 .db()?;
             if n == 0 {
                 return Err(Error::store_msg(format!(
-                    "generation {generation_id} is not pending or running; it will not be sent again"
+                    "generation {generation_id} is not pending or running, or another process holds it; it will not be sent"
                 )));
             }
             tx.prepare_cached("INSERT INTO apex_audition.attempts (generation_id, attempt, started_at)

@@ -186,7 +186,7 @@ async fn seed_sql_runs_verbatim_and_counts_transitions(backend: Backend) {
 
     // Leader writes the cache, follower reads it, one fails for good.
     store
-        .begin_attempt(items[0].generation_id, 1)
+        .begin_attempt(items[0].generation_id, 1, None)
         .await
         .unwrap();
     store
@@ -194,7 +194,7 @@ async fn seed_sql_runs_verbatim_and_counts_transitions(backend: Backend) {
         .await
         .unwrap();
     store
-        .begin_attempt(items[1].generation_id, 1)
+        .begin_attempt(items[1].generation_id, 1, None)
         .await
         .unwrap();
     store
@@ -210,7 +210,7 @@ async fn seed_sql_runs_verbatim_and_counts_transitions(backend: Backend) {
         last,
     };
     store
-        .begin_attempt(items[2].generation_id, 1)
+        .begin_attempt(items[2].generation_id, 1, None)
         .await
         .unwrap();
     store
@@ -218,7 +218,7 @@ async fn seed_sql_runs_verbatim_and_counts_transitions(backend: Backend) {
         .await
         .unwrap();
     store
-        .begin_attempt(items[2].generation_id, 2)
+        .begin_attempt(items[2].generation_id, 2, None)
         .await
         .unwrap();
     store
@@ -227,7 +227,7 @@ async fn seed_sql_runs_verbatim_and_counts_transitions(backend: Backend) {
         .unwrap();
     // Left running, as a crash would leave it.
     store
-        .begin_attempt(items[3].generation_id, 1)
+        .begin_attempt(items[3].generation_id, 1, None)
         .await
         .unwrap();
 
@@ -262,10 +262,10 @@ async fn seed_sql_runs_verbatim_and_counts_transitions(backend: Backend) {
 
     // A success is never handed out or started again.
     let err = store
-        .begin_attempt(items[0].generation_id, 2)
+        .begin_attempt(items[0].generation_id, 2, None)
         .await
         .unwrap_err();
-    assert!(err.to_string().contains("will not be sent again"), "{err}");
+    assert!(err.to_string().contains("it will not be sent"), "{err}");
     let todo = store.work_items(&run_id, false).await.unwrap();
     assert_eq!(todo.len(), 3, "2 pending + 1 running");
     assert!(
@@ -349,7 +349,7 @@ async fn export_pages_cover_every_generation_in_order(backend: Backend) {
     let (store, run_id) = seeded(backend, 3).await;
     let items = store.work_items(&run_id, false).await.unwrap();
     store
-        .begin_attempt(items[0].generation_id, 1)
+        .begin_attempt(items[0].generation_id, 1, None)
         .await
         .unwrap();
     store
@@ -391,7 +391,7 @@ async fn abandoned_attempts_return_to_pending(backend: Backend) {
     let (store, run_id) = seeded(backend, 1).await;
     let items = store.work_items(&run_id, false).await.unwrap();
     let id = items[0].generation_id;
-    store.begin_attempt(id, 1).await.unwrap();
+    store.begin_attempt(id, 1, None).await.unwrap();
     store
         .end_attempt(
             id,
@@ -429,4 +429,47 @@ async fn abandoned_attempts_return_to_pending(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(status.rows[0][0].to_string(), "pending");
+}
+
+conformance!(claims_split_work_and_stale_claims_are_taken_over);
+async fn claims_split_work_and_stale_claims_are_taken_over(backend: Backend) {
+    let (store, run_id) = seeded(backend, 3).await;
+    let future = "9999-12-31T00:00:00.000Z";
+    let past = "1970-01-01T00:00:00.000Z";
+    // Worker a takes one (condition, context) group, b the other.
+    let a = store.claim_work(&run_id, "a", 1, past).await.unwrap();
+    let b = store.claim_work(&run_id, "b", 1, past).await.unwrap();
+    assert_eq!(a.items.len(), 3);
+    assert_eq!(b.items.len(), 3);
+    assert!(
+        a.items.iter().all(|w| w.prompt_id == "ctx-01")
+            && b.items.iter().all(|w| w.prompt_id == "ctx-02")
+    );
+    assert_eq!((a.held_by_others, b.held_by_others), (0, 3));
+    // Nothing more to claim; claims are kept, not doubled.
+    let again = store.claim_work(&run_id, "a", 5, past).await.unwrap();
+    assert_eq!(again.items, a.items);
+    // b may not start a's generation while a's claim is alive.
+    let err = store
+        .begin_attempt(a.items[0].generation_id, 1, Some("b"))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("another process holds it"),
+        "{err}"
+    );
+    store
+        .begin_attempt(a.items[0].generation_id, 1, Some("a"))
+        .await
+        .unwrap();
+    // a stops renewing: with every claim older than the cut-off, c takes a's
+    // and b's groups over, the running one included.
+    let c = store.claim_work(&run_id, "c", 10, future).await.unwrap();
+    assert_eq!(c.items.len(), 6);
+    store.renew_claims(&run_id, "c").await.unwrap();
+    store.release_claims(&run_id, "c").await.unwrap();
+    let d = store.claim_work(&run_id, "d", 10, past).await.unwrap();
+    assert_eq!(d.items.len(), 6, "released claims are free at once");
+    // --retry-errors resets errors only.
+    assert_eq!(store.reset_errors(&run_id).await.unwrap(), 0);
 }
