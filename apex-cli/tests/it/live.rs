@@ -10,9 +10,9 @@ use crate::{Sandbox, examples, ok, run_id_from, stderr, stdout};
 const OPENAI_KEY: &str = "sk-test-openai-0123456789";
 const ANTHROPIC_KEY: &str = "sk-ant-test-0123456789";
 
-struct Live {
-    sb: Sandbox,
-    sim: Simulator,
+pub(crate) struct Live {
+    pub sb: Sandbox,
+    pub sim: Simulator,
 }
 
 impl Live {
@@ -21,6 +21,10 @@ impl Live {
     }
 
     async fn with(config: SimulatorConfig) -> Self {
+        Self::on(Sandbox::new(), config).await
+    }
+
+    pub(crate) async fn on(sb: Sandbox, config: SimulatorConfig) -> Self {
         let sim = Simulator::start(
             SimulatorConfig {
                 time_scale: 0.01,
@@ -30,7 +34,6 @@ impl Live {
         )
         .await
         .unwrap();
-        let sb = Sandbox::new();
         ok(sb.apex(&[
             "conditions",
             "register",
@@ -40,7 +43,7 @@ impl Live {
         Self { sb, sim }
     }
 
-    fn env(&self) -> Vec<(&'static str, String)> {
+    pub(crate) fn env(&self) -> Vec<(&'static str, String)> {
         vec![
             ("OPENAI_BASE_URL", self.sim.openai_base_url()),
             ("ANTHROPIC_BASE_URL", self.sim.anthropic_base_url()),
@@ -49,7 +52,7 @@ impl Live {
         ]
     }
 
-    async fn apex(&self, args: &[&str]) -> Output {
+    pub(crate) async fn apex(&self, args: &[&str]) -> Output {
         self.apex_env(args, self.env()).await
     }
 
@@ -69,7 +72,7 @@ impl Live {
     }
 
     /// Rows of a one-column query, without header and footer.
-    async fn column(&self, query: &str) -> Vec<String> {
+    pub(crate) async fn column(&self, query: &str) -> Vec<String> {
         let out = self.sql(query).await;
         out.lines()
             .skip(2)
@@ -81,7 +84,7 @@ impl Live {
 
 const RUN: &[&str] = &["run", "--time-scale", "0.01"];
 
-fn args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+pub(crate) fn args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
     RUN.iter().copied().chain(extra.iter().copied()).collect()
 }
 

@@ -2,6 +2,7 @@
 
 mod bad_input;
 mod live;
+mod multi;
 mod workflow;
 
 use std::path::{Path, PathBuf};
@@ -10,12 +11,22 @@ use std::process::{Command, Output};
 /// A scratch directory with its own ledger.
 pub(crate) struct Sandbox {
     pub dir: tempfile::TempDir,
+    /// A ledger URL other than the sandbox's SQLite file (PostgreSQL).
+    pub url_override: Option<String>,
 }
 
 impl Sandbox {
     pub fn new() -> Self {
         Self {
             dir: tempfile::tempdir().unwrap(),
+            url_override: None,
+        }
+    }
+
+    pub fn with_url(url: String) -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+            url_override: Some(url),
         }
     }
 
@@ -24,7 +35,9 @@ impl Sandbox {
     }
 
     pub fn url(&self) -> String {
-        format!("sqlite://{}", self.db_path().display())
+        self.url_override
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}", self.db_path().display()))
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -136,4 +149,20 @@ pub(crate) fn run_id_from(out: &str) -> String {
         .find(|id| id.len() == 36 && id.matches('-').count() == 4)
         .expect("a run id in the output")
         .to_owned()
+}
+
+/// A new, empty database on the test PostgreSQL server (`APEX_TEST_PG_URL`).
+pub(crate) async fn fresh_postgres_database() -> String {
+    let base = std::env::var("APEX_TEST_PG_URL").expect("APEX_TEST_PG_URL names the test server");
+    let (client, connection) = tokio_postgres::connect(&base, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let name = format!("apex_cli_{}", uuid::Uuid::now_v7().simple());
+    client
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .unwrap();
+    let (prefix, _) = base.rsplit_once('/').expect("a database in the URL");
+    format!("{prefix}/{name}")
 }
