@@ -23,7 +23,9 @@ fi
 
 if command -v pg_virtualenv >/dev/null 2>&1; then
   # pg_virtualenv exports PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE.
-  exec pg_virtualenv -- bash -c '
+  # -t: a temporary cluster directory, so a cluster left by an interrupted run
+  # (or another run at the same time) is never in the way.
+  exec pg_virtualenv -t -- bash -c '
     export APEX_TEST_PG=1 APEX_TEST_PG_URL="postgres://${PGUSER}:${PGPASSWORD}@${PGHOST}:${PGPORT}/${PGDATABASE}"
     echo "scripts/test.sh: PostgreSQL $(psql -XAtc "SHOW server_version") at ${PGHOST}:${PGPORT} for the store tests" >&2
     cargo test --workspace --locked "$@"' bash "$@"

@@ -28,18 +28,57 @@ pub struct Prices {
     pub output: f64,
     /// Multiplier for the Batch APIs (0.5 = half price).
     pub batch_discount: f64,
+    /// Premium rates for requests whose total input passes a threshold.
+    #[serde(default)]
+    pub long_context: Option<LongContextPrices>,
+}
+
+/// A long-context price tier: once a request's total input (uncached,
+/// cache writes and cache reads) is above `above_input_tokens`, all of its
+/// tokens, output included, are billed at these rates.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LongContextPrices {
+    /// The threshold on total input tokens.
+    pub above_input_tokens: u64,
+    /// Uncached input.
+    pub input: f64,
+    /// Cache write, 5-minute TTL.
+    pub cache_write_5m: f64,
+    /// Cache write, 1-hour TTL.
+    pub cache_write_1h: f64,
+    /// Cache read.
+    pub cache_read: f64,
+    /// Output.
+    pub output: f64,
 }
 
 impl Prices {
     /// The cost of one response's usage, in USD.
     pub fn cost(&self, usage: &Usage) -> f64 {
+        let (input, cw5m, cw1h, read, output) = match self.long_context {
+            Some(lc) if usage.total_input() > lc.above_input_tokens => (
+                lc.input,
+                lc.cache_write_5m,
+                lc.cache_write_1h,
+                lc.cache_read,
+                lc.output,
+            ),
+            _ => (
+                self.input,
+                self.cache_write_5m,
+                self.cache_write_1h,
+                self.cache_read,
+                self.output,
+            ),
+        };
         let cw_1h = usage.cache_write_1h_tokens.min(usage.cache_write_tokens);
         let cw_5m = usage.cache_write_tokens - cw_1h;
-        (usage.input_tokens as f64 * self.input
-            + cw_5m as f64 * self.cache_write_5m
-            + cw_1h as f64 * self.cache_write_1h
-            + usage.cache_read_tokens as f64 * self.cache_read
-            + usage.output_tokens as f64 * self.output)
+        (usage.input_tokens as f64 * input
+            + cw_5m as f64 * cw5m
+            + cw_1h as f64 * cw1h
+            + usage.cache_read_tokens as f64 * read
+            + usage.output_tokens as f64 * output)
             / 1_000_000.0
     }
 }
@@ -183,17 +222,33 @@ pub fn preflight(
             condition.max_tokens, condition.model, model.max_output
         ));
     }
+    let tokenizer = crate::tokens::Tokenizer::for_provider(condition.provider);
     for package in packages {
-        let needed = package.estimated_tokens + u64::from(condition.max_tokens);
+        let input = package.tokens(tokenizer);
+        let needed = input + u64::from(condition.max_tokens);
         if needed > model.context_window {
             return fail(format!(
-                "context `{}` (~{} input tokens) plus max_tokens {} exceeds {}'s window of {} tokens; use a model with a larger window, a smaller context or fewer max_tokens",
+                "context `{}` ({input} input tokens, {}) plus max_tokens {} exceeds {}'s window of {} tokens; use a model with a larger window, a smaller context or fewer max_tokens",
                 package.id,
-                package.estimated_tokens,
+                tokenizer.name(),
                 condition.max_tokens,
                 condition.model,
                 model.context_window
             ));
+        }
+        if let Some(lc) = model.prices.long_context
+            && input * 10 > lc.above_input_tokens * 9
+        {
+            warnings.push(Warning(format!(
+                "condition `{slug}`: context `{}` ({input} input tokens) approaches {}'s long-context price tier above {} tokens, where every token costs more",
+                package.id, condition.model, lc.above_input_tokens
+            )));
+        }
+        if needed * 10 > model.context_window * 9 {
+            warnings.push(Warning(format!(
+                "condition `{slug}`: context `{}` ({input} input tokens + {} max_tokens) uses over 90% of {}'s window",
+                package.id, condition.max_tokens, condition.model
+            )));
         }
     }
     if let Some(retires) = &model.retires_on {
@@ -280,6 +335,45 @@ mod tests {
         };
         // 128K read at $0.30/M + 50 input at $3/M + 1000 output at $15/M.
         assert!((catalog.cost(&c, &hit).unwrap() - 0.05355).abs() < 1e-12);
+    }
+
+    #[test]
+    fn long_context_tier_prices_every_token_above_the_threshold() {
+        let catalog = Catalog::built_in();
+        let c = condition(ProviderKind::Anthropic, "claude-sonnet-4-5", None);
+        let usage = |read| Usage {
+            input_tokens: 1000,
+            cache_write_tokens: 0,
+            cache_write_1h_tokens: 0,
+            cache_read_tokens: read,
+            output_tokens: 500,
+            reasoning_tokens: 0,
+        };
+        // 199,000 + 1,000 = 200,000: not above the threshold.
+        let standard = (1000.0 * 3.0 + 199_000.0 * 0.30 + 500.0 * 15.0) / 1e6;
+        assert!((catalog.cost(&c, &usage(199_000)).unwrap() - standard).abs() < 1e-12);
+        // 200,001 total input: every token at the premium rates.
+        let premium = (1000.0 * 6.0 + 199_001.0 * 0.60 + 500.0 * 22.5) / 1e6;
+        assert!((catalog.cost(&c, &usage(199_001)).unwrap() - premium).abs() < 1e-12);
+        let w = preflight(&catalog, &c, &[package(185_000)], "2026-11-27").unwrap();
+        assert!(
+            w.iter().any(|w| w.0.contains("long-context price tier")),
+            "{w:?}"
+        );
+    }
+
+    #[test]
+    fn batch_discount_halves_the_price() {
+        let catalog = Catalog::built_in();
+        let m = catalog.lookup(ProviderKind::OpenAi, "gpt-5").unwrap();
+        assert_eq!(m.prices.batch_discount, 0.5);
+        let usage = Usage {
+            input_tokens: 1_000_000,
+            output_tokens: 1_000_000,
+            ..Usage::default()
+        };
+        // $1.25 input + $10 output per million, halved.
+        assert!((m.prices.cost(&usage) * m.prices.batch_discount - 5.625).abs() < 1e-12);
     }
 
     #[test]

@@ -122,13 +122,15 @@ pub fn estimate(
             let max_tokens = u64::from(c.max_tokens);
             let r = u64::from(replicates);
             let mut usage = Usage::default();
-            let mut uncached_usage = Usage::default();
+            // Priced per request: a price tier depends on one request's size.
+            let prices = model.map(|m| &m.prices);
+            let mut with_cache = prices.map(|_| CostRange::default());
+            let mut without_cache = with_cache;
             // Per request, what the limits count (output at max_tokens).
             let mut charges: Vec<(u64, u64)> = Vec::new();
             for p in packages {
                 let (prefix, rest) = p.split(tokenizer);
                 let total = prefix + rest;
-                uncached_usage.input_tokens += total * r;
                 for replicate in 0..r {
                     let follower = replicate > 0;
                     let (input, write, read) = match c.provider {
@@ -149,6 +151,22 @@ pub fn estimate(
                         }
                         ProviderKind::OpenAi => (total, 0, 0),
                     };
+                    let one = Usage {
+                        input_tokens: input,
+                        cache_write_tokens: write,
+                        cache_read_tokens: read,
+                        ..Usage::default()
+                    };
+                    let plain = Usage {
+                        input_tokens: total,
+                        ..Usage::default()
+                    };
+                    for (range, u) in [(&mut with_cache, one), (&mut without_cache, plain)] {
+                        if let (Some(r), Some(c)) = (range.as_mut(), cost(prices, &u, max_tokens)) {
+                            r.low += c.low;
+                            r.high += c.high;
+                        }
+                    }
                     usage.input_tokens += input;
                     usage.cache_write_tokens += write;
                     usage.cache_read_tokens += read;
@@ -174,8 +192,7 @@ pub fn estimate(
                     .map(|lim| limit_floor(sum(|c| c.1), max(|c| c.1), lim as f64)),
             ];
             let max_output = max_tokens * requests;
-            let prices = model.map(|m| &m.prices);
-            let batch = cost(prices, &uncached_usage, max_output).map(|range| {
+            let batch = without_cache.map(|range| {
                 let discount = prices.map_or(1.0, |p| p.batch_discount);
                 CostRange {
                     low: range.low * discount,
@@ -196,8 +213,8 @@ pub fn estimate(
                     .collect(),
                 usage,
                 max_output_tokens: max_output,
-                with_cache: cost(prices, &usage, max_output),
-                without_cache: cost(prices, &uncached_usage, max_output),
+                with_cache,
+                without_cache,
                 batch,
                 least_duration: floors.into_iter().flatten().max().unwrap_or_default(),
             }

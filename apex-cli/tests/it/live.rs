@@ -392,7 +392,12 @@ async fn preflight_refuses_before_sending() {
     // A context too large for GPT-4o's 128K window (input + output).
     let big = live.sb.path("big");
     fs::create_dir_all(big.join("ctx-big")).unwrap();
-    fs::write(big.join("ctx-big/context.md"), "x".repeat(4 * 127_000)).unwrap();
+    // ~160K tokens of prose under o200k_base.
+    fs::write(
+        big.join("ctx-big/context.md"),
+        "The harbour log records tides and storms. ".repeat(20_000),
+    )
+    .unwrap();
     fs::write(big.join("ctx-big/prompt.md"), "Summarise.").unwrap();
     ok(live.sb.apex(&["ingest", big.to_str().unwrap()]));
     let before = live.sb.dump();
@@ -761,4 +766,96 @@ async fn export_round_trips_in_jsonl_and_csv() {
     assert_eq!(back.iter().filter(|r| r.replicate_index == 1).count(), 6);
     let out = live.apex(&["export", &run_id, "--format", "xml"]).await;
     assert_eq!(out.status.code(), Some(2));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn first_ctrl_c_finishes_in_flight_requests_and_stops() {
+    let live = Live::with(SimulatorConfig {
+        base_latency: std::time::Duration::from_secs(20),
+        ..SimulatorConfig::default()
+    })
+    .await;
+    let url = live.sb.url();
+    let mut argv = vec!["--database-url", url.as_str()];
+    argv.extend(args(&[
+        "--condition-slug",
+        "prod-sonnet45",
+        "--condition-slug",
+        "prod-gpt4o",
+        "--replicates",
+        "3",
+        "--concurrency",
+        "4",
+    ]));
+    let child = live
+        .sb
+        .command(&argv, &live.env())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let db = live.sb.db_path();
+    let running = || -> i64 {
+        let Ok(conn) =
+            rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        else {
+            return 0;
+        };
+        conn.query_row(
+            "SELECT COUNT(*) FROM generations WHERE status = 'running'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap_or(0)
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while running() == 0 {
+        assert!(std::time::Instant::now() < deadline, "nothing started");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("apex run --resume"),
+        "{}",
+        stderr(&out)
+    );
+    let run_id = run_id_from(&stdout(&out));
+    // In-flight requests finished and were stored; nothing is left running.
+    let rows = live.column(&format!("SELECT status || ' ' || COUNT(*) FROM apex_audition.generations WHERE run_id = '{run_id}' GROUP BY status ORDER BY 1")).await;
+    assert!(
+        rows.iter()
+            .all(|r| r.starts_with("pending") || r.starts_with("success")),
+        "{rows:?}"
+    );
+    let answered = live
+        .sim
+        .requests()
+        .iter()
+        .filter(|r| r.status == 200)
+        .count();
+    let success: usize = rows
+        .iter()
+        .find(|r| r.starts_with("success"))
+        .map_or(0, |r| r[8..].parse().unwrap());
+    assert!(
+        success >= 1 && success == answered,
+        "every answered request was stored: {success} vs {answered}"
+    );
+    let state = live
+        .column(&format!(
+            "SELECT state FROM apex_audition.runs WHERE run_id = '{run_id}'"
+        ))
+        .await;
+    assert_eq!(state, vec!["interrupted"]);
+    ok(live.apex(&args(&["--resume", &run_id])).await);
+    let done = live.column(&format!("SELECT COUNT(*) FROM apex_audition.generations WHERE run_id = '{run_id}' AND status = 'success'")).await;
+    assert_eq!(done, vec!["18"]);
 }
