@@ -64,6 +64,10 @@ pub enum Error {
     /// A statement given to the read-only SQL entry point that would write.
     #[error("refused: {0}")]
     ReadOnly(String),
+    /// A generation this process meant to send is no longer its to send:
+    /// it finished, or another process took its claim over.
+    #[error("generation {0} is finished or held by another process; it will not be sent")]
+    NotClaimable(i64),
     /// The store (database) failed.
     #[error("store: {message}")]
     Store {

@@ -195,6 +195,9 @@ struct AttemptDone {
     key: String,
     result: std::result::Result<Generated, AttemptError>,
     stored: Result<()>,
+    /// Not sent: the generation finished elsewhere or its claim was taken
+    /// over by another process (which sends it instead).
+    skipped: bool,
 }
 
 /// The dispatcher's queues.
@@ -612,11 +615,23 @@ impl Executor {
             let Some(joined) = joined else { continue };
             let done =
                 joined.map_err(|e| Error::store_msg(format!("a generation task failed: {e}")))?;
-            done.stored?;
             let condition = Arc::clone(&groups[done.job.group].condition);
             let now = Instant::now();
             let state = states.entry(condition.slug.clone()).or_default();
             state.in_flight -= 1;
+            if done.skipped {
+                tracing::warn!(
+                    generation = done.job.item.generation_id,
+                    "claim taken over by another process; not sent here"
+                );
+                limiter.settle(&done.reservation, Charge::default());
+                if done.job.leader {
+                    // The group was taken over whole.
+                    groups[done.job.group].items.clear();
+                }
+                continue;
+            }
+            done.stored?;
             let snapshot = match &done.result {
                 Ok(g) => g.rate_limits,
                 Err(e) => e.rate_limits,
@@ -802,7 +817,7 @@ impl Executor {
                 reservation: &mut reservation,
                 worker: &worker,
             };
-            let (result, stored) = attempt_once(
+            let (result, stored, skipped) = attempt_once(
                 store.as_ref(),
                 catalog.as_ref(),
                 progress.as_ref(),
@@ -821,6 +836,7 @@ impl Executor {
                 key,
                 result,
                 stored,
+                skipped,
             }
         });
     }
@@ -898,18 +914,24 @@ async fn attempt_once(
     attempt: u32,
     last_allowed: bool,
     sent: Sent<'_>,
-) -> (std::result::Result<Generated, AttemptError>, Result<()>) {
+) -> (
+    std::result::Result<Generated, AttemptError>,
+    Result<()>,
+    bool,
+) {
     let slug = request.condition.slug.clone();
     if let Err(e) = store
         .begin_attempt(item.generation_id, attempt, Some(sent.worker))
         .await
     {
+        let skipped = matches!(e, Error::NotClaimable(_));
         return (
             Err(AttemptError::new(
                 ErrorClass::Decode,
                 "not sent: the ledger refused the attempt",
             )),
-            Err(e),
+            if skipped { Ok(()) } else { Err(e) },
+            skipped,
         );
     }
     let started = Instant::now();
@@ -961,7 +983,7 @@ async fn attempt_once(
             stored
         }
     };
-    (result, stored)
+    (result, stored, false)
 }
 
 /// The delay before retry number `retry` (0-based): the server's

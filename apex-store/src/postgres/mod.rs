@@ -12,8 +12,10 @@ use apex_core::{
 };
 use async_trait::async_trait;
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::config::SslMode;
 use tokio_postgres::types::Type;
 use tokio_postgres::{NoTls, Row};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::error::StoreError;
 use crate::redact_url;
@@ -80,13 +82,23 @@ impl PostgresStore {
                         describe(&e)
                     ),
                 })?;
-        let manager = Manager::from_config(
-            config,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        let manager_config = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        // TLS when the URL asks for it (`?sslmode=require`), with the
+        // server's certificate verified against the Mozilla roots; the
+        // default (`prefer`) connects in plain text, as on a trusted network.
+        let manager = if config.get_ssl_mode() == SslMode::Require {
+            Manager::from_config(
+                config,
+                MakeRustlsConnect::with_webpki_roots(),
+                manager_config,
+            )
+        } else {
+            let mut config = config;
+            config.ssl_mode(SslMode::Disable);
+            Manager::from_config(config, NoTls, manager_config)
+        };
         let pool = Pool::builder(manager)
             .max_size(16)
             .build()
@@ -824,9 +836,7 @@ impl Store for PostgresStore {
             .await
             .map_err(pg)?;
         if n == 0 {
-            return Err(Error::store_msg(format!(
-                "generation {generation_id} is not pending or running, or another process holds it; it will not be sent"
-            )));
+            return Err(Error::NotClaimable(generation_id));
         }
         tx.execute(
             "INSERT INTO apex_audition.attempts (generation_id, attempt, started_at) VALUES ($1, $2, $3)",

@@ -1007,20 +1007,25 @@ impl Store for SqliteStore {
         let worker = worker.map(str::to_owned);
         self.write(move |tx| {
             let now = now_rfc3339();
-            let n = tx.prepare_cached("UPDATE apex_audition.generations SET status = 'running', attempts = ?2,
+            let n = tx
+                .prepare_cached(
+                    "UPDATE apex_audition.generations SET status = 'running', attempts = ?2,
                          started_at = COALESCE(started_at, ?3)
                      WHERE generation_id = ?1 AND status IN ('pending', 'running')
-                       AND (?4 IS NULL OR claimed_by IS NULL OR claimed_by = ?4)").db()?.execute(params![generation_id, attempt, now, worker],
+                       AND (?4 IS NULL OR claimed_by IS NULL OR claimed_by = ?4)",
                 )
+                .db()?
+                .execute(params![generation_id, attempt, now, worker])
                 .db()?;
             if n == 0 {
-                return Err(Error::store_msg(format!(
-                    "generation {generation_id} is not pending or running, or another process holds it; it will not be sent"
-                )));
+                return Err(Error::NotClaimable(generation_id));
             }
-            tx.prepare_cached("INSERT INTO apex_audition.attempts (generation_id, attempt, started_at)
-                 VALUES (?1, ?2, ?3)").db()?.execute(params![generation_id, attempt, now],
+            tx.prepare_cached(
+                "INSERT INTO apex_audition.attempts (generation_id, attempt, started_at)
+                 VALUES (?1, ?2, ?3)",
             )
+            .db()?
+            .execute(params![generation_id, attempt, now])
             .db()?;
             Ok(())
         })
