@@ -252,9 +252,63 @@ fn run_options(cmd: &RunCmd, cache: bool) -> Result<RunOptions> {
         time_scale: cmd.time_scale.unwrap_or(1.0),
         backoff_base: std::time::Duration::from_secs(1),
         limits: limits.shared_by(cmd.workers.unwrap_or(1)),
-        worker: apex_core::executor::default_worker(),
+        worker: worker_name(),
         claim_timeout: std::time::Duration::from_secs(cmd.claim_timeout.unwrap_or(60)),
     })
+}
+
+/// This machine's name, for worker names (Linux; `localhost` elsewhere).
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
+}
+
+/// `apex-HOST-PID-RANDOM`: unique per process, and telling which process on
+/// which machine holds a claim.
+fn worker_name() -> String {
+    let random = apex_core::executor::default_worker();
+    let suffix = random.rsplit('-').next().unwrap_or("0");
+    format!("apex-{}-{}-{suffix}", hostname(), std::process::id())
+}
+
+/// Claims held by processes of this machine that no longer exist (killed,
+/// crashed) are given back at once, so a resume need not wait out
+/// `--claim-timeout` for them. Other machines' claims wait for the timeout.
+async fn release_dead_local_claims(store: &dyn Store, run_id: &RunId) -> Result<()> {
+    if !Path::new("/proc/self").exists() {
+        return Ok(());
+    }
+    let host = hostname();
+    let me = std::process::id().to_string();
+    let holders = store
+        .query_read_only(&format!(
+            "SELECT DISTINCT claimed_by FROM apex_audition.generations
+             WHERE run_id = '{run_id}' AND status IN ('pending', 'running') AND claimed_by IS NOT NULL"
+        ))
+        .await?;
+    for row in holders.rows {
+        let worker = row[0].to_string();
+        let Some(rest) = worker.strip_prefix("apex-") else {
+            continue;
+        };
+        let mut parts = rest.rsplitn(3, '-');
+        let (_, pid, worker_host) = (parts.next(), parts.next(), parts.next());
+        let (Some(pid), Some(worker_host)) = (pid, worker_host) else {
+            continue;
+        };
+        if worker_host == host
+            && pid != me
+            && pid.chars().all(|c| c.is_ascii_digit())
+            && !Path::new(&format!("/proc/{pid}")).exists()
+        {
+            tracing::info!(%worker, "its process is gone; taking its claims back now");
+            store.release_claims(run_id, &worker).await?;
+        }
+    }
+    Ok(())
 }
 
 /// A request larger than a per-minute limit could never be sent.
@@ -375,6 +429,7 @@ async fn run(store: Arc<dyn Store>, cmd: RunCmd) -> Result<ExitCode> {
         println!("run {run_id} resumed");
     }
     let providers = providers_for(&conditions, true)?;
+    release_dead_local_claims(&*store, &run_id).await?;
     let options = run_options(&cmd, cache)?;
     let progress = Arc::new(RunProgress::new(std::time::Duration::from_secs(10)));
     let executor = Executor::new(

@@ -564,7 +564,11 @@ async fn sigkill_mid_batch_then_resume_sends_no_success_twice() {
         done_before.len()
     );
 
-    let out = live.apex(&args(&["--resume", &run_id])).await;
+    // A long claim timeout: the dead process's claims are taken back because
+    // its pid is gone on this machine, not because they timed out.
+    let out = live
+        .apex(&args(&["--resume", &run_id, "--claim-timeout", "100000"]))
+        .await;
     ok(out);
     assert_eq!(count("success"), 18, "every generation ends success");
     assert_eq!(count("running") + count("pending") + count("error"), 0);
