@@ -397,3 +397,23 @@ proptest! {
         })?;
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn x_should_retry_false_is_not_retried() {
+    let s = setup(1, 2000, 1, 200).await;
+    let fake = FakeProvider::new(ProviderKind::Anthropic, Duration::from_secs(1));
+    let mut error = AttemptError::new(ErrorClass::ServerError, "api_error: boom");
+    error.http_status = Some(500);
+    error.server_refuses_retry = true;
+    fake.failures.lock().unwrap().push_back(error);
+    let report = execute(
+        &s,
+        Arc::clone(&fake),
+        RunOptions {
+            limits: LimitTable::none(),
+            ..RunOptions::default()
+        },
+    )
+    .await;
+    assert_eq!((report.counts.error, fake.calls().len()), (1, 1));
+}

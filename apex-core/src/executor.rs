@@ -677,7 +677,7 @@ impl Executor {
                             limiter.pause(&done.key, now + wait);
                         }
                     }
-                    let will_retry = error.class.is_retryable() && done.job.tries < max_tries;
+                    let will_retry = error.is_retryable() && done.job.tries < max_tries;
                     if error.class.is_fatal_for_condition() {
                         let reason = error.to_string();
                         if state.stopped.is_none() {
@@ -961,7 +961,7 @@ async fn attempt_once(
             stored
         }
         Err(error) => {
-            let last = last_allowed || !error.class.is_retryable();
+            let last = last_allowed || !error.is_retryable();
             let end = AttemptEnd::Failed {
                 class: error.class,
                 message: error.to_string(),

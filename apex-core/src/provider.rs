@@ -212,6 +212,8 @@ pub struct AttemptError {
     pub request_id: Option<String>,
     /// Rate-limit headers of the response.
     pub rate_limits: RateLimitSnapshot,
+    /// The server said not to retry (`x-should-retry: false`).
+    pub server_refuses_retry: bool,
 }
 
 impl AttemptError {
@@ -224,7 +226,15 @@ impl AttemptError {
             retry_after: None,
             request_id: None,
             rate_limits: RateLimitSnapshot::default(),
+            server_refuses_retry: false,
         }
+    }
+
+    /// Whether another attempt may succeed: the class allows it and the
+    /// server did not say otherwise. (A server's `x-should-retry: true`
+    /// never makes a permanent error retryable.)
+    pub fn is_retryable(&self) -> bool {
+        self.class.is_retryable() && !self.server_refuses_retry
     }
 }
 

@@ -184,6 +184,7 @@ impl<W: Wire> Provider for HttpProvider<W> {
                 retry_after: None,
                 request_id: request_id.clone(),
                 rate_limits,
+                server_refuses_retry: false,
             })?;
             return Ok(Generated {
                 text: parsed.text,
@@ -196,6 +197,10 @@ impl<W: Wire> Provider for HttpProvider<W> {
             });
         }
         let (class, message) = W::classify(status, &bytes);
+        let server_refuses_retry = headers
+            .get("x-should-retry")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("false"));
         Err(AttemptError {
             class,
             message: key.scrub(&message),
@@ -203,6 +208,7 @@ impl<W: Wire> Provider for HttpProvider<W> {
             retry_after: crate::headers::retry_after(&headers),
             request_id,
             rate_limits,
+            server_refuses_retry,
         })
     }
 }

@@ -116,6 +116,13 @@ async fn error_bodies_and_headers_reach_the_classifier() {
         p.generate(&req).await.unwrap_err().class,
         ErrorClass::QuotaExhausted
     );
+    // The server's word against retrying is kept.
+    sim.push_fault(
+        None,
+        Fault::openai(500, "server_error", None, "boom").with_header("x-should-retry", "false"),
+    );
+    let e = p.generate(&req).await.unwrap_err();
+    assert!(e.class.is_retryable() && e.server_refuses_retry && !e.is_retryable());
     sim.push_fault(None, Fault::Drop);
     let e = p.generate(&req).await.unwrap_err();
     assert_eq!((e.class, e.http_status), (ErrorClass::Transport, None));
