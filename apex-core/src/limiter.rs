@@ -530,7 +530,16 @@ impl RateLimiter {
                 .map(|e| e.amounts[d].max(e.reserved[d]))
                 .sum();
             let expected_remaining = limit.saturating_sub(counted);
-            let slack = limit / 20;
+            // One request counted a moment earlier or later by the server
+            // than here must not look like outside use: the slack is the
+            // larger of 5% of the limit and the largest request in view.
+            let largest = bucket
+                .entries
+                .iter()
+                .map(|e| e.amounts[d].max(e.reserved[d]))
+                .max()
+                .unwrap_or(0);
+            let slack = (limit / 20).max(largest);
             if remaining + slack < expected_remaining {
                 outside[d] = expected_remaining - remaining - slack;
             }
@@ -644,7 +653,9 @@ mod tests {
             panic!()
         };
         // The server says only 20,000 input tokens remain: 70,000 are used by
-        // someone else (beyond a 5% slack), and it reports a lower RPM.
+        // someone else; 60,000 of them count beyond the slack (the larger of
+        // 5% and the largest request in view, 10,000). It also reports a
+        // lower RPM.
         let snapshot = RateLimitSnapshot {
             requests: Some(LimitBucket {
                 limit: Some(50),
@@ -660,13 +671,13 @@ mod tests {
         };
         l.observe("k", ProviderKind::Anthropic, &snapshot, now, now);
         let used = l.usage("k", now).unwrap();
-        assert_eq!(used[1], 10_000 + 65_000);
+        assert_eq!(used[1], 10_000 + 60_000);
         assert!(matches!(
-            l.try_reserve("k", charge(30_000, 10), now),
+            l.try_reserve("k", charge(30_001, 10), now),
             Admission::Wait(_)
         ));
         assert!(matches!(
-            l.try_reserve("k", charge(20_000, 10), now),
+            l.try_reserve("k", charge(25_000, 10), now),
             Admission::Granted(_)
         ));
         // Headers that agree with our own view change nothing.

@@ -137,10 +137,11 @@ pub trait Store: Send + Sync {
     async fn work_items(&self, run_id: &RunId, include_errors: bool) -> Result<Vec<WorkItem>>;
 
     /// Claims up to `max_groups` more (condition, context) groups of the
-    /// run's remaining work for `worker`, taking over claims older than
+    /// run's remaining work for `worker` and records its heartbeat, taking
+    /// over the claims of workers whose heartbeat is older than
     /// `stale_before` (RFC 3339: their process stopped renewing). Returns
     /// every unfinished generation `worker` holds, and how many unfinished
-    /// generations live claims of other workers hold.
+    /// generations live workers hold.
     async fn claim_work(
         &self,
         run_id: &RunId,
@@ -149,7 +150,8 @@ pub trait Store: Send + Sync {
         stale_before: &str,
     ) -> Result<Claim>;
 
-    /// Keeps `worker`'s claims alive.
+    /// Keeps `worker`'s claims alive: one heartbeat write, however many
+    /// generations it holds.
     async fn renew_claims(&self, run_id: &RunId, worker: &str) -> Result<()>;
 
     /// Gives back `worker`'s unfinished generations (on a clean exit).

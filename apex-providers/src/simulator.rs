@@ -646,11 +646,13 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Repl
         ProviderKind::Anthropic => header("x-api-key"),
     };
     let has_version = header("anthropic-version").is_some();
+    // A request counts from its arrival, before its body is read, as the
+    // real services count it.
+    let arrived_at = Instant::now();
     let bytes = match req.into_body().collect().await {
         Ok(b) => b.to_bytes(),
         Err(_) => return Err(DropConnection),
     };
-    let arrived_at = Instant::now();
     let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
     if provider == ProviderKind::OpenAi {
         // Count large texts before taking the lock (the counts are
@@ -815,7 +817,9 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Repl
             ));
         }
         // Cache: hit if an entry written by a *completed* request is alive.
-        let now = Instant::now();
+        // Limits are charged at arrival (entries may come in a little out
+        // of order, so expired ones are dropped wherever they are).
+        let now = arrived_at;
         let hit = parsed
             .cache_key
             .as_ref()
@@ -842,13 +846,7 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Repl
             ProviderKind::OpenAi => (total_input + parsed.max_tokens, 0),
         };
         let w = s.windows.entry(key.clone()).or_default();
-        while w
-            .entries
-            .front()
-            .is_some_and(|(t, ..)| now.duration_since(*t) >= window)
-        {
-            w.entries.pop_front();
-        }
+        w.entries.retain(|(t, ..)| now.duration_since(*t) < window);
         let used = w.entries.iter().fold((0, 0, 0), |acc, (_, r, i, o)| {
             (acc.0 + r, acc.1 + i, acc.2 + o)
         });

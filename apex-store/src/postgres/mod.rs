@@ -24,6 +24,7 @@ use crate::sqlite::check_read_only_keyword;
 const MIGRATIONS: &[(&str, &str)] = &[
     ("init", include_str!("0001_init.sql")),
     ("o200k_tokens", include_str!("0002_o200k_tokens.sql")),
+    ("workers", include_str!("0003_workers.sql")),
 ];
 
 type CoreResult<T> = apex_core::Result<T>;
@@ -709,14 +710,26 @@ impl Store for PostgresStore {
         .await
         .map_err(pg)?;
         let now = now_rfc3339();
-        let claimable = "status IN ('pending', 'running')
-             AND (claimed_by IS NULL OR claimed_by = $2 OR claimed_at < $3)";
+        tx.execute(
+            "INSERT INTO apex_audition.workers (worker, run_id, started_at, heartbeat_at) VALUES ($1, $2, $3, $3)
+             ON CONFLICT (worker) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+            &[&worker, &run_id.as_str(), &now],
+        )
+        .await
+        .map_err(pg)?;
+        // Claimable: unclaimed, or held by a worker whose heartbeat is stale
+        // (or unknown).
+        let claimable =
+            "g.status IN ('pending', 'running') AND g.claimed_by IS DISTINCT FROM $2 AND (
+             g.claimed_by IS NULL OR NOT EXISTS (
+                 SELECT 1 FROM apex_audition.workers w
+                 WHERE w.worker = g.claimed_by AND w.heartbeat_at >= $3))";
         let groups = tx
             .query(
                 &format!(
-                    "SELECT condition_slug, prompt_id FROM apex_audition.generations
-                     WHERE run_id = $1 AND {claimable} AND (claimed_by IS NULL OR claimed_by <> $2)
-                     GROUP BY condition_slug, prompt_id ORDER BY MIN(generation_id) LIMIT $4"
+                    "SELECT g.condition_slug, g.prompt_id FROM apex_audition.generations g
+                     WHERE g.run_id = $1 AND {claimable}
+                     GROUP BY g.condition_slug, g.prompt_id ORDER BY MIN(g.generation_id) LIMIT $4"
                 ),
                 &[
                     &run_id.as_str(),
@@ -727,21 +740,14 @@ impl Store for PostgresStore {
             )
             .await
             .map_err(pg)?;
-        for g in &groups {
-            let (slug, prompt): (String, String) = (g.get(0), g.get(1));
+        for group in &groups {
+            let (slug, prompt): (String, String) = (group.get(0), group.get(1));
             tx.execute(
                 &format!(
-                    "UPDATE apex_audition.generations SET claimed_by = $2, claimed_at = $5
-                     WHERE run_id = $1 AND {claimable} AND condition_slug = $4 AND prompt_id = $6"
+                    "UPDATE apex_audition.generations AS g SET claimed_by = $2, claimed_at = $5
+                     WHERE g.run_id = $1 AND {claimable} AND g.condition_slug = $4 AND g.prompt_id = $6"
                 ),
-                &[
-                    &run_id.as_str(),
-                    &worker,
-                    &stale_before,
-                    &slug,
-                    &now,
-                    &prompt,
-                ],
+                &[&run_id.as_str(), &worker, &stale_before, &slug, &now, &prompt],
             )
             .await
             .map_err(pg)?;
@@ -761,9 +767,10 @@ impl Store for PostgresStore {
             .collect();
         let held_by_others: i64 = tx
             .query_one(
-                "SELECT COUNT(*) FROM apex_audition.generations
-                 WHERE run_id = $1 AND status IN ('pending', 'running')
-                   AND claimed_by IS NOT NULL AND claimed_by <> $2 AND claimed_at >= $3",
+                "SELECT COUNT(*) FROM apex_audition.generations g
+                 JOIN apex_audition.workers w ON w.worker = g.claimed_by
+                 WHERE g.run_id = $1 AND g.status IN ('pending', 'running')
+                   AND g.claimed_by <> $2 AND w.heartbeat_at >= $3",
                 &[&run_id.as_str(), &worker, &stale_before],
             )
             .await
@@ -780,9 +787,9 @@ impl Store for PostgresStore {
         let client = self.client().await?;
         client
             .execute(
-                "UPDATE apex_audition.generations SET claimed_at = $3
-                 WHERE run_id = $1 AND claimed_by = $2 AND status IN ('pending', 'running')",
-                &[&run_id.as_str(), &worker, &now_rfc3339()],
+                "INSERT INTO apex_audition.workers (worker, run_id, started_at, heartbeat_at) VALUES ($1, $2, $3, $3)
+                 ON CONFLICT (worker) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+                &[&worker, &run_id.as_str(), &now_rfc3339()],
             )
             .await
             .map_err(pg)?;
@@ -790,16 +797,22 @@ impl Store for PostgresStore {
     }
 
     async fn release_claims(&self, run_id: &RunId, worker: &str) -> CoreResult<()> {
-        let client = self.client().await?;
-        client
-            .execute(
-                "UPDATE apex_audition.generations SET claimed_by = NULL, claimed_at = NULL
-                 WHERE run_id = $1 AND claimed_by = $2 AND status IN ('pending', 'running')",
-                &[&run_id.as_str(), &worker],
-            )
-            .await
-            .map_err(pg)?;
-        Ok(())
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg)?;
+        tx.execute(
+            "UPDATE apex_audition.generations SET claimed_by = NULL, claimed_at = NULL
+             WHERE run_id = $1 AND claimed_by = $2 AND status IN ('pending', 'running')",
+            &[&run_id.as_str(), &worker],
+        )
+        .await
+        .map_err(pg)?;
+        tx.execute(
+            "DELETE FROM apex_audition.workers WHERE worker = $1",
+            &[&worker],
+        )
+        .await
+        .map_err(pg)?;
+        tx.commit().await.map_err(pg)
     }
 
     async fn reset_errors(&self, run_id: &RunId) -> CoreResult<u64> {

@@ -22,6 +22,7 @@ use crate::error::StoreError;
 const MIGRATIONS: &[(&str, &str)] = &[
     ("init", include_str!("0001_init.sql")),
     ("o200k_tokens", include_str!("0002_o200k_tokens.sql")),
+    ("workers", include_str!("0003_workers.sql")),
 ];
 
 /// The newest schema version this build knows.
@@ -901,13 +902,24 @@ impl Store for SqliteStore {
         self.call(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).db()?;
             let now = now_rfc3339();
-            const CLAIMABLE: &str = "status IN ('pending', 'running')
-                 AND (claimed_by IS NULL OR claimed_by = ?2 OR claimed_at < ?3)";
+            tx.prepare_cached(
+                "INSERT INTO apex_audition.workers (worker, run_id, started_at, heartbeat_at) VALUES (?1, ?2, ?3, ?3)
+                 ON CONFLICT (worker) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+            )
+            .db()?
+            .execute(params![worker, run_id.as_str(), now])
+            .db()?;
+            // Claimable: unclaimed, or held by a worker whose heartbeat is
+            // stale (or unknown).
+            const CLAIMABLE: &str = "g.status IN ('pending', 'running') AND g.claimed_by IS NOT ?2 AND (
+                 g.claimed_by IS NULL OR NOT EXISTS (
+                     SELECT 1 FROM apex_audition.workers w
+                     WHERE w.worker = g.claimed_by AND w.heartbeat_at >= ?3))";
             let groups: Vec<(String, String)> = tx
                 .prepare_cached(&format!(
-                    "SELECT condition_slug, prompt_id FROM apex_audition.generations
-                     WHERE run_id = ?1 AND {CLAIMABLE} AND (claimed_by IS NULL OR claimed_by <> ?2)
-                     GROUP BY condition_slug, prompt_id ORDER BY MIN(generation_id) LIMIT ?4"
+                    "SELECT g.condition_slug, g.prompt_id FROM apex_audition.generations g
+                     WHERE g.run_id = ?1 AND {CLAIMABLE}
+                     GROUP BY g.condition_slug, g.prompt_id ORDER BY MIN(g.generation_id) LIMIT ?4"
                 ))
                 .db()?
                 .query_map(params![run_id.as_str(), worker, stale, max_groups], |r| Ok((r.get(0)?, r.get(1)?)))
@@ -916,8 +928,8 @@ impl Store for SqliteStore {
                 .db()?;
             for (slug, prompt) in &groups {
                 tx.prepare_cached(&format!(
-                    "UPDATE apex_audition.generations SET claimed_by = ?2, claimed_at = ?5
-                     WHERE run_id = ?1 AND {CLAIMABLE} AND condition_slug = ?4 AND prompt_id = ?6"
+                    "UPDATE apex_audition.generations AS g SET claimed_by = ?2, claimed_at = ?5
+                     WHERE g.run_id = ?1 AND {CLAIMABLE} AND g.condition_slug = ?4 AND g.prompt_id = ?6"
                 ))
                 .db()?
                 .execute(params![run_id.as_str(), worker, stale, slug, now, prompt])
@@ -938,9 +950,10 @@ impl Store for SqliteStore {
                 .db()?;
             let held_by_others: u64 = tx
                 .query_row(
-                    "SELECT COUNT(*) FROM apex_audition.generations
-                     WHERE run_id = ?1 AND status IN ('pending', 'running')
-                       AND claimed_by IS NOT NULL AND claimed_by <> ?2 AND claimed_at >= ?3",
+                    "SELECT COUNT(*) FROM apex_audition.generations g
+                     JOIN apex_audition.workers w ON w.worker = g.claimed_by
+                     WHERE g.run_id = ?1 AND g.status IN ('pending', 'running')
+                       AND g.claimed_by <> ?2 AND w.heartbeat_at >= ?3",
                     params![run_id.as_str(), worker, stale],
                     |r| r.get(0),
                 )
@@ -955,11 +968,11 @@ impl Store for SqliteStore {
         let (run_id, worker) = (run_id.clone(), worker.to_owned());
         self.write(move |tx| {
             tx.prepare_cached(
-                "UPDATE apex_audition.generations SET claimed_at = ?3
-                 WHERE run_id = ?1 AND claimed_by = ?2 AND status IN ('pending', 'running')",
+                "INSERT INTO apex_audition.workers (worker, run_id, started_at, heartbeat_at) VALUES (?1, ?2, ?3, ?3)
+                 ON CONFLICT (worker) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
             )
             .db()?
-            .execute(params![run_id.as_str(), worker, now_rfc3339()])
+            .execute(params![worker, run_id.as_str(), now_rfc3339()])
             .db()?;
             Ok(())
         })
@@ -976,6 +989,10 @@ impl Store for SqliteStore {
             .db()?
             .execute(params![run_id.as_str(), worker])
             .db()?;
+            tx.prepare_cached("DELETE FROM apex_audition.workers WHERE worker = ?1")
+                .db()?
+                .execute(params![worker])
+                .db()?;
             Ok(())
         })
         .await
