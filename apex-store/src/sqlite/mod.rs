@@ -461,6 +461,18 @@ impl Store for SqliteStore {
                     .optional()
                     .db()?;
                 let params = c.params_json();
+                // The same nine values insert a new condition or replace an unused one.
+                let values = params![
+                    c.slug,
+                    c.provider.as_str(),
+                    c.model,
+                    c.temperature,
+                    c.top_p,
+                    c.max_tokens,
+                    c.reasoning_effort,
+                    params,
+                    now
+                ];
                 match existing {
                     Some(old) if old.params_json() == params => {
                         report.unchanged.push(c.slug.clone());
@@ -488,17 +500,7 @@ impl Store for SqliteStore {
                                  temperature = ?4, top_p = ?5, max_tokens = ?6,
                                  reasoning_effort = ?7, params_json = ?8, updated_at = ?9
                              WHERE slug = ?1",
-                            params![
-                                c.slug,
-                                c.provider.as_str(),
-                                c.model,
-                                c.temperature,
-                                c.top_p,
-                                c.max_tokens,
-                                c.reasoning_effort,
-                                params,
-                                now
-                            ],
+                            values,
                         )
                         .db()?;
                         report.updated.push(c.slug.clone());
@@ -509,17 +511,7 @@ impl Store for SqliteStore {
                                  temperature, top_p, max_tokens, reasoning_effort, params_json,
                                  created_at, updated_at)
                              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9)",
-                            params![
-                                c.slug,
-                                c.provider.as_str(),
-                                c.model,
-                                c.temperature,
-                                c.top_p,
-                                c.max_tokens,
-                                c.reasoning_effort,
-                                params,
-                                now
-                            ],
+                            values,
                         )
                         .db()?;
                         report.added.push(c.slug.clone());
