@@ -3,7 +3,8 @@
 # contexts x 3 replicates) on the embedded SQLite ledger ./apex.db, sent over
 # real HTTP to Apex's local simulator of both APIs (prompt cache, rate-limit
 # headers and 5% transient faults that Apex retries), ending with the status
-# table. Nothing leaves the machine and no API key is needed.
+# tables and the cost report. Nothing leaves the machine and no API key is
+# needed.
 #
 # Against the real APIs, run the same apex commands without the simulator,
 # with OPENAI_API_KEY and ANTHROPIC_API_KEY set and without --time-scale.
@@ -28,4 +29,7 @@ apex ingest examples/production/contexts
 apex run --condition-slug prod-gpt5 --condition-slug prod-gpt4o \
   --condition-slug prod-sonnet45 --condition-slug prod-opus41 \
   --replicates 3 --verify-first --time-scale "$scale" \
-  --created-by "${USER:-apex}" --notes "Production batch (offline simulator)"
+  --created-by "${USER:-apex}" --notes "Production batch (offline simulator)" | tee "$work/run.out"
+run_id=$(awk '/^run .* started/ {print $2; exit}' "$work/run.out")
+echo
+apex cost "$run_id"
