@@ -417,3 +417,38 @@ async fn x_should_retry_false_is_not_retried() {
     .await;
     assert_eq!((report.counts.error, fake.calls().len()), (1, 1));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_request_that_can_never_fit_is_refused_not_waited_for() {
+    // A 4,000-token leader against a 3,000 ITPM limit, as a --resume with
+    // tighter limits would meet it.
+    let s = setup(1, 4000, 1, 200).await;
+    let fake = FakeProvider::new(ProviderKind::Anthropic, Duration::from_secs(1));
+    let mut providers: HashMap<ProviderKind, Arc<dyn Provider>> = HashMap::new();
+    providers.insert(ProviderKind::Anthropic, fake.clone());
+    let store: Arc<dyn Store> = s.store.clone();
+    let options = RunOptions {
+        limits: limits(100, 3000, 100_000),
+        ..RunOptions::default()
+    };
+    let executor = Executor::new(
+        store,
+        providers,
+        Arc::new(Catalog::built_in()),
+        options,
+        Arc::new(NoProgress),
+    );
+    let (_tx, rx) = tokio::sync::watch::channel(false);
+    let report = executor.execute(&s.run_id, false, rx).await.unwrap();
+    assert_eq!(report.stopped.len(), 1);
+    assert!(
+        report.stopped[0].1.contains("can never be sent"),
+        "{:?}",
+        report.stopped
+    );
+    assert!(fake.calls().is_empty());
+    assert_eq!(
+        report.counts.pending, 1,
+        "left pending for a resume with the right limits"
+    );
+}

@@ -518,6 +518,22 @@ impl Executor {
                     }
                 };
                 let charge = self.charge(&condition, split, !leader);
+                // Planning refuses these, but limits can change on --resume
+                // or from headers: never wait for what can never fit. The
+                // condition stops, as for any error its every request shares.
+                if let Err(problem) = limiter.check_fits(&key, charge) {
+                    let reason = format!("context `{}`: {problem}", groups[g].prompt_id);
+                    tracing::error!(condition = %condition.slug, %reason, "condition stopped");
+                    self.progress.event(&ProgressEvent::ConditionStopped {
+                        condition: condition.slug.clone(),
+                        reason: reason.clone(),
+                    });
+                    report
+                        .stopped
+                        .push((condition.slug.clone(), reason.clone()));
+                    state.stopped = Some(reason);
+                    continue;
+                }
                 let reservation = match limiter.try_reserve(&key, charge, now) {
                     Admission::Granted(r) => r,
                     Admission::Wait(until) => {
