@@ -452,3 +452,187 @@ async fn a_request_that_can_never_fit_is_refused_not_waited_for() {
         "left pending for a resume with the right limits"
     );
 }
+
+/// The SQLite store, except that recording the end of one chosen generation
+/// fails, as a full disk or a lost database connection would.
+struct FailingEnd {
+    inner: Arc<SqliteStore>,
+    fail_for: i64,
+}
+
+#[async_trait]
+impl Store for FailingEnd {
+    fn backend(&self) -> &'static str {
+        "failing"
+    }
+    async fn register_conditions(
+        &self,
+        c: &[Condition],
+    ) -> apex::core::Result<apex::core::RegisterReport> {
+        self.inner.register_conditions(c).await
+    }
+    async fn conditions(&self) -> apex::core::Result<Vec<apex::core::ConditionInfo>> {
+        self.inner.conditions().await
+    }
+    async fn condition(&self, slug: &str) -> apex::core::Result<Condition> {
+        self.inner.condition(slug).await
+    }
+    async fn ingest_packages(
+        &self,
+        p: &[ContextPackage],
+    ) -> apex::core::Result<apex::core::IngestReport> {
+        self.inner.ingest_packages(p).await
+    }
+    async fn current_packages(&self) -> apex::core::Result<Vec<apex::core::PackageRef>> {
+        self.inner.current_packages().await
+    }
+    async fn package(&self, id: &str, version: &str) -> apex::core::Result<ContextPackage> {
+        self.inner.package(id, version).await
+    }
+    async fn create_run(&self, run: &NewRun, plan: &Plan) -> apex::core::Result<()> {
+        self.inner.create_run(run, plan).await
+    }
+    async fn run(&self, run_id: &RunId) -> apex::core::Result<apex::core::RunInfo> {
+        self.inner.run(run_id).await
+    }
+    async fn runs(&self) -> apex::core::Result<Vec<apex::core::RunInfo>> {
+        self.inner.runs().await
+    }
+    async fn run_conditions(&self, run_id: &RunId) -> apex::core::Result<Vec<Condition>> {
+        self.inner.run_conditions(run_id).await
+    }
+    async fn set_run_state(
+        &self,
+        run_id: &RunId,
+        state: apex::core::RunState,
+    ) -> apex::core::Result<()> {
+        self.inner.set_run_state(run_id, state).await
+    }
+    async fn work_items(
+        &self,
+        run_id: &RunId,
+        errors: bool,
+    ) -> apex::core::Result<Vec<apex::core::WorkItem>> {
+        self.inner.work_items(run_id, errors).await
+    }
+    async fn claim_work(
+        &self,
+        run_id: &RunId,
+        worker: &str,
+        max: u32,
+        stale: &str,
+    ) -> apex::core::Result<apex::core::Claim> {
+        self.inner.claim_work(run_id, worker, max, stale).await
+    }
+    async fn renew_claims(&self, run_id: &RunId, worker: &str) -> apex::core::Result<()> {
+        self.inner.renew_claims(run_id, worker).await
+    }
+    async fn release_claims(&self, run_id: &RunId, worker: &str) -> apex::core::Result<()> {
+        self.inner.release_claims(run_id, worker).await
+    }
+    async fn reset_errors(&self, run_id: &RunId) -> apex::core::Result<u64> {
+        self.inner.reset_errors(run_id).await
+    }
+    async fn begin_attempt(
+        &self,
+        id: i64,
+        attempt: u32,
+        worker: Option<&str>,
+    ) -> apex::core::Result<()> {
+        self.inner.begin_attempt(id, attempt, worker).await
+    }
+    async fn end_attempt(
+        &self,
+        id: i64,
+        attempt: u32,
+        end: &apex::core::AttemptEnd,
+    ) -> apex::core::Result<()> {
+        if id == self.fail_for {
+            return Err(apex::core::Error::store_msg("disk full"));
+        }
+        self.inner.end_attempt(id, attempt, end).await
+    }
+    async fn error_rows(&self, run_id: &RunId) -> apex::core::Result<Vec<apex::core::ErrorRow>> {
+        self.inner.error_rows(run_id).await
+    }
+    async fn generations_page(
+        &self,
+        run_id: &RunId,
+        after: i64,
+        limit: u32,
+    ) -> apex::core::Result<Vec<apex::core::GenerationRow>> {
+        self.inner.generations_page(run_id, after, limit).await
+    }
+    async fn query_read_only(&self, sql: &str) -> apex::core::Result<apex::core::QueryResult> {
+        self.inner.query_read_only(sql).await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_ledger_failure_stops_new_work_but_stores_what_is_in_flight() {
+    // ctx-00 goes alone (the condition's first request); then ctx-01 and
+    // ctx-02 go together, and storing ctx-01 fails while ctx-02 is in flight.
+    let s = setup(4, 2000, 1, 200).await;
+    let ids: Vec<i64> = {
+        let mut v: Vec<(i64, u32)> = s.cells.iter().map(|(id, (ctx, _))| (*id, *ctx)).collect();
+        v.sort_by_key(|(_, ctx)| *ctx);
+        v.into_iter().map(|(id, _)| id).collect()
+    };
+    let fake = FakeProvider::new(ProviderKind::Anthropic, Duration::from_secs(1));
+    fake.latencies.lock().unwrap().extend([
+        Duration::from_secs(1),
+        Duration::from_secs(1),
+        Duration::from_secs(5),
+    ]);
+    let store: Arc<dyn Store> = Arc::new(FailingEnd {
+        inner: Arc::clone(&s.store),
+        fail_for: ids[1],
+    });
+    let mut providers: HashMap<ProviderKind, Arc<dyn Provider>> = HashMap::new();
+    providers.insert(ProviderKind::Anthropic, fake.clone());
+    let options = RunOptions {
+        concurrency: 2,
+        limits: LimitTable::none(),
+        ..RunOptions::default()
+    };
+    let executor = Executor::new(
+        store,
+        providers,
+        Arc::new(Catalog::built_in()),
+        options,
+        Arc::new(NoProgress),
+    );
+    let (_tx, rx) = tokio::sync::watch::channel(false);
+    let err = executor.execute(&s.run_id, false, rx).await.unwrap_err();
+    assert!(err.to_string().contains("disk full"), "{err}");
+    let status = |id: i64| {
+        let store = Arc::clone(&s.store);
+        async move {
+            store
+                .query_read_only(&format!(
+                    "SELECT status FROM apex_audition.generations WHERE generation_id = {id}"
+                ))
+                .await
+                .unwrap()
+                .rows[0][0]
+                .to_string()
+        }
+    };
+    assert_eq!(status(ids[0]).await, "success");
+    assert_eq!(
+        status(ids[1]).await,
+        "running",
+        "its response could not be stored; a resume sends it again"
+    );
+    assert_eq!(
+        status(ids[2]).await,
+        "success",
+        "the request in flight finished and was stored"
+    );
+    assert_eq!(
+        status(ids[3]).await,
+        "pending",
+        "nothing new started after the failure"
+    );
+    assert_eq!(fake.calls().len(), 3);
+}

@@ -438,6 +438,22 @@ impl Executor {
             HashSet::new()
         };
 
+        // A ledger failure stops new work, but requests already in flight
+        // are paid for: they finish and are stored before the error returns.
+        let mut failure: Option<Error> = None;
+        macro_rules! or_stop {
+            ($result:expr) => {
+                match $result {
+                    Ok(value) => value,
+                    Err(error) => {
+                        tracing::error!(%error, "stopping: letting {} request(s) in flight finish", tasks.len());
+                        failure.get_or_insert(error);
+                        stopping = true;
+                        continue;
+                    }
+                }
+            };
+        }
         loop {
             let now = Instant::now();
             if !stopping
@@ -445,19 +461,20 @@ impl Executor {
                 && queues.leaders.len() < self.options.concurrency.max(1)
                 && (!claims_exhausted || now >= next_claim)
             {
-                let claim = self
-                    .store
-                    .claim_work(run_id, &worker, claim_batch, &stale_before(lease))
-                    .await?;
+                let claim = or_stop!(
+                    self.store
+                        .claim_work(run_id, &worker, claim_batch, &stale_before(lease))
+                        .await
+                );
                 others_hold = claim.held_by_others;
-                let added = absorb(claim.items, &mut groups, &mut queues.leaders)?;
+                let added = or_stop!(absorb(claim.items, &mut groups, &mut queues.leaders));
                 claims_exhausted = added == 0;
                 // With nothing new, look again later: another process may
                 // finish, or die and leave its claims to be taken over.
                 next_claim = now + lease / 3;
             }
             if now >= next_renew {
-                self.store.renew_claims(run_id, &worker).await?;
+                or_stop!(self.store.renew_claims(run_id, &worker).await);
                 next_renew = now + lease / 3;
             }
             let mut wake: Option<Instant> = None;
@@ -502,7 +519,7 @@ impl Executor {
                 if blocked.contains(&key) {
                     continue;
                 }
-                let package = self.package(&mut packages, &groups[g]).await?;
+                let package = or_stop!(self.package(&mut packages, &groups[g]).await);
                 let tokenizer = Tokenizer::for_provider(condition.provider);
                 let split = match splits.get(&(package.version().to_owned(), tokenizer)) {
                     Some(split) => *split,
@@ -510,9 +527,13 @@ impl Executor {
                         // Exact counts of a large context take a moment: off
                         // the async threads, once per (context, tokenizer).
                         let counted = Arc::clone(&package);
-                        let split = tokio::task::spawn_blocking(move || tokenizer.split(&counted))
-                            .await
-                            .map_err(|e| Error::store_msg(format!("token counting failed: {e}")))?;
+                        let split = or_stop!(
+                            tokio::task::spawn_blocking(move || tokenizer.split(&counted))
+                                .await
+                                .map_err(|e| Error::store_msg(format!(
+                                    "token counting failed: {e}"
+                                )))
+                        );
                         splits.insert((package.version().to_owned(), tokenizer), split);
                         split
                     }
@@ -629,8 +650,9 @@ impl Executor {
                 }
             };
             let Some(joined) = joined else { continue };
-            let done =
-                joined.map_err(|e| Error::store_msg(format!("a generation task failed: {e}")))?;
+            let done = or_stop!(
+                joined.map_err(|e| Error::store_msg(format!("a generation task failed: {e}")))
+            );
             let condition = Arc::clone(&groups[done.job.group].condition);
             let now = Instant::now();
             let state = states.entry(condition.slug.clone()).or_default();
@@ -647,7 +669,7 @@ impl Executor {
                 }
                 continue;
             }
-            done.stored?;
+            or_stop!(done.stored);
             let snapshot = match &done.result {
                 Ok(g) => g.rate_limits,
                 Err(e) => e.rate_limits,
@@ -750,6 +772,15 @@ impl Executor {
             }
         }
 
+        if let Some(error) = failure {
+            // Best effort: the ledger has just failed.
+            let _ = self.store.release_claims(run_id, &worker).await;
+            let _ = self
+                .store
+                .set_run_state(run_id, RunState::Interrupted)
+                .await;
+            return Err(error);
+        }
         // Retries that will not happen hand their generation back as pending.
         for (_, job) in queues.retries.drain(..) {
             self.store
