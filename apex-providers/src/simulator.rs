@@ -143,8 +143,9 @@ pub struct RequestRecord {
     pub cache_read_tokens: u64,
     /// Cache-write tokens reported.
     pub cache_write_tokens: u64,
-    /// The parsed body (kept for schema assertions in tests).
-    pub body: Value,
+    /// The parsed body (kept for schema assertions in tests; shared, not
+    /// copied, since a body can be half a megabyte).
+    pub body: Arc<Value>,
     /// When it arrived, from the simulator's start.
     pub arrived: Duration,
     /// When it was answered, from the simulator's start.
@@ -653,11 +654,11 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Repl
         Ok(b) => b.to_bytes(),
         Err(_) => return Err(DropConnection),
     };
-    let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    let body: Arc<Value> = Arc::new(serde_json::from_slice(&bytes).unwrap_or(Value::Null));
     if provider == ProviderKind::OpenAi {
         // Count large texts before taking the lock (the counts are
         // remembered); OpenAI is counted exactly, as the real API does.
-        let warm = body.clone();
+        let warm = Arc::clone(&body);
         let _ = tokio::task::spawn_blocking(move || warm_o200k(&warm)).await;
     }
     let body_hash = sha256_hex(&bytes);
@@ -679,7 +680,7 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Repl
             body_hash: body_hash.clone(),
             cache_read_tokens: read,
             cache_write_tokens: write,
-            body: body.clone(),
+            body: Arc::clone(&body),
             arrived,
             answered: Instant::now().duration_since(s.started),
         });
