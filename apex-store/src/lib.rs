@@ -88,6 +88,24 @@ impl DatabaseUrl {
     }
 }
 
+/// Exact `o200k_base` counts for the packages an ingest will store: those
+/// whose version is not already the current one (re-ingesting unchanged
+/// 128K-token contexts should cost nothing). Both backends use this.
+pub(crate) fn o200k_for_new(
+    packages: &[apex_core::ContextPackage],
+    current: &std::collections::HashMap<String, String>,
+) -> Vec<Option<u64>> {
+    packages
+        .iter()
+        .map(|p| {
+            (current.get(p.id()).map(String::as_str) != Some(p.version())).then(|| {
+                let (prefix, rest) = apex_core::tokens::Tokenizer::O200k.split(p);
+                prefix + rest
+            })
+        })
+        .collect()
+}
+
 /// Hides a password in a URL before it is shown anywhere.
 pub fn redact_url(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
@@ -139,6 +157,22 @@ mod tests {
                 .contains("unknown scheme")
         );
         assert!(DatabaseUrl::parse("sqlite://").is_err());
+    }
+
+    #[test]
+    fn only_new_versions_are_counted() {
+        let same =
+            apex_core::ContextPackage::new("a", None, "hello world".into(), "go".into()).unwrap();
+        let changed =
+            apex_core::ContextPackage::new("b", None, "new text".into(), "go".into()).unwrap();
+        let current = std::collections::HashMap::from([
+            ("a".to_owned(), same.version().to_owned()),
+            ("b".to_owned(), "an older version".to_owned()),
+        ]);
+        assert_eq!(
+            o200k_for_new(&[same, changed], &current),
+            vec![None, Some(3)]
+        );
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! The PostgreSQL backend: the same `apex_audition` schema and semantics as
 //! SQLite, over a pool of tokio-postgres connections.
 
+use std::collections::HashMap;
+
 use apex_core::run::AttemptEnd;
 use apex_core::store::ConditionInfo;
 use apex_core::time::now_rfc3339;
@@ -402,19 +404,21 @@ impl Store for PostgresStore {
     }
 
     async fn ingest_packages(&self, packages: &[ContextPackage]) -> CoreResult<IngestReport> {
-        let counted = packages.to_vec();
-        let o200k: Vec<i64> = tokio::task::spawn_blocking(move || {
-            counted
-                .iter()
-                .map(|p| {
-                    let (a, b) = Tokenizer::O200k.split(p);
-                    (a + b) as i64
-                })
-                .collect()
-        })
-        .await
-        .map_err(|e| Error::store_msg(format!("token counting failed: {e}")))?;
         let mut client = self.client().await?;
+        let current: HashMap<String, String> = client
+            .query(
+                "SELECT prompt_id, current_version FROM apex_audition.context_packages",
+                &[],
+            )
+            .await
+            .map_err(pg)?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        let counted = packages.to_vec();
+        let o200k = tokio::task::spawn_blocking(move || crate::o200k_for_new(&counted, &current))
+            .await
+            .map_err(|e| Error::store_msg(format!("token counting failed: {e}")))?;
         let tx = client.transaction().await.map_err(pg)?;
         tx.execute(
             "LOCK TABLE apex_audition.context_packages IN SHARE ROW EXCLUSIVE MODE",
@@ -434,6 +438,12 @@ impl Store for PostgresStore {
                 report.unchanged.push(p.id().to_owned());
                 continue;
             }
+            // Another process may have changed the current version since
+            // the counts were taken: count now if this one was skipped.
+            let o200k = o200k.unwrap_or_else(|| {
+                let (prefix, rest) = Tokenizer::O200k.split(p);
+                prefix + rest
+            }) as i64;
             tx.execute(
                 "INSERT INTO apex_audition.context_versions (prompt_id, version, system_text, context_text,
                      prompt_text, estimated_tokens, byte_len, ingested_at, o200k_tokens)

@@ -1,5 +1,6 @@
 //! The SQLite backend: one file in WAL mode, attached as `apex_audition`.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -566,13 +567,14 @@ impl Store for SqliteStore {
         self.call(move |conn| {
             // Counted before the write lock is taken: exact counts of large
             // contexts take a moment.
-            let o200k: Vec<u64> = packages
-                .iter()
-                .map(|p| {
-                    let (prefix, rest) = Tokenizer::O200k.split(p);
-                    prefix + rest
-                })
-                .collect();
+            let current: HashMap<String, String> = conn
+                .prepare("SELECT prompt_id, current_version FROM apex_audition.context_packages")
+                .db()?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .db()?
+                .collect::<rusqlite::Result<_>>()
+                .db()?;
+            let o200k = crate::o200k_for_new(&packages, &current);
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .db()?;
@@ -592,6 +594,12 @@ impl Store for SqliteStore {
                     report.unchanged.push(p.id().to_owned());
                     continue;
                 }
+                // Another process may have changed the current version since
+                // the counts were taken: count now if this one was skipped.
+                let o200k = o200k.unwrap_or_else(|| {
+                    let (prefix, rest) = Tokenizer::O200k.split(p);
+                    prefix + rest
+                });
                 tx.execute(
                     "INSERT OR IGNORE INTO apex_audition.context_versions (prompt_id, version,
                          system_text, context_text, prompt_text, estimated_tokens, byte_len,
