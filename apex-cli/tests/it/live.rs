@@ -5,7 +5,7 @@ use std::process::Output;
 
 use apex_providers::simulator::{Fault, Simulator, SimulatorConfig};
 
-use crate::{Sandbox, examples, ok, run_id_from, stderr, stdout};
+use crate::{Sandbox, examples, generation_of, ok, run_id_from, stderr, stdout};
 
 const OPENAI_KEY: &str = "sk-test-openai-0123456789";
 const ANTHROPIC_KEY: &str = "sk-ant-test-0123456789";
@@ -41,6 +41,46 @@ impl Live {
         ]));
         ok(sb.apex(&["ingest", examples().join("contexts").to_str().unwrap()]));
         Self { sb, sim }
+    }
+
+    /// Starts `apex ARGS` on this ledger and simulator without waiting.
+    pub(crate) fn spawn(&self, args: &[&str]) -> std::process::Child {
+        let url = self.sb.url();
+        let mut argv = vec!["--database-url", url.as_str()];
+        argv.extend_from_slice(args);
+        self.sb
+            .command(&argv, &self.env())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
+    /// Generations in `status`, read straight from the SQLite file (readable
+    /// while another process writes; 0 before the ledger exists).
+    pub(crate) fn count_in_file(&self, status: &str) -> i64 {
+        let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY;
+        let Ok(conn) = rusqlite::Connection::open_with_flags(self.sb.db_path(), flags) else {
+            return 0;
+        };
+        conn.query_row(
+            "SELECT COUNT(*) FROM generations WHERE status = ?1",
+            [status],
+            |r| r.get(0),
+        )
+        .unwrap_or(0)
+    }
+
+    /// Waits until `done` holds for the ledger file, for at most a minute.
+    pub(crate) async fn wait_for(&self, what: &str, done: impl Fn(&Self) -> bool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !done(self) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {what}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
     }
 
     pub(crate) fn env(&self) -> Vec<(&'static str, String)> {
@@ -502,9 +542,7 @@ async fn sigkill_mid_batch_then_resume_sends_no_success_twice() {
         ..SimulatorConfig::default()
     })
     .await;
-    let url = live.sb.url();
-    let mut argv = vec!["--database-url", url.as_str()];
-    argv.extend(args(&[
+    let mut child = live.spawn(&args(&[
         "--condition-slug",
         "prod-sonnet45",
         "--condition-slug",
@@ -514,39 +552,12 @@ async fn sigkill_mid_batch_then_resume_sends_no_success_twice() {
         "--concurrency",
         "2",
     ]));
-    let mut child = live
-        .sb
-        .command(&argv, &live.env())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let db = live.sb.db_path();
-    let count = |status: &str| -> i64 {
-        let Ok(conn) =
-            rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-        else {
-            return 0;
-        };
-        conn.query_row(
-            "SELECT COUNT(*) FROM generations WHERE status = ?1",
-            [status],
-            |r| r.get(0),
-        )
-        .unwrap_or(0)
-    };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while count("success") < 6 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the run made no progress"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
+    live.wait_for("6 successes", |l| l.count_in_file("success") >= 6)
+        .await;
     child.kill().unwrap(); // SIGKILL: no chance to clean up
     child.wait().unwrap();
     let sent_before_kill = live.sim.requests().len();
-    let conn = rusqlite::Connection::open(&db).unwrap();
+    let conn = rusqlite::Connection::open(live.sb.db_path()).unwrap();
     let run_id: String = conn
         .query_row("SELECT run_id FROM runs", [], |r| r.get(0))
         .unwrap();
@@ -570,19 +581,18 @@ async fn sigkill_mid_batch_then_resume_sends_no_success_twice() {
         .apex(&args(&["--resume", &run_id, "--claim-timeout", "100000"]))
         .await;
     ok(out);
-    assert_eq!(count("success"), 18, "every generation ends success");
-    assert_eq!(count("running") + count("pending") + count("error"), 0);
+    assert_eq!(
+        live.count_in_file("success"),
+        18,
+        "every generation ends success"
+    );
+    assert_eq!(
+        live.count_in_file("running") + live.count_in_file("pending") + live.count_in_file("error"),
+        0
+    );
     // No generation stored as success before the kill was requested again.
     for r in &live.sim.requests()[sent_before_kill..] {
-        let generation_id: i64 = r
-            .trace
-            .as_deref()
-            .unwrap()
-            .split('/')
-            .nth(1)
-            .unwrap()
-            .parse()
-            .unwrap();
+        let generation_id = generation_of(r);
         assert!(
             !done_before.contains(&generation_id),
             "generation {generation_id} was sent again after success"
@@ -779,9 +789,7 @@ async fn first_ctrl_c_finishes_in_flight_requests_and_stops() {
         ..SimulatorConfig::default()
     })
     .await;
-    let url = live.sb.url();
-    let mut argv = vec!["--database-url", url.as_str()];
-    argv.extend(args(&[
+    let child = live.spawn(&args(&[
         "--condition-slug",
         "prod-sonnet45",
         "--condition-slug",
@@ -791,32 +799,8 @@ async fn first_ctrl_c_finishes_in_flight_requests_and_stops() {
         "--concurrency",
         "4",
     ]));
-    let child = live
-        .sb
-        .command(&argv, &live.env())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let db = live.sb.db_path();
-    let running = || -> i64 {
-        let Ok(conn) =
-            rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-        else {
-            return 0;
-        };
-        conn.query_row(
-            "SELECT COUNT(*) FROM generations WHERE status = 'running'",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap_or(0)
-    };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while running() == 0 {
-        assert!(std::time::Instant::now() < deadline, "nothing started");
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
+    live.wait_for("a request in flight", |l| l.count_in_file("running") > 0)
+        .await;
     let status = std::process::Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()

@@ -166,3 +166,17 @@ pub(crate) async fn fresh_postgres_database() -> String {
     let (prefix, _) = base.rsplit_once('/').expect("a database in the URL");
     format!("{prefix}/{name}")
 }
+
+/// The generation a simulator request was for (its `x-apex-generation`
+/// header is `RUN/GENERATION/ATTEMPT`).
+pub(crate) fn generation_of(request: &apex_providers::simulator::RequestRecord) -> i64 {
+    let trace = request
+        .trace
+        .as_deref()
+        .expect("apex sends x-apex-generation");
+    trace
+        .split('/')
+        .nth(1)
+        .and_then(|g| g.parse().ok())
+        .expect("RUN/GENERATION/ATTEMPT")
+}

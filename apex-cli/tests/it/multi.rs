@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use apex_providers::simulator::SimulatorConfig;
 
 use crate::live::{Live, args};
-use crate::{Sandbox, fresh_postgres_database, ok, run_id_from, stderr};
+use crate::{Sandbox, fresh_postgres_database, generation_of, ok, run_id_from, stderr};
 
 /// Three processes resume one planned run at once: every generation ends
 /// `success` exactly once and was sent exactly once.
@@ -34,24 +34,19 @@ async fn three_processes(sb: Sandbox) {
         ])
         .await);
     let run_id = run_id_from(&planned);
-    let url = live.sb.url();
-    let mut argv = vec!["--database-url", url.as_str()];
-    argv.extend(args(&[
-        "--resume",
-        &run_id,
-        "--concurrency",
-        "2",
-        "--workers",
-        "3",
-    ]));
     let children: Vec<_> = (0..3)
         .map(|_| {
-            live.sb
-                .command(&argv, &live.env())
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap()
+            live.spawn(&args(&[
+                "--resume",
+                &run_id,
+                "--concurrency",
+                "2",
+                "--workers",
+                "3",
+                // Generous on a loaded machine: no process is presumed dead.
+                "--claim-timeout",
+                "600",
+            ]))
         })
         .collect();
     let outputs = tokio::task::spawn_blocking(move || {
@@ -73,17 +68,9 @@ async fn three_processes(sb: Sandbox) {
     assert_eq!(rows, vec!["success 27"]);
     let attempts = live.column(&format!("SELECT COUNT(*) FROM apex_audition.attempts a JOIN apex_audition.generations g USING (generation_id) WHERE g.run_id = '{run_id}'")).await;
     assert_eq!(attempts, vec!["27"], "one attempt per generation");
-    let mut sent: HashMap<String, usize> = HashMap::new();
+    let mut sent: HashMap<i64, usize> = HashMap::new();
     for r in live.sim.requests() {
-        let generation = r
-            .trace
-            .as_deref()
-            .unwrap()
-            .split('/')
-            .nth(1)
-            .unwrap()
-            .to_owned();
-        *sent.entry(generation).or_default() += 1;
+        *sent.entry(generation_of(&r)).or_default() += 1;
     }
     assert_eq!(sent.len(), 27);
     assert!(
