@@ -73,7 +73,7 @@ pub struct IngestCmd {
     pub dir: String,
 }
 
-#[derive(FromArgs, Debug, Default, Serialize)]
+#[derive(FromArgs, Debug, Serialize)]
 #[argh(subcommand, name = "run")]
 /// Plan and run a batch, or resume one.
 pub struct RunCmd {

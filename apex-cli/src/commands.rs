@@ -231,20 +231,27 @@ fn preflight_all(
     Ok(())
 }
 
-fn run_options(cmd: &RunCmd, cache: bool) -> Result<RunOptions> {
-    let limits = if cmd.no_rate_limiting {
-        LimitTable::none()
-    } else if let Some(path) = &cmd.limits {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| apex_core::Error::LimitsFile(format!("cannot read `{path}`: {e}")))?;
-        LimitTable::with_file(&text).map_err(|e| match e {
-            apex_core::Error::LimitsFile(m) => apex_core::Error::LimitsFile(format!("{path}: {m}")),
-            other => other,
-        })?
-    } else {
-        LimitTable::defaults()
+/// The account's per-minute limits: the defaults with `--limits FILE` laid
+/// over them, or none with `--no-rate-limiting`. Read once per command.
+fn load_limits(path: Option<&str>, no_rate_limiting: bool) -> Result<LimitTable> {
+    if no_rate_limiting {
+        return Ok(LimitTable::none());
+    }
+    let Some(path) = path else {
+        return Ok(LimitTable::defaults());
     };
-    Ok(RunOptions {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| apex_core::Error::LimitsFile(format!("cannot read `{path}`: {e}")))?;
+    Ok(LimitTable::with_file(&text).map_err(|e| match e {
+        apex_core::Error::LimitsFile(m) => apex_core::Error::LimitsFile(format!("{path}: {m}")),
+        other => other,
+    })?)
+}
+
+/// How this process executes; `limits` are the account's, shared here among
+/// `--workers` processes.
+fn run_options(cmd: &RunCmd, cache: bool, limits: LimitTable) -> RunOptions {
+    RunOptions {
         concurrency: cmd.concurrency.unwrap_or(16),
         max_retries: cmd.max_retries.unwrap_or(3),
         cache,
@@ -254,7 +261,7 @@ fn run_options(cmd: &RunCmd, cache: bool) -> Result<RunOptions> {
         limits: limits.shared_by(cmd.workers.unwrap_or(1)),
         worker: worker_name(),
         claim_timeout: std::time::Duration::from_secs(cmd.claim_timeout.unwrap_or(60)),
-    })
+    }
 }
 
 /// This machine's name, for worker names (Linux; `localhost` elsewhere).
@@ -311,22 +318,6 @@ async fn release_dead_local_claims(store: &dyn Store, run_id: &RunId) -> Result<
     Ok(())
 }
 
-/// A request larger than a per-minute limit could never be sent.
-fn limits_preflight(
-    cmd: &RunCmd,
-    catalog: &Catalog,
-    conditions: &[Condition],
-    packages: &[PackageRef],
-) -> Result<()> {
-    let options = run_options(cmd, !cmd.no_cache)?;
-    Ok(apex_core::executor::check_limits(
-        catalog,
-        &options.limits,
-        conditions,
-        packages,
-    )?)
-}
-
 /// One provider per kind the conditions use. `need_keys`: a missing key is
 /// a preflight error naming the variable.
 fn providers_for(
@@ -364,6 +355,7 @@ async fn run(store: Arc<dyn Store>, cmd: RunCmd) -> Result<ExitCode> {
         }
     }
     let catalog = Arc::new(load_catalog(cmd.catalog.as_deref())?);
+    let limits = load_limits(cmd.limits.as_deref(), cmd.no_rate_limiting)?;
     let (run_id, conditions, include_errors, cache) = match &cmd.resume {
         Some(id) => {
             let run_id = RunId::parse(id)?;
@@ -386,7 +378,8 @@ async fn run(store: Arc<dyn Store>, cmd: RunCmd) -> Result<ExitCode> {
             };
             let plan = Plan::build(conditions, packages, options)?;
             preflight_all(&catalog, &plan.conditions, &plan.packages)?;
-            limits_preflight(&cmd, &catalog, &plan.conditions, &plan.packages)?;
+            // A request larger than a per-minute limit could never be sent.
+            apex_core::executor::check_limits(&catalog, &limits, &plan.conditions, &plan.packages)?;
             let providers = providers_for(&plan.conditions, !cmd.dry_run)?;
             let new_run = NewRun {
                 run_id: RunId::generate(),
@@ -398,7 +391,6 @@ async fn run(store: Arc<dyn Store>, cmd: RunCmd) -> Result<ExitCode> {
             store.create_run(&new_run, &plan).await?;
             if cmd.dry_run {
                 dry_run_log(&*store, &plan, &providers, !cmd.no_cache).await?;
-                let limits = run_options(&cmd, !cmd.no_cache)?.limits;
                 report::print_estimate(
                     &*store,
                     &catalog,
@@ -430,7 +422,7 @@ async fn run(store: Arc<dyn Store>, cmd: RunCmd) -> Result<ExitCode> {
     }
     let providers = providers_for(&conditions, true)?;
     release_dead_local_claims(&*store, &run_id).await?;
-    let options = run_options(&cmd, cache)?;
+    let options = run_options(&cmd, cache, limits);
     let progress = Arc::new(RunProgress::new(std::time::Duration::from_secs(10)));
     let executor = Executor::new(
         Arc::clone(&store),
@@ -537,15 +529,7 @@ async fn estimate_cmd(store: &dyn Store, cmd: EstimateCmd) -> Result<ExitCode> {
         return Err(UsageError("give --condition-slug SLUG (repeat it for several)".into()).into());
     }
     let catalog = load_catalog(cmd.catalog.as_deref())?;
-    let as_run = RunCmd {
-        condition_slug: cmd.condition_slug.clone(),
-        replicates: cmd.replicates,
-        limit: cmd.limit,
-        no_cache: cmd.no_cache,
-        limits: cmd.limits.clone(),
-        catalog: cmd.catalog.clone(),
-        ..RunCmd::default()
-    };
+    let limits = load_limits(cmd.limits.as_deref(), false)?;
     let conditions = resolve_conditions(store, &cmd.condition_slug).await?;
     let options = PlanOptions {
         replicates: cmd.replicates.unwrap_or(1),
@@ -553,7 +537,6 @@ async fn estimate_cmd(store: &dyn Store, cmd: EstimateCmd) -> Result<ExitCode> {
     };
     let plan = Plan::build(conditions, store.current_packages().await?, options)?;
     preflight_all(&catalog, &plan.conditions, &plan.packages)?;
-    let limits = run_options(&as_run, !cmd.no_cache)?.limits;
     report::print_estimate(
         store,
         &catalog,
