@@ -89,7 +89,7 @@ fn limiter(c: &mut Criterion) {
                 otpm: Some(u64::MAX / 4),
             };
             limiter.configure("k", ProviderKind::Anthropic, limits);
-            let now = tokio::time::Instant::now();
+            let now = std::time::Instant::now();
             for _ in 0..1000 {
                 let charge = Charge {
                     requests: 1,

@@ -41,6 +41,7 @@
 pub mod catalog;
 pub mod condition;
 pub mod context;
+pub mod dispatch;
 pub mod error;
 pub mod estimate;
 pub mod executor;

@@ -13,8 +13,9 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use std::time::Instant;
+
 use serde::Deserialize;
-use tokio::time::Instant;
 
 use crate::catalog::Catalog;
 use crate::condition::ProviderKind;
@@ -112,6 +113,9 @@ impl Charge {
 #[derive(Debug, Clone, Default)]
 pub struct LimitTable {
     entries: Vec<(ProviderKind, String, Limits)>,
+    /// `--no-rate-limiting`: no pacing at all, not even limits learned from
+    /// response headers (a 429's `retry-after` is still honoured).
+    off: bool,
 }
 
 #[derive(Deserialize)]
@@ -163,6 +167,7 @@ impl LimitTable {
     pub fn defaults() -> Self {
         Self {
             entries: parse_table(DEFAULTS).expect("the built-in limits are valid"),
+            off: false,
         }
     }
 
@@ -178,9 +183,17 @@ impl LimitTable {
         Ok(table)
     }
 
-    /// No limits at all (`--no-rate-limiting`).
+    /// No limits at all (`--no-rate-limiting`): headers teach nothing either.
     pub fn none() -> Self {
-        Self::default()
+        Self {
+            entries: Vec::new(),
+            off: true,
+        }
+    }
+
+    /// Whether pacing is off (`--no-rate-limiting`).
+    pub fn is_off(&self) -> bool {
+        self.off
     }
 
     /// Each limit divided among `n` processes sharing one account, so that
@@ -254,7 +267,6 @@ struct Bucket {
     provider: ProviderKind,
     limits: [Option<u64>; 3],
     entries: VecDeque<Entry>,
-    paused_until: Option<Instant>,
     next_id: u64,
 }
 
@@ -264,7 +276,6 @@ impl Bucket {
             provider,
             limits: [None; 3],
             entries: VecDeque::new(),
-            paused_until: None,
             next_id: 1,
         }
     }
@@ -298,7 +309,18 @@ impl Bucket {
 /// The limiter. One per run; shared by the dispatcher and the settle path.
 pub struct RateLimiter {
     window: Duration,
-    state: Mutex<HashMap<String, Bucket>>,
+    /// Whether response headers may add or lower limits (off with
+    /// `--no-rate-limiting`).
+    learns_from_headers: bool,
+    state: Mutex<State>,
+}
+
+/// Buckets of the keys with limits, and pauses of any key: a 429's
+/// `retry-after` holds a model back whether or not it has limits.
+#[derive(Default)]
+struct State {
+    buckets: HashMap<String, Bucket>,
+    paused_until: HashMap<String, Instant>,
 }
 
 impl std::fmt::Debug for RateLimiter {
@@ -319,8 +341,18 @@ impl RateLimiter {
     /// A limiter whose window is (60 s + margin) × `time_scale`.
     pub fn new(time_scale: f64) -> Self {
         Self {
-            window: (WINDOW + SAFETY_MARGIN).mul_f64(time_scale),
-            state: Mutex::new(HashMap::new()),
+            window: crate::time::scaled(WINDOW + SAFETY_MARGIN, time_scale),
+            learns_from_headers: true,
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    /// A limiter that paces nothing and learns nothing from headers
+    /// (`--no-rate-limiting`); pauses after a 429 still apply.
+    pub fn off(time_scale: f64) -> Self {
+        Self {
+            learns_from_headers: false,
+            ..Self::new(time_scale)
         }
     }
 
@@ -329,7 +361,7 @@ impl RateLimiter {
         self.window
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Bucket>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -339,10 +371,11 @@ impl RateLimiter {
         let dims = limits.dims(provider);
         let mut state = self.lock();
         if dims.iter().all(Option::is_none) {
-            state.remove(key);
+            state.buckets.remove(key);
             return;
         }
         state
+            .buckets
             .entry(key.to_owned())
             .or_insert_with(|| Bucket::new(provider))
             .limits = dims;
@@ -352,7 +385,7 @@ impl RateLimiter {
     /// would wait forever, so it is refused up front.
     pub fn check_fits(&self, key: &str, charge: Charge) -> std::result::Result<(), String> {
         let state = self.lock();
-        let Some(bucket) = state.get(key) else {
+        let Some(bucket) = state.buckets.get(key) else {
             return Ok(());
         };
         for (d, (limit, amount)) in bucket.limits.iter().zip(charge.amounts()).enumerate() {
@@ -372,19 +405,19 @@ impl RateLimiter {
     pub fn try_reserve(&self, key: &str, charge: Charge, now: Instant) -> Admission {
         let window = self.window;
         let mut state = self.lock();
-        let Some(bucket) = state.get_mut(key) else {
+        if let Some(&until) = state.paused_until.get(key) {
+            if until > now {
+                return Admission::Wait(until);
+            }
+            state.paused_until.remove(key);
+        }
+        let Some(bucket) = state.buckets.get_mut(key) else {
             return Admission::Granted(Reservation {
                 key: key.to_owned(),
                 id: 0,
                 at: now,
             });
         };
-        if let Some(until) = bucket.paused_until {
-            if until > now {
-                return Admission::Wait(until);
-            }
-            bucket.paused_until = None;
-        }
         bucket.prune(now, window);
         let sums = bucket.sums();
         let amounts = charge.amounts();
@@ -405,11 +438,11 @@ impl RateLimiter {
                 .collect();
             by_time.sort_by_key(|(at, _)| *at);
             let mut freed = 0;
-            let mut until = now + window;
+            let mut until = crate::time::later(now, window);
             for (at, amount) in by_time {
                 freed += amount;
                 if freed >= excess {
-                    until = at + window;
+                    until = crate::time::later(at, window);
                     break;
                 }
             }
@@ -436,7 +469,7 @@ impl RateLimiter {
     /// Replaces a reservation's amounts with what the request really used.
     pub fn settle(&self, reservation: &Reservation, actual: Charge) {
         let mut state = self.lock();
-        if let Some(bucket) = state.get_mut(&reservation.key)
+        if let Some(bucket) = state.buckets.get_mut(&reservation.key)
             && let Some(entry) = bucket.entry_mut(reservation.id)
         {
             entry.amounts = actual.amounts();
@@ -448,7 +481,7 @@ impl RateLimiter {
     /// server counts from arrival.
     pub fn mark_sent(&self, reservation: &mut Reservation, at: Instant) {
         let mut state = self.lock();
-        if let Some(bucket) = state.get_mut(&reservation.key)
+        if let Some(bucket) = state.buckets.get_mut(&reservation.key)
             && let Some(entry) = bucket.entry_mut(reservation.id)
         {
             entry.at = entry.at.max(at);
@@ -456,12 +489,12 @@ impl RateLimiter {
         }
     }
 
-    /// Stops admitting requests for a key until `until` (after a 429).
+    /// Stops admitting requests for a key until `until` (after a 429),
+    /// whether or not the key has limits.
     pub fn pause(&self, key: &str, until: Instant) {
         let mut state = self.lock();
-        if let Some(bucket) = state.get_mut(key) {
-            bucket.paused_until = Some(bucket.paused_until.map_or(until, |p| p.max(until)));
-        }
+        let paused = state.paused_until.entry(key.to_owned()).or_insert(until);
+        *paused = (*paused).max(until);
     }
 
     /// Feeds back a response's rate-limit headers. A lower `limit` than
@@ -477,6 +510,9 @@ impl RateLimiter {
         sent_at: Instant,
         now: Instant,
     ) {
+        if !self.learns_from_headers {
+            return;
+        }
         let window = self.window;
         let mut state = self.lock();
         let reports_limits = [
@@ -487,10 +523,11 @@ impl RateLimiter {
         ]
         .iter()
         .any(|b| b.is_some_and(|b| b.limit.is_some()));
-        if !reports_limits && !state.contains_key(key) {
+        if !reports_limits && !state.buckets.contains_key(key) {
             return;
         }
         let bucket = state
+            .buckets
             .entry(key.to_owned())
             .or_insert_with(|| Bucket::new(provider));
         let buckets: [Option<LimitBucket>; 3] = match bucket.provider {
@@ -565,7 +602,7 @@ impl RateLimiter {
     pub fn usage(&self, key: &str, now: Instant) -> Option<[u64; 3]> {
         let window = self.window;
         let mut state = self.lock();
-        let bucket = state.get_mut(key)?;
+        let bucket = state.buckets.get_mut(key)?;
         bucket.prune(now, window);
         Some(bucket.sums())
     }
@@ -598,33 +635,32 @@ mod tests {
         }
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn waits_until_the_oldest_entries_expire() {
+    #[test]
+    fn waits_until_the_oldest_entries_expire() {
         let l = limiter(anthropic(2, 1000, 1000), ProviderKind::Anthropic);
         let t0 = Instant::now();
         assert!(matches!(
             l.try_reserve("k", charge(100, 10), t0),
             Admission::Granted(_)
         ));
-        tokio::time::advance(Duration::from_secs(10)).await;
+        let t10 = t0 + Duration::from_secs(10);
         assert!(matches!(
-            l.try_reserve("k", charge(100, 10), Instant::now()),
+            l.try_reserve("k", charge(100, 10), t10),
             Admission::Granted(_)
         ));
         // RPM exhausted: the first entry frees the slot at t0 + 61 s.
         assert_eq!(
-            l.try_reserve("k", charge(1, 1), Instant::now()),
+            l.try_reserve("k", charge(1, 1), t10),
             Admission::Wait(t0 + Duration::from_secs(61))
         );
-        tokio::time::advance(Duration::from_secs(51)).await;
         assert!(matches!(
-            l.try_reserve("k", charge(1, 1), Instant::now()),
+            l.try_reserve("k", charge(1, 1), t0 + Duration::from_secs(61)),
             Admission::Granted(_)
         ));
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn settle_returns_unused_output_reservation() {
+    #[test]
+    fn settle_returns_unused_output_reservation() {
         let l = limiter(anthropic(100, 100_000, 4096), ProviderKind::Anthropic);
         let now = Instant::now();
         let Admission::Granted(r) = l.try_reserve("k", charge(10, 2048), now) else {
@@ -645,8 +681,8 @@ mod tests {
         ));
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn header_feedback_tightens_and_lowers_limits() {
+    #[test]
+    fn header_feedback_tightens_and_lowers_limits() {
         let l = limiter(anthropic(100, 100_000, 50_000), ProviderKind::Anthropic);
         let now = Instant::now();
         let Admission::Granted(_) = l.try_reserve("k", charge(10_000, 1000), now) else {
@@ -700,8 +736,8 @@ mod tests {
         );
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn pause_holds_until_retry_after() {
+    #[test]
+    fn pause_holds_until_retry_after() {
         let l = limiter(anthropic(100, 100_000, 50_000), ProviderKind::Anthropic);
         let now = Instant::now();
         l.pause("k", now + Duration::from_secs(7));
@@ -709,10 +745,59 @@ mod tests {
             l.try_reserve("k", charge(1, 1), now),
             Admission::Wait(now + Duration::from_secs(7))
         );
-        tokio::time::advance(Duration::from_secs(7)).await;
         assert!(matches!(
-            l.try_reserve("k", charge(1, 1), Instant::now()),
+            l.try_reserve("k", charge(1, 1), now + Duration::from_secs(7)),
             Admission::Granted(_)
+        ));
+    }
+
+    #[test]
+    fn a_429_pauses_a_model_without_limits() {
+        // No bucket: no limits configured (or --no-rate-limiting).
+        for l in [RateLimiter::new(1.0), RateLimiter::off(1.0)] {
+            let now = Instant::now();
+            l.pause("unlimited", now + Duration::from_secs(7));
+            assert_eq!(
+                l.try_reserve("unlimited", charge(1, 1), now),
+                Admission::Wait(now + Duration::from_secs(7))
+            );
+            assert!(matches!(
+                l.try_reserve("unlimited", charge(1, 1), now + Duration::from_secs(7)),
+                Admission::Granted(_)
+            ));
+        }
+    }
+
+    #[test]
+    fn no_rate_limiting_is_not_turned_back_on_by_headers() {
+        let snapshot = RateLimitSnapshot {
+            requests: Some(LimitBucket {
+                limit: Some(1),
+                remaining: Some(1),
+                reset_after: None,
+            }),
+            ..RateLimitSnapshot::default()
+        };
+        let now = Instant::now();
+        let off = RateLimiter::off(1.0);
+        off.observe("k", ProviderKind::OpenAi, &snapshot, now, now);
+        assert_eq!(off.usage("k", now), None, "no bucket learned");
+        for _ in 0..5 {
+            assert!(matches!(
+                off.try_reserve("k", charge(1, 0), now),
+                Admission::Granted(_)
+            ));
+        }
+        // Pacing on, no configured limit: the headers' limit is learned.
+        let on = RateLimiter::new(1.0);
+        on.observe("k", ProviderKind::OpenAi, &snapshot, now, now);
+        assert!(matches!(
+            on.try_reserve("k", charge(1, 0), now),
+            Admission::Granted(_)
+        ));
+        assert!(matches!(
+            on.try_reserve("k", charge(1, 0), now),
+            Admission::Wait(_)
         ));
     }
 

@@ -1,0 +1,364 @@
+//! The async driver: performs the dispatcher's actions against a [`Store`]
+//! and [`Provider`]s and feeds their results back as events. The only place
+//! with a runtime, a `select!` and a `JoinSet`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::catalog::Catalog;
+use crate::condition::ProviderKind;
+use crate::context::ContextPackage;
+use crate::error::{Error, Result};
+use crate::provider::{GenerationRequest, Provider};
+use crate::run::{RunId, RunState};
+use crate::store::Store;
+
+use super::machine::{Action, Attempt, DispatchConfig, Dispatcher, Event, Summary, Task};
+use super::retry::RetryPolicy;
+use super::{Progress, ProgressEvent, RunOptions, RunReport};
+
+/// Executes runs against providers, writing every state change to a store.
+pub struct Executor {
+    store: Arc<dyn Store>,
+    providers: HashMap<ProviderKind, Arc<dyn Provider>>,
+    catalog: Arc<Catalog>,
+    options: RunOptions,
+    progress: Arc<dyn Progress>,
+}
+
+/// The clock the dispatcher runs on: tokio's, so paused-time tests drive it.
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+impl Executor {
+    /// An executor; `providers` must hold one provider per kind the run uses.
+    pub fn new(
+        store: Arc<dyn Store>,
+        providers: HashMap<ProviderKind, Arc<dyn Provider>>,
+        catalog: Arc<Catalog>,
+        options: RunOptions,
+        progress: Arc<dyn Progress>,
+    ) -> Self {
+        Self {
+            store,
+            providers,
+            catalog,
+            options,
+            progress,
+        }
+    }
+
+    /// Executes the run's remaining generations until done, or until `stop`
+    /// turns true (then in-flight requests finish and are stored, and nothing
+    /// new starts). A closed `stop` channel means no stop will come.
+    pub async fn execute(
+        &self,
+        run_id: &RunId,
+        include_errors: bool,
+        stop: watch::Receiver<bool>,
+    ) -> Result<RunReport> {
+        let machine = self.prepare(run_id, include_errors).await?;
+        let mut driver = Driver {
+            executor: self,
+            run_id,
+            machine,
+            tasks: JoinSet::new(),
+            task_ids: HashMap::new(),
+            packages: HashMap::new(),
+            stop,
+            stop_open: true,
+        };
+        let summary = driver.run().await;
+        self.conclude(run_id, summary).await
+    }
+
+    /// Checks the run, moves it to `running` and builds its dispatcher.
+    async fn prepare(&self, run_id: &RunId, include_errors: bool) -> Result<Dispatcher> {
+        let conditions = self.store.run_conditions(run_id).await?;
+        for c in &conditions {
+            if !self.providers.contains_key(&c.provider) {
+                return Err(Error::Preflight(format!(
+                    "condition `{}`: no {} provider configured",
+                    c.slug, c.provider
+                )));
+            }
+        }
+        let replicates = self.store.run(run_id).await?.replicates as usize;
+        if include_errors {
+            let n = self.store.reset_errors(run_id).await?;
+            tracing::info!(generations = n, "retrying generations stored as error");
+        }
+        self.store.set_run_state(run_id, RunState::Running).await?;
+        let remaining = self.store.run(run_id).await?.counts;
+        self.progress.event(&ProgressEvent::Started {
+            total: remaining.pending + remaining.running,
+        });
+        let options = &self.options;
+        let config = DispatchConfig {
+            concurrency: options.concurrency.max(1),
+            cache: options.cache,
+            verify_first: options.verify_first,
+            retry: RetryPolicy::new(
+                options.max_retries,
+                options.backoff_base,
+                options.time_scale,
+            ),
+            claim_batch: u32::try_from((options.concurrency.max(1) * 2).max(conditions.len() * 2))
+                .unwrap_or(u32::MAX),
+            claim_interval: self.lease() / 3,
+            replicates,
+            time_scale: options.time_scale,
+        };
+        Ok(Dispatcher::new(
+            config,
+            conditions,
+            Arc::clone(&self.catalog),
+            options.limits.clone(),
+            self.store.current_packages().await?,
+            now(),
+        ))
+    }
+
+    /// A claim not renewed for this long is taken over by other workers.
+    fn lease(&self) -> Duration {
+        crate::time::scaled(self.options.claim_timeout, self.options.time_scale)
+    }
+
+    /// Gives back claims and records the run's state.
+    async fn conclude(&self, run_id: &RunId, summary: Summary) -> Result<RunReport> {
+        let worker = &self.options.worker;
+        if let Some(error) = summary.failure {
+            // Best effort: the ledger has just failed.
+            let _ = self.store.release_claims(run_id, worker).await;
+            let _ = self
+                .store
+                .set_run_state(run_id, RunState::Interrupted)
+                .await;
+            return Err(error);
+        }
+        self.store.release_claims(run_id, worker).await?;
+        let counts = self.store.run(run_id).await?.counts;
+        if let Some(state) = summary.final_state(&counts) {
+            self.store.set_run_state(run_id, state).await?;
+        }
+        Ok(RunReport {
+            counts,
+            stopped: summary.stopped,
+            verify_failed: summary.verify_failed,
+            interrupted: summary.interrupted,
+            rate_limited: summary.rate_limited,
+        })
+    }
+}
+
+/// One execution in progress.
+struct Driver<'a> {
+    executor: &'a Executor,
+    run_id: &'a RunId,
+    machine: Dispatcher,
+    tasks: JoinSet<Event>,
+    task_ids: HashMap<tokio::task::Id, Task>,
+    packages: HashMap<(String, String), Arc<ContextPackage>>,
+    stop: watch::Receiver<bool>,
+    stop_open: bool,
+}
+
+impl Driver<'_> {
+    async fn run(&mut self) -> Summary {
+        if *self.stop.borrow() {
+            self.machine.handle(Event::StopRequested, now());
+        }
+        loop {
+            while let Some(action) = self.machine.poll_action(now()) {
+                if let Some(summary) = self.perform(action).await {
+                    return summary;
+                }
+            }
+            let wake = self.machine.poll_timeout();
+            let sleep_until = wake.map_or_else(
+                || tokio::time::Instant::now() + crate::time::FAR_FUTURE,
+                tokio::time::Instant::from_std,
+            );
+            tokio::select! {
+                joined = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => {
+                    let event = match joined {
+                        Some(Ok((id, event))) => {
+                            self.task_ids.remove(&id);
+                            event
+                        }
+                        Some(Err(e)) => Event::Failed {
+                            task: self.task_ids.remove(&e.id()).unwrap_or(Task::Claim),
+                            error: Error::store_msg(format!("a generation task failed: {e}")),
+                        },
+                        None => continue,
+                    };
+                    self.machine.handle(event, now());
+                }
+                () = tokio::time::sleep_until(sleep_until), if wake.is_some() => {
+                    self.machine.handle_timeout(now());
+                }
+                changed = self.stop.changed(), if self.stop_open => match changed {
+                    Ok(()) if *self.stop.borrow() => self.machine.handle(Event::StopRequested, now()),
+                    Ok(()) => {}
+                    Err(_) => self.stop_open = false,
+                },
+                else => {
+                    // Nothing in flight, nothing to wait for: the machine
+                    // would have finished. Stop rather than hang.
+                    self.machine.handle(Event::StopRequested, now());
+                }
+            }
+        }
+    }
+
+    /// Performs one action; the summary when it is [`Action::Done`].
+    async fn perform(&mut self, action: Action) -> Option<Summary> {
+        let store = Arc::clone(&self.executor.store);
+        let worker = self.executor.options.worker.clone();
+        match action {
+            Action::Claim { max_groups } => {
+                let stale_before = crate::time::rfc3339_ago(self.executor.lease());
+                let event = match store
+                    .claim_work(self.run_id, &worker, max_groups, &stale_before)
+                    .await
+                {
+                    Ok(claim) => Event::Claimed {
+                        items: claim.items,
+                        held_by_others: claim.held_by_others,
+                    },
+                    Err(error) => Event::Failed {
+                        task: Task::Claim,
+                        error,
+                    },
+                };
+                self.machine.handle(event, now());
+            }
+            Action::Renew => {
+                let run_id = self.run_id.clone();
+                self.spawn(Task::Renew, async move {
+                    match store.renew_claims(&run_id, &worker).await {
+                        Ok(()) => Event::Renewed,
+                        Err(error) => Event::Failed {
+                            task: Task::Renew,
+                            error,
+                        },
+                    }
+                });
+            }
+            Action::CountTokens {
+                prompt_id,
+                version,
+                tokenizer,
+            } => {
+                let event = match self.count(&prompt_id, &version, tokenizer).await {
+                    Ok(split) => Event::Counted {
+                        version,
+                        tokenizer,
+                        split,
+                    },
+                    Err(error) => Event::Failed {
+                        task: Task::Count { version, tokenizer },
+                        error,
+                    },
+                };
+                self.machine.handle(event, now());
+            }
+            Action::Begin(attempt) => {
+                let id = attempt.generation_id;
+                self.spawn(Task::Generation(id), async move {
+                    match store
+                        .begin_attempt(id, attempt.attempt, Some(&worker))
+                        .await
+                    {
+                        Ok(()) => Event::Began(id),
+                        Err(Error::NotClaimable(_)) => Event::NotClaimable(id),
+                        Err(error) => Event::Failed {
+                            task: Task::Generation(id),
+                            error,
+                        },
+                    }
+                });
+            }
+            Action::Send(attempt) => self.send(attempt).await,
+            Action::Store {
+                generation_id,
+                attempt,
+                end,
+            } => {
+                self.spawn(Task::Generation(generation_id), async move {
+                    match store.end_attempt(generation_id, attempt, &end).await {
+                        Ok(()) => Event::Stored(generation_id),
+                        Err(error) => Event::Failed {
+                            task: Task::Generation(generation_id),
+                            error,
+                        },
+                    }
+                });
+            }
+            Action::Notify(event) => self.executor.progress.event(&event),
+            Action::Done(summary) => return Some(summary),
+        }
+        None
+    }
+
+    fn spawn(&mut self, task: Task, work: impl Future<Output = Event> + Send + 'static) {
+        let handle = self.tasks.spawn(work);
+        self.task_ids.insert(handle.id(), task);
+    }
+
+    async fn send(&mut self, attempt: Attempt) {
+        let id = attempt.generation_id;
+        let package = match self.package(&attempt.prompt_id, &attempt.version).await {
+            Ok(package) => package,
+            Err(error) => {
+                let task = Task::Generation(id);
+                self.machine.handle(Event::Failed { task, error }, now());
+                return;
+            }
+        };
+        let provider = Arc::clone(&self.executor.providers[&attempt.condition.provider]);
+        let request = GenerationRequest {
+            condition: attempt.condition,
+            package,
+            cache: attempt.cache,
+            trace: Some(format!("{}/{id}/{}", self.run_id, attempt.attempt)),
+        };
+        self.spawn(Task::Generation(id), async move {
+            let started = tokio::time::Instant::now();
+            let outcome = provider.generate(&request).await;
+            Event::Finished {
+                generation_id: id,
+                outcome: Box::new(outcome),
+                latency_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            }
+        });
+    }
+
+    async fn package(&mut self, id: &str, version: &str) -> Result<Arc<ContextPackage>> {
+        let key = (id.to_owned(), version.to_owned());
+        if let Some(p) = self.packages.get(&key) {
+            return Ok(Arc::clone(p));
+        }
+        let p = Arc::new(self.executor.store.package(id, version).await?);
+        self.packages.insert(key, Arc::clone(&p));
+        Ok(p)
+    }
+
+    /// Exact counts of a large context take a moment: off the async threads.
+    async fn count(
+        &mut self,
+        id: &str,
+        version: &str,
+        tokenizer: crate::tokens::Tokenizer,
+    ) -> Result<(u64, u64)> {
+        let package = self.package(id, version).await?;
+        tokio::task::spawn_blocking(move || tokenizer.split(&package))
+            .await
+            .map_err(|e| Error::store_msg(format!("token counting failed: {e}")))
+    }
+}

@@ -1,0 +1,1141 @@
+//! The dispatcher as a deterministic, synchronous state machine: events in,
+//! actions out, `poll_timeout` for the next wake-up. No I/O, no runtime.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::catalog::Catalog;
+use crate::condition::Condition;
+use crate::error::Error;
+use crate::limiter::{Admission, Charge, LimitTable, RateLimiter, bucket_key};
+use crate::plan::PackageRef;
+use crate::provider::{AttemptError, CacheHint, Generated};
+use crate::run::{AttemptEnd, GenerationResult, RunState, StatusCounts, WorkItem};
+use crate::tokens::Tokenizer;
+
+use super::ProgressEvent;
+use super::pacing::{self, CacheRole};
+use super::retry::{RetryPolicy, Verdict};
+use super::work::{
+    Candidate, ConditionGate, GenerationId, Group, GroupId, GroupPhase, Job, Outcome, ReadyQueue,
+    Role, Stage, VerifyGate,
+};
+
+/// How the dispatcher paces, orders and retries.
+#[derive(Debug, Clone)]
+pub struct DispatchConfig {
+    /// Most attempts out at once.
+    pub concurrency: usize,
+    /// Send prompt-caching hints.
+    pub cache: bool,
+    /// One request per condition first; nothing else if one fails.
+    pub verify_first: bool,
+    /// When to retry and how long to wait.
+    pub retry: RetryPolicy,
+    /// Groups to claim at a time.
+    pub claim_batch: u32,
+    /// How often to heartbeat, and to look again for work when none was
+    /// left to claim.
+    pub claim_interval: Duration,
+    /// Replicates per (condition, context), for choosing the cache TTL.
+    pub replicates: usize,
+    /// Multiplies the limiter's window.
+    pub time_scale: f64,
+}
+
+/// One attempt to begin or send.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Attempt {
+    /// The generation.
+    pub generation_id: GenerationId,
+    /// The ledger's attempt number (1-based, counting earlier executions).
+    pub attempt: u32,
+    /// Its condition.
+    pub condition: Arc<Condition>,
+    /// Its context package.
+    pub prompt_id: String,
+    /// The package version.
+    pub version: String,
+    /// The cache hint to send.
+    pub cache: CacheHint,
+}
+
+/// Work the driver was asked to do that could fail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Task {
+    /// [`Action::Claim`].
+    Claim,
+    /// [`Action::Renew`].
+    Renew,
+    /// [`Action::CountTokens`].
+    Count {
+        /// The package version.
+        version: String,
+        /// The tokenizer.
+        tokenizer: Tokenizer,
+    },
+    /// [`Action::Begin`], [`Action::Send`] or [`Action::Store`] of one
+    /// generation.
+    Generation(GenerationId),
+}
+
+/// What the driver tells the dispatcher.
+#[derive(Debug)]
+pub enum Event {
+    /// The answer to [`Action::Claim`]: every unfinished generation this
+    /// worker holds, and how many live workers elsewhere hold.
+    Claimed {
+        /// The generations held, in plan order.
+        items: Vec<WorkItem>,
+        /// Unfinished generations other workers hold.
+        held_by_others: u64,
+    },
+    /// [`Action::Renew`] was done.
+    Renewed,
+    /// The answer to [`Action::CountTokens`]: (cacheable prefix, rest).
+    Counted {
+        /// The package version.
+        version: String,
+        /// The tokenizer.
+        tokenizer: Tokenizer,
+        /// (cacheable prefix, the rest) in tokens.
+        split: (u64, u64),
+    },
+    /// [`Action::Begin`] was recorded: the attempt may leave now.
+    Began(GenerationId),
+    /// [`Action::Begin`] was refused: another worker took the claim over.
+    NotClaimable(GenerationId),
+    /// The answer to [`Action::Send`].
+    Finished {
+        /// The generation.
+        generation_id: GenerationId,
+        /// The response, or why there is none.
+        outcome: Box<Result<Generated, AttemptError>>,
+        /// Wall time of the attempt.
+        latency_ms: u64,
+    },
+    /// [`Action::Store`] was done.
+    Stored(GenerationId),
+    /// A task failed (the ledger, or counting tokens): nothing new starts,
+    /// what is in flight finishes and is stored.
+    Failed {
+        /// Which task.
+        task: Task,
+        /// Why.
+        error: Error,
+    },
+    /// Stop starting work (Ctrl-C); what is in flight finishes.
+    StopRequested,
+}
+
+/// What the dispatcher asks the driver to do.
+#[derive(Debug)]
+pub enum Action {
+    /// Claim up to `max_groups` more groups and heartbeat; answer with
+    /// [`Event::Claimed`].
+    Claim {
+        /// How many (condition, context) groups.
+        max_groups: u32,
+    },
+    /// Heartbeat; answer with [`Event::Renewed`].
+    Renew,
+    /// Count a package's tokens; answer with [`Event::Counted`].
+    CountTokens {
+        /// The package id.
+        prompt_id: String,
+        /// The package version.
+        version: String,
+        /// The tokenizer.
+        tokenizer: Tokenizer,
+    },
+    /// Record the attempt as begun (if this worker still holds the claim);
+    /// answer with [`Event::Began`] or [`Event::NotClaimable`].
+    Begin(Attempt),
+    /// Send the attempt; answer with [`Event::Finished`].
+    Send(Attempt),
+    /// Record how an attempt ended; answer with [`Event::Stored`].
+    Store {
+        /// The generation.
+        generation_id: GenerationId,
+        /// The attempt number.
+        attempt: u32,
+        /// How it ended.
+        end: AttemptEnd,
+    },
+    /// Tell the user.
+    Notify(ProgressEvent),
+    /// Nothing more to do.
+    Done(Summary),
+}
+
+/// How a dispatch ended.
+#[derive(Debug, Default)]
+pub struct Summary {
+    /// Conditions stopped: (slug, reason).
+    pub stopped: Vec<(String, String)>,
+    /// `--verify-first` failed.
+    pub verify_failed: bool,
+    /// A stop was requested.
+    pub interrupted: bool,
+    /// Responses with status 429.
+    pub rate_limited: u64,
+    /// Unfinished generations other workers held at the last claim.
+    pub others_hold: u64,
+    /// The failure that stopped it, if any.
+    pub failure: Option<Error>,
+}
+
+impl Summary {
+    /// The run's state given its final counts: `None` leaves it `running`
+    /// (other workers still hold work).
+    pub fn final_state(&self, counts: &StatusCounts) -> Option<RunState> {
+        if counts.pending + counts.running == 0 {
+            Some(RunState::Finished)
+        } else if self.interrupted
+            || self.verify_failed
+            || !self.stopped.is_empty()
+            || self.others_hold == 0
+        {
+            Some(RunState::Interrupted)
+        } else {
+            None
+        }
+    }
+}
+
+/// Claiming work from the ledger.
+#[derive(Debug)]
+struct Claims {
+    outstanding: bool,
+    answered_once: bool,
+    exhausted: bool,
+    next_at: Instant,
+    others_hold: u64,
+}
+
+/// Whether the dispatch is running, handing back retries, or done.
+#[derive(Debug, PartialEq)]
+enum Phase {
+    Running,
+    Finishing(HashSet<GenerationId>),
+    Done,
+}
+
+/// The dispatcher. See the [module documentation](super).
+pub struct Dispatcher {
+    config: DispatchConfig,
+    catalog: Arc<Catalog>,
+    limits: LimitTable,
+    limiter: RateLimiter,
+    conditions: HashMap<String, Arc<Condition>>,
+    bucket_keys: HashMap<String, String>,
+    distinct_keys: usize,
+    packages: HashMap<(String, String), PackageRef>,
+    gates: HashMap<String, ConditionGate>,
+    in_flight_by_condition: HashMap<String, usize>,
+    groups: HashMap<GroupId, Group>,
+    next_group: u32,
+    open_group: Option<GroupId>,
+    jobs: HashMap<GenerationId, Job>,
+    splits: HashMap<(String, Tokenizer), (u64, u64)>,
+    counting: HashSet<(String, Tokenizer)>,
+    queue: ReadyQueue,
+    verify: VerifyGate,
+    claims: Claims,
+    next_renew: Instant,
+    renewing: bool,
+    limiter_wake: Option<Instant>,
+    in_flight: usize,
+    stopping: bool,
+    summary: Summary,
+    phase: Phase,
+    outbox: VecDeque<Action>,
+    now: Instant,
+    reservations: ReservationBook,
+}
+
+/// Counts of reservations granted and settled, to check that each is
+/// settled exactly once.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ReservationBook {
+    /// Reservations granted.
+    pub granted: u64,
+    /// Reservations settled.
+    pub settled: u64,
+    /// Settlements asked for a job holding no reservation (a bug).
+    pub settled_twice: u64,
+}
+
+impl Dispatcher {
+    /// A dispatcher for the run's `conditions`, paced by `limits`, with the
+    /// run's current `packages` (for cache TTL choices).
+    pub fn new(
+        config: DispatchConfig,
+        conditions: Vec<Condition>,
+        catalog: Arc<Catalog>,
+        limits: LimitTable,
+        packages: Vec<PackageRef>,
+        now: Instant,
+    ) -> Self {
+        let limiter = if limits.is_off() {
+            RateLimiter::off(config.time_scale)
+        } else {
+            RateLimiter::new(config.time_scale)
+        };
+        let mut bucket_keys = HashMap::new();
+        for c in &conditions {
+            let key = bucket_key(&catalog, c.provider, &c.model);
+            limiter.configure(
+                &key,
+                c.provider,
+                limits.lookup(&catalog, c.provider, &c.model),
+            );
+            bucket_keys.insert(c.slug.clone(), key);
+        }
+        let distinct_keys = bucket_keys.values().collect::<HashSet<_>>().len();
+        Self {
+            verify: VerifyGate::Open,
+            claims: Claims {
+                outstanding: false,
+                answered_once: false,
+                exhausted: false,
+                next_at: now,
+                others_hold: 0,
+            },
+            next_renew: crate::time::later(now, config.claim_interval),
+            config,
+            catalog,
+            limits,
+            limiter,
+            gates: conditions
+                .iter()
+                .map(|c| (c.slug.clone(), ConditionGate::Probing))
+                .collect(),
+            conditions: conditions
+                .into_iter()
+                .map(|c| (c.slug.clone(), Arc::new(c)))
+                .collect(),
+            bucket_keys,
+            distinct_keys,
+            packages: packages
+                .into_iter()
+                .map(|p| ((p.id.clone(), p.version.clone()), p))
+                .collect(),
+            in_flight_by_condition: HashMap::new(),
+            groups: HashMap::new(),
+            next_group: 0,
+            open_group: None,
+            jobs: HashMap::new(),
+            splits: HashMap::new(),
+            counting: HashSet::new(),
+            queue: ReadyQueue::default(),
+            renewing: false,
+            limiter_wake: None,
+            in_flight: 0,
+            stopping: false,
+            summary: Summary::default(),
+            phase: Phase::Running,
+            outbox: VecDeque::new(),
+            now,
+            reservations: ReservationBook::default(),
+        }
+    }
+
+    /// Attempts out now (begun, sent or being stored).
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// Whether [`Action::Done`] has been handed out.
+    pub fn is_done(&self) -> bool {
+        self.phase == Phase::Done && self.outbox.is_empty()
+    }
+
+    /// The limiter's sums in the current window for a condition's model.
+    pub fn window_usage(&self, slug: &str, now: Instant) -> Option<[u64; 3]> {
+        self.limiter.usage(self.bucket_keys.get(slug)?, now)
+    }
+
+    /// Reservations granted and settled so far.
+    pub fn reservation_book(&self) -> ReservationBook {
+        self.reservations
+    }
+
+    /// A condition's gate.
+    pub fn gate(&self, slug: &str) -> Option<&ConditionGate> {
+        self.gates.get(slug)
+    }
+
+    /// The next action, or `None` until an event arrives or
+    /// [`poll_timeout`](Self::poll_timeout) passes.
+    pub fn poll_action(&mut self, now: Instant) -> Option<Action> {
+        self.advance_clock(now);
+        if self.outbox.is_empty() && self.phase == Phase::Running {
+            self.step();
+        }
+        self.outbox.pop_front()
+    }
+
+    /// When to call [`poll_action`](Self::poll_action) again if no event
+    /// arrives first.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.phase != Phase::Running {
+            return None;
+        }
+        let mut wake = [
+            self.queue.next_retry_after(self.now),
+            self.limiter_wake,
+            (self.in_flight > 0).then_some(self.next_renew),
+            self.idle_waiting_for_others()
+                .then_some(self.claims.next_at),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        if let Some(at) = wake
+            && at <= self.now
+        {
+            // Never ask to be woken in the past: that would spin.
+            wake = Some(self.now + Duration::from_millis(1));
+        }
+        wake
+    }
+
+    /// Time passed without an event.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.advance_clock(now);
+    }
+
+    /// Takes one event.
+    pub fn handle(&mut self, event: Event, now: Instant) {
+        self.advance_clock(now);
+        match event {
+            Event::Claimed {
+                items,
+                held_by_others,
+            } => self.on_claimed(items, held_by_others),
+            Event::Renewed => self.renewing = false,
+            Event::Counted {
+                version,
+                tokenizer,
+                split,
+            } => {
+                self.counting.remove(&(version.clone(), tokenizer));
+                self.splits.insert((version, tokenizer), split);
+            }
+            Event::Began(id) => self.on_began(id),
+            Event::NotClaimable(id) => self.on_not_claimable(id),
+            Event::Finished {
+                generation_id,
+                outcome,
+                latency_ms,
+            } => self.on_finished(generation_id, *outcome, latency_ms),
+            Event::Stored(id) => self.on_stored(id),
+            Event::Failed { task, error } => self.on_failed(task, error),
+            Event::StopRequested => {
+                if !self.stopping {
+                    tracing::warn!(
+                        "stop requested: letting {} request(s) in flight finish",
+                        self.in_flight
+                    );
+                }
+                self.stopping = true;
+                self.summary.interrupted = true;
+            }
+        }
+        self.maybe_finish_handing_back();
+    }
+
+    fn advance_clock(&mut self, now: Instant) {
+        self.now = self.now.max(now);
+    }
+
+    /// One pass: claim, heartbeat, dispatch, and end when nothing is left.
+    fn step(&mut self) {
+        if self.wants_claim() {
+            self.claims.outstanding = true;
+            self.outbox.push_back(Action::Claim {
+                max_groups: self.config.claim_batch,
+            });
+            return;
+        }
+        if self.now >= self.next_renew && !self.renewing {
+            self.renewing = true;
+            self.next_renew = crate::time::later(self.now, self.config.claim_interval);
+            self.outbox.push_back(Action::Renew);
+        }
+        if !self.claims.answered_once || self.claims.outstanding {
+            return;
+        }
+        loop {
+            if !self.dispatch_ready() {
+                return;
+            }
+            if !self.end_of_verification() {
+                break;
+            }
+        }
+        self.finish_if_idle();
+    }
+
+    fn wants_claim(&self) -> bool {
+        if self.claims.outstanding || self.stopping {
+            return false;
+        }
+        if !self.claims.answered_once {
+            return true;
+        }
+        !matches!(self.verify, VerifyGate::Verifying(_))
+            && self.queue.leaders.len() < self.config.concurrency.max(1)
+            && (!self.claims.exhausted || self.now >= self.claims.next_at)
+    }
+
+    fn idle(&self) -> bool {
+        self.in_flight == 0 && !self.claims.outstanding && self.counting.is_empty()
+    }
+
+    fn idle_waiting_for_others(&self) -> bool {
+        self.idle()
+            && !self.stopping
+            && self.claims.others_hold > 0
+            && self.queue.next_retry_after(self.now).is_none()
+            && self.limiter_wake.is_none()
+    }
+
+    /// Ends `--verify-first` once its requests are settled; true when the
+    /// batch may now fan out (dispatch again).
+    fn end_of_verification(&mut self) -> bool {
+        if !matches!(self.verify, VerifyGate::Verifying(_))
+            || !self.idle()
+            || !(self.queue.retries.is_empty() || self.stopping)
+        {
+            return false;
+        }
+        if self.summary.verify_failed || self.stopping {
+            self.verify = VerifyGate::Failed;
+            return false;
+        }
+        self.verify = VerifyGate::Open;
+        if self.wants_claim() {
+            self.claims.outstanding = true;
+            self.outbox.push_back(Action::Claim {
+                max_groups: self.config.claim_batch,
+            });
+            return false;
+        }
+        true
+    }
+
+    fn finish_if_idle(&mut self) {
+        if !self.idle() || self.claims.outstanding {
+            return;
+        }
+        if self.verify == VerifyGate::Failed
+            || self.stopping
+            || (self.queue.next_retry_after(self.now).is_none()
+                && self.limiter_wake.is_none()
+                && self.claims.others_hold == 0)
+        {
+            self.begin_handing_back();
+        }
+    }
+
+    /// Retries that will not happen hand their generation back as pending;
+    /// then the dispatch is done. After a ledger failure nothing more is
+    /// written.
+    fn begin_handing_back(&mut self) {
+        let mut handing_back = HashSet::new();
+        if self.summary.failure.is_none() {
+            for (_, id) in std::mem::take(&mut self.queue.retries) {
+                if let Some(job) = self.jobs.get(&id) {
+                    self.outbox.push_back(Action::Store {
+                        generation_id: id,
+                        attempt: job.attempt(),
+                        end: AttemptEnd::Abandoned,
+                    });
+                    handing_back.insert(id);
+                }
+            }
+        }
+        self.phase = Phase::Finishing(handing_back);
+        self.maybe_finish_handing_back();
+    }
+
+    fn maybe_finish_handing_back(&mut self) {
+        if let Phase::Finishing(left) = &self.phase
+            && left.is_empty()
+        {
+            self.phase = Phase::Done;
+            self.summary.others_hold = self.claims.others_hold;
+            self.outbox
+                .push_back(Action::Done(std::mem::take(&mut self.summary)));
+        }
+    }
+
+    /// Dispatches what the gates, the concurrency bound and the limiter
+    /// admit. False when it must wait for a token count first.
+    fn dispatch_ready(&mut self) -> bool {
+        self.limiter_wake = None;
+        let mut blocked: HashSet<String> = HashSet::new();
+        for candidate in self.queue.candidates(self.now) {
+            if self.stopping
+                || self.in_flight >= self.config.concurrency.max(1)
+                || blocked.len() >= self.distinct_keys
+            {
+                break;
+            }
+            let (id, group_id) = match candidate {
+                Candidate::Retry(_, id) | Candidate::Follower(id) => (id, self.jobs[&id].group),
+                Candidate::Leader(g) => (self.groups[&g].leader, g),
+            };
+            if !self.admitted_by_gates(candidate, group_id) {
+                continue;
+            }
+            let group = &self.groups[&group_id];
+            let condition = Arc::clone(&group.condition);
+            let key = self.bucket_keys[&condition.slug].clone();
+            if blocked.contains(&key) {
+                continue;
+            }
+            let tokenizer = Tokenizer::for_provider(condition.provider);
+            let Some(split) = self
+                .splits
+                .get(&(group.version.clone(), tokenizer))
+                .copied()
+            else {
+                self.request_count(group_id, tokenizer);
+                return false;
+            };
+            let role = self.cache_role(id);
+            let charge = pacing::charge(&self.catalog, &condition, self.config.cache, split, role);
+            if let Err(problem) = self.limiter.check_fits(&key, charge) {
+                let reason = format!("context `{}`: {problem}", self.groups[&group_id].prompt_id);
+                self.stop_condition(&condition.slug, reason);
+                continue;
+            }
+            match self.limiter.try_reserve(&key, charge, self.now) {
+                Admission::Wait(until) => {
+                    blocked.insert(key);
+                    self.limiter_wake = Some(self.limiter_wake.map_or(until, |w| w.min(until)));
+                }
+                Admission::Granted(reservation) => {
+                    self.queue.remove(candidate);
+                    self.reservations.granted += 1;
+                    self.launch(id, reservation, role);
+                }
+            }
+        }
+        true
+    }
+
+    fn admitted_by_gates(&self, candidate: Candidate, group_id: GroupId) -> bool {
+        let admitted_by_verify = match &self.verify {
+            VerifyGate::Open => true,
+            VerifyGate::Failed => false,
+            VerifyGate::Verifying(groups) => {
+                !matches!(candidate, Candidate::Follower(_)) && groups.contains(&group_id)
+            }
+        };
+        let slug = &self.groups[&group_id].condition.slug;
+        let admitted_by_condition = match &self.gates[slug] {
+            ConditionGate::Stopped(_) => false,
+            ConditionGate::Open => true,
+            // The first request of a condition goes alone.
+            ConditionGate::Probing => {
+                !matches!(candidate, Candidate::Leader(_))
+                    || self.in_flight_by_condition.get(slug).copied().unwrap_or(0) == 0
+            }
+        };
+        admitted_by_verify && admitted_by_condition
+    }
+
+    /// A leader writes the cache; a follower reads it only once its group is
+    /// warm (a cold group's followers write it themselves).
+    fn cache_role(&self, id: GenerationId) -> CacheRole {
+        let job = &self.jobs[&id];
+        match (job.role, self.groups[&job.group].phase) {
+            (Role::Follower, GroupPhase::Warm) => CacheRole::Reads,
+            _ => CacheRole::Writes,
+        }
+    }
+
+    fn request_count(&mut self, group_id: GroupId, tokenizer: Tokenizer) {
+        let group = &self.groups[&group_id];
+        if self.counting.insert((group.version.clone(), tokenizer)) {
+            self.outbox.push_back(Action::CountTokens {
+                prompt_id: group.prompt_id.clone(),
+                version: group.version.clone(),
+                tokenizer,
+            });
+        }
+    }
+
+    fn launch(
+        &mut self,
+        id: GenerationId,
+        reservation: crate::limiter::Reservation,
+        role: CacheRole,
+    ) {
+        let job = self.jobs.get_mut(&id).expect("a queued job exists");
+        job.tries = job.tries.saturating_add(1);
+        job.stage = Stage::Beginning;
+        job.reservation = Some(reservation);
+        job.cache_role = role;
+        let group = self
+            .groups
+            .get_mut(&job.group)
+            .expect("a job's group exists");
+        if job.role == Role::Leader && group.phase == GroupPhase::Queued {
+            group.phase = GroupPhase::LeaderOut;
+        }
+        let slug = group.condition.slug.clone();
+        let attempt = self.attempt_of(id);
+        self.in_flight += 1;
+        *self.in_flight_by_condition.entry(slug).or_default() += 1;
+        self.outbox.push_back(Action::Begin(attempt));
+    }
+
+    /// The current attempt of a job, as the driver needs it.
+    fn attempt_of(&self, id: GenerationId) -> Attempt {
+        let job = &self.jobs[&id];
+        let group = &self.groups[&job.group];
+        Attempt {
+            generation_id: id,
+            attempt: job.attempt(),
+            condition: Arc::clone(&group.condition),
+            prompt_id: group.prompt_id.clone(),
+            version: group.version.clone(),
+            cache: if self.config.cache {
+                CacheHint::On(group.ttl)
+            } else {
+                CacheHint::Off
+            },
+        }
+    }
+
+    fn stop_condition(&mut self, slug: &str, reason: String) {
+        let gate = self
+            .gates
+            .entry(slug.to_owned())
+            .or_insert(ConditionGate::Probing);
+        if matches!(gate, ConditionGate::Stopped(_)) {
+            return;
+        }
+        *gate = ConditionGate::Stopped(reason.clone());
+        tracing::error!(condition = %slug, %reason, "condition stopped");
+        self.outbox
+            .push_back(Action::Notify(ProgressEvent::ConditionStopped {
+                condition: slug.to_owned(),
+                reason: reason.clone(),
+            }));
+        self.summary.stopped.push((slug.to_owned(), reason));
+    }
+
+    fn open_condition(&mut self, slug: &str) {
+        if let Some(gate) = self.gates.get_mut(slug)
+            && *gate == ConditionGate::Probing
+        {
+            *gate = ConditionGate::Open;
+        }
+    }
+
+    fn on_claimed(&mut self, items: Vec<WorkItem>, held_by_others: u64) {
+        let first = !self.claims.answered_once;
+        self.claims.outstanding = false;
+        self.claims.answered_once = true;
+        self.claims.others_hold = held_by_others;
+        self.claims.next_at = crate::time::later(self.now, self.config.claim_interval);
+        match self.absorb(items) {
+            Ok(added) => self.claims.exhausted = added == 0,
+            Err(error) => self.fail(error),
+        }
+        if first && self.config.verify_first {
+            let mut seen = HashSet::new();
+            let groups = self
+                .queue
+                .leaders
+                .iter()
+                .copied()
+                .filter(|g| seen.insert(self.groups[g].condition.slug.clone()))
+                .collect();
+            self.verify = VerifyGate::Verifying(groups);
+        }
+    }
+
+    /// Takes newly claimed generations in: a generation already held is
+    /// skipped; consecutive replicates of a queued group join it.
+    fn absorb(&mut self, items: Vec<WorkItem>) -> Result<usize, Error> {
+        let mut added = 0;
+        for item in items {
+            if self.jobs.contains_key(&item.generation_id) {
+                continue;
+            }
+            let Some(condition) = self.conditions.get(&item.condition_slug).cloned() else {
+                return Err(Error::store_msg(format!(
+                    "generation {} names condition `{}` that the run does not list",
+                    item.generation_id, item.condition_slug
+                )));
+            };
+            added += 1;
+            let id = item.generation_id;
+            let joins = self.open_group.filter(|g| {
+                let group = &self.groups[g];
+                group.phase == GroupPhase::Queued
+                    && group.condition.slug == item.condition_slug
+                    && group.prompt_id == item.prompt_id
+                    && group.version == item.package_version
+            });
+            let (group_id, role) = match joins {
+                Some(g) => {
+                    self.groups.get_mut(&g).expect("open").waiting.push(id);
+                    (g, Role::Follower)
+                }
+                None => (self.new_group(condition, &item), Role::Leader),
+            };
+            self.jobs.insert(
+                id,
+                Job {
+                    item,
+                    group: group_id,
+                    role,
+                    tries: 0,
+                    stage: Stage::Queued,
+                    reservation: None,
+                    cache_role: CacheRole::Writes,
+                },
+            );
+        }
+        Ok(added)
+    }
+
+    fn new_group(&mut self, condition: Arc<Condition>, leader: &WorkItem) -> GroupId {
+        let ttl = self
+            .packages
+            .get(&(leader.prompt_id.clone(), leader.package_version.clone()))
+            .map_or(crate::provider::CacheTtl::FiveMinutes, |p| {
+                pacing::choose_ttl(
+                    &self.catalog,
+                    &self.limits,
+                    &condition,
+                    self.config.replicates,
+                    p,
+                )
+            });
+        let id = GroupId(self.next_group);
+        self.next_group += 1;
+        self.groups.insert(
+            id,
+            Group {
+                condition,
+                prompt_id: leader.prompt_id.clone(),
+                version: leader.package_version.clone(),
+                ttl,
+                phase: GroupPhase::Queued,
+                leader: leader.generation_id,
+                waiting: Vec::new(),
+            },
+        );
+        self.queue.leaders.push_back(id);
+        self.open_group = Some(id);
+        id
+    }
+
+    fn on_began(&mut self, id: GenerationId) {
+        let Some(job) = self
+            .jobs
+            .get_mut(&id)
+            .filter(|j| j.stage == Stage::Beginning)
+        else {
+            return;
+        };
+        job.stage = Stage::Sending;
+        if let Some(reservation) = job.reservation.as_mut() {
+            self.limiter.mark_sent(reservation, self.now);
+        }
+        let attempt = self.attempt_of(id);
+        self.outbox.push_back(Action::Send(attempt));
+    }
+
+    /// Another worker took the claim over (this one was presumed dead): the
+    /// job, and with a leader its whole group, is dropped here and may be
+    /// claimed again later.
+    fn on_not_claimable(&mut self, id: GenerationId) {
+        if !self
+            .jobs
+            .get(&id)
+            .is_some_and(|j| j.stage == Stage::Beginning)
+        {
+            return;
+        }
+        tracing::warn!(
+            generation = id,
+            "claim taken over by another process; not sent here"
+        );
+        self.settle(id, Some(Charge::default()));
+        let Some(job) = self.remove_in_flight(id) else {
+            return;
+        };
+        // Claimed again later if this worker turns out to hold it after all.
+        self.claims.exhausted = false;
+        if job.role == Role::Leader
+            && let Some(group) = self.groups.get_mut(&job.group)
+        {
+            for follower in std::mem::take(&mut group.waiting) {
+                self.jobs.remove(&follower);
+            }
+            if self.open_group == Some(job.group) {
+                self.open_group = None;
+            }
+        }
+    }
+
+    fn remove_in_flight(&mut self, id: GenerationId) -> Option<Job> {
+        let job = self.jobs.remove(&id)?;
+        if job.in_flight() {
+            self.in_flight -= 1;
+            let slug = &self.groups[&job.group].condition.slug;
+            if let Some(n) = self.in_flight_by_condition.get_mut(slug) {
+                *n = n.saturating_sub(1);
+            }
+        }
+        Some(job)
+    }
+
+    /// Settles a job's reservation: to `actual`, or as reserved.
+    fn settle(&mut self, id: GenerationId, actual: Option<Charge>) {
+        let Some(job) = self.jobs.get_mut(&id) else {
+            return;
+        };
+        match job.reservation.take() {
+            Some(reservation) => {
+                if let Some(actual) = actual {
+                    self.limiter.settle(&reservation, actual);
+                }
+                self.reservations.settled += 1;
+            }
+            None => self.reservations.settled_twice += 1,
+        }
+    }
+
+    fn on_finished(
+        &mut self,
+        id: GenerationId,
+        outcome: Result<Generated, AttemptError>,
+        latency_ms: u64,
+    ) {
+        let Some(job) = self.jobs.get(&id).filter(|j| j.stage == Stage::Sending) else {
+            return;
+        };
+        let condition = Arc::clone(&self.groups[&job.group].condition);
+        let key = &self.bucket_keys[&condition.slug];
+        let sent_at = job.reservation.as_ref().map_or(self.now, |r| r.at);
+        let snapshot = match &outcome {
+            Ok(g) => g.rate_limits,
+            Err(e) => e.rate_limits,
+        };
+        self.limiter
+            .observe(key, condition.provider, &snapshot, sent_at, self.now);
+        let actual = match &outcome {
+            Ok(g) => Some(Charge::actual(condition.provider, &g.usage)),
+            // Rejected requests spend no tokens.
+            Err(e) if RetryPolicy::is_rate_limit(e) => Some(Charge {
+                requests: 1,
+                input: 0,
+                output: 0,
+            }),
+            Err(_) => None,
+        };
+        if let Err(e) = &outcome
+            && RetryPolicy::is_rate_limit(e)
+        {
+            self.summary.rate_limited += 1;
+            if let Some(wait) = e.retry_after {
+                self.limiter.pause(key, crate::time::later(self.now, wait));
+            }
+        }
+        self.settle(id, actual);
+        let job = self.jobs.get_mut(&id).expect("checked above");
+        let verdict = self
+            .config
+            .retry
+            .verdict(outcome.as_ref().map(|_| ()), id, job.tries);
+        let (end, note) = match outcome {
+            Ok(generated) => {
+                let cost_usd = self.catalog.cost(&condition, &generated.usage);
+                let note = Outcome::Success {
+                    cache_hit: generated.usage.cache_hit(),
+                    cost_usd,
+                };
+                (success_end(generated, cost_usd, latency_ms), note)
+            }
+            Err(error) => (
+                AttemptEnd::Failed {
+                    class: error.class,
+                    message: error.to_string(),
+                    http_status: error.http_status,
+                    provider_request_id: error.request_id.clone(),
+                    latency_ms,
+                    last: verdict == Verdict::GiveUp,
+                },
+                Outcome::Failure(Box::new(error)),
+            ),
+        };
+        job.stage = Stage::Storing(verdict, Box::new(note));
+        self.outbox.push_back(Action::Store {
+            generation_id: id,
+            attempt: job.attempt(),
+            end,
+        });
+    }
+
+    fn on_stored(&mut self, id: GenerationId) {
+        if let Phase::Finishing(left) = &mut self.phase {
+            left.remove(&id);
+            return;
+        }
+        if !self
+            .jobs
+            .get(&id)
+            .is_some_and(|j| matches!(j.stage, Stage::Storing(..)))
+        {
+            return;
+        }
+        let Some(job) = self.remove_in_flight(id) else {
+            return;
+        };
+        let Stage::Storing(verdict, outcome) = job.stage.clone() else {
+            return;
+        };
+        let slug = self.groups[&job.group].condition.slug.clone();
+        match *outcome {
+            Outcome::Success {
+                cache_hit,
+                cost_usd,
+            } => {
+                self.open_condition(&slug);
+                self.notify_finished(&slug, true, cache_hit, cost_usd);
+                if job.role == Role::Leader {
+                    self.release_followers(job.group, GroupPhase::Warm);
+                }
+            }
+            Outcome::Failure(error) => self.after_failure(job, &slug, verdict, &error),
+        }
+    }
+
+    fn after_failure(&mut self, mut job: Job, slug: &str, verdict: Verdict, error: &AttemptError) {
+        if RetryPolicy::stops_condition(error) {
+            self.stop_condition(slug, error.to_string());
+        } else {
+            self.open_condition(slug);
+        }
+        let item = &job.item;
+        match verdict {
+            Verdict::Retry { delay } => {
+                tracing::info!(condition = %slug, prompt_id = %item.prompt_id, replicate = item.replicate_index, attempt = job.attempt(), %error, delay_ms = delay.as_millis() as u64, "retrying");
+                self.outbox
+                    .push_back(Action::Notify(ProgressEvent::Retrying {
+                        condition: slug.to_owned(),
+                        prompt_id: item.prompt_id.clone(),
+                        replicate_index: item.replicate_index,
+                        attempt: job.attempt(),
+                        error: error.to_string(),
+                        delay,
+                    }));
+                let due = crate::time::later(self.now, delay);
+                job.stage = Stage::RetryAt(due);
+                self.queue.retries.insert((due, item.generation_id));
+                self.jobs.insert(item.generation_id, job);
+            }
+            Verdict::GiveUp | Verdict::Success => {
+                tracing::warn!(condition = %slug, prompt_id = %item.prompt_id, replicate = item.replicate_index, attempt = job.attempt(), %error, "generation failed");
+                self.notify_finished(slug, false, false, None);
+                if matches!(self.verify, VerifyGate::Verifying(_)) && !self.summary.verify_failed {
+                    self.summary.verify_failed = true;
+                    self.stopping = true;
+                    tracing::error!("--verify-first failed: the batch stops before fanning out");
+                }
+                if job.role == Role::Leader {
+                    self.release_followers(job.group, GroupPhase::Cold);
+                }
+            }
+        }
+    }
+
+    fn notify_finished(
+        &mut self,
+        slug: &str,
+        success: bool,
+        cache_hit: bool,
+        cost_usd: Option<f64>,
+    ) {
+        self.outbox
+            .push_back(Action::Notify(ProgressEvent::Finished {
+                condition: slug.to_owned(),
+                success,
+                cache_hit,
+                cost_usd,
+            }));
+    }
+
+    /// The leader is done: its followers may go, reading its cache (warm) or
+    /// writing their own (cold).
+    fn release_followers(&mut self, group_id: GroupId, phase: GroupPhase) {
+        let Some(group) = self.groups.get_mut(&group_id) else {
+            return;
+        };
+        group.phase = phase;
+        self.queue.followers.extend(group.waiting.drain(..));
+        if self.open_group == Some(group_id) {
+            self.open_group = None;
+        }
+    }
+
+    fn on_failed(&mut self, task: Task, error: Error) {
+        match task {
+            Task::Claim => self.claims.outstanding = false,
+            Task::Renew => self.renewing = false,
+            Task::Count { version, tokenizer } => {
+                self.counting.remove(&(version, tokenizer));
+            }
+            Task::Generation(id) => {
+                if let Phase::Finishing(left) = &mut self.phase {
+                    left.remove(&id);
+                } else {
+                    // A reservation never sent spends nothing; one sent
+                    // stays counted as reserved.
+                    let never_sent = self
+                        .jobs
+                        .get(&id)
+                        .is_some_and(|j| j.stage == Stage::Beginning);
+                    if self.jobs.get(&id).is_some_and(|j| j.reservation.is_some()) {
+                        self.settle(id, never_sent.then(Charge::default));
+                    }
+                    self.remove_in_flight(id);
+                }
+            }
+        }
+        self.fail(error);
+    }
+
+    /// A failure of the ledger (or of counting): nothing new starts; what is
+    /// in flight is paid for, so it finishes and is stored first.
+    fn fail(&mut self, error: Error) {
+        tracing::error!(%error, "stopping: letting {} request(s) in flight finish", self.in_flight);
+        self.summary.failure.get_or_insert(error);
+        self.stopping = true;
+    }
+}
+
+fn success_end(generated: Generated, cost_usd: Option<f64>, latency_ms: u64) -> AttemptEnd {
+    AttemptEnd::Success(GenerationResult {
+        usage: generated.usage,
+        cost_usd,
+        finish_reason: generated.finish_reason,
+        provider_request_id: generated.request_id,
+        model_snapshot: generated.model_snapshot,
+        request_hash: Some(generated.request_hash),
+        response_text: generated.text,
+        latency_ms,
+    })
+}

@@ -1,0 +1,173 @@
+//! Executing a run: cache-aware order under per-minute rate limits, a
+//! concurrency bound, retries with backoff, fatal errors that stop a
+//! condition, and a clean stop on request.
+//!
+//! The rules live in [`Dispatcher`], a synchronous state machine in the
+//! style of quinn-proto's `Connection`: the driver feeds it [`Event`]s
+//! (work claimed, tokens counted, an attempt begun, finished or stored, a
+//! task failed, a stop requested, time passed) and performs the [`Action`]s
+//! it hands out (claim more, count tokens, begin, send or store an attempt,
+//! notify, done); [`Dispatcher::poll_timeout`] says when to wake it. It does
+//! no I/O and has no runtime, so its tests feed events and check actions
+//! directly. [`Executor`] is the one async driver, over a [`Store`] and
+//! [`Provider`]s; a driver for providers' Batch APIs would perform the same
+//! actions in bulk without touching the rules.
+//!
+//! Order: for each (condition, context) the *leader* (first replicate) goes
+//! first; its *followers* are released when it succeeds, so they read the
+//! cache it wrote ([`GroupPhase::Warm`]); if it fails for good they go
+//! anyway, each writing the cache ([`GroupPhase::Cold`]). Due retries go
+//! first, then released followers, then new leaders. The very first request
+//! of each condition goes alone ([`ConditionGate::Probing`]): if it fails
+//! for a reason every request of that condition would share (bad key, no
+//! quota, unknown model), the condition stops after one request.
+//!
+//! Every attempt passes the [`RateLimiter`](crate::limiter::RateLimiter): it
+//! is reserved before it is sent (output at `max_tokens`, input by
+//! estimate; a warm follower's cached prefix does not count against
+//! Anthropic's ITPM) and settled to the real usage when the response
+//! arrives. Every outcome goes through one [`RetryPolicy`].
+//!
+//! [`Store`]: crate::store::Store
+//! [`Provider`]: crate::provider::Provider
+
+mod driver;
+mod machine;
+mod pacing;
+mod retry;
+mod work;
+
+#[cfg(test)]
+mod tests;
+
+use std::time::Duration;
+
+use crate::limiter::LimitTable;
+use crate::run::StatusCounts;
+
+pub use driver::Executor;
+pub use machine::{
+    Action, Attempt, DispatchConfig, Dispatcher, Event, ReservationBook, Summary, Task,
+};
+pub use pacing::{CacheRole, charge, check_limits, choose_ttl};
+pub use retry::{RetryPolicy, Verdict, backoff_delay};
+pub use work::{ConditionGate, GenerationId, GroupId, GroupPhase, Role, VerifyGate};
+
+/// How to execute.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Most requests in flight at once.
+    pub concurrency: usize,
+    /// Retries after a failed attempt (attempts = retries + 1).
+    pub max_retries: u32,
+    /// Send prompt-caching hints.
+    pub cache: bool,
+    /// Send one request per condition first; stop everything if one fails.
+    pub verify_first: bool,
+    /// Multiplies Apex's own pacing durations (windows, backoff, cache TTL
+    /// planning); 1 in real use.
+    pub time_scale: f64,
+    /// First backoff delay (then ×2 per retry).
+    pub backoff_base: Duration,
+    /// Per-minute limits; [`LimitTable::none`] turns rate limiting off.
+    pub limits: LimitTable,
+    /// This process's name in claims (unique per process).
+    pub worker: String,
+    /// A claim not renewed for this long (times `time_scale`) is taken over:
+    /// its process is presumed dead.
+    pub claim_timeout: Duration,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self {
+            concurrency: 16,
+            max_retries: 3,
+            cache: true,
+            verify_first: false,
+            time_scale: 1.0,
+            backoff_base: Duration::from_secs(1),
+            limits: LimitTable::defaults(),
+            worker: default_worker(),
+            claim_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// A worker name unique to this process: `apex-PID-RANDOM`.
+pub fn default_worker() -> String {
+    let id = uuid::Uuid::now_v7().simple().to_string();
+    format!("apex-{}-{}", std::process::id(), &id[id.len() - 8..])
+}
+
+/// What happened, for progress displays.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ProgressEvent {
+    /// Work is about to start.
+    Started {
+        /// Generations to execute.
+        total: u64,
+    },
+    /// A generation reached `success` or `error`.
+    Finished {
+        /// Its condition.
+        condition: String,
+        /// Whether it succeeded.
+        success: bool,
+        /// Whether it read the provider's cache.
+        cache_hit: bool,
+        /// Its cost, if known.
+        cost_usd: Option<f64>,
+    },
+    /// An attempt failed and will be retried.
+    Retrying {
+        /// Its condition.
+        condition: String,
+        /// The context.
+        prompt_id: String,
+        /// The replicate.
+        replicate_index: u32,
+        /// The attempt that failed (1-based).
+        attempt: u32,
+        /// Why.
+        error: String,
+        /// The wait before the next attempt.
+        delay: Duration,
+    },
+    /// A condition stopped; its remaining generations stay `pending`.
+    ConditionStopped {
+        /// Its slug.
+        condition: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Receives progress events (the CLI draws a bar or logs lines).
+pub trait Progress: Send + Sync {
+    /// One event.
+    fn event(&self, event: &ProgressEvent);
+}
+
+/// Ignores events.
+#[derive(Debug, Default)]
+pub struct NoProgress;
+
+impl Progress for NoProgress {
+    fn event(&self, _: &ProgressEvent) {}
+}
+
+/// How an execution ended.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RunReport {
+    /// Counts of the whole run afterwards.
+    pub counts: StatusCounts,
+    /// Conditions stopped by a fatal error: (slug, reason).
+    pub stopped: Vec<(String, String)>,
+    /// `--verify-first` failed: nothing fanned out.
+    pub verify_failed: bool,
+    /// A stop was requested (Ctrl-C).
+    pub interrupted: bool,
+    /// Responses with status 429 received.
+    pub rate_limited: u64,
+}

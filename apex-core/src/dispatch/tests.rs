@@ -1,0 +1,820 @@
+//! The dispatcher without a runtime: events in, actions checked.
+//!
+//! `World` is an independent model of the outside: a ledger of statuses, a
+//! provider whose prompt cache is warm once a request for the same context
+//! has completed, and a server that counts requests and input tokens per
+//! 60-second window by its own arithmetic (not the limiter's).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::catalog::Catalog;
+use crate::condition::{Condition, ProviderKind};
+use crate::provider::{AttemptError, ErrorClass, Generated, RateLimitSnapshot, Usage};
+use crate::run::{AttemptEnd, GenerationStatus, WorkItem};
+use crate::tokens::Tokenizer;
+
+const REST: u64 = 10;
+const PREFIX: u64 = 4000;
+
+fn condition(slug: &str) -> Condition {
+    Condition {
+        slug: slug.into(),
+        provider: ProviderKind::Anthropic,
+        model: "claude-sonnet-4-5".into(),
+        temperature: Some(0.7),
+        top_p: None,
+        max_tokens: 100,
+        reasoning_effort: None,
+    }
+}
+
+fn limits(rpm: u64, itpm: u64, otpm: u64) -> LimitTable {
+    LimitTable::with_file(&format!(
+        "[anthropic.\"claude-sonnet-4-5\"]\nrpm = {rpm}\nitpm = {itpm}\notpm = {otpm}\n"
+    ))
+    .unwrap()
+}
+
+fn config(concurrency: usize, verify_first: bool) -> DispatchConfig {
+    DispatchConfig {
+        concurrency,
+        cache: true,
+        verify_first,
+        retry: RetryPolicy::new(3, Duration::from_secs(1), 1.0),
+        claim_batch: 64,
+        claim_interval: Duration::from_secs(20),
+        replicates: 3,
+        time_scale: 1.0,
+    }
+}
+
+/// The plan: `conditions` × `contexts` × `replicates`, ids from 1 in plan
+/// order (context-sequential, replicate 0 first).
+fn plan(conditions: &[&str], contexts: u32, replicates: u32) -> Vec<WorkItem> {
+    let mut items = Vec::new();
+    for ctx in 0..contexts {
+        for slug in conditions {
+            for rep in 0..replicates {
+                items.push(WorkItem {
+                    generation_id: items.len() as i64 + 1,
+                    condition_slug: (*slug).into(),
+                    prompt_id: format!("ctx-{ctx}"),
+                    package_version: format!("v{ctx}"),
+                    context_index: ctx,
+                    replicate_index: rep,
+                    attempts: 0,
+                });
+            }
+        }
+    }
+    items
+}
+
+fn generated(usage: Usage) -> Generated {
+    Generated {
+        text: "ok".into(),
+        usage,
+        finish_reason: Some("end_turn".into()),
+        request_id: None,
+        model_snapshot: None,
+        request_hash: "h".into(),
+        rate_limits: RateLimitSnapshot::default(),
+    }
+}
+
+fn error(class: ErrorClass) -> AttemptError {
+    let mut e = AttemptError::new(class, "scripted");
+    if class == ErrorClass::RateLimited {
+        e.http_status = Some(429);
+        e.retry_after = Some(Duration::from_secs(5));
+    }
+    e
+}
+
+/// Drains the actions available now.
+fn drain(m: &mut Dispatcher, now: Instant) -> Vec<Action> {
+    std::iter::from_fn(|| m.poll_action(now)).collect()
+}
+
+fn begins(actions: &[Action]) -> Vec<i64> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Begin(a) => Some(a.generation_id),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Starts a dispatcher and answers its first claim and token counts.
+fn started(
+    config: DispatchConfig,
+    conditions: &[&str],
+    items: Vec<WorkItem>,
+    table: LimitTable,
+    prefix: u64,
+    now: Instant,
+) -> (Dispatcher, Vec<Action>) {
+    let mut m = Dispatcher::new(
+        config,
+        conditions.iter().map(|s| condition(s)).collect(),
+        Arc::new(Catalog::built_in()),
+        table,
+        Vec::new(),
+        now,
+    );
+    let first = drain(&mut m, now);
+    assert!(matches!(first[..], [Action::Claim { .. }]), "{first:?}");
+    m.handle(
+        Event::Claimed {
+            items: items.clone(),
+            held_by_others: 0,
+        },
+        now,
+    );
+    let mut actions = Vec::new();
+    loop {
+        let batch = drain(&mut m, now);
+        let mut answered = false;
+        for action in &batch {
+            match action {
+                Action::CountTokens {
+                    version, tokenizer, ..
+                } => {
+                    m.handle(
+                        Event::Counted {
+                            version: version.clone(),
+                            tokenizer: *tokenizer,
+                            split: (prefix, REST),
+                        },
+                        now,
+                    );
+                    answered = true;
+                }
+                // Claimed again: the same items, nothing new.
+                Action::Claim { .. } => {
+                    m.handle(
+                        Event::Claimed {
+                            items: items.clone(),
+                            held_by_others: 0,
+                        },
+                        now,
+                    );
+                    answered = true;
+                }
+                _ => {}
+            }
+        }
+        actions.extend(batch);
+        if !answered {
+            return (m, actions);
+        }
+    }
+}
+
+fn finish(m: &mut Dispatcher, id: i64, outcome: Result<Generated, AttemptError>, now: Instant) {
+    m.handle(Event::Began(id), now);
+    let sent = drain(m, now);
+    assert!(
+        sent.iter()
+            .any(|a| matches!(a, Action::Send(a) if a.generation_id == id)),
+        "{sent:?}"
+    );
+    m.handle(
+        Event::Finished {
+            generation_id: id,
+            outcome: Box::new(outcome),
+            latency_ms: 1,
+        },
+        now,
+    );
+}
+
+/// Answers every store, token count (at [`PREFIX`]) and claim (with nothing
+/// new) until the dispatcher asks for nothing more; returns all it asked.
+fn store_all(m: &mut Dispatcher, now: Instant) -> Vec<Action> {
+    let mut all = Vec::new();
+    loop {
+        let actions = drain(m, now);
+        if actions.is_empty() {
+            return all;
+        }
+        for action in &actions {
+            match action {
+                Action::Store { generation_id, .. } => m.handle(Event::Stored(*generation_id), now),
+                Action::Claim { .. } => m.handle(
+                    Event::Claimed {
+                        items: Vec::new(),
+                        held_by_others: 0,
+                    },
+                    now,
+                ),
+                Action::CountTokens {
+                    version, tokenizer, ..
+                } => m.handle(
+                    Event::Counted {
+                        version: version.clone(),
+                        tokenizer: *tokenizer,
+                        split: (PREFIX, REST),
+                    },
+                    now,
+                ),
+                _ => {}
+            }
+        }
+        all.extend(actions);
+    }
+}
+
+fn warm(prefix: u64) -> Usage {
+    Usage {
+        input_tokens: REST,
+        cache_read_tokens: prefix,
+        output_tokens: 10,
+        ..Usage::default()
+    }
+}
+
+fn cold(prefix: u64) -> Usage {
+    Usage {
+        input_tokens: REST,
+        cache_write_tokens: prefix,
+        output_tokens: 10,
+        ..Usage::default()
+    }
+}
+
+#[test]
+fn the_first_request_of_a_condition_goes_alone_then_followers_before_leaders() {
+    let now = Instant::now();
+    let (mut m, actions) = started(
+        config(8, false),
+        &["c"],
+        plan(&["c"], 2, 2),
+        LimitTable::none(),
+        PREFIX,
+        now,
+    );
+    assert_eq!(begins(&actions), vec![1], "the probe goes alone");
+    finish(&mut m, 1, Ok(generated(cold(PREFIX))), now);
+    let after = store_all(&mut m, now);
+    // The follower of ctx-0 is released before ctx-1's leader.
+    assert_eq!(begins(&drain(&mut m, now)), Vec::<i64>::new());
+    assert_eq!(begins(&after), vec![2, 3]);
+    assert_eq!(m.gate("c"), Some(&ConditionGate::Open));
+}
+
+#[test]
+fn followers_of_a_failed_leader_are_reserved_as_cache_writers() {
+    let now = Instant::now();
+    let prefix = PREFIX;
+    let (mut m, actions) = started(
+        config(8, false),
+        &["c"],
+        plan(&["c"], 1, 3),
+        limits(100, 1_000_000, 100_000),
+        prefix,
+        now,
+    );
+    assert_eq!(begins(&actions), vec![1]);
+    finish(&mut m, 1, Err(error(ErrorClass::InvalidRequest)), now);
+    let released = store_all(&mut m, now);
+    assert_eq!(begins(&released), vec![2, 3], "cold followers go");
+    // The leader's reservation (kept: the server may have counted it) plus
+    // two cold followers, each writing the prefix.
+    let itpm = m.window_usage("c", now).unwrap()[1];
+    assert_eq!(itpm, 3 * (prefix + REST), "cold followers write the cache");
+}
+
+#[test]
+fn warm_followers_are_reserved_as_cache_readers() {
+    let now = Instant::now();
+    let prefix = PREFIX;
+    let (mut m, _) = started(
+        config(8, false),
+        &["c"],
+        plan(&["c"], 1, 3),
+        limits(100, 1_000_000, 100_000),
+        prefix,
+        now,
+    );
+    finish(&mut m, 1, Ok(generated(cold(prefix))), now);
+    assert_eq!(begins(&store_all(&mut m, now)), vec![2, 3]);
+    let itpm = m.window_usage("c", now).unwrap()[1];
+    assert_eq!(itpm, prefix + REST + 2 * REST);
+}
+
+#[test]
+fn a_group_taken_over_and_claimed_again_is_dispatched_again() {
+    let now = Instant::now();
+    let items = plan(&["c"], 1, 2);
+    let (mut m, actions) = started(
+        config(8, false),
+        &["c"],
+        items.clone(),
+        LimitTable::none(),
+        PREFIX,
+        now,
+    );
+    assert_eq!(begins(&actions), vec![1]);
+    m.handle(Event::NotClaimable(1), now);
+    assert_eq!(m.in_flight(), 0);
+    let next = drain(&mut m, now);
+    assert!(
+        matches!(next[..], [Action::Claim { .. }]),
+        "looks for work again: {next:?}"
+    );
+    m.handle(
+        Event::Claimed {
+            items,
+            held_by_others: 0,
+        },
+        now,
+    );
+    assert_eq!(
+        begins(&store_all(&mut m, now)),
+        vec![1],
+        "not skipped forever"
+    );
+    assert_eq!(m.reservation_book().settled_twice, 0);
+}
+
+#[test]
+fn a_stop_lets_in_flight_finish_and_leaves_the_rest_pending() {
+    let now = Instant::now();
+    let (mut m, actions) = started(
+        config(8, false),
+        &["c"],
+        plan(&["c"], 2, 1),
+        LimitTable::none(),
+        PREFIX,
+        now,
+    );
+    assert_eq!(begins(&actions), vec![1]);
+    m.handle(Event::StopRequested, now);
+    finish(&mut m, 1, Ok(generated(cold(PREFIX))), now);
+    let end = store_all(&mut m, now);
+    assert!(begins(&end).is_empty(), "nothing new after a stop");
+    let Some(Action::Done(summary)) = end.last() else {
+        panic!("done: {end:?}")
+    };
+    assert!(summary.interrupted);
+}
+
+#[test]
+fn a_retry_waits_its_backoff_and_is_handed_back_on_stop() {
+    let now = Instant::now();
+    let (mut m, _) = started(
+        config(8, false),
+        &["c"],
+        plan(&["c"], 1, 1),
+        LimitTable::none(),
+        PREFIX,
+        now,
+    );
+    finish(&mut m, 1, Err(error(ErrorClass::ServerError)), now);
+    let stored = store_all(&mut m, now);
+    assert!(stored.iter().any(|a| matches!(
+        a,
+        Action::Store {
+            end: AttemptEnd::Failed { last: false, .. },
+            ..
+        }
+    )));
+    let wake = m.poll_timeout().expect("a retry is due later");
+    assert!(wake >= now + Duration::from_secs(1) && wake < now + Duration::from_secs(2));
+    m.handle(Event::StopRequested, now);
+    let end = drain(&mut m, now);
+    assert!(
+        end.iter().any(|a| matches!(
+            a,
+            Action::Store {
+                generation_id: 1,
+                end: AttemptEnd::Abandoned,
+                ..
+            }
+        )),
+        "{end:?}"
+    );
+    m.handle(Event::Stored(1), now);
+    assert!(matches!(drain(&mut m, now)[..], [Action::Done(_)]));
+}
+
+#[test]
+fn verify_first_failure_stops_before_fanning_out() {
+    let now = Instant::now();
+    let (mut m, actions) = started(
+        config(8, true),
+        &["a", "b"],
+        plan(&["a", "b"], 2, 2),
+        LimitTable::none(),
+        PREFIX,
+        now,
+    );
+    // One leader per condition: ids 1 (a, ctx-0) and 3 (b, ctx-0).
+    assert_eq!(begins(&actions), vec![1, 3]);
+    finish(&mut m, 1, Ok(generated(cold(PREFIX))), now);
+    assert!(
+        begins(&store_all(&mut m, now)).is_empty(),
+        "still verifying"
+    );
+    finish(&mut m, 3, Err(error(ErrorClass::InvalidRequest)), now);
+    let end = store_all(&mut m, now);
+    assert!(begins(&end).is_empty());
+    let Some(Action::Done(summary)) = end.last() else {
+        panic!("done: {end:?}")
+    };
+    assert!(summary.verify_failed);
+}
+
+#[test]
+fn a_fatal_error_stops_its_condition_only() {
+    let now = Instant::now();
+    let (mut m, actions) = started(
+        config(8, false),
+        &["a", "b"],
+        plan(&["a", "b"], 2, 1),
+        LimitTable::none(),
+        PREFIX,
+        now,
+    );
+    assert_eq!(begins(&actions), vec![1, 2], "one probe per condition");
+    finish(&mut m, 1, Err(error(ErrorClass::Authentication)), now);
+    let after = store_all(&mut m, now);
+    assert!(matches!(m.gate("a"), Some(ConditionGate::Stopped(_))));
+    assert!(begins(&after).is_empty());
+    finish(&mut m, 2, Ok(generated(cold(PREFIX))), now);
+    assert_eq!(begins(&store_all(&mut m, now)), vec![4], "b goes on");
+}
+
+#[test]
+fn a_ledger_failure_stops_new_work() {
+    let now = Instant::now();
+    let (mut m, actions) = started(
+        config(8, false),
+        &["c"],
+        plan(&["c"], 3, 1),
+        LimitTable::none(),
+        PREFIX,
+        now,
+    );
+    assert_eq!(begins(&actions), vec![1]);
+    finish(&mut m, 1, Ok(generated(cold(PREFIX))), now);
+    m.handle(
+        Event::Failed {
+            task: Task::Generation(1),
+            error: crate::Error::store_msg("disk full"),
+        },
+        now,
+    );
+    let end = drain(&mut m, now);
+    assert!(begins(&end).is_empty());
+    let Some(Action::Done(summary)) = end.last() else {
+        panic!("done: {end:?}")
+    };
+    assert!(summary.failure.is_some());
+}
+
+/// What one attempt meets at the provider.
+#[derive(Debug, Clone, Copy)]
+enum Fate {
+    Success,
+    Retryable,
+    RateLimited,
+    Fatal,
+    Invalid,
+}
+
+fn fate() -> impl Strategy<Value = Fate> {
+    prop_oneof![
+        12 => Just(Fate::Success),
+        2 => Just(Fate::Retryable),
+        2 => Just(Fate::RateLimited),
+        1 => Just(Fate::Invalid),
+        1 => Just(Fate::Fatal),
+    ]
+}
+
+#[derive(Debug)]
+enum Due {
+    Event(Event),
+    Stop,
+}
+
+/// The outside world of one property case.
+struct World {
+    now: Instant,
+    start: Instant,
+    status: HashMap<i64, GenerationStatus>,
+    items: Vec<WorkItem>,
+    claimed_groups: usize,
+    groups_per_claim: usize,
+    /// (condition, context) → when a success for it completed.
+    cache_ready: HashMap<(String, u32), Instant>,
+    /// Per send: (time, input tokens as the server counts them).
+    server_log: Vec<(Instant, u64)>,
+    due: BTreeMap<(Instant, u64), Due>,
+    seq: u64,
+    fates: Vec<Fate>,
+    latencies: Vec<u64>,
+    out: usize,
+    max_out: usize,
+    prefix: u64,
+}
+
+impl World {
+    fn at(&mut self, delay: Duration, due: Due) {
+        self.seq += 1;
+        self.due.insert((self.now + delay, self.seq), due);
+    }
+
+    fn item(&self, id: i64) -> &WorkItem {
+        &self.items[(id - 1) as usize]
+    }
+
+    fn claim(&mut self) -> Vec<WorkItem> {
+        // Whole groups at a time, a few per claim, in plan order.
+        let mut groups: Vec<(String, u32)> = Vec::new();
+        for item in &self.items {
+            let g = (item.condition_slug.clone(), item.context_index);
+            if !groups.contains(&g) {
+                groups.push(g);
+            }
+        }
+        self.claimed_groups = (self.claimed_groups + self.groups_per_claim).min(groups.len());
+        let held = &groups[..self.claimed_groups];
+        self.items
+            .iter()
+            .filter(|i| held.contains(&(i.condition_slug.clone(), i.context_index)))
+            .filter(|i| {
+                matches!(
+                    self.status[&i.generation_id],
+                    GenerationStatus::Pending | GenerationStatus::Running
+                )
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// The provider's answer to one request, by the world's own cache.
+    fn answer(&mut self, id: i64, n: usize) -> (Duration, Result<Generated, AttemptError>) {
+        let item = self.item(id).clone();
+        let latency = Duration::from_millis(self.latencies[n % self.latencies.len()]);
+        let key = (item.condition_slug.clone(), item.context_index);
+        let warm = self.cache_ready.get(&key).is_some_and(|t| *t <= self.now);
+        let outcome = match self.fates[n % self.fates.len()] {
+            Fate::Success => Ok(generated(if warm {
+                warm_usage(self.prefix)
+            } else {
+                cold(self.prefix)
+            })),
+            Fate::Retryable => Err(error(ErrorClass::ServerError)),
+            Fate::RateLimited => Err(error(ErrorClass::RateLimited)),
+            Fate::Fatal => Err(error(ErrorClass::Authentication)),
+            Fate::Invalid => Err(error(ErrorClass::InvalidRequest)),
+        };
+        let counted = match &outcome {
+            Ok(g) => g.usage.input_tokens + g.usage.cache_write_tokens,
+            Err(e) if e.class == ErrorClass::RateLimited => 0,
+            // A failed request counts its input as a success would have.
+            Err(_) if warm => REST,
+            Err(_) => self.prefix + REST,
+        };
+        self.server_log.push((self.now, counted));
+        if outcome.is_ok() {
+            self.cache_ready.entry(key).or_insert(self.now + latency);
+        }
+        (latency, outcome)
+    }
+}
+
+fn warm_usage(prefix: u64) -> Usage {
+    warm(prefix)
+}
+
+fn max_in_window(points: &[(Instant, u64)]) -> u64 {
+    let mut points = points.to_vec();
+    points.sort_by_key(|(t, _)| *t);
+    (0..points.len())
+        .map(|i| {
+            points[i..]
+                .iter()
+                .take_while(|(t, _)| t.duration_since(points[i].0) < crate::limiter::WINDOW)
+                .map(|(_, v)| v)
+                .sum()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_world(
+    conditions: &[&str],
+    contexts: u32,
+    replicates: u32,
+    concurrency: usize,
+    fates: Vec<Fate>,
+    latencies: Vec<u64>,
+    stop_after: Option<u64>,
+    groups_per_claim: usize,
+    rpm: u64,
+) -> Result<(), TestCaseError> {
+    let prefix = 3000;
+    let itpm = 2 * (prefix + REST) + 500;
+    let items = plan(conditions, contexts, replicates);
+    let start = Instant::now();
+    let mut cfg = config(concurrency, false);
+    cfg.claim_batch = groups_per_claim as u32;
+    let mut m = Dispatcher::new(
+        cfg,
+        conditions.iter().map(|s| condition(s)).collect(),
+        Arc::new(Catalog::built_in()),
+        limits(rpm, itpm, 1_000_000),
+        Vec::new(),
+        start,
+    );
+    let mut w = World {
+        now: start,
+        start,
+        status: items
+            .iter()
+            .map(|i| (i.generation_id, GenerationStatus::Pending))
+            .collect(),
+        items,
+        claimed_groups: 0,
+        groups_per_claim,
+        cache_ready: HashMap::new(),
+        server_log: Vec::new(),
+        due: BTreeMap::new(),
+        seq: 0,
+        fates,
+        latencies,
+        out: 0,
+        max_out: concurrency,
+        prefix,
+    };
+    if let Some(ms) = stop_after {
+        w.at(Duration::from_millis(ms), Due::Stop);
+    }
+    let mut sends = 0usize;
+    let summary = 'run: loop {
+        while let Some(action) = m.poll_action(w.now) {
+            match action {
+                Action::Claim { .. } => {
+                    let items = w.claim();
+                    m.handle(
+                        Event::Claimed {
+                            items,
+                            held_by_others: 0,
+                        },
+                        w.now,
+                    );
+                }
+                Action::Renew => m.handle(Event::Renewed, w.now),
+                Action::CountTokens {
+                    version, tokenizer, ..
+                } => {
+                    prop_assert_eq!(tokenizer, Tokenizer::Estimate);
+                    m.handle(
+                        Event::Counted {
+                            version,
+                            tokenizer,
+                            split: (prefix, REST),
+                        },
+                        w.now,
+                    );
+                }
+                Action::Begin(a) => {
+                    w.out += 1;
+                    prop_assert!(w.out <= w.max_out, "more in flight than the bound");
+                    let id = a.generation_id;
+                    prop_assert!(
+                        w.status[&id] != GenerationStatus::Success,
+                        "re-sent after success"
+                    );
+                    w.status.insert(id, GenerationStatus::Running);
+                    w.at(Duration::from_millis(3), Due::Event(Event::Began(id)));
+                }
+                Action::Send(a) => {
+                    let id = a.generation_id;
+                    let item = w.item(id).clone();
+                    if item.replicate_index > 0 {
+                        let leader = id - i64::from(item.replicate_index);
+                        let leader_status = w.status[&leader];
+                        prop_assert!(
+                            matches!(
+                                leader_status,
+                                GenerationStatus::Success | GenerationStatus::Error
+                            ),
+                            "follower {} sent while its leader is {:?}",
+                            id,
+                            leader_status
+                        );
+                    }
+                    let (latency, outcome) = w.answer(id, sends);
+                    sends += 1;
+                    w.at(
+                        latency,
+                        Due::Event(Event::Finished {
+                            generation_id: id,
+                            outcome: Box::new(outcome),
+                            latency_ms: latency.as_millis() as u64,
+                        }),
+                    );
+                }
+                Action::Store {
+                    generation_id, end, ..
+                } => {
+                    let status = match end {
+                        AttemptEnd::Success(_) => GenerationStatus::Success,
+                        AttemptEnd::Failed { last: true, .. } => GenerationStatus::Error,
+                        AttemptEnd::Failed { last: false, .. } => GenerationStatus::Running,
+                        AttemptEnd::Abandoned => GenerationStatus::Pending,
+                    };
+                    prop_assert!(
+                        w.status[&generation_id] != GenerationStatus::Success,
+                        "stored twice"
+                    );
+                    if status != GenerationStatus::Pending {
+                        // Abandoning a queued retry frees no slot.
+                        w.out -= 1;
+                    }
+                    w.status.insert(generation_id, status);
+                    w.at(
+                        Duration::from_millis(2),
+                        Due::Event(Event::Stored(generation_id)),
+                    );
+                }
+                Action::Notify(_) => {}
+                Action::Done(summary) => break 'run summary,
+            }
+        }
+        let next_due = w.due.keys().next().map(|(t, _)| *t);
+        let next = match (next_due, m.poll_timeout()) {
+            (Some(a), Some(b)) => a.min(b),
+            (Some(a), None) => a,
+            (None, Some(b)) => b,
+            (None, None) => return Err(TestCaseError::fail("stalled: nothing due and no timeout")),
+        };
+        prop_assert!(next >= w.now, "asked to wake in the past");
+        prop_assert!(
+            next.duration_since(w.start) < Duration::from_secs(24 * 3600),
+            "runs for ever"
+        );
+        w.now = next;
+        if next_due == Some(next) {
+            let key = *w.due.keys().next().unwrap();
+            match w.due.remove(&key).unwrap() {
+                Due::Event(event) => m.handle(event, w.now),
+                Due::Stop => m.handle(Event::StopRequested, w.now),
+            }
+        } else {
+            m.handle_timeout(w.now);
+        }
+    };
+    let book = m.reservation_book();
+    prop_assert_eq!(book.granted, book.settled, "every reservation settled");
+    prop_assert_eq!(book.settled_twice, 0);
+    prop_assert_eq!(w.out, 0);
+    let requests: Vec<(Instant, u64)> = w.server_log.iter().map(|(t, _)| (*t, 1)).collect();
+    prop_assert!(max_in_window(&requests) <= rpm, "RPM exceeded");
+    prop_assert!(max_in_window(&w.server_log) <= itpm, "ITPM exceeded");
+    let may_leave_pending = summary.interrupted || !summary.stopped.is_empty();
+    for (id, status) in &w.status {
+        match status {
+            GenerationStatus::Success | GenerationStatus::Error => {}
+            GenerationStatus::Pending => prop_assert!(may_leave_pending, "{} left pending", id),
+            GenerationStatus::Running => prop_assert!(false, "{} left running", id),
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// After every step: never more in flight than the bound; no follower
+    /// before its leader ended; nothing sent after success; at the end,
+    /// every reservation settled once, no 60-second window over a limit,
+    /// every cell success, error or (after a stop) pending.
+    #[test]
+    fn dispatch_invariants_hold(
+        two_conditions in any::<bool>(),
+        contexts in 1u32..5,
+        replicates in 1u32..4,
+        concurrency in 1usize..6,
+        fates in proptest::collection::vec(fate(), 1..30),
+        latencies in proptest::collection::vec(50u64..20_000, 1..30),
+        stop_after in proptest::option::weighted(0.2, 0u64..120_000),
+        groups_per_claim in 1usize..4,
+        rpm in 2u64..20,
+    ) {
+        let conditions: &[&str] = if two_conditions { &["a", "b"] } else { &["a"] };
+        run_world(conditions, contexts, replicates, concurrency, fates, latencies, stop_after, groups_per_claim, rpm)?;
+    }
+}
