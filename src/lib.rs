@@ -1,32 +1,43 @@
 //! Apex: reproducible batches of LLM generations (conditions × contexts ×
 //! replicates) against the OpenAI and Anthropic APIs, recorded in a SQL ledger.
 //!
-//! This facade re-exports the library crates:
+//! # Overview
 //!
+//! - [`Apex`]: what `apex run` does, as a library: open a ledger by URL,
+//!   register conditions, ingest contexts, plan and preflight a [`Batch`],
+//!   record it, execute it with a progress callback, resume it.
 //! - [`core`] (`apex-core`): the domain model, the `Provider` and `Store`
-//!   traits, and the planner. No I/O.
-//! - [`store`] (`apex-store`): the SQLite ledger and the file readers.
+//!   traits, the planner and the dispatcher. No I/O.
+//! - [`store`] (`apex-store`): the SQLite and PostgreSQL ledgers and the
+//!   file readers.
+//! - [`providers`] (`apex-providers`): the OpenAI and Anthropic clients
+//!   (and, with its `simulator` feature, a loopback simulator of both).
 //!
 //! # Example
 //!
 //! ```
-//! use apex::core::{Plan, PlanOptions, Store, parse_conditions};
-//! use apex::store::SqliteStore;
+//! use apex::{Apex, Batch};
+//! use apex::core::{ContextPackage, parse_conditions};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let store = SqliteStore::open_in_memory()?;
-//! let conditions = parse_conditions(
+//! let apex = Apex::open("sqlite::memory:").await?;
+//! apex.register(&parse_conditions(
 //!     "[[condition]]\nslug = \"c\"\nprovider = \"openai\"\nmodel = \"gpt-4o\"\nmax_tokens = 64\n",
-//! )?;
-//! store.register_conditions(&conditions).await?;
-//! let package = apex::core::ContextPackage::new("ctx-01", None, "Text.".into(), "Summarise.".into())?;
-//! store.ingest_packages(&[package]).await?;
-//! let plan = Plan::build(conditions, store.current_packages().await?, PlanOptions { replicates: 2, limit: None })?;
+//! )?).await?;
+//! apex.ingest(&[ContextPackage::new("ctx-01", None, "Text.".into(), "Summarise.".into())?]).await?;
+//! let plan = apex.plan(&Batch::new(["c"]).replicates(2)).await?;
 //! assert_eq!(plan.cells.len(), 2);
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! `examples/embed.rs` runs a small batch against the simulator.
+
+mod batch;
+mod worker;
 
 pub use apex_core as core;
+pub use apex_providers as providers;
 pub use apex_store as store;
+pub use batch::{Apex, Batch, Preview, progress};

@@ -38,6 +38,8 @@ struct FakeProvider {
     failures: Mutex<VecDeque<AttemptError>>,
     cache: Mutex<HashMap<String, Instant>>,
     calls: Mutex<Vec<Call>>,
+    /// Rate-limit headers sent with every success.
+    headers: Mutex<RateLimitSnapshot>,
 }
 
 impl FakeProvider {
@@ -50,6 +52,7 @@ impl FakeProvider {
             failures: Mutex::new(VecDeque::new()),
             cache: Mutex::new(HashMap::new()),
             calls: Mutex::new(Vec::new()),
+            headers: Mutex::new(RateLimitSnapshot::default()),
         })
     }
 
@@ -140,7 +143,7 @@ impl Provider for FakeProvider {
             request_id: None,
             model_snapshot: None,
             request_hash: "h".into(),
-            rate_limits: RateLimitSnapshot::default(),
+            rate_limits: *self.headers.lock().unwrap(),
         })
     }
 }
@@ -198,11 +201,21 @@ async fn setup(contexts: usize, context_tokens: usize, replicates: u32, max_toke
     };
     store.create_run(&run, &plan).await.unwrap();
     let cells = store
-        .work_items(&run_id, false)
+        .query_read_only(&format!(
+            "SELECT generation_id, context_index, replicate_index
+             FROM apex_audition.generations WHERE run_id = '{run_id}'"
+        ))
         .await
         .unwrap()
-        .into_iter()
-        .map(|w| (w.generation_id, (w.context_index, w.replicate_index)))
+        .rows
+        .iter()
+        .map(|row| {
+            let int = |i: usize| match row[i] {
+                apex::core::SqlValue::Integer(v) => v,
+                ref other => panic!("not an integer: {other:?}"),
+            };
+            (int(0), (int(1) as u32, int(2) as u32))
+        })
         .collect();
     Setup {
         store,
@@ -291,30 +304,38 @@ async fn leaders_before_followers_and_followers_before_new_leaders() {
 
 #[tokio::test(start_paused = true)]
 async fn retry_after_is_honoured_and_429_pauses_the_model() {
-    let s = setup(1, 2000, 2, 200).await;
-    let fake = FakeProvider::new(ProviderKind::Anthropic, Duration::from_secs(1));
-    let mut error = AttemptError::new(ErrorClass::RateLimited, "rate_limit_error: slow down");
-    error.http_status = Some(429);
-    error.retry_after = Some(Duration::from_secs(7));
-    fake.failures.lock().unwrap().push_back(error);
-    let options = RunOptions {
-        concurrency: 4,
-        limits: limits(100, 1_000_000, 100_000),
-        ..RunOptions::default()
-    };
-    let report = execute(&s, Arc::clone(&fake), options).await;
-    assert_eq!((report.counts.success, report.rate_limited), (2, 1));
-    let calls = fake.calls();
-    assert_eq!(calls.len(), 3);
-    let gap = calls[1].sent.duration_since(calls[0].done);
-    assert!(
-        gap >= Duration::from_secs(7) - Duration::from_millis(60),
-        "retried after {gap:?}"
-    );
-    assert!(
-        gap < Duration::from_secs(8),
-        "backoff added on top of retry-after: {gap:?}"
-    );
+    // The probe (ctx-00) meets a 429 with retry-after 7 s. The condition is
+    // then open, so ctx-01's leader could go at once: the pause must hold
+    // it (and the retry) back, with limits and without (no bucket).
+    for table in [limits(100, 1_000_000, 100_000), LimitTable::none()] {
+        let s = setup(2, 2000, 1, 200).await;
+        let fake = FakeProvider::new(ProviderKind::Anthropic, Duration::from_secs(1));
+        let mut error = AttemptError::new(ErrorClass::RateLimited, "rate_limit_error: slow down");
+        error.http_status = Some(429);
+        error.retry_after = Some(Duration::from_secs(7));
+        fake.failures.lock().unwrap().push_back(error);
+        let options = RunOptions {
+            concurrency: 4,
+            limits: table,
+            ..RunOptions::default()
+        };
+        let report = execute(&s, Arc::clone(&fake), options).await;
+        assert_eq!((report.counts.success, report.rate_limited), (2, 1));
+        let calls = fake.calls();
+        assert_eq!(calls.len(), 3);
+        let rejected = calls[0].done;
+        for later in &calls[1..] {
+            let gap = later.sent.duration_since(rejected);
+            assert!(
+                gap >= Duration::from_secs(7) - Duration::from_millis(60),
+                "sent {gap:?} after the 429: the model was not paused"
+            );
+            assert!(
+                gap < Duration::from_secs(8),
+                "backoff added on top of retry-after: {gap:?}"
+            );
+        }
+    }
 }
 
 #[tokio::test(start_paused = true)]
@@ -454,10 +475,13 @@ async fn a_request_that_can_never_fit_is_refused_not_waited_for() {
 }
 
 /// The SQLite store, except that recording the end of one chosen generation
-/// fails, as a full disk or a lost database connection would.
+/// fails, as a full disk or a lost database connection would, and that
+/// beginning chosen generations is refused once as if another process had
+/// taken their claim over.
 struct FailingEnd {
     inner: Arc<SqliteStore>,
     fail_for: i64,
+    refuse_begin_once: Mutex<Vec<i64>>,
 }
 
 #[async_trait]
@@ -508,13 +532,6 @@ impl Store for FailingEnd {
     ) -> apex::core::Result<()> {
         self.inner.set_run_state(run_id, state).await
     }
-    async fn work_items(
-        &self,
-        run_id: &RunId,
-        errors: bool,
-    ) -> apex::core::Result<Vec<apex::core::WorkItem>> {
-        self.inner.work_items(run_id, errors).await
-    }
     async fn claim_work(
         &self,
         run_id: &RunId,
@@ -530,6 +547,21 @@ impl Store for FailingEnd {
     async fn release_claims(&self, run_id: &RunId, worker: &str) -> apex::core::Result<()> {
         self.inner.release_claims(run_id, worker).await
     }
+    async fn claim_holders(&self, run_id: &RunId) -> apex::core::Result<Vec<String>> {
+        self.inner.claim_holders(run_id).await
+    }
+    async fn usage_by_condition(
+        &self,
+        run_id: &RunId,
+    ) -> apex::core::Result<Vec<apex::core::ConditionUsage>> {
+        self.inner.usage_by_condition(run_id).await
+    }
+    async fn successes(&self, run_id: &RunId) -> apex::core::Result<Vec<apex::core::SuccessRow>> {
+        self.inner.successes(run_id).await
+    }
+    async fn run_packages(&self, run_id: &RunId) -> apex::core::Result<Vec<(String, String)>> {
+        self.inner.run_packages(run_id).await
+    }
     async fn reset_errors(&self, run_id: &RunId) -> apex::core::Result<u64> {
         self.inner.reset_errors(run_id).await
     }
@@ -539,6 +571,14 @@ impl Store for FailingEnd {
         attempt: u32,
         worker: Option<&str>,
     ) -> apex::core::Result<()> {
+        let refused = {
+            let mut refuse = self.refuse_begin_once.lock().unwrap();
+            let found = refuse.iter().position(|r| *r == id);
+            found.map(|i| refuse.remove(i)).is_some()
+        };
+        if refused {
+            return Err(apex::core::Error::NotClaimable(id));
+        }
         self.inner.begin_attempt(id, attempt, worker).await
     }
     async fn end_attempt(
@@ -587,6 +627,7 @@ async fn a_ledger_failure_stops_new_work_but_stores_what_is_in_flight() {
     let store: Arc<dyn Store> = Arc::new(FailingEnd {
         inner: Arc::clone(&s.store),
         fail_for: ids[1],
+        refuse_begin_once: Mutex::new(Vec::new()),
     });
     let mut providers: HashMap<ProviderKind, Arc<dyn Provider>> = HashMap::new();
     providers.insert(ProviderKind::Anthropic, fake.clone());
@@ -635,4 +676,124 @@ async fn a_ledger_failure_stops_new_work_but_stores_what_is_in_flight() {
         "nothing new started after the failure"
     );
     assert_eq!(fake.calls().len(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn followers_of_a_failed_leader_are_paced_as_cache_writers() {
+    // The leader fails for good (400); its three followers each write the
+    // 4,000-token prefix. ITPM 9,000 admits two such writes a minute, so
+    // they must not all leave at once.
+    let s = setup(1, 4000, 4, 200).await;
+    let fake = FakeProvider::new(ProviderKind::Anthropic, Duration::from_secs(1));
+    let mut bad = AttemptError::new(ErrorClass::InvalidRequest, "invalid_request_error: no");
+    bad.http_status = Some(400);
+    fake.failures.lock().unwrap().push_back(bad);
+    let itpm = 9000;
+    let options = RunOptions {
+        concurrency: 8,
+        limits: limits(100, itpm, 100_000),
+        ..RunOptions::default()
+    };
+    let report = execute(&s, Arc::clone(&fake), options).await;
+    assert_eq!((report.counts.error, report.counts.success), (1, 3));
+    let input: Vec<(Instant, u64)> = fake
+        .calls()
+        .iter()
+        .map(|c| {
+            (
+                c.sent,
+                c.usage.map_or(0, |u| u.input_tokens + u.cache_write_tokens),
+            )
+        })
+        .collect();
+    assert!(
+        max_in_any_window(&input) <= itpm,
+        "cold followers were reserved as cache readers: {input:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_closed_stop_channel_is_not_a_stop() {
+    let s = setup(3, 2000, 2, 200).await;
+    let fake = FakeProvider::new(ProviderKind::Anthropic, Duration::from_secs(1));
+    let mut providers: HashMap<ProviderKind, Arc<dyn Provider>> = HashMap::new();
+    providers.insert(ProviderKind::Anthropic, fake.clone());
+    let executor = Executor::new(
+        s.store.clone(),
+        providers,
+        Arc::new(Catalog::built_in()),
+        RunOptions {
+            limits: LimitTable::none(),
+            ..RunOptions::default()
+        },
+        Arc::new(NoProgress),
+    );
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    drop(tx);
+    let report = executor.execute(&s.run_id, false, rx).await.unwrap();
+    assert!(!report.interrupted);
+    assert_eq!(report.counts.success, 6, "{:?}", report.counts);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_group_whose_claim_was_refused_is_claimed_again() {
+    // Beginning the first leader is refused once, as when another process
+    // took the claim over; the ledger still lists the group as this
+    // worker's, so the next claim hands it back and it must be sent.
+    let s = setup(2, 2000, 2, 200).await;
+    let first = s
+        .cells
+        .iter()
+        .find(|(_, cell)| **cell == (0, 0))
+        .map(|(id, _)| *id)
+        .unwrap();
+    let fake = FakeProvider::new(ProviderKind::Anthropic, Duration::from_secs(1));
+    let store: Arc<dyn Store> = Arc::new(FailingEnd {
+        inner: Arc::clone(&s.store),
+        fail_for: -1,
+        refuse_begin_once: Mutex::new(vec![first]),
+    });
+    let mut providers: HashMap<ProviderKind, Arc<dyn Provider>> = HashMap::new();
+    providers.insert(ProviderKind::Anthropic, fake.clone());
+    let executor = Executor::new(
+        store,
+        providers,
+        Arc::new(Catalog::built_in()),
+        RunOptions {
+            limits: LimitTable::none(),
+            ..RunOptions::default()
+        },
+        Arc::new(NoProgress),
+    );
+    let (_tx, rx) = tokio::sync::watch::channel(false);
+    let report = executor.execute(&s.run_id, false, rx).await.unwrap();
+    assert_eq!(report.counts.success, 4, "{:?}", report.counts);
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_rate_limiting_stays_off_whatever_the_headers_say() {
+    let s = setup(4, 2000, 1, 200).await;
+    let fake = FakeProvider::new(ProviderKind::Anthropic, Duration::from_secs(1));
+    *fake.headers.lock().unwrap() = RateLimitSnapshot {
+        requests: Some(apex::core::provider::LimitBucket {
+            limit: Some(1),
+            remaining: Some(0),
+            reset_after: Some(Duration::from_secs(60)),
+        }),
+        ..RateLimitSnapshot::default()
+    };
+    let started = Instant::now();
+    let options = RunOptions {
+        concurrency: 8,
+        limits: LimitTable::none(),
+        ..RunOptions::default()
+    };
+    let report = execute(&s, Arc::clone(&fake), options).await;
+    assert_eq!(report.counts.success, 4);
+    let last = fake.calls().iter().map(|c| c.sent).max().unwrap();
+    assert!(
+        last.duration_since(started) < Duration::from_secs(5),
+        "paced by a limit learned from headers: {:?}",
+        last.duration_since(started)
+    );
 }

@@ -4,16 +4,11 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use std::collections::HashMap;
-
 use anyhow::{Context as _, Result};
-use apex_core::executor::{Executor, RunOptions};
+use apex::{Apex, Batch};
+use apex_core::executor::RunOptions;
 use apex_core::limiter::LimitTable;
-use apex_core::{
-    CacheHint, CacheTtl, Catalog, Condition, GenerationRequest, NewRun, PackageRef, Plan,
-    PlanOptions, Provider, ProviderKind, RunId, RunInfo, Store,
-};
-use apex_providers::ProviderConfig;
+use apex_core::{Catalog, Condition, Plan, PlanOptions, RunId, RunInfo, Store};
 use apex_providers::simulator::{Simulator, SimulatorConfig};
 use apex_store::files::{read_conditions_file, read_packages_under};
 use apex_store::{DEFAULT_DATABASE_URL, open_store};
@@ -58,7 +53,7 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Status(s) => status(&*store, &s.run_id).await,
         Command::Runs(_) => runs(&*store).await,
         Command::Simulate(_) => unreachable!("handled before the store opens"),
-        Command::Estimate(e) => estimate_cmd(&*store, e).await,
+        Command::Estimate(e) => estimate_cmd(store, e).await,
         Command::Cost(c) => {
             let catalog = load_catalog(c.catalog.as_deref())?;
             report::cost(&*store, &catalog, &RunId::parse(&c.run_id)?).await?;
@@ -142,7 +137,7 @@ async fn ingest(store: &dyn Store, dir: &Path) -> Result<ExitCode> {
         println!("added        {id}");
     }
     for (id, old, new) in &report.new_versions {
-        println!("new version  {id} ({} -> {})", &old[..12], &new[..12]);
+        println!("new version  {id} ({} -> {})", short(old), short(new));
     }
     for id in &report.unchanged {
         println!("unchanged    {id}");
@@ -155,6 +150,14 @@ async fn ingest(store: &dyn Store, dir: &Path) -> Result<ExitCode> {
         report.unchanged.len()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// The first 12 characters of a version, whatever its length.
+fn short(version: &str) -> &str {
+    version
+        .char_indices()
+        .nth(12)
+        .map_or(version, |(end, _)| &version[..end])
 }
 
 fn check_run_flags(cmd: &RunCmd) -> Result<()> {
@@ -215,22 +218,6 @@ fn load_catalog(path: Option<&str>) -> Result<Catalog> {
     }
 }
 
-/// Preflight for every condition; warnings are logged, errors end the run
-/// before anything is recorded or sent.
-fn preflight_all(
-    catalog: &Catalog,
-    conditions: &[Condition],
-    packages: &[PackageRef],
-) -> Result<()> {
-    let today = jiff::Timestamp::now().strftime("%Y-%m-%d").to_string();
-    for condition in conditions {
-        for warning in apex_core::catalog::preflight(catalog, condition, packages, &today)? {
-            tracing::warn!("{}", warning.0);
-        }
-    }
-    Ok(())
-}
-
 /// The account's per-minute limits: the defaults with `--limits FILE` laid
 /// over them, or none with `--no-rate-limiting`. Read once per command.
 fn load_limits(path: Option<&str>, no_rate_limiting: bool) -> Result<LimitTable> {
@@ -259,89 +246,9 @@ fn run_options(cmd: &RunCmd, cache: bool, limits: LimitTable) -> RunOptions {
         time_scale: cmd.time_scale.unwrap_or(1.0),
         backoff_base: std::time::Duration::from_secs(1),
         limits: limits.shared_by(cmd.workers.unwrap_or(1)),
-        worker: worker_name(),
+        worker: apex::Apex::worker_name(),
         claim_timeout: std::time::Duration::from_secs(cmd.claim_timeout.unwrap_or(60)),
     }
-}
-
-/// This machine's name, for worker names (Linux; `localhost` elsewhere).
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .ok()
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "localhost".to_owned())
-}
-
-/// `apex-HOST-PID-RANDOM`: unique per process, and telling which process on
-/// which machine holds a claim.
-fn worker_name() -> String {
-    let random = apex_core::executor::default_worker();
-    let suffix = random.rsplit('-').next().unwrap_or("0");
-    format!("apex-{}-{}-{suffix}", hostname(), std::process::id())
-}
-
-/// Claims held by processes of this machine that no longer exist (killed,
-/// crashed) are given back at once, so a resume need not wait out
-/// `--claim-timeout` for them. Other machines' claims wait for the timeout.
-async fn release_dead_local_claims(store: &dyn Store, run_id: &RunId) -> Result<()> {
-    if !Path::new("/proc/self").exists() {
-        return Ok(());
-    }
-    let host = hostname();
-    let me = std::process::id().to_string();
-    let holders = store
-        .query_read_only(&format!(
-            "SELECT DISTINCT claimed_by FROM apex_audition.generations
-             WHERE run_id = '{run_id}' AND status IN ('pending', 'running') AND claimed_by IS NOT NULL"
-        ))
-        .await?;
-    for row in holders.rows {
-        let worker = row[0].to_string();
-        let Some(rest) = worker.strip_prefix("apex-") else {
-            continue;
-        };
-        let mut parts = rest.rsplitn(3, '-');
-        let (_, pid, worker_host) = (parts.next(), parts.next(), parts.next());
-        let (Some(pid), Some(worker_host)) = (pid, worker_host) else {
-            continue;
-        };
-        if worker_host == host
-            && pid != me
-            && pid.chars().all(|c| c.is_ascii_digit())
-            && !Path::new(&format!("/proc/{pid}")).exists()
-        {
-            tracing::info!(%worker, "its process is gone; taking its claims back now");
-            store.release_claims(run_id, &worker).await?;
-        }
-    }
-    Ok(())
-}
-
-/// One provider per kind the conditions use. `need_keys`: a missing key is
-/// a preflight error naming the variable.
-fn providers_for(
-    conditions: &[Condition],
-    need_keys: bool,
-) -> Result<HashMap<ProviderKind, Arc<dyn Provider>>> {
-    let mut providers = HashMap::new();
-    for c in conditions {
-        if providers.contains_key(&c.provider) {
-            continue;
-        }
-        let config = ProviderConfig::from_env(c.provider);
-        if need_keys && config.api_key.is_none() {
-            return Err(apex_core::Error::Preflight(format!(
-                "condition `{}`: no API key for {}; set {}",
-                c.slug,
-                c.provider,
-                c.provider.api_key_env()
-            ))
-            .into());
-        }
-        providers.insert(c.provider, apex_providers::build(c.provider, config)?);
-    }
-    Ok(providers)
 }
 
 async fn run(store: Arc<dyn Store>, cmd: RunCmd) -> Result<ExitCode> {
@@ -354,83 +261,55 @@ async fn run(store: Arc<dyn Store>, cmd: RunCmd) -> Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
     }
-    let catalog = Arc::new(load_catalog(cmd.catalog.as_deref())?);
     let limits = load_limits(cmd.limits.as_deref(), cmd.no_rate_limiting)?;
-    let (run_id, conditions, include_errors, cache) = match &cmd.resume {
+    let apex = Apex::new(Arc::clone(&store))
+        .with_catalog(load_catalog(cmd.catalog.as_deref())?)
+        .with_limits(limits.clone());
+    let (run_id, include_errors, cache) = match &cmd.resume {
         Some(id) => {
             let run_id = RunId::parse(id)?;
-            let info = store.run(&run_id).await?;
-            let conditions = store.run_conditions(&run_id).await?;
             // A resumed run sends the requests it was planned with.
-            let cache = !info
-                .flags
-                .get("no_cache")
-                .and_then(|v| v.as_bool())
-                .unwrap_or(false);
-            (run_id, conditions, cmd.retry_errors, cache)
+            let (_, cache) = apex.resumable(&run_id).await?;
+            println!("run {run_id} resumed");
+            (run_id, cmd.retry_errors, cache)
         }
         None => {
-            let conditions = resolve_conditions(&*store, &cmd.condition_slug).await?;
-            let packages = store.current_packages().await?;
-            let options = PlanOptions {
+            let batch = Batch {
+                conditions: cmd.condition_slug.clone(),
                 replicates: cmd.replicates.unwrap_or(1),
                 limit: cmd.limit,
-            };
-            let plan = Plan::build(conditions, packages, options)?;
-            preflight_all(&catalog, &plan.conditions, &plan.packages)?;
-            // A request larger than a per-minute limit could never be sent.
-            apex_core::executor::check_limits(&catalog, &limits, &plan.conditions, &plan.packages)?;
-            let providers = providers_for(&plan.conditions, !cmd.dry_run)?;
-            let new_run = NewRun {
-                run_id: RunId::generate(),
                 created_by: cmd.created_by.clone(),
                 notes: cmd.notes.clone(),
                 flags: serde_json::to_value(&cmd).context("recording the flags")?,
-                dry_run: cmd.dry_run,
             };
-            store.create_run(&new_run, &plan).await?;
+            let plan = apex.plan(&batch).await?;
+            apex.providers_for(&plan.conditions, !cmd.dry_run)?;
+            let run_id = apex.record(&batch, &plan, cmd.dry_run).await?;
             if cmd.dry_run {
-                dry_run_log(&*store, &plan, &providers, !cmd.no_cache).await?;
+                dry_run_log(&apex, &plan, !cmd.no_cache).await?;
                 report::print_estimate(
                     &*store,
-                    &catalog,
+                    apex.catalog(),
                     &limits,
                     &plan.conditions,
                     &plan.packages,
-                    options.replicates,
+                    batch.replicates,
                     !cmd.no_cache,
                 )
                 .await?;
                 println!(
-                    "run {} planned (dry run): {} generation(s), nothing sent",
-                    new_run.run_id,
+                    "run {run_id} planned (dry run): {} generation(s), nothing sent",
                     plan.cells.len()
                 );
-                println!("see it with: apex status {}", new_run.run_id);
+                println!("see it with: apex status {run_id}");
                 return Ok(ExitCode::SUCCESS);
             }
-            println!(
-                "run {} started: {} generation(s)",
-                new_run.run_id,
-                plan.cells.len()
-            );
-            (new_run.run_id, plan.conditions, false, !cmd.no_cache)
+            println!("run {run_id} started: {} generation(s)", plan.cells.len());
+            (run_id, false, !cmd.no_cache)
         }
     };
-    if cmd.resume.is_some() {
-        println!("run {run_id} resumed");
-    }
-    let providers = providers_for(&conditions, true)?;
-    release_dead_local_claims(&*store, &run_id).await?;
     let options = run_options(&cmd, cache, limits);
     let progress = Arc::new(RunProgress::new(std::time::Duration::from_secs(10)));
-    let executor = Executor::new(
-        Arc::clone(&store),
-        providers,
-        catalog,
-        options,
-        progress.clone(),
-    );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         if tokio::signal::ctrl_c().await.is_ok() {
@@ -446,7 +325,9 @@ async fn run(store: Arc<dyn Store>, cmd: RunCmd) -> Result<ExitCode> {
             }
         }
     });
-    let report = executor.execute(&run_id, include_errors, stop_rx).await;
+    let report = apex
+        .execute(&run_id, options, include_errors, progress.clone(), stop_rx)
+        .await;
     progress.finish();
     let report = report?;
     println!();
@@ -478,67 +359,40 @@ async fn run(store: Arc<dyn Store>, cmd: RunCmd) -> Result<ExitCode> {
 
 /// Logs each request a dry run would send: URL, size and hash at INFO, the
 /// body at TRACE. No key is needed and nothing leaves the machine.
-async fn dry_run_log(
-    store: &dyn Store,
-    plan: &Plan,
-    providers: &HashMap<ProviderKind, Arc<dyn Provider>>,
-    cache: bool,
-) -> Result<()> {
-    let conditions: HashMap<&str, Arc<Condition>> = plan
-        .conditions
-        .iter()
-        .map(|c| (c.slug.as_str(), Arc::new(c.clone())))
-        .collect();
-    let mut packages: HashMap<&str, Arc<apex_core::ContextPackage>> = HashMap::new();
-    for p in &plan.packages {
-        packages.insert(
-            p.id.as_str(),
-            Arc::new(store.package(&p.id, &p.version).await?),
-        );
-    }
-    for cell in &plan.cells {
-        let condition = Arc::clone(&conditions[cell.condition_slug.as_str()]);
-        let request = GenerationRequest {
-            package: Arc::clone(&packages[cell.prompt_id.as_str()]),
-            cache: if cache {
-                CacheHint::On(CacheTtl::FiveMinutes)
-            } else {
-                CacheHint::Off
-            },
-            trace: None,
-            condition,
-        };
-        let preview = providers[&request.condition.provider].preview(&request);
+async fn dry_run_log(apex: &Apex, plan: &Plan, cache: bool) -> Result<()> {
+    for preview in apex.previews(plan, cache).await? {
+        let cell = &preview.cell;
         tracing::info!(
             condition = %cell.condition_slug,
             prompt_id = %cell.prompt_id,
             replicate = cell.replicate_index,
-            url = %preview.url,
-            bytes = preview.body.len(),
-            est_input_tokens = request.package.estimated_input_tokens(),
-            request_hash = %preview.request_hash,
+            url = %preview.request.url,
+            bytes = preview.request.body.len(),
+            est_input_tokens = preview.estimated_input_tokens,
+            request_hash = %preview.request.request_hash,
             "dry run: would send"
         );
-        tracing::trace!(body = %preview.body, "dry run: request body");
+        tracing::trace!(body = %preview.request.body, "dry run: request body");
     }
     Ok(())
 }
 
-async fn estimate_cmd(store: &dyn Store, cmd: EstimateCmd) -> Result<ExitCode> {
+async fn estimate_cmd(store: Arc<dyn Store>, cmd: EstimateCmd) -> Result<ExitCode> {
     if cmd.condition_slug.is_empty() {
         return Err(UsageError("give --condition-slug SLUG (repeat it for several)".into()).into());
     }
     let catalog = load_catalog(cmd.catalog.as_deref())?;
     let limits = load_limits(cmd.limits.as_deref(), false)?;
-    let conditions = resolve_conditions(store, &cmd.condition_slug).await?;
+    let conditions = resolve_conditions(&*store, &cmd.condition_slug).await?;
     let options = PlanOptions {
         replicates: cmd.replicates.unwrap_or(1),
         limit: cmd.limit,
     };
     let plan = Plan::build(conditions, store.current_packages().await?, options)?;
-    preflight_all(&catalog, &plan.conditions, &plan.packages)?;
+    let apex = Apex::new(Arc::clone(&store)).with_catalog(catalog.clone());
+    apex.preflight(&plan)?;
     report::print_estimate(
-        store,
+        &*store,
         &catalog,
         &limits,
         &plan.conditions,
@@ -569,6 +423,8 @@ async fn simulate(cmd: SimulateCmd) -> Result<ExitCode> {
         base_latency: std::time::Duration::from_millis(cmd.latency_ms),
         output_tokens: cmd.output_tokens,
         fault_rate: cmd.fault_rate,
+        // Nothing reads the log of a standalone simulator: keep none.
+        request_log: 0,
         ..SimulatorConfig::default()
     };
     let sim = Simulator::start(config, addr)

@@ -8,7 +8,7 @@ use anyhow::{Context as _, Result};
 use apex_core::estimate::{ConditionEstimate, SizedPackage, estimate};
 use apex_core::limiter::LimitTable;
 use apex_core::tokens::Tokenizer;
-use apex_core::{Catalog, Condition, PackageRef, RunId, SqlValue, Store};
+use apex_core::{Catalog, Condition, ConditionUsage, PackageRef, RunId, Store, SuccessRow};
 
 use crate::UsageError;
 use crate::table::render;
@@ -22,15 +22,6 @@ fn range(r: Option<apex_core::estimate::CostRange>) -> String {
         || "no prices".to_owned(),
         |r| format!("{}–{}", usd(r.low), usd(r.high)),
     )
-}
-
-fn num(v: &SqlValue) -> f64 {
-    match v {
-        SqlValue::Integer(i) => *i as f64,
-        SqlValue::Real(r) => *r,
-        SqlValue::Bool(b) => f64::from(u8::from(*b)),
-        _ => 0.0,
-    }
 }
 
 /// Loads the planned packages and counts their tokens under both tokenizers.
@@ -152,25 +143,13 @@ pub async fn print_estimate(
 pub async fn cost(store: &dyn Store, catalog: &Catalog, run_id: &RunId) -> Result<()> {
     let run = store.run(run_id).await?;
     let conditions = store.run_conditions(run_id).await?;
-    let rows = store
-        .query_read_only(&format!(
-            "SELECT condition_slug, COUNT(*), COALESCE(SUM(input_tokens), 0), COALESCE(SUM(cache_write_tokens), 0),
-                    COALESCE(SUM(cache_write_1h_tokens), 0), COALESCE(SUM(cache_read_tokens), 0),
-                    COALESCE(SUM(output_tokens), 0), COALESCE(SUM(reasoning_tokens), 0), COALESCE(SUM(cost_usd), 0)
-             FROM apex_audition.generations WHERE run_id = '{run_id}' AND status = 'success'
-             GROUP BY condition_slug"
-        ))
-        .await?
-        .rows;
-    let by_slug: HashMap<String, &Vec<SqlValue>> =
-        rows.iter().map(|r| (r[0].to_string(), r)).collect();
+    let usage = store.usage_by_condition(run_id).await?;
+    let by_slug: HashMap<&str, &ConditionUsage> = usage
+        .iter()
+        .map(|u| (u.condition_slug.as_str(), u))
+        .collect();
     // The packages this run sent, for the estimate beside the actual.
-    let versions = store
-        .query_read_only(&format!(
-            "SELECT DISTINCT prompt_id, package_version FROM apex_audition.generations WHERE run_id = '{run_id}' ORDER BY prompt_id"
-        ))
-        .await?
-        .rows;
+    let versions = store.run_packages(run_id).await?;
     let current: HashMap<(String, String), PackageRef> = store
         .current_packages()
         .await?
@@ -178,21 +157,29 @@ pub async fn cost(store: &dyn Store, catalog: &Catalog, run_id: &RunId) -> Resul
         .map(|p| ((p.id.clone(), p.version.clone()), p))
         .collect();
     let mut refs = Vec::new();
-    for v in &versions {
-        let key = (v[0].to_string(), v[1].to_string());
+    for key in versions {
         let package = match current.get(&key) {
             Some(p) => p.clone(),
             None => {
                 let p = store.package(&key.0, &key.1).await?;
+                // Exact counts of a large context take a moment: off the
+                // async threads.
+                let o200k_tokens = tokio::task::spawn_blocking(move || {
+                    let (prefix, rest) = Tokenizer::O200k.split(&p);
+                    (
+                        prefix + rest,
+                        p.estimated_input_tokens(),
+                        p.byte_len() as u64,
+                    )
+                })
+                .await
+                .context("counting tokens")?;
                 PackageRef {
                     id: key.0.clone(),
                     version: key.1.clone(),
-                    estimated_tokens: p.estimated_input_tokens(),
-                    byte_len: p.byte_len() as u64,
-                    o200k_tokens: {
-                        let (a, b) = Tokenizer::O200k.split(&p);
-                        a + b
-                    },
+                    estimated_tokens: o200k_tokens.1,
+                    byte_len: o200k_tokens.2,
+                    o200k_tokens: o200k_tokens.0,
                 }
             }
         };
@@ -216,7 +203,7 @@ pub async fn cost(store: &dyn Store, catalog: &Catalog, run_id: &RunId) -> Resul
     let mut table = Vec::new();
     let mut total = 0.0;
     for (c, e) in conditions.iter().zip(&estimates) {
-        let Some(r) = by_slug.get(&c.slug) else {
+        let Some(r) = by_slug.get(c.slug.as_str()) else {
             table.push(vec![
                 c.slug.clone(),
                 "0".into(),
@@ -234,25 +221,26 @@ pub async fn cost(store: &dyn Store, catalog: &Catalog, run_id: &RunId) -> Resul
         let Some(prices) = catalog.lookup(c.provider, &c.model).map(|m| m.prices) else {
             table.push(vec![
                 c.slug.clone(),
-                num(&r[1]).to_string(),
+                r.generations.to_string(),
                 "no prices".into(),
                 "".into(),
                 "".into(),
                 "".into(),
                 "".into(),
-                usd(num(&r[8])),
+                usd(r.cost_usd),
                 "".into(),
                 "-".into(),
             ]);
             continue;
         };
+        let u = &r.usage;
         let (input, write, write_1h, read, output, reasoning) = (
-            num(&r[2]),
-            num(&r[3]),
-            num(&r[4]),
-            num(&r[5]),
-            num(&r[6]),
-            num(&r[7]),
+            u.input_tokens as f64,
+            u.cache_write_tokens as f64,
+            u.cache_write_1h_tokens as f64,
+            u.cache_read_tokens as f64,
+            u.output_tokens as f64,
+            u.reasoning_tokens as f64,
         );
         let m = 1e6;
         let uncached = input * prices.input / m;
@@ -261,14 +249,14 @@ pub async fn cost(store: &dyn Store, catalog: &Catalog, run_id: &RunId) -> Resul
         let reads = read * prices.cache_read / m;
         let reasoning_cost = reasoning * prices.output / m;
         let visible = (output - reasoning) * prices.output / m;
-        let actual = num(&r[8]);
+        let actual = r.cost_usd;
         let without_caching =
             (input + write + read) * prices.input / m + output * prices.output / m;
         total += actual;
         let fits = e.with_cache.is_some_and(|range| range.contains(actual));
         table.push(vec![
             c.slug.clone(),
-            format!("{}", num(&r[1])),
+            r.generations.to_string(),
             usd(uncached),
             usd(writes),
             usd(reads),
@@ -315,38 +303,30 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 /// Per-condition latency, tokens and cost under the seed's tables.
 pub async fn condition_summary(store: &dyn Store, run_id: &RunId) -> Result<()> {
-    let rows = store
-        .query_read_only(&format!(
-            "SELECT condition_slug, latency_ms, input_tokens, cache_write_tokens, cache_read_tokens, output_tokens, cost_usd
-             FROM apex_audition.generations WHERE run_id = '{run_id}' AND status = 'success'
-             ORDER BY condition_slug"
-        ))
-        .await?
-        .rows;
-    let mut by: Vec<(String, Vec<&Vec<SqlValue>>)> = Vec::new();
+    let rows = store.successes(run_id).await?;
+    let mut by: Vec<(&str, Vec<&SuccessRow>)> = Vec::new();
     for r in &rows {
-        let slug = r[0].to_string();
         match by.last_mut() {
-            Some((s, v)) if *s == slug => v.push(r),
-            _ => by.push((slug, vec![r])),
+            Some((slug, v)) if *slug == r.condition_slug => v.push(r),
+            _ => by.push((&r.condition_slug, vec![r])),
         }
     }
     let table: Vec<Vec<String>> = by
         .iter()
         .map(|(slug, rs)| {
-            let mut latencies: Vec<f64> = rs.iter().map(|r| num(&r[1])).collect();
+            let mut latencies: Vec<f64> = rs.iter().map(|r| r.latency_ms as f64).collect();
             latencies.sort_by(f64::total_cmp);
-            let sum = |i: usize| rs.iter().map(|r| num(&r[i])).sum::<f64>();
+            let tokens = |f: fn(&SuccessRow) -> u64| rs.iter().map(|r| f(r)).sum::<u64>();
             vec![
-                slug.clone(),
+                (*slug).to_owned(),
                 rs.len().to_string(),
                 format!("{:.0}", percentile(&latencies, 50.0)),
                 format!("{:.0}", percentile(&latencies, 95.0)),
-                format!("{}", sum(2)),
-                format!("{}", sum(3)),
-                format!("{}", sum(4)),
-                format!("{}", sum(5)),
-                usd(sum(6)),
+                tokens(|r| r.usage.input_tokens).to_string(),
+                tokens(|r| r.usage.cache_write_tokens).to_string(),
+                tokens(|r| r.usage.cache_read_tokens).to_string(),
+                tokens(|r| r.usage.output_tokens).to_string(),
+                usd(rs.iter().filter_map(|r| r.cost_usd).sum()),
             ]
         })
         .collect();

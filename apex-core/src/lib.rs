@@ -67,4 +67,7 @@ pub use run::{
     AttemptEnd, ErrorRow, GenerationResult, GenerationRow, GenerationStatus, NewRun, RunId,
     RunInfo, RunState, StatusCounts, WorkItem,
 };
-pub use store::{Claim, ConditionInfo, IngestReport, QueryResult, RegisterReport, SqlValue, Store};
+pub use store::{
+    Claim, ConditionInfo, ConditionUsage, IngestReport, QueryResult, RegisterReport, SqlValue,
+    Store, SuccessRow,
+};

@@ -9,6 +9,7 @@ use crate::condition::Condition;
 use crate::context::ContextPackage;
 use crate::error::Result;
 use crate::plan::{PackageRef, Plan};
+use crate::provider::Usage;
 use crate::run::{AttemptEnd, ErrorRow, GenerationRow, NewRun, RunId, RunInfo, RunState, WorkItem};
 
 /// What registering a conditions file changed.
@@ -49,6 +50,32 @@ pub struct ConditionInfo {
     pub condition: Condition,
     /// Runs that used it (immutable once > 0).
     pub runs: u64,
+}
+
+/// The successful generations of one condition in a run, summed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConditionUsage {
+    /// The condition.
+    pub condition_slug: String,
+    /// Successful generations.
+    pub generations: u64,
+    /// Their usage, summed.
+    pub usage: Usage,
+    /// Their stored cost, summed (USD).
+    pub cost_usd: f64,
+}
+
+/// One successful generation, for latency and token summaries.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SuccessRow {
+    /// The condition.
+    pub condition_slug: String,
+    /// Latency of the successful attempt.
+    pub latency_ms: u64,
+    /// Its usage.
+    pub usage: Usage,
+    /// Its cost, when the model's prices are known.
+    pub cost_usd: Option<f64>,
 }
 
 /// A value in a query result.
@@ -132,10 +159,6 @@ pub trait Store: Send + Sync {
     /// Moves a run to a state (and stamps `started_at` / `finished_at`).
     async fn set_run_state(&self, run_id: &RunId, state: RunState) -> Result<()>;
 
-    /// The generations still to do, in plan order: `pending`, `running` (left
-    /// by a crash) and, with `include_errors`, `error` (reset to `pending`).
-    async fn work_items(&self, run_id: &RunId, include_errors: bool) -> Result<Vec<WorkItem>>;
-
     /// Claims up to `max_groups` more (condition, context) groups of the
     /// run's remaining work for `worker` and records its heartbeat, taking
     /// over the claims of workers whose heartbeat is older than
@@ -153,6 +176,9 @@ pub trait Store: Send + Sync {
     /// Keeps `worker`'s claims alive: one heartbeat write, however many
     /// generations it holds.
     async fn renew_claims(&self, run_id: &RunId, worker: &str) -> Result<()>;
+
+    /// The workers holding claims on the run's unfinished generations.
+    async fn claim_holders(&self, run_id: &RunId) -> Result<Vec<String>>;
 
     /// Gives back `worker`'s unfinished generations (on a clean exit).
     async fn release_claims(&self, run_id: &RunId, worker: &str) -> Result<()>;
@@ -175,6 +201,15 @@ pub trait Store: Send + Sync {
 
     /// The error rows of a run (the seed's second query).
     async fn error_rows(&self, run_id: &RunId) -> Result<Vec<ErrorRow>>;
+
+    /// The successful generations of a run, summed per condition.
+    async fn usage_by_condition(&self, run_id: &RunId) -> Result<Vec<ConditionUsage>>;
+
+    /// Every successful generation of a run, by condition.
+    async fn successes(&self, run_id: &RunId) -> Result<Vec<SuccessRow>>;
+
+    /// The (package id, version) pairs a run sends, by id.
+    async fn run_packages(&self, run_id: &RunId) -> Result<Vec<(String, String)>>;
 
     /// Up to `limit` generations of a run with ids above `after`, in id
     /// order: a page of an export, so any run exports in bounded memory.

@@ -10,8 +10,9 @@
 //! - [`ProviderConfig`]: base URL, key and timeouts, read from the official
 //!   SDKs' environment variables by [`ProviderConfig::from_env`].
 //! - [`ApiKey`]: a key that cannot be printed.
-//! - [`simulator::Simulator`]: a loopback server speaking both wire formats,
-//!   with a prompt cache, rate limits and scripted faults.
+//! - `simulator::Simulator` (feature `simulator`, off by default, on for the
+//!   `apex` CLI): a loopback server speaking both wire formats, with a
+//!   prompt cache, rate limits and scripted faults.
 //!
 //! # Example
 //!
@@ -49,6 +50,7 @@ pub mod headers;
 mod http;
 mod key;
 mod openai;
+#[cfg(feature = "simulator")]
 pub mod simulator;
 mod wire;
 

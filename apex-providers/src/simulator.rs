@@ -63,6 +63,10 @@ pub struct SimulatorConfig {
     /// Limits per (provider, model id); models are matched through the
     /// catalog, so `claude-sonnet-4-5` covers its dated snapshot.
     pub limits: Vec<(ProviderKind, String, SimLimits)>,
+    /// How many of the most recent requests [`Simulator::requests`]
+    /// remembers (each holds its parsed body): a long-lived simulator keeps
+    /// bounded memory.
+    pub request_log: usize,
 }
 
 impl Default for SimulatorConfig {
@@ -76,6 +80,7 @@ impl Default for SimulatorConfig {
             output_tokens: 200,
             fault_rate: 0.0,
             limits: Vec::new(),
+            request_log: 4096,
         }
     }
 }
@@ -165,7 +170,7 @@ struct State {
     cache: HashMap<String, Instant>,
     windows: HashMap<(ProviderKind, String), Window>,
     faults: VecDeque<(Option<String>, Fault)>,
-    log: Vec<RequestRecord>,
+    log: VecDeque<RequestRecord>,
     next_id: u64,
     rng: u64,
 }
@@ -223,6 +228,13 @@ impl Drop for Simulator {
     }
 }
 
+/// The wait after `failures` accept errors in a row: 10 ms doubling to 1 s.
+fn accept_backoff(failures: u32) -> Duration {
+    Duration::from_millis(10)
+        .saturating_mul(1 << failures.saturating_sub(1).min(7))
+        .min(Duration::from_secs(1))
+}
+
 /// The error a handler returns to make hyper drop the connection.
 #[derive(Debug)]
 struct DropConnection;
@@ -247,15 +259,27 @@ impl Simulator {
             cache: HashMap::new(),
             windows: HashMap::new(),
             faults: VecDeque::new(),
-            log: Vec::new(),
+            log: VecDeque::new(),
             next_id: 1,
             rng: 0x2545_F491_4F6C_DD1D,
         }));
         let shared = Arc::clone(&state);
         let task = tokio::spawn(async move {
+            let mut failures = 0u32;
             loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
+                let stream = match listener.accept().await {
+                    Ok((stream, _)) => {
+                        failures = 0;
+                        stream
+                    }
+                    Err(error) => {
+                        // A persistent error (out of file descriptors) must
+                        // not spin: wait, longer each time, then try again.
+                        failures = failures.saturating_add(1);
+                        tracing::warn!(%error, "simulator: accept failed");
+                        tokio::time::sleep(accept_backoff(failures)).await;
+                        continue;
+                    }
                 };
                 let state = Arc::clone(&shared);
                 tokio::spawn(async move {
@@ -291,9 +315,10 @@ impl Simulator {
             .push_back((model.map(str::to_owned), fault));
     }
 
-    /// Every request received so far.
+    /// The requests received so far: the most recent
+    /// [`SimulatorConfig::request_log`] of them.
     pub fn requests(&self) -> Vec<RequestRecord> {
-        self.lock().log.clone()
+        self.lock().log.iter().cloned().collect()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -672,7 +697,13 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Repl
     // sent after the simulated latency.
     let record = |s: &mut State, status: u16, read: u64, write: u64| {
         let arrived = arrived_at.duration_since(s.started);
-        s.log.push(RequestRecord {
+        if s.config.request_log == 0 {
+            return;
+        }
+        while s.log.len() >= s.config.request_log {
+            s.log.pop_front();
+        }
+        s.log.push_back(RequestRecord {
             provider,
             model: model_name.clone(),
             trace: trace.clone(),
@@ -1119,4 +1150,17 @@ struct Accepted {
     charged_at: Instant,
     reasoning: bool,
     finish_length: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_errors_back_off_up_to_a_second() {
+        assert_eq!(accept_backoff(1), Duration::from_millis(10));
+        assert_eq!(accept_backoff(2), Duration::from_millis(20));
+        assert_eq!(accept_backoff(8), Duration::from_secs(1));
+        assert_eq!(accept_backoff(u32::MAX), Duration::from_secs(1));
+    }
 }

@@ -35,7 +35,9 @@
 
 mod error;
 pub mod files;
+mod ledger;
 mod postgres;
+mod sql;
 mod sqlite;
 
 use std::path::PathBuf;

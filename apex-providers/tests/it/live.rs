@@ -200,3 +200,24 @@ async fn rate_limit_headers_and_429_with_retry_after() {
     tokio::time::sleep(wait).await;
     p.generate(&req).await.unwrap();
 }
+
+#[tokio::test]
+async fn the_request_log_keeps_only_the_most_recent() {
+    let sim = sim(SimulatorConfig {
+        request_log: 2,
+        ..SimulatorConfig::default()
+    })
+    .await;
+    let p = AnthropicProvider::new(config(sim.anthropic_base_url(), KEY)).unwrap();
+    for trace in ["a", "b", "c"] {
+        let mut req = request(
+            ProviderKind::Anthropic,
+            "claude-sonnet-4-5-20250929",
+            FIVE_MIN,
+        );
+        req.trace = Some(trace.into());
+        p.generate(&req).await.unwrap();
+    }
+    let traces: Vec<Option<String>> = sim.requests().into_iter().map(|r| r.trace).collect();
+    assert_eq!(traces, [Some("b".to_owned()), Some("c".to_owned())]);
+}

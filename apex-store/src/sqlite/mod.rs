@@ -1,23 +1,21 @@
 //! The SQLite backend: one file in WAL mode, attached as `apex_audition`.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use apex_core::run::AttemptEnd;
-use apex_core::store::ConditionInfo;
-use apex_core::time::now_rfc3339;
-use apex_core::tokens::Tokenizer;
+use apex_core::store::{ConditionInfo, ConditionUsage, SuccessRow};
 use apex_core::{
     Claim, Condition, ContextPackage, Error, ErrorRow, GenerationRow, IngestReport, NewRun,
-    PackageRef, Plan, ProviderKind, QueryResult, RegisterReport, RunId, RunInfo, RunState,
-    SqlValue, StatusCounts, Store, WorkItem,
+    PackageRef, Plan, QueryResult, RegisterReport, RunId, RunInfo, RunState, SqlValue, Store,
 };
 use async_trait::async_trait;
 use rusqlite::types::ValueRef;
-use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use rusqlite::{Connection, TransactionBehavior};
 
 use crate::error::StoreError;
+use crate::ledger::{self, Serialize, Tx};
+use crate::sql::{Record, Statement, run_now};
 
 /// Migrations in order; the index + 1 is the schema version.
 const MIGRATIONS: &[(&str, &str)] = &[
@@ -81,7 +79,12 @@ fn writer_loop(conn: Arc<Mutex<Connection>>, requests: std::sync::mpsc::Receiver
             continue;
         }
         let mut results = Vec::with_capacity(batch.len());
+        let mut broken: Option<String> = None;
         for r in batch {
+            if broken.is_some() {
+                results.push((r.done, Ok(())));
+                continue;
+            }
             let outcome = guard
                 .execute_batch("SAVEPOINT apex_write")
                 .db()
@@ -91,8 +94,19 @@ fn writer_loop(conn: Arc<Mutex<Connection>>, requests: std::sync::mpsc::Receiver
             } else {
                 "ROLLBACK TO apex_write; RELEASE apex_write"
             };
-            let _ = guard.execute_batch(cleanup);
+            // If the savepoint cannot be undone, what it wrote may be half
+            // there: nothing of this batch may be committed.
+            if let Err(e) = guard.execute_batch(cleanup) {
+                broken = Some(format!("cannot undo a failed write: {e}"));
+            }
             results.push((r.done, outcome));
+        }
+        if let Some(problem) = broken {
+            let _ = guard.execute_batch("ROLLBACK");
+            for (done, _) in results {
+                let _ = done.send(Err(Error::store_msg(problem.clone())));
+            }
+            continue;
         }
         match guard.execute_batch("COMMIT") {
             Ok(()) => {
@@ -149,6 +163,8 @@ impl SqliteStore {
         conn.execute("ATTACH DATABASE ?1 AS apex_audition", [location])
             .map_err(open_err)?;
         conn.execute_batch("PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 30000;")?;
+        // Every statement of the ledger stays prepared.
+        conn.set_prepared_statement_cache_capacity(128);
         if file {
             // WAL lets `apex sql` read while a run writes. NORMAL sync in WAL
             // mode survives a process crash (SIGKILL) without losing commits.
@@ -251,112 +267,6 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn condition_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Condition> {
-    let provider: String = row.get("provider")?;
-    Ok(Condition {
-        slug: row.get("slug")?,
-        provider: ProviderKind::parse(&provider).ok_or_else(|| {
-            rusqlite::Error::InvalidColumnType(0, "provider".into(), rusqlite::types::Type::Text)
-        })?,
-        model: row.get("model")?,
-        temperature: row.get("temperature")?,
-        top_p: row.get("top_p")?,
-        max_tokens: row.get("max_tokens")?,
-        reasoning_effort: row.get("reasoning_effort")?,
-    })
-}
-
-fn work_item_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<WorkItem> {
-    Ok(WorkItem {
-        generation_id: r.get(0)?,
-        condition_slug: r.get(1)?,
-        prompt_id: r.get(2)?,
-        package_version: r.get(3)?,
-        context_index: r.get(4)?,
-        replicate_index: r.get(5)?,
-        attempts: r.get(6)?,
-    })
-}
-
-fn load_run(conn: &Connection, run_id: &RunId) -> CoreResult<RunInfo> {
-    let row = conn
-        .query_row(
-            "SELECT run_id, created_by, notes, flags_json, state, created_at, started_at,
-                    finished_at, replicates
-             FROM apex_audition.runs WHERE run_id = ?1",
-            [run_id.as_str()],
-            |r| {
-                Ok((
-                    r.get::<_, Option<String>>(1)?,
-                    r.get::<_, Option<String>>(2)?,
-                    r.get::<_, String>(3)?,
-                    r.get::<_, String>(4)?,
-                    r.get::<_, String>(5)?,
-                    r.get::<_, Option<String>>(6)?,
-                    r.get::<_, Option<String>>(7)?,
-                    r.get::<_, u32>(8)?,
-                ))
-            },
-        )
-        .optional()
-        .db()?
-        .ok_or_else(|| Error::UnknownRun(run_id.to_string()))?;
-    let (created_by, notes, flags, state, created_at, started_at, finished_at, replicates) = row;
-    let mut counts = StatusCounts::default();
-    let mut cost_usd = 0.0;
-    let mut stmt = conn
-        .prepare_cached(
-            "SELECT status, COUNT(*), COALESCE(SUM(cost_usd), 0)
-             FROM apex_audition.generations WHERE run_id = ?1 GROUP BY status",
-        )
-        .db()?;
-    let rows = stmt
-        .query_map([run_id.as_str()], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, u64>(1)?,
-                r.get::<_, f64>(2)?,
-            ))
-        })
-        .db()?;
-    for row in rows {
-        let (status, n, cost) = row.db()?;
-        cost_usd += cost;
-        match status.as_str() {
-            "pending" => counts.pending = n,
-            "running" => counts.running = n,
-            "success" => counts.success = n,
-            _ => counts.error = n,
-        }
-    }
-    let mut stmt = conn
-        .prepare_cached(
-            "SELECT condition_slug FROM apex_audition.run_conditions
-             WHERE run_id = ?1 ORDER BY position",
-        )
-        .db()?;
-    let condition_slugs = stmt
-        .query_map([run_id.as_str()], |r| r.get(0))
-        .db()?
-        .collect::<rusqlite::Result<Vec<String>>>()
-        .db()?;
-    Ok(RunInfo {
-        run_id: run_id.clone(),
-        created_by,
-        notes,
-        flags: serde_json::from_str(&flags).unwrap_or(serde_json::Value::Null),
-        state: RunState::parse(&state)
-            .ok_or_else(|| Error::store_msg(format!("run {run_id} has unknown state `{state}`")))?,
-        created_at,
-        started_at,
-        finished_at,
-        replicates,
-        condition_slugs,
-        counts,
-        cost_usd,
-    })
-}
-
 /// The first keyword of a statement, skipping white space and comments.
 fn first_keyword(sql: &str) -> String {
     let mut rest = sql;
@@ -435,6 +345,102 @@ fn run_read_only(conn: &Connection, sql: &str) -> CoreResult<QueryResult> {
     Ok(QueryResult { columns, rows: out })
 }
 
+/// One SQLite transaction (or group-commit savepoint) as the shared
+/// ledger logic sees it. Its futures never wait.
+struct SqliteTx<'c>(&'c Connection);
+
+/// A parameter bound without copying its text.
+struct Bind<'a>(&'a SqlValue);
+
+impl rusqlite::ToSql for Bind<'_> {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        use rusqlite::types::{ToSqlOutput, Value};
+        Ok(match self.0 {
+            SqlValue::Null => ToSqlOutput::Owned(Value::Null),
+            SqlValue::Bool(b) => ToSqlOutput::Owned(Value::Integer(i64::from(*b))),
+            SqlValue::Integer(i) => ToSqlOutput::Owned(Value::Integer(*i)),
+            SqlValue::Real(r) => ToSqlOutput::Owned(Value::Real(*r)),
+            SqlValue::Text(t) => ToSqlOutput::Borrowed(ValueRef::Text(t.as_bytes())),
+        })
+    }
+}
+
+impl Tx for SqliteTx<'_> {
+    async fn execute(&mut self, statement: &Statement, params: &[SqlValue]) -> CoreResult<u64> {
+        let mut stmt = self.0.prepare_cached(statement.sqlite()).db()?;
+        let n = stmt
+            .execute(rusqlite::params_from_iter(params.iter().map(Bind)))
+            .db()?;
+        Ok(n as u64)
+    }
+
+    async fn query(
+        &mut self,
+        statement: &Statement,
+        params: &[SqlValue],
+    ) -> CoreResult<Vec<Record>> {
+        let mut stmt = self.0.prepare_cached(statement.sqlite()).db()?;
+        let columns: Arc<[String]> = stmt.column_names().map(String::from).collect();
+        let mut rows = stmt
+            .query(rusqlite::params_from_iter(params.iter().map(Bind)))
+            .db()?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next().db()? {
+            let values = (0..columns.len())
+                .map(|i| row.get_ref(i).map(sql_value))
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .db()?;
+            out.push(Record {
+                columns: Arc::clone(&columns),
+                values,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn serialize(&mut self, _: Serialize<'_>) -> CoreResult<()> {
+        // Every transaction that decides begins IMMEDIATE: it already holds
+        // the write lock.
+        Ok(())
+    }
+}
+
+impl SqliteStore {
+    /// Runs shared ledger logic in one IMMEDIATE transaction.
+    async fn transaction<T, F>(&self, work: F) -> CoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut SqliteTx<'_>) -> CoreResult<T> + Send + 'static,
+    {
+        self.call(move |conn| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .db()?;
+            let out = work(&mut SqliteTx(&tx))?;
+            tx.commit().db()?;
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Runs shared ledger logic that only reads.
+    async fn read<T, F>(&self, work: F) -> CoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut SqliteTx<'_>) -> CoreResult<T> + Send + 'static,
+    {
+        self.call(move |conn| work(&mut SqliteTx(conn))).await
+    }
+
+    /// Runs shared ledger logic as part of the next group commit.
+    async fn grouped<F>(&self, work: F) -> CoreResult<()>
+    where
+        F: FnOnce(&mut SqliteTx<'_>) -> CoreResult<()> + Send + 'static,
+    {
+        self.write(move |conn| work(&mut SqliteTx(conn))).await
+    }
+}
+
 #[async_trait]
 impl Store for SqliteStore {
     fn backend(&self) -> &'static str {
@@ -446,120 +452,18 @@ impl Store for SqliteStore {
             condition.validate()?;
         }
         let conditions = conditions.to_vec();
-        self.call(move |conn| {
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .db()?;
-            let mut report = RegisterReport::default();
-            let now = now_rfc3339();
-            for c in &conditions {
-                let existing = tx
-                    .query_row(
-                        "SELECT * FROM apex_audition.conditions WHERE slug = ?1",
-                        [&c.slug],
-                        condition_from_row,
-                    )
-                    .optional()
-                    .db()?;
-                let params = c.params_json();
-                // The same nine values insert a new condition or replace an unused one.
-                let values = params![
-                    c.slug,
-                    c.provider.as_str(),
-                    c.model,
-                    c.temperature,
-                    c.top_p,
-                    c.max_tokens,
-                    c.reasoning_effort,
-                    params,
-                    now
-                ];
-                match existing {
-                    Some(old) if old.params_json() == params => {
-                        report.unchanged.push(c.slug.clone());
-                        continue;
-                    }
-                    Some(old) => {
-                        let used: Option<String> = tx
-                            .query_row(
-                                "SELECT run_id FROM apex_audition.run_conditions
-                                 WHERE condition_slug = ?1 LIMIT 1",
-                                [&c.slug],
-                                |r| r.get(0),
-                            )
-                            .optional()
-                            .db()?;
-                        if let Some(run_id) = used {
-                            return Err(Error::ConditionImmutable {
-                                slug: c.slug.clone(),
-                                run_id,
-                                change: old.first_difference(c).unwrap_or_default(),
-                            });
-                        }
-                        tx.execute(
-                            "UPDATE apex_audition.conditions SET provider = ?2, model = ?3,
-                                 temperature = ?4, top_p = ?5, max_tokens = ?6,
-                                 reasoning_effort = ?7, params_json = ?8, updated_at = ?9
-                             WHERE slug = ?1",
-                            values,
-                        )
-                        .db()?;
-                        report.updated.push(c.slug.clone());
-                    }
-                    None => {
-                        tx.execute(
-                            "INSERT INTO apex_audition.conditions (slug, provider, model,
-                                 temperature, top_p, max_tokens, reasoning_effort, params_json,
-                                 created_at, updated_at)
-                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9)",
-                            values,
-                        )
-                        .db()?;
-                        report.added.push(c.slug.clone());
-                    }
-                }
-            }
-            tx.commit().db()?;
-            Ok(report)
-        })
-        .await
+        self.transaction(move |tx| run_now(ledger::register_conditions(tx, &conditions)))
+            .await
     }
 
     async fn conditions(&self) -> CoreResult<Vec<ConditionInfo>> {
-        self.call(|conn| {
-            let mut stmt = conn
-                .prepare(
-                    "SELECT c.*, (SELECT COUNT(*) FROM apex_audition.run_conditions r
-                                  WHERE r.condition_slug = c.slug) AS runs
-                     FROM apex_audition.conditions c ORDER BY c.slug",
-                )
-                .db()?;
-            stmt.query_map([], |r| {
-                Ok(ConditionInfo {
-                    condition: condition_from_row(r)?,
-                    runs: r.get("runs")?,
-                })
-            })
-            .db()?
-            .collect::<rusqlite::Result<Vec<_>>>()
-            .db()
-        })
-        .await
+        self.read(|tx| run_now(ledger::conditions(tx))).await
     }
 
     async fn condition(&self, slug: &str) -> CoreResult<Condition> {
         let slug = slug.to_owned();
-        self.call(move |conn| {
-            conn.query_row(
-                "SELECT * FROM apex_audition.conditions WHERE slug = ?1",
-                [&slug],
-                condition_from_row,
-            )
-            .optional()
-            .db()?
-            .ok_or(Error::UnknownCondition(slug))
-        })
-        .await
+        self.read(move |tx| run_now(ledger::condition(tx, &slug)))
+            .await
     }
 
     async fn ingest_packages(&self, packages: &[ContextPackage]) -> CoreResult<IngestReport> {
@@ -567,74 +471,16 @@ impl Store for SqliteStore {
         self.call(move |conn| {
             // Counted before the write lock is taken: exact counts of large
             // contexts take a moment.
-            let current: HashMap<String, String> = conn
-                .prepare("SELECT prompt_id, current_version FROM apex_audition.context_packages")
-                .db()?
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-                .db()?
-                .collect::<rusqlite::Result<_>>()
-                .db()?;
+            let current = run_now(ledger::current_versions(&mut SqliteTx(conn)))?;
             let o200k = crate::o200k_for_new(&packages, &current);
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .db()?;
-            let mut report = IngestReport::default();
-            let now = now_rfc3339();
-            for (p, o200k) in packages.iter().zip(o200k) {
-                let current: Option<String> = tx
-                    .query_row(
-                        "SELECT current_version FROM apex_audition.context_packages
-                         WHERE prompt_id = ?1",
-                        [p.id()],
-                        |r| r.get(0),
-                    )
-                    .optional()
-                    .db()?;
-                if current.as_deref() == Some(p.version()) {
-                    report.unchanged.push(p.id().to_owned());
-                    continue;
-                }
-                // Another process may have changed the current version since
-                // the counts were taken: count now if this one was skipped.
-                let o200k = o200k.unwrap_or_else(|| {
-                    let (prefix, rest) = Tokenizer::O200k.split(p);
-                    prefix + rest
-                });
-                tx.execute(
-                    "INSERT OR IGNORE INTO apex_audition.context_versions (prompt_id, version,
-                         system_text, context_text, prompt_text, estimated_tokens, byte_len,
-                         ingested_at, o200k_tokens)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-                    params![
-                        p.id(),
-                        p.version(),
-                        p.system().map(|s| &**s),
-                        &**p.context(),
-                        &**p.prompt(),
-                        p.estimated_input_tokens(),
-                        p.byte_len() as u64,
-                        now,
-                        o200k
-                    ],
-                )
-                .db()?;
-                tx.execute(
-                    "INSERT INTO apex_audition.context_packages (prompt_id, current_version, updated_at)
-                     VALUES (?1, ?2, ?3)
-                     ON CONFLICT (prompt_id) DO UPDATE SET current_version = excluded.current_version,
-                         updated_at = excluded.updated_at",
-                    params![p.id(), p.version(), now],
-                )
-                .db()?;
-                match current {
-                    None => report.added.push(p.id().to_owned()),
-                    Some(old) => {
-                        report
-                            .new_versions
-                            .push((p.id().to_owned(), old, p.version().to_owned()))
-                    }
-                }
-            }
+            let report = run_now(ledger::ingest_packages(
+                &mut SqliteTx(&tx),
+                &packages,
+                o200k,
+            ))?;
             tx.commit().db()?;
             Ok(report)
         })
@@ -642,253 +488,41 @@ impl Store for SqliteStore {
     }
 
     async fn current_packages(&self) -> CoreResult<Vec<PackageRef>> {
-        self.call(|conn| {
-            let mut stmt = conn
-                .prepare(
-                    "SELECT p.prompt_id, p.current_version, v.estimated_tokens, v.byte_len,
-                            COALESCE(v.o200k_tokens, v.estimated_tokens)
-                     FROM apex_audition.context_packages p
-                     JOIN apex_audition.context_versions v
-                       ON v.prompt_id = p.prompt_id AND v.version = p.current_version
-                     ORDER BY p.prompt_id",
-                )
-                .db()?;
-            stmt.query_map([], |r| {
-                Ok(PackageRef {
-                    id: r.get(0)?,
-                    version: r.get(1)?,
-                    estimated_tokens: r.get(2)?,
-                    byte_len: r.get(3)?,
-                    o200k_tokens: r.get(4)?,
-                })
-            })
-            .db()?
-            .collect::<rusqlite::Result<Vec<_>>>()
-            .db()
-        })
-        .await
+        self.read(|tx| run_now(ledger::current_packages(tx))).await
     }
 
     async fn package(&self, id: &str, version: &str) -> CoreResult<ContextPackage> {
         let (id, version) = (id.to_owned(), version.to_owned());
-        self.call(move |conn| {
-            let row = conn
-                .query_row(
-                    "SELECT system_text, context_text, prompt_text FROM apex_audition.context_versions
-                     WHERE prompt_id = ?1 AND version = ?2",
-                    [&id, &version],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-                )
-                .optional()
-                .db()?
-                .ok_or_else(|| {
-                    Error::store_msg(format!("context package `{id}` version {version} is not stored"))
-                })?;
-            ContextPackage::from_stored(id, &version, row.0, row.1, row.2)
-        })
-        .await
+        self.read(move |tx| run_now(ledger::package(tx, &id, &version)))
+            .await
     }
 
     async fn create_run(&self, run: &NewRun, plan: &Plan) -> CoreResult<()> {
-        let run = run.clone();
-        let conditions = plan.conditions.clone();
-        let cells = plan.cells.clone();
-        let options = plan.options;
-        self.call(move |conn| {
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .db()?;
-            let now = now_rfc3339();
-            let state = if run.dry_run {
-                RunState::Planned
-            } else {
-                RunState::Running
-            };
-            tx.execute(
-                "INSERT INTO apex_audition.runs (run_id, created_by, notes, flags_json, state,
-                     replicates, context_limit, dry_run, apex_version, created_at, started_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-                params![
-                    run.run_id.as_str(),
-                    run.created_by,
-                    run.notes,
-                    run.flags.to_string(),
-                    state.as_str(),
-                    options.replicates,
-                    options.limit,
-                    run.dry_run,
-                    env!("CARGO_PKG_VERSION"),
-                    now,
-                    (!run.dry_run).then(|| now.clone()),
-                ],
-            )
-            .db()?;
-            for (position, c) in conditions.iter().enumerate() {
-                // The plan must carry the parameters the store has: a stale
-                // copy would record one thing and send another.
-                let stored = tx
-                    .query_row(
-                        "SELECT * FROM apex_audition.conditions WHERE slug = ?1",
-                        [&c.slug],
-                        condition_from_row,
-                    )
-                    .optional()
-                    .db()?
-                    .ok_or_else(|| Error::UnknownCondition(c.slug.clone()))?;
-                if stored.params_json() != c.params_json() {
-                    return Err(Error::store_msg(format!(
-                        "condition `{}` changed while the run was being planned; plan again",
-                        c.slug
-                    )));
-                }
-                tx.execute(
-                    "INSERT INTO apex_audition.run_conditions (run_id, condition_slug, position, params_json)
-                     VALUES (?1, ?2, ?3, ?4)",
-                    params![run.run_id.as_str(), c.slug, position as i64, c.params_json()],
-                )
-                .db()?;
-            }
-            {
-                let mut insert = tx
-                    .prepare(
-                        "INSERT INTO apex_audition.generations (run_id, condition_slug, prompt_id,
-                             package_version, context_index, replicate_index, created_at)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                    )
-                    .db()?;
-                for cell in &cells {
-                    insert
-                        .execute(params![
-                            run.run_id.as_str(),
-                            cell.condition_slug,
-                            cell.prompt_id,
-                            cell.package_version,
-                            cell.context_index,
-                            cell.replicate_index,
-                            now
-                        ])
-                        .db()?;
-                }
-            }
-            tx.commit().db()
-        })
-        .await
+        let (run, plan) = (run.clone(), plan.clone());
+        self.transaction(move |tx| run_now(ledger::create_run(tx, &run, &plan)))
+            .await
     }
 
     async fn run(&self, run_id: &RunId) -> CoreResult<RunInfo> {
         let run_id = run_id.clone();
-        self.call(move |conn| load_run(conn, &run_id)).await
+        self.read(move |tx| run_now(ledger::load_run(tx, &run_id)))
+            .await
     }
 
     async fn runs(&self) -> CoreResult<Vec<RunInfo>> {
-        self.call(|conn| {
-            let ids = conn
-                .prepare(
-                    "SELECT run_id FROM apex_audition.runs ORDER BY created_at DESC, run_id DESC",
-                )
-                .db()?
-                .query_map([], |r| r.get::<_, String>(0))
-                .db()?
-                .collect::<rusqlite::Result<Vec<_>>>()
-                .db()?;
-            ids.into_iter()
-                .map(|id| load_run(conn, &RunId::parse(&id)?))
-                .collect()
-        })
-        .await
+        self.read(|tx| run_now(ledger::runs(tx))).await
     }
 
     async fn run_conditions(&self, run_id: &RunId) -> CoreResult<Vec<Condition>> {
         let run_id = run_id.clone();
-        self.call(move |conn| {
-            load_run(conn, &run_id)?;
-            let mut stmt = conn
-                .prepare(
-                    "SELECT condition_slug, params_json FROM apex_audition.run_conditions
-                     WHERE run_id = ?1 ORDER BY position",
-                )
-                .db()?;
-            let rows = stmt
-                .query_map([run_id.as_str()], |r| {
-                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
-                })
-                .db()?
-                .collect::<rusqlite::Result<Vec<_>>>()
-                .db()?;
-            rows.into_iter()
-                .map(|(slug, params)| {
-                    let mut value: serde_json::Value = serde_json::from_str(&params)
-                        .map_err(|e| Error::store_msg(format!("run condition `{slug}`: {e}")))?;
-                    value["slug"] = serde_json::Value::String(slug.clone());
-                    serde_json::from_value(value)
-                        .map_err(|e| Error::store_msg(format!("run condition `{slug}`: {e}")))
-                })
-                .collect()
-        })
-        .await
+        self.read(move |tx| run_now(ledger::run_conditions(tx, &run_id)))
+            .await
     }
 
     async fn set_run_state(&self, run_id: &RunId, state: RunState) -> CoreResult<()> {
         let run_id = run_id.clone();
-        self.call(move |conn| {
-            let now = now_rfc3339();
-            let sql = match state {
-                RunState::Running => {
-                    "UPDATE apex_audition.runs SET state = ?2,
-                         started_at = COALESCE(started_at, ?3), finished_at = NULL
-                     WHERE run_id = ?1"
-                }
-                RunState::Planned => {
-                    "UPDATE apex_audition.runs SET state = ?2 WHERE run_id = ?1 AND ?3 IS NOT NULL"
-                }
-                RunState::Finished | RunState::Interrupted => {
-                    "UPDATE apex_audition.runs SET state = ?2, finished_at = ?3 WHERE run_id = ?1"
-                }
-            };
-            let n = conn
-                .execute(sql, params![run_id.as_str(), state.as_str(), now])
-                .db()?;
-            if n == 0 {
-                return Err(Error::UnknownRun(run_id.to_string()));
-            }
-            Ok(())
-        })
-        .await
-    }
-
-    async fn work_items(&self, run_id: &RunId, include_errors: bool) -> CoreResult<Vec<WorkItem>> {
-        let run_id = run_id.clone();
-        self.call(move |conn| {
-            load_run(conn, &run_id)?;
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .db()?;
-            if include_errors {
-                tx.execute(
-                    "UPDATE apex_audition.generations SET status = 'pending', error_class = NULL,
-                         error_message = NULL, finished_at = NULL
-                     WHERE run_id = ?1 AND status = 'error'",
-                    [run_id.as_str()],
-                )
-                .db()?;
-            }
-            let items = tx
-                .prepare(
-                    "SELECT generation_id, condition_slug, prompt_id, package_version,
-                            context_index, replicate_index, attempts
-                     FROM apex_audition.generations
-                     WHERE run_id = ?1 AND status IN ('pending', 'running')
-                     ORDER BY generation_id",
-                )
-                .db()?
-                .query_map([run_id.as_str()], work_item_from_row)
-                .db()?
-                .collect::<rusqlite::Result<Vec<_>>>()
-                .db()?;
-            tx.commit().db()?;
-            Ok(items)
-        })
-        .await
+        self.read(move |tx| run_now(ledger::set_run_state(tx, &run_id, state)))
+            .await
     }
 
     async fn claim_work(
@@ -899,120 +533,34 @@ impl Store for SqliteStore {
         stale_before: &str,
     ) -> CoreResult<Claim> {
         let (run_id, worker, stale) = (run_id.clone(), worker.to_owned(), stale_before.to_owned());
-        self.call(move |conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).db()?;
-            let now = now_rfc3339();
-            tx.prepare_cached(
-                "INSERT INTO apex_audition.workers (worker, run_id, started_at, heartbeat_at) VALUES (?1, ?2, ?3, ?3)
-                 ON CONFLICT (worker) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
-            )
-            .db()?
-            .execute(params![worker, run_id.as_str(), now])
-            .db()?;
-            // Claimable: unclaimed, or held by a worker whose heartbeat is
-            // stale (or unknown).
-            const CLAIMABLE: &str = "g.status IN ('pending', 'running') AND g.claimed_by IS NOT ?2 AND (
-                 g.claimed_by IS NULL OR NOT EXISTS (
-                     SELECT 1 FROM apex_audition.workers w
-                     WHERE w.worker = g.claimed_by AND w.heartbeat_at >= ?3))";
-            let groups: Vec<(String, String)> = tx
-                .prepare_cached(&format!(
-                    "SELECT g.condition_slug, g.prompt_id FROM apex_audition.generations g
-                     WHERE g.run_id = ?1 AND {CLAIMABLE}
-                     GROUP BY g.condition_slug, g.prompt_id ORDER BY MIN(g.generation_id) LIMIT ?4"
-                ))
-                .db()?
-                .query_map(params![run_id.as_str(), worker, stale, max_groups], |r| Ok((r.get(0)?, r.get(1)?)))
-                .db()?
-                .collect::<rusqlite::Result<_>>()
-                .db()?;
-            for (slug, prompt) in &groups {
-                tx.prepare_cached(&format!(
-                    "UPDATE apex_audition.generations AS g SET claimed_by = ?2, claimed_at = ?5
-                     WHERE g.run_id = ?1 AND {CLAIMABLE} AND g.condition_slug = ?4 AND g.prompt_id = ?6"
-                ))
-                .db()?
-                .execute(params![run_id.as_str(), worker, stale, slug, now, prompt])
-                .db()?;
-            }
-            let items = tx
-                .prepare_cached(
-                    "SELECT generation_id, condition_slug, prompt_id, package_version, context_index,
-                            replicate_index, attempts
-                     FROM apex_audition.generations
-                     WHERE run_id = ?1 AND claimed_by = ?2 AND status IN ('pending', 'running')
-                     ORDER BY generation_id",
-                )
-                .db()?
-                .query_map(params![run_id.as_str(), worker], work_item_from_row)
-                .db()?
-                .collect::<rusqlite::Result<Vec<_>>>()
-                .db()?;
-            let held_by_others: u64 = tx
-                .query_row(
-                    "SELECT COUNT(*) FROM apex_audition.generations g
-                     JOIN apex_audition.workers w ON w.worker = g.claimed_by
-                     WHERE g.run_id = ?1 AND g.status IN ('pending', 'running')
-                       AND g.claimed_by <> ?2 AND w.heartbeat_at >= ?3",
-                    params![run_id.as_str(), worker, stale],
-                    |r| r.get(0),
-                )
-                .db()?;
-            tx.commit().db()?;
-            Ok(Claim { items, held_by_others })
+        self.transaction(move |tx| {
+            run_now(ledger::claim_work(tx, &run_id, &worker, max_groups, &stale))
         })
         .await
+    }
+
+    async fn claim_holders(&self, run_id: &RunId) -> CoreResult<Vec<String>> {
+        let run_id = run_id.clone();
+        self.read(move |tx| run_now(ledger::claim_holders(tx, &run_id)))
+            .await
     }
 
     async fn renew_claims(&self, run_id: &RunId, worker: &str) -> CoreResult<()> {
         let (run_id, worker) = (run_id.clone(), worker.to_owned());
-        self.write(move |tx| {
-            tx.prepare_cached(
-                "INSERT INTO apex_audition.workers (worker, run_id, started_at, heartbeat_at) VALUES (?1, ?2, ?3, ?3)
-                 ON CONFLICT (worker) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
-            )
-            .db()?
-            .execute(params![worker, run_id.as_str(), now_rfc3339()])
-            .db()?;
-            Ok(())
-        })
-        .await
+        self.grouped(move |tx| run_now(ledger::renew_claims(tx, &run_id, &worker)))
+            .await
     }
 
     async fn release_claims(&self, run_id: &RunId, worker: &str) -> CoreResult<()> {
         let (run_id, worker) = (run_id.clone(), worker.to_owned());
-        self.write(move |tx| {
-            tx.prepare_cached(
-                "UPDATE apex_audition.generations SET claimed_by = NULL, claimed_at = NULL
-                 WHERE run_id = ?1 AND claimed_by = ?2 AND status IN ('pending', 'running')",
-            )
-            .db()?
-            .execute(params![run_id.as_str(), worker])
-            .db()?;
-            tx.prepare_cached("DELETE FROM apex_audition.workers WHERE worker = ?1")
-                .db()?
-                .execute(params![worker])
-                .db()?;
-            Ok(())
-        })
-        .await
+        self.grouped(move |tx| run_now(ledger::release_claims(tx, &run_id, &worker)))
+            .await
     }
 
     async fn reset_errors(&self, run_id: &RunId) -> CoreResult<u64> {
         let run_id = run_id.clone();
-        self.call(move |conn| {
-            load_run(conn, &run_id)?;
-            let n = conn
-                .execute(
-                    "UPDATE apex_audition.generations SET status = 'pending', error_class = NULL,
-                         error_message = NULL, finished_at = NULL
-                     WHERE run_id = ?1 AND status = 'error'",
-                    [run_id.as_str()],
-                )
-                .db()?;
-            Ok(n as u64)
-        })
-        .await
+        self.transaction(move |tx| run_now(ledger::reset_errors(tx, &run_id)))
+            .await
     }
 
     async fn begin_attempt(
@@ -1022,29 +570,13 @@ impl Store for SqliteStore {
         worker: Option<&str>,
     ) -> CoreResult<()> {
         let worker = worker.map(str::to_owned);
-        self.write(move |tx| {
-            let now = now_rfc3339();
-            let n = tx
-                .prepare_cached(
-                    "UPDATE apex_audition.generations SET status = 'running', attempts = ?2,
-                         started_at = COALESCE(started_at, ?3)
-                     WHERE generation_id = ?1 AND status IN ('pending', 'running')
-                       AND (?4 IS NULL OR claimed_by IS NULL OR claimed_by = ?4)",
-                )
-                .db()?
-                .execute(params![generation_id, attempt, now, worker])
-                .db()?;
-            if n == 0 {
-                return Err(Error::NotClaimable(generation_id));
-            }
-            tx.prepare_cached(
-                "INSERT INTO apex_audition.attempts (generation_id, attempt, started_at)
-                 VALUES (?1, ?2, ?3)",
-            )
-            .db()?
-            .execute(params![generation_id, attempt, now])
-            .db()?;
-            Ok(())
+        self.grouped(move |tx| {
+            run_now(ledger::begin_attempt(
+                tx,
+                generation_id,
+                attempt,
+                worker.as_deref(),
+            ))
         })
         .await
     }
@@ -1056,119 +588,32 @@ impl Store for SqliteStore {
         end: &AttemptEnd,
     ) -> CoreResult<()> {
         let end = end.clone();
-        self.write(move |tx| {
-            let now = now_rfc3339();
-            match &end {
-                AttemptEnd::Success(r) => {
-                    let u = &r.usage;
-                    tx.prepare_cached("UPDATE apex_audition.generations SET status = 'success', cache_hit = ?2,
-                             input_tokens = ?3, cache_write_tokens = ?4, cache_write_1h_tokens = ?5,
-                             cache_read_tokens = ?6, output_tokens = ?7, reasoning_tokens = ?8,
-                             cost_usd = ?9, latency_ms = ?10, finish_reason = ?11,
-                             provider_request_id = ?12, model_snapshot = ?13, request_hash = ?14,
-                             response_text = ?15, error_class = NULL, error_message = NULL,
-                             finished_at = ?16
-                         WHERE generation_id = ?1").db()?.execute(params![
-                            generation_id,
-                            u.cache_hit(),
-                            u.input_tokens,
-                            u.cache_write_tokens,
-                            u.cache_write_1h_tokens,
-                            u.cache_read_tokens,
-                            u.output_tokens,
-                            u.reasoning_tokens,
-                            r.cost_usd,
-                            r.latency_ms,
-                            r.finish_reason,
-                            r.provider_request_id,
-                            r.model_snapshot,
-                            r.request_hash,
-                            r.response_text,
-                            now
-                        ],
-                    )
-                    .db()?;
-                    tx.prepare_cached("UPDATE apex_audition.attempts SET finished_at = ?3, outcome = 'success',
-                             http_status = 200, provider_request_id = ?4, latency_ms = ?5
-                         WHERE generation_id = ?1 AND attempt = ?2").db()?.execute(params![generation_id, attempt, now, r.provider_request_id, r.latency_ms],
-                    )
-                    .db()?;
-                }
-                AttemptEnd::Failed {
-                    class,
-                    message,
-                    http_status,
-                    provider_request_id,
-                    latency_ms,
-                    last,
-                } => {
-                    if *last {
-                        tx.prepare_cached("UPDATE apex_audition.generations SET status = 'error', error_class = ?2,
-                                 error_message = ?3, provider_request_id = ?4, latency_ms = ?5,
-                                 finished_at = ?6
-                             WHERE generation_id = ?1").db()?.execute(params![
-                                generation_id,
-                                class.as_str(),
-                                message,
-                                provider_request_id,
-                                latency_ms,
-                                now
-                            ],
-                        )
-                        .db()?;
-                    }
-                    tx.prepare_cached("UPDATE apex_audition.attempts SET finished_at = ?3, outcome = 'error',
-                             http_status = ?4, error_class = ?5, error_message = ?6,
-                             provider_request_id = ?7, latency_ms = ?8
-                         WHERE generation_id = ?1 AND attempt = ?2").db()?.execute(params![
-                            generation_id,
-                            attempt,
-                            now,
-                            http_status,
-                            class.as_str(),
-                            message,
-                            provider_request_id,
-                            latency_ms
-                        ],
-                    )
-                    .db()?;
-                }
-                AttemptEnd::Abandoned => {
-                    tx.prepare_cached("UPDATE apex_audition.generations SET status = 'pending'
-                         WHERE generation_id = ?1 AND status = 'running'").db()?.execute([generation_id],
-                    )
-                    .db()?;
-                    tx.prepare_cached("UPDATE apex_audition.attempts SET finished_at = ?3, outcome = 'abandoned'
-                         WHERE generation_id = ?1 AND attempt = ?2 AND finished_at IS NULL").db()?.execute(params![generation_id, attempt, now],
-                    )
-                    .db()?;
-                }
-            }
-            Ok(())
-        })
-        .await
+        self.grouped(move |tx| run_now(ledger::end_attempt(tx, generation_id, attempt, &end)))
+            .await
     }
 
     async fn error_rows(&self, run_id: &RunId) -> CoreResult<Vec<ErrorRow>> {
         let run_id = run_id.clone();
-        self.call(move |conn| {
-            conn.prepare(
-                "SELECT prompt_id, replicate_index, error_message FROM apex_audition.generations
-                 WHERE status = 'error' AND run_id = ?1 ORDER BY generation_id",
-            )
-            .db()?
-            .query_map([run_id.as_str()], |r| {
-                Ok(ErrorRow {
-                    prompt_id: r.get(0)?,
-                    replicate_index: r.get(1)?,
-                    error_message: r.get(2)?,
-                })
-            })
-            .db()?
-            .collect::<rusqlite::Result<Vec<_>>>()
-            .db()
-        })
-        .await
+        self.read(move |tx| run_now(ledger::error_rows(tx, &run_id)))
+            .await
+    }
+
+    async fn usage_by_condition(&self, run_id: &RunId) -> CoreResult<Vec<ConditionUsage>> {
+        let run_id = run_id.clone();
+        self.read(move |tx| run_now(ledger::usage_by_condition(tx, &run_id)))
+            .await
+    }
+
+    async fn successes(&self, run_id: &RunId) -> CoreResult<Vec<SuccessRow>> {
+        let run_id = run_id.clone();
+        self.read(move |tx| run_now(ledger::successes(tx, &run_id)))
+            .await
+    }
+
+    async fn run_packages(&self, run_id: &RunId) -> CoreResult<Vec<(String, String)>> {
+        let run_id = run_id.clone();
+        self.read(move |tx| run_now(ledger::run_packages(tx, &run_id)))
+            .await
     }
 
     async fn generations_page(
@@ -1178,58 +623,8 @@ impl Store for SqliteStore {
         limit: u32,
     ) -> CoreResult<Vec<GenerationRow>> {
         let run_id = run_id.clone();
-        self.call(move |conn| {
-            let mut stmt = conn
-                .prepare_cached(
-                    "SELECT generation_id, run_id, condition_slug, prompt_id, package_version,
-                            context_index, replicate_index, status, cache_hit, attempts,
-                            input_tokens, cache_write_tokens, cache_write_1h_tokens,
-                            cache_read_tokens, output_tokens, reasoning_tokens, cost_usd,
-                            latency_ms, finish_reason, provider_request_id, model_snapshot,
-                            request_hash, response_text, error_class, error_message,
-                            created_at, started_at, finished_at
-                     FROM apex_audition.generations
-                     WHERE run_id = ?1 AND generation_id > ?2
-                     ORDER BY generation_id LIMIT ?3",
-                )
-                .db()?;
-            stmt.query_map(params![run_id.as_str(), after, limit], |r| {
-                Ok(GenerationRow {
-                    generation_id: r.get(0)?,
-                    run_id: r.get(1)?,
-                    condition_slug: r.get(2)?,
-                    prompt_id: r.get(3)?,
-                    package_version: r.get(4)?,
-                    context_index: r.get(5)?,
-                    replicate_index: r.get(6)?,
-                    status: r.get(7)?,
-                    cache_hit: r.get(8)?,
-                    attempts: r.get(9)?,
-                    input_tokens: r.get(10)?,
-                    cache_write_tokens: r.get(11)?,
-                    cache_write_1h_tokens: r.get(12)?,
-                    cache_read_tokens: r.get(13)?,
-                    output_tokens: r.get(14)?,
-                    reasoning_tokens: r.get(15)?,
-                    cost_usd: r.get(16)?,
-                    latency_ms: r.get(17)?,
-                    finish_reason: r.get(18)?,
-                    provider_request_id: r.get(19)?,
-                    model_snapshot: r.get(20)?,
-                    request_hash: r.get(21)?,
-                    response_text: r.get(22)?,
-                    error_class: r.get(23)?,
-                    error_message: r.get(24)?,
-                    created_at: r.get(25)?,
-                    started_at: r.get(26)?,
-                    finished_at: r.get(27)?,
-                })
-            })
-            .db()?
-            .collect::<rusqlite::Result<Vec<_>>>()
-            .db()
-        })
-        .await
+        self.read(move |tx| run_now(ledger::generations_page(tx, &run_id, after, limit)))
+            .await
     }
 
     async fn query_read_only(&self, sql: &str) -> CoreResult<QueryResult> {

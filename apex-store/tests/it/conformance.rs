@@ -173,7 +173,7 @@ async fn seed_sql_runs_verbatim_and_counts_transitions(backend: Backend) {
         ]]
     );
 
-    let items = store.work_items(&run_id, false).await.unwrap();
+    let items = unfinished(&*store, &run_id).await;
     assert_eq!(items.len(), 6);
     assert_eq!(
         (items[0].prompt_id.as_str(), items[0].replicate_index),
@@ -266,13 +266,14 @@ async fn seed_sql_runs_verbatim_and_counts_transitions(backend: Backend) {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("it will not be sent"), "{err}");
-    let todo = store.work_items(&run_id, false).await.unwrap();
+    let todo = unfinished(&*store, &run_id).await;
     assert_eq!(todo.len(), 3, "2 pending + 1 running");
     assert!(
         todo.iter()
             .any(|w| w.generation_id == items[3].generation_id && w.attempts == 1)
     );
-    let with_errors = store.work_items(&run_id, true).await.unwrap();
+    assert_eq!(store.reset_errors(&run_id).await.unwrap(), 1);
+    let with_errors = unfinished(&*store, &run_id).await;
     assert_eq!(with_errors.len(), 4);
     assert!(store.error_rows(&run_id).await.unwrap().is_empty());
 
@@ -347,7 +348,7 @@ async fn sqlite_file_store_survives_reopen() {
 conformance!(export_pages_cover_every_generation_in_order);
 async fn export_pages_cover_every_generation_in_order(backend: Backend) {
     let (store, run_id) = seeded(backend, 3).await;
-    let items = store.work_items(&run_id, false).await.unwrap();
+    let items = unfinished(&*store, &run_id).await;
     store
         .begin_attempt(items[0].generation_id, 1, None)
         .await
@@ -389,7 +390,7 @@ async fn export_pages_cover_every_generation_in_order(backend: Backend) {
 conformance!(abandoned_attempts_return_to_pending);
 async fn abandoned_attempts_return_to_pending(backend: Backend) {
     let (store, run_id) = seeded(backend, 1).await;
-    let items = store.work_items(&run_id, false).await.unwrap();
+    let items = unfinished(&*store, &run_id).await;
     let id = items[0].generation_id;
     store.begin_attempt(id, 1, None).await.unwrap();
     store
@@ -469,4 +470,15 @@ async fn claims_split_work_and_stale_claims_are_taken_over(backend: Backend) {
     assert_eq!(d.items.len(), 6, "released claims are free at once");
     // --retry-errors resets errors only.
     assert_eq!(store.reset_errors(&run_id).await.unwrap(), 0);
+}
+
+/// The run's unfinished generations in plan order, all claimed by one test
+/// worker (every other claim counts as stale).
+async fn unfinished(store: &dyn Store, run_id: &RunId) -> Vec<apex_core::WorkItem> {
+    let now = apex_core::time::now_rfc3339();
+    store
+        .claim_work(run_id, "conformance", u32::MAX, &now)
+        .await
+        .unwrap()
+        .items
 }

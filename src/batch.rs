@@ -1,0 +1,372 @@
+//! [`Apex`]: everything `apex run` does, as a library.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use apex_core::executor::{Executor, Progress, ProgressEvent, RunOptions, RunReport};
+use apex_core::limiter::LimitTable;
+use apex_core::{
+    CacheHint, CacheTtl, Catalog, Condition, ContextPackage, Error, GenerationRequest,
+    IngestReport, NewRun, Plan, PlanOptions, Provider, ProviderKind, RegisterReport, Result, RunId,
+    RunInfo, Store,
+};
+use apex_providers::ProviderConfig;
+use tokio::sync::watch;
+
+use crate::worker::{ProcessIdentity, is_gone_locally, worker_name};
+
+/// What to run: conditions × the current contexts × replicates.
+#[derive(Debug, Clone, Default)]
+pub struct Batch {
+    /// Condition slugs, in the order they go.
+    pub conditions: Vec<String>,
+    /// Replicates per (condition, context); 0 means 1.
+    pub replicates: u32,
+    /// Only the first this many contexts.
+    pub limit: Option<u32>,
+    /// Who starts it (`--created-by`).
+    pub created_by: Option<String>,
+    /// Free text (`--notes`).
+    pub notes: Option<String>,
+    /// The options used, recorded with the run for reproducibility.
+    pub flags: serde_json::Value,
+}
+
+impl Batch {
+    /// A batch of these conditions, one replicate each.
+    pub fn new<S: Into<String>>(conditions: impl IntoIterator<Item = S>) -> Self {
+        Self {
+            conditions: conditions.into_iter().map(Into::into).collect(),
+            replicates: 1,
+            flags: serde_json::json!({}),
+            ..Self::default()
+        }
+    }
+
+    /// With `n` replicates per (condition, context).
+    pub fn replicates(mut self, n: u32) -> Self {
+        self.replicates = n;
+        self
+    }
+
+    fn plan_options(&self) -> PlanOptions {
+        PlanOptions {
+            replicates: self.replicates.max(1),
+            limit: self.limit,
+        }
+    }
+}
+
+/// A ledger with the catalog, limits and providers a batch runs with.
+pub struct Apex {
+    store: Arc<dyn Store>,
+    catalog: Arc<Catalog>,
+    limits: LimitTable,
+    provider_configs: HashMap<ProviderKind, ProviderConfig>,
+}
+
+impl std::fmt::Debug for Apex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Apex")
+            .field("backend", &self.store.backend())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A closure as a progress callback.
+struct FnProgress<F>(F);
+
+impl<F: Fn(&ProgressEvent) + Send + Sync> Progress for FnProgress<F> {
+    fn event(&self, event: &ProgressEvent) {
+        (self.0)(event);
+    }
+}
+
+/// Wraps a closure as a [`Progress`] callback.
+pub fn progress(f: impl Fn(&ProgressEvent) + Send + Sync + 'static) -> Arc<dyn Progress> {
+    Arc::new(FnProgress(f))
+}
+
+impl Apex {
+    /// Opens the ledger a URL names (`sqlite://apex.db`, `sqlite::memory:`,
+    /// `postgres://…`), applying migrations; built-in catalog and limits,
+    /// providers configured from the environment.
+    pub async fn open(url: &str) -> Result<Self> {
+        Ok(Self::new(apex_store::open_store(url).await?))
+    }
+
+    /// Over a store already open.
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Self {
+            store,
+            catalog: Arc::new(Catalog::built_in()),
+            limits: LimitTable::defaults(),
+            provider_configs: HashMap::new(),
+        }
+    }
+
+    /// With another model catalog (negotiated prices, new models).
+    pub fn with_catalog(mut self, catalog: Catalog) -> Self {
+        self.catalog = Arc::new(catalog);
+        self
+    }
+
+    /// With other per-minute limits ([`LimitTable::none`] for no pacing).
+    pub fn with_limits(mut self, limits: LimitTable) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Sends `kind`'s requests with this configuration instead of the
+    /// environment's (another base URL, such as a simulator's, or a key).
+    pub fn with_provider(mut self, kind: ProviderKind, config: ProviderConfig) -> Self {
+        self.provider_configs.insert(kind, config);
+        self
+    }
+
+    /// The ledger.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// The catalog in use.
+    pub fn catalog(&self) -> &Arc<Catalog> {
+        &self.catalog
+    }
+
+    /// The limits in use.
+    pub fn limits(&self) -> &LimitTable {
+        &self.limits
+    }
+
+    /// Registers conditions (idempotent; a slug used by a run is immutable).
+    pub async fn register(&self, conditions: &[Condition]) -> Result<RegisterReport> {
+        self.store.register_conditions(conditions).await
+    }
+
+    /// Registers the conditions of a TOML file.
+    pub async fn register_file(&self, path: &Path) -> Result<RegisterReport> {
+        self.register(&apex_store::files::read_conditions_file(path)?)
+            .await
+    }
+
+    /// Ingests packages (idempotent; changed content is a new version).
+    pub async fn ingest(&self, packages: &[ContextPackage]) -> Result<IngestReport> {
+        self.store.ingest_packages(packages).await
+    }
+
+    /// Ingests every package directory under `dir`; returns how many were read.
+    pub async fn ingest_dir(&self, dir: &Path) -> Result<(usize, IngestReport)> {
+        let packages = apex_store::files::read_packages_under(dir)?;
+        Ok((packages.len(), self.ingest(&packages).await?))
+    }
+
+    /// Plans a batch and checks it before anything is recorded or sent:
+    /// every condition against the catalog (warnings are logged), every
+    /// request against the limits.
+    pub async fn plan(&self, batch: &Batch) -> Result<Plan> {
+        let mut conditions = Vec::with_capacity(batch.conditions.len());
+        for slug in &batch.conditions {
+            conditions.push(self.store.condition(slug).await?);
+        }
+        let plan = Plan::build(
+            conditions,
+            self.store.current_packages().await?,
+            batch.plan_options(),
+        )?;
+        self.preflight(&plan)?;
+        apex_core::executor::check_limits(
+            &self.catalog,
+            &self.limits,
+            &plan.conditions,
+            &plan.packages,
+        )?;
+        Ok(plan)
+    }
+
+    /// Checks every condition of a plan against the catalog (parameters the
+    /// model accepts, window, output limit); warnings are logged.
+    pub fn preflight(&self, plan: &Plan) -> Result<()> {
+        let today = jiff::Timestamp::now().strftime("%Y-%m-%d").to_string();
+        for condition in &plan.conditions {
+            let warnings =
+                apex_core::catalog::preflight(&self.catalog, condition, &plan.packages, &today)?;
+            for warning in warnings {
+                tracing::warn!("{}", warning.0);
+            }
+        }
+        Ok(())
+    }
+
+    /// Records a planned batch: the run and every cell `pending` (state
+    /// `planned` for a dry run).
+    pub async fn record(&self, batch: &Batch, plan: &Plan, dry_run: bool) -> Result<RunId> {
+        let run = NewRun {
+            run_id: RunId::generate(),
+            created_by: batch.created_by.clone(),
+            notes: batch.notes.clone(),
+            flags: batch.flags.clone(),
+            dry_run,
+        };
+        self.store.create_run(&run, plan).await?;
+        Ok(run.run_id)
+    }
+
+    /// One provider per kind the conditions use; `need_keys`: a missing key
+    /// is a preflight error naming the variable.
+    pub fn providers_for(
+        &self,
+        conditions: &[Condition],
+        need_keys: bool,
+    ) -> Result<HashMap<ProviderKind, Arc<dyn Provider>>> {
+        let mut providers = HashMap::new();
+        for c in conditions {
+            if providers.contains_key(&c.provider) {
+                continue;
+            }
+            let config = self
+                .provider_configs
+                .get(&c.provider)
+                .cloned()
+                .unwrap_or_else(|| ProviderConfig::from_env(c.provider));
+            if need_keys && config.api_key.is_none() {
+                return Err(Error::Preflight(format!(
+                    "condition `{}`: no API key for {}; set {}",
+                    c.slug,
+                    c.provider,
+                    c.provider.api_key_env()
+                )));
+            }
+            let provider = apex_providers::build(c.provider, config)
+                .map_err(|e| Error::Preflight(e.to_string()))?;
+            providers.insert(c.provider, provider);
+        }
+        Ok(providers)
+    }
+
+    /// The requests a dry run would send, as their providers would build
+    /// them: (cell, URL, body bytes, SHA-256 of the body, body).
+    pub async fn previews(&self, plan: &Plan, cache: bool) -> Result<Vec<Preview>> {
+        let providers = self.providers_for(&plan.conditions, false)?;
+        let conditions: HashMap<&str, Arc<Condition>> = plan
+            .conditions
+            .iter()
+            .map(|c| (c.slug.as_str(), Arc::new(c.clone())))
+            .collect();
+        let mut packages: HashMap<&str, Arc<ContextPackage>> = HashMap::new();
+        for p in &plan.packages {
+            let package = self.store.package(&p.id, &p.version).await?;
+            packages.insert(p.id.as_str(), Arc::new(package));
+        }
+        let mut previews = Vec::with_capacity(plan.cells.len());
+        for cell in &plan.cells {
+            let request = GenerationRequest {
+                condition: Arc::clone(&conditions[cell.condition_slug.as_str()]),
+                package: Arc::clone(&packages[cell.prompt_id.as_str()]),
+                cache: if cache {
+                    CacheHint::On(CacheTtl::FiveMinutes)
+                } else {
+                    CacheHint::Off
+                },
+                trace: None,
+            };
+            let preview = providers[&request.condition.provider].preview(&request);
+            previews.push(Preview {
+                cell: cell.clone(),
+                estimated_input_tokens: request.package.estimated_input_tokens(),
+                request: preview,
+            });
+        }
+        Ok(previews)
+    }
+
+    /// Executes a recorded run's remaining generations until done or until
+    /// `stop` turns true. Claims left by processes of this machine that no
+    /// longer run are taken back first.
+    pub async fn execute(
+        &self,
+        run_id: &RunId,
+        options: RunOptions,
+        retry_errors: bool,
+        progress: Arc<dyn Progress>,
+        stop: watch::Receiver<bool>,
+    ) -> Result<RunReport> {
+        let conditions = self.store.run_conditions(run_id).await?;
+        let providers = self.providers_for(&conditions, true)?;
+        self.release_dead_local_claims(run_id).await?;
+        let executor = Executor::new(
+            Arc::clone(&self.store),
+            providers,
+            Arc::clone(&self.catalog),
+            options,
+            progress,
+        );
+        executor.execute(run_id, retry_errors, stop).await
+    }
+
+    /// Plans, records and executes a batch: `apex run` in one call.
+    pub async fn run(
+        &self,
+        batch: &Batch,
+        options: RunOptions,
+        progress: Arc<dyn Progress>,
+    ) -> Result<(RunId, RunReport)> {
+        let plan = self.plan(batch).await?;
+        self.providers_for(&plan.conditions, true)?;
+        let run_id = self.record(batch, &plan, false).await?;
+        let (_keep_open, stop) = watch::channel(false);
+        let report = self
+            .execute(&run_id, options, false, progress, stop)
+            .await?;
+        Ok((run_id, report))
+    }
+
+    /// A run and whether it was recorded with caching on (`--no-cache` is
+    /// part of what a resume must send the same way).
+    pub async fn resumable(&self, run_id: &RunId) -> Result<(RunInfo, bool)> {
+        let info = self.store.run(run_id).await?;
+        let no_cache = match info.flags.get("no_cache") {
+            None => false,
+            Some(serde_json::Value::Bool(b)) => *b,
+            Some(other) => {
+                return Err(Error::store_msg(format!(
+                    "run {run_id} records no_cache as {other}, not true or false; the ledger was edited by hand"
+                )));
+            }
+        };
+        Ok((info, !no_cache))
+    }
+
+    /// A worker name for this process (unique; tells the machine apart).
+    pub fn worker_name() -> String {
+        worker_name()
+    }
+
+    /// Gives back at once the claims held by processes of this machine that
+    /// no longer run, so a resume need not wait out the claim timeout.
+    async fn release_dead_local_claims(&self, run_id: &RunId) -> Result<()> {
+        let me = ProcessIdentity::of_self();
+        if me.is_none() {
+            return Ok(());
+        }
+        for worker in self.store.claim_holders(run_id).await? {
+            if is_gone_locally(&worker, me.as_ref()) {
+                tracing::info!(%worker, "its process is gone; taking its claims back now");
+                self.store.release_claims(run_id, &worker).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One request a dry run would send.
+#[derive(Debug, Clone)]
+pub struct Preview {
+    /// The cell.
+    pub cell: apex_core::Cell,
+    /// Apex's estimate of its input tokens.
+    pub estimated_input_tokens: u64,
+    /// URL, body and hash.
+    pub request: apex_core::RequestPreview,
+}
