@@ -193,34 +193,8 @@ pub fn preflight(
         )));
         return Ok(warnings);
     };
-    if model.only_default_temperature && condition.temperature.is_some_and(|t| t != 1.0) {
-        return fail(format!(
-            "{} accepts only the default temperature (1); remove `temperature` from the condition and register it under a new slug",
-            condition.model
-        ));
-    }
-    if let (Some(t), Some(max)) = (condition.temperature, model.max_temperature)
-        && t > max
-    {
-        return fail(format!(
-            "{} accepts temperature up to {max}, not {t}",
-            condition.model
-        ));
-    }
-    if model.rejects_temperature_with_top_p
-        && condition.temperature.is_some()
-        && condition.top_p.is_some()
-    {
-        return fail(format!(
-            "{} rejects `temperature` and `top_p` together; keep one of them",
-            condition.model
-        ));
-    }
-    if u64::from(condition.max_tokens) > model.max_output {
-        return fail(format!(
-            "max_tokens {} is above {}'s output limit of {}; lower it",
-            condition.max_tokens, condition.model, model.max_output
-        ));
+    if let Err(problem) = check_parameters(model, condition) {
+        return fail(problem);
     }
     let tokenizer = crate::tokens::Tokenizer::for_provider(condition.provider);
     for package in packages {
@@ -251,6 +225,48 @@ pub fn preflight(
             )));
         }
     }
+    warnings.extend(lifecycle_warnings(model, condition, today));
+    Ok(warnings)
+}
+
+/// The parameters the model rejects, with the fix.
+fn check_parameters(model: &ModelInfo, condition: &Condition) -> std::result::Result<(), String> {
+    if model.only_default_temperature && condition.temperature.is_some_and(|t| t != 1.0) {
+        return Err(format!(
+            "{} accepts only the default temperature (1); remove `temperature` from the condition and register it under a new slug",
+            condition.model
+        ));
+    }
+    if let (Some(t), Some(max)) = (condition.temperature, model.max_temperature)
+        && t > max
+    {
+        return Err(format!(
+            "{} accepts temperature up to {max}, not {t}",
+            condition.model
+        ));
+    }
+    if model.rejects_temperature_with_top_p
+        && condition.temperature.is_some()
+        && condition.top_p.is_some()
+    {
+        return Err(format!(
+            "{} rejects `temperature` and `top_p` together; keep one of them",
+            condition.model
+        ));
+    }
+    if u64::from(condition.max_tokens) > model.max_output {
+        return Err(format!(
+            "max_tokens {} is above {}'s output limit of {}; lower it",
+            condition.max_tokens, condition.model, model.max_output
+        ));
+    }
+    Ok(())
+}
+
+/// Deprecation, retirement and reasoning-budget warnings.
+fn lifecycle_warnings(model: &ModelInfo, condition: &Condition, today: &str) -> Vec<Warning> {
+    let slug = &condition.slug;
+    let mut warnings = Vec::new();
     if let Some(retires) = &model.retires_on {
         if retires.as_str() <= today {
             warnings.push(Warning(format!(
@@ -277,7 +293,7 @@ pub fn preflight(
             condition.model, condition.max_tokens
         )));
     }
-    Ok(warnings)
+    warnings
 }
 
 #[cfg(test)]

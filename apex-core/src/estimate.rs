@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crate::catalog::{Catalog, Prices};
 use crate::condition::{Condition, ProviderKind};
-use crate::limiter::{LimitTable, WINDOW};
+use crate::limiter::{LimitTable, Limits, WINDOW};
 use crate::plan::PackageRef;
 use crate::provider::Usage;
 use crate::tokens::Tokenizer;
@@ -115,111 +115,143 @@ pub fn estimate(
 ) -> Vec<ConditionEstimate> {
     conditions
         .iter()
-        .map(|c| {
-            let tokenizer = Tokenizer::for_provider(c.provider);
-            let model = catalog.lookup(c.provider, &c.model);
-            let min_cacheable = model.map_or(1024, |m| m.min_cacheable_tokens);
-            let max_tokens = u64::from(c.max_tokens);
-            let r = u64::from(replicates);
-            let mut usage = Usage::default();
-            // Priced per request: a price tier depends on one request's size.
-            let prices = model.map(|m| &m.prices);
-            let mut with_cache = prices.map(|_| CostRange::default());
-            let mut without_cache = with_cache;
-            // Per request, what the limits count (output at max_tokens).
-            let mut charges: Vec<(u64, u64)> = Vec::new();
-            for p in packages {
-                let (prefix, rest) = p.split(tokenizer);
-                let total = prefix + rest;
-                for replicate in 0..r {
-                    let follower = replicate > 0;
-                    let (input, write, read) = match c.provider {
-                        // cache_control is sent only with caching on.
-                        ProviderKind::Anthropic if cache && prefix >= min_cacheable => {
-                            if follower {
-                                (rest, 0, prefix)
-                            } else {
-                                (rest, prefix, 0)
-                            }
-                        }
-                        ProviderKind::Anthropic => (total, 0, 0),
-                        // OpenAI caches long prefixes automatically, in
-                        // 128-token steps, once the first request completed.
-                        ProviderKind::OpenAi if follower && prefix >= min_cacheable.max(1024) => {
-                            let cached = prefix / 128 * 128;
-                            (total - cached, 0, cached)
-                        }
-                        ProviderKind::OpenAi => (total, 0, 0),
-                    };
-                    let one = Usage {
-                        input_tokens: input,
-                        cache_write_tokens: write,
-                        cache_read_tokens: read,
-                        ..Usage::default()
-                    };
-                    let plain = Usage {
-                        input_tokens: total,
-                        ..Usage::default()
-                    };
-                    for (range, u) in [(&mut with_cache, one), (&mut without_cache, plain)] {
-                        if let (Some(r), Some(c)) = (range.as_mut(), cost(prices, &u, max_tokens)) {
-                            r.low += c.low;
-                            r.high += c.high;
-                        }
-                    }
-                    usage.input_tokens += input;
-                    usage.cache_write_tokens += write;
-                    usage.cache_read_tokens += read;
-                    charges.push(match c.provider {
-                        ProviderKind::Anthropic => (input + write, max_tokens),
-                        ProviderKind::OpenAi => (total + max_tokens, 0),
-                    });
-                }
-            }
-            let requests = charges.len() as u64;
-            let l = limits.lookup(catalog, c.provider, &c.model);
-            let sum = |f: fn(&(u64, u64)) -> u64| charges.iter().map(f).sum::<u64>() as f64;
-            let max = |f: fn(&(u64, u64)) -> u64| charges.iter().map(f).max().unwrap_or(0) as f64;
-            let input_limit = match c.provider {
-                ProviderKind::Anthropic => l.itpm,
-                ProviderKind::OpenAi => l.tpm,
-            };
-            let floors = [
-                l.rpm
-                    .map(|rpm| limit_floor(requests as f64, 1.0, rpm as f64)),
-                input_limit.map(|lim| limit_floor(sum(|c| c.0), max(|c| c.0), lim as f64)),
-                l.otpm
-                    .map(|lim| limit_floor(sum(|c| c.1), max(|c| c.1), lim as f64)),
-            ];
-            let max_output = max_tokens * requests;
-            let batch = without_cache.map(|range| {
-                let discount = prices.map_or(1.0, |p| p.batch_discount);
-                CostRange {
-                    low: range.low * discount,
-                    high: range.high * discount,
-                }
-            });
-            ConditionEstimate {
-                slug: c.slug.clone(),
-                model: c.model.clone(),
-                tokenizer,
-                requests,
-                input_tokens_per_context: packages
-                    .iter()
-                    .map(|p| {
-                        let (a, b) = p.split(tokenizer);
-                        a + b
-                    })
-                    .collect(),
-                usage,
-                max_output_tokens: max_output,
-                with_cache,
-                without_cache,
-                batch,
-                least_duration: floors.into_iter().flatten().max().unwrap_or_default(),
-            }
-        })
+        .map(|c| estimate_condition(catalog, limits, c, packages, replicates, cache))
         .collect()
+}
+
+/// What one request is expected to use: `(input, cache write, cache read)`.
+fn expected_input(
+    provider: ProviderKind,
+    cache: bool,
+    min_cacheable: u64,
+    (prefix, rest): (u64, u64),
+    follower: bool,
+) -> (u64, u64, u64) {
+    let total = prefix + rest;
+    match provider {
+        // cache_control is sent only with caching on.
+        ProviderKind::Anthropic if cache && prefix >= min_cacheable => {
+            if follower {
+                (rest, 0, prefix)
+            } else {
+                (rest, prefix, 0)
+            }
+        }
+        ProviderKind::Anthropic => (total, 0, 0),
+        // OpenAI caches long prefixes automatically, in 128-token steps,
+        // once the first request completed.
+        ProviderKind::OpenAi if follower && prefix >= min_cacheable.max(1024) => {
+            let cached = prefix / 128 * 128;
+            (total - cached, 0, cached)
+        }
+        ProviderKind::OpenAi => (total, 0, 0),
+    }
+}
+
+/// The least time the limits allow for these requests, each charging
+/// `(input-side tokens, output tokens)`.
+fn least_duration(limits: Limits, provider: ProviderKind, charges: &[(u64, u64)]) -> Duration {
+    let requests = charges.len() as f64;
+    let sum = |f: fn(&(u64, u64)) -> u64| charges.iter().map(f).sum::<u64>() as f64;
+    let max = |f: fn(&(u64, u64)) -> u64| charges.iter().map(f).max().unwrap_or(0) as f64;
+    let input_limit = match provider {
+        ProviderKind::Anthropic => limits.itpm,
+        ProviderKind::OpenAi => limits.tpm,
+    };
+    [
+        limits.rpm.map(|rpm| limit_floor(requests, 1.0, rpm as f64)),
+        input_limit.map(|lim| limit_floor(sum(|c| c.0), max(|c| c.0), lim as f64)),
+        limits
+            .otpm
+            .map(|lim| limit_floor(sum(|c| c.1), max(|c| c.1), lim as f64)),
+    ]
+    .into_iter()
+    .flatten()
+    .max()
+    .unwrap_or_default()
+}
+
+fn estimate_condition(
+    catalog: &Catalog,
+    limits: &LimitTable,
+    c: &Condition,
+    packages: &[SizedPackage],
+    replicates: u32,
+    cache: bool,
+) -> ConditionEstimate {
+    let tokenizer = Tokenizer::for_provider(c.provider);
+    let model = catalog.lookup(c.provider, &c.model);
+    let min_cacheable = model.map_or(1024, |m| m.min_cacheable_tokens);
+    let max_tokens = u64::from(c.max_tokens);
+    let mut usage = Usage::default();
+    // Priced per request: a price tier depends on one request's size.
+    let prices = model.map(|m| &m.prices);
+    let mut with_cache = prices.map(|_| CostRange::default());
+    let mut without_cache = with_cache;
+    // Per request, what the limits count (output at max_tokens).
+    let mut charges: Vec<(u64, u64)> = Vec::new();
+    for p in packages {
+        let split = p.split(tokenizer);
+        let total = split.0 + split.1;
+        for replicate in 0..u64::from(replicates) {
+            let (input, write, read) =
+                expected_input(c.provider, cache, min_cacheable, split, replicate > 0);
+            let one = Usage {
+                input_tokens: input,
+                cache_write_tokens: write,
+                cache_read_tokens: read,
+                ..Usage::default()
+            };
+            let plain = Usage {
+                input_tokens: total,
+                ..Usage::default()
+            };
+            for (range, u) in [(&mut with_cache, one), (&mut without_cache, plain)] {
+                if let (Some(r), Some(c)) = (range.as_mut(), cost(prices, &u, max_tokens)) {
+                    r.low += c.low;
+                    r.high += c.high;
+                }
+            }
+            usage.input_tokens += input;
+            usage.cache_write_tokens += write;
+            usage.cache_read_tokens += read;
+            charges.push(match c.provider {
+                ProviderKind::Anthropic => (input + write, max_tokens),
+                ProviderKind::OpenAi => (total + max_tokens, 0),
+            });
+        }
+    }
+    let requests = charges.len() as u64;
+    let batch = without_cache.map(|range| {
+        let discount = prices.map_or(1.0, |p| p.batch_discount);
+        CostRange {
+            low: range.low * discount,
+            high: range.high * discount,
+        }
+    });
+    ConditionEstimate {
+        slug: c.slug.clone(),
+        model: c.model.clone(),
+        tokenizer,
+        requests,
+        input_tokens_per_context: packages
+            .iter()
+            .map(|p| {
+                let (a, b) = p.split(tokenizer);
+                a + b
+            })
+            .collect(),
+        usage,
+        max_output_tokens: max_tokens * requests,
+        with_cache,
+        without_cache,
+        batch,
+        least_duration: least_duration(
+            limits.lookup(catalog, c.provider, &c.model),
+            c.provider,
+            &charges,
+        ),
+    }
 }
 
 #[cfg(test)]

@@ -308,6 +308,23 @@ impl Simulator {
         format!("http://{}", self.addr)
     }
 
+    /// A client configuration that sends `kind`'s requests here, with the
+    /// key this simulator expects (any non-empty key when it expects none).
+    pub fn provider_config(&self, kind: ProviderKind) -> crate::ProviderConfig {
+        let base_url = match kind {
+            ProviderKind::OpenAi => self.openai_base_url(),
+            ProviderKind::Anthropic => self.anthropic_base_url(),
+        };
+        let key = self.lock().config.api_key.clone();
+        crate::ProviderConfig {
+            base_url,
+            api_key: Some(crate::ApiKey::new(
+                key.unwrap_or_else(|| "sk-simulator".into()),
+            )),
+            ..crate::ProviderConfig::from_env(kind)
+        }
+    }
+
     /// Queues a fault for the next request (of `model`, if given).
     pub fn push_fault(&self, model: Option<&str>, fault: Fault) {
         self.lock()

@@ -20,7 +20,7 @@ impl Live {
         Self::with(SimulatorConfig::default()).await
     }
 
-    async fn with(config: SimulatorConfig) -> Self {
+    pub(crate) async fn with(config: SimulatorConfig) -> Self {
         Self::on(Sandbox::new(), config).await
     }
 

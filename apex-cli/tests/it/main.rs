@@ -3,6 +3,7 @@
 mod bad_input;
 mod live;
 mod multi;
+mod stored;
 mod workflow;
 
 use std::path::{Path, PathBuf};

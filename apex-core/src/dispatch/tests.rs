@@ -525,6 +525,7 @@ struct World {
     out: usize,
     max_out: usize,
     prefix: u64,
+    sends: usize,
 }
 
 impl World {
@@ -612,9 +613,157 @@ fn max_in_window(points: &[(Instant, u64)]) -> u64 {
         .unwrap_or(0)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run_world(
-    conditions: &[&str],
+impl World {
+    /// Performs one action as the outside would; the summary when done.
+    fn perform(
+        &mut self,
+        m: &mut Dispatcher,
+        action: Action,
+    ) -> Result<Option<Summary>, TestCaseError> {
+        match action {
+            Action::Claim { .. } => {
+                let items = self.claim();
+                let claimed = Event::Claimed {
+                    items,
+                    held_by_others: 0,
+                };
+                m.handle(claimed, self.now);
+            }
+            Action::Renew => m.handle(Event::Renewed, self.now),
+            Action::CountTokens {
+                version, tokenizer, ..
+            } => {
+                prop_assert_eq!(tokenizer, Tokenizer::Estimate);
+                let split = (self.prefix, REST);
+                let counted = Event::Counted {
+                    version,
+                    tokenizer,
+                    split,
+                };
+                m.handle(counted, self.now);
+            }
+            Action::Begin(a) => self.begin(a.generation_id)?,
+            Action::Send(a) => self.send(a.generation_id)?,
+            Action::Store {
+                generation_id, end, ..
+            } => self.store(generation_id, &end)?,
+            Action::Notify(_) => {}
+            Action::Done(summary) => return Ok(Some(summary)),
+        }
+        Ok(None)
+    }
+
+    fn begin(&mut self, id: i64) -> Result<(), TestCaseError> {
+        self.out += 1;
+        prop_assert!(self.out <= self.max_out, "more in flight than the bound");
+        prop_assert!(
+            self.status[&id] != GenerationStatus::Success,
+            "re-sent after success"
+        );
+        self.status.insert(id, GenerationStatus::Running);
+        self.at(Duration::from_millis(3), Due::Event(Event::Began(id)));
+        Ok(())
+    }
+
+    fn send(&mut self, id: i64) -> Result<(), TestCaseError> {
+        let item = self.item(id).clone();
+        if item.replicate_index > 0 {
+            let leader = self.status[&(id - i64::from(item.replicate_index))];
+            prop_assert!(
+                matches!(leader, GenerationStatus::Success | GenerationStatus::Error),
+                "follower {} sent while its leader is {:?}",
+                id,
+                leader
+            );
+        }
+        let (latency, outcome) = self.answer(id, self.sends);
+        self.sends += 1;
+        let finished = Event::Finished {
+            generation_id: id,
+            outcome: Box::new(outcome),
+            latency_ms: latency.as_millis() as u64,
+        };
+        self.at(latency, Due::Event(finished));
+        Ok(())
+    }
+
+    fn store(&mut self, id: i64, end: &AttemptEnd) -> Result<(), TestCaseError> {
+        let status = match end {
+            AttemptEnd::Success(_) => GenerationStatus::Success,
+            AttemptEnd::Failed { last: true, .. } => GenerationStatus::Error,
+            AttemptEnd::Failed { last: false, .. } => GenerationStatus::Running,
+            AttemptEnd::Abandoned => GenerationStatus::Pending,
+        };
+        prop_assert!(
+            self.status[&id] != GenerationStatus::Success,
+            "stored twice"
+        );
+        if status != GenerationStatus::Pending {
+            // Abandoning a queued retry frees no slot.
+            self.out -= 1;
+        }
+        self.status.insert(id, status);
+        self.at(Duration::from_millis(2), Due::Event(Event::Stored(id)));
+        Ok(())
+    }
+
+    /// Delivers whatever comes first: a due event, or the dispatcher's
+    /// own timeout.
+    fn advance(&mut self, m: &mut Dispatcher) -> Result<(), TestCaseError> {
+        let next_due = self.due.keys().next().map(|(t, _)| *t);
+        let Some(next) = [next_due, m.poll_timeout()].into_iter().flatten().min() else {
+            return Err(TestCaseError::fail("stalled: nothing due and no timeout"));
+        };
+        prop_assert!(next >= self.now, "asked to wake in the past");
+        prop_assert!(
+            next.duration_since(self.start) < Duration::from_secs(24 * 3600),
+            "runs for ever"
+        );
+        self.now = next;
+        if next_due == Some(next) {
+            let key = *self.due.keys().next().expect("due");
+            match self.due.remove(&key).expect("due") {
+                Due::Event(event) => m.handle(event, self.now),
+                Due::Stop => m.handle(Event::StopRequested, self.now),
+            }
+        } else {
+            m.handle_timeout(self.now);
+        }
+        Ok(())
+    }
+
+    /// What must hold once the dispatcher is done.
+    fn check_end(
+        &self,
+        m: &Dispatcher,
+        summary: &Summary,
+        rpm: u64,
+        itpm: u64,
+    ) -> Result<(), TestCaseError> {
+        let book = m.reservation_book();
+        prop_assert_eq!(book.granted, book.settled, "every reservation settled");
+        prop_assert_eq!(book.settled_twice, 0);
+        prop_assert_eq!(self.out, 0);
+        let requests: Vec<(Instant, u64)> = self.server_log.iter().map(|(t, _)| (*t, 1)).collect();
+        prop_assert!(max_in_window(&requests) <= rpm, "RPM exceeded");
+        prop_assert!(max_in_window(&self.server_log) <= itpm, "ITPM exceeded");
+        let may_leave_pending = summary.interrupted || !summary.stopped.is_empty();
+        for (id, status) in &self.status {
+            match status {
+                GenerationStatus::Success | GenerationStatus::Error => {}
+                GenerationStatus::Pending => {
+                    prop_assert!(may_leave_pending, "{} left pending", id)
+                }
+                GenerationStatus::Running => prop_assert!(false, "{} left running", id),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One property case: a plan, a world, limits.
+struct Case<'a> {
+    conditions: &'a [&'a str],
     contexts: u32,
     replicates: u32,
     concurrency: usize,
@@ -623,18 +772,20 @@ fn run_world(
     stop_after: Option<u64>,
     groups_per_claim: usize,
     rpm: u64,
-) -> Result<(), TestCaseError> {
+}
+
+fn run_world(case: Case<'_>) -> Result<(), TestCaseError> {
     let prefix = 3000;
     let itpm = 2 * (prefix + REST) + 500;
-    let items = plan(conditions, contexts, replicates);
+    let items = plan(case.conditions, case.contexts, case.replicates);
     let start = Instant::now();
-    let mut cfg = config(concurrency, false);
-    cfg.claim_batch = groups_per_claim as u32;
+    let mut cfg = config(case.concurrency, false);
+    cfg.claim_batch = case.groups_per_claim as u32;
     let mut m = Dispatcher::new(
         cfg,
-        conditions.iter().map(|s| condition(s)).collect(),
+        case.conditions.iter().map(|s| condition(s)).collect(),
         Arc::new(Catalog::built_in()),
-        limits(rpm, itpm, 1_000_000),
+        limits(case.rpm, itpm, 1_000_000),
         Vec::new(),
         start,
     );
@@ -647,152 +798,29 @@ fn run_world(
             .collect(),
         items,
         claimed_groups: 0,
-        groups_per_claim,
+        groups_per_claim: case.groups_per_claim,
         cache_ready: HashMap::new(),
         server_log: Vec::new(),
         due: BTreeMap::new(),
         seq: 0,
-        fates,
-        latencies,
+        fates: case.fates,
+        latencies: case.latencies,
         out: 0,
-        max_out: concurrency,
+        max_out: case.concurrency,
         prefix,
+        sends: 0,
     };
-    if let Some(ms) = stop_after {
+    if let Some(ms) = case.stop_after {
         w.at(Duration::from_millis(ms), Due::Stop);
     }
-    let mut sends = 0usize;
-    let summary = 'run: loop {
+    loop {
         while let Some(action) = m.poll_action(w.now) {
-            match action {
-                Action::Claim { .. } => {
-                    let items = w.claim();
-                    m.handle(
-                        Event::Claimed {
-                            items,
-                            held_by_others: 0,
-                        },
-                        w.now,
-                    );
-                }
-                Action::Renew => m.handle(Event::Renewed, w.now),
-                Action::CountTokens {
-                    version, tokenizer, ..
-                } => {
-                    prop_assert_eq!(tokenizer, Tokenizer::Estimate);
-                    m.handle(
-                        Event::Counted {
-                            version,
-                            tokenizer,
-                            split: (prefix, REST),
-                        },
-                        w.now,
-                    );
-                }
-                Action::Begin(a) => {
-                    w.out += 1;
-                    prop_assert!(w.out <= w.max_out, "more in flight than the bound");
-                    let id = a.generation_id;
-                    prop_assert!(
-                        w.status[&id] != GenerationStatus::Success,
-                        "re-sent after success"
-                    );
-                    w.status.insert(id, GenerationStatus::Running);
-                    w.at(Duration::from_millis(3), Due::Event(Event::Began(id)));
-                }
-                Action::Send(a) => {
-                    let id = a.generation_id;
-                    let item = w.item(id).clone();
-                    if item.replicate_index > 0 {
-                        let leader = id - i64::from(item.replicate_index);
-                        let leader_status = w.status[&leader];
-                        prop_assert!(
-                            matches!(
-                                leader_status,
-                                GenerationStatus::Success | GenerationStatus::Error
-                            ),
-                            "follower {} sent while its leader is {:?}",
-                            id,
-                            leader_status
-                        );
-                    }
-                    let (latency, outcome) = w.answer(id, sends);
-                    sends += 1;
-                    w.at(
-                        latency,
-                        Due::Event(Event::Finished {
-                            generation_id: id,
-                            outcome: Box::new(outcome),
-                            latency_ms: latency.as_millis() as u64,
-                        }),
-                    );
-                }
-                Action::Store {
-                    generation_id, end, ..
-                } => {
-                    let status = match end {
-                        AttemptEnd::Success(_) => GenerationStatus::Success,
-                        AttemptEnd::Failed { last: true, .. } => GenerationStatus::Error,
-                        AttemptEnd::Failed { last: false, .. } => GenerationStatus::Running,
-                        AttemptEnd::Abandoned => GenerationStatus::Pending,
-                    };
-                    prop_assert!(
-                        w.status[&generation_id] != GenerationStatus::Success,
-                        "stored twice"
-                    );
-                    if status != GenerationStatus::Pending {
-                        // Abandoning a queued retry frees no slot.
-                        w.out -= 1;
-                    }
-                    w.status.insert(generation_id, status);
-                    w.at(
-                        Duration::from_millis(2),
-                        Due::Event(Event::Stored(generation_id)),
-                    );
-                }
-                Action::Notify(_) => {}
-                Action::Done(summary) => break 'run summary,
+            if let Some(summary) = w.perform(&mut m, action)? {
+                return w.check_end(&m, &summary, case.rpm, itpm);
             }
         }
-        let next_due = w.due.keys().next().map(|(t, _)| *t);
-        let next = match (next_due, m.poll_timeout()) {
-            (Some(a), Some(b)) => a.min(b),
-            (Some(a), None) => a,
-            (None, Some(b)) => b,
-            (None, None) => return Err(TestCaseError::fail("stalled: nothing due and no timeout")),
-        };
-        prop_assert!(next >= w.now, "asked to wake in the past");
-        prop_assert!(
-            next.duration_since(w.start) < Duration::from_secs(24 * 3600),
-            "runs for ever"
-        );
-        w.now = next;
-        if next_due == Some(next) {
-            let key = *w.due.keys().next().unwrap();
-            match w.due.remove(&key).unwrap() {
-                Due::Event(event) => m.handle(event, w.now),
-                Due::Stop => m.handle(Event::StopRequested, w.now),
-            }
-        } else {
-            m.handle_timeout(w.now);
-        }
-    };
-    let book = m.reservation_book();
-    prop_assert_eq!(book.granted, book.settled, "every reservation settled");
-    prop_assert_eq!(book.settled_twice, 0);
-    prop_assert_eq!(w.out, 0);
-    let requests: Vec<(Instant, u64)> = w.server_log.iter().map(|(t, _)| (*t, 1)).collect();
-    prop_assert!(max_in_window(&requests) <= rpm, "RPM exceeded");
-    prop_assert!(max_in_window(&w.server_log) <= itpm, "ITPM exceeded");
-    let may_leave_pending = summary.interrupted || !summary.stopped.is_empty();
-    for (id, status) in &w.status {
-        match status {
-            GenerationStatus::Success | GenerationStatus::Error => {}
-            GenerationStatus::Pending => prop_assert!(may_leave_pending, "{} left pending", id),
-            GenerationStatus::Running => prop_assert!(false, "{} left running", id),
-        }
+        w.advance(&mut m)?;
     }
-    Ok(())
 }
 
 proptest! {
@@ -815,6 +843,6 @@ proptest! {
         rpm in 2u64..20,
     ) {
         let conditions: &[&str] = if two_conditions { &["a", "b"] } else { &["a"] };
-        run_world(conditions, contexts, replicates, concurrency, fates, latencies, stop_after, groups_per_claim, rpm)?;
+        run_world(Case { conditions, contexts, replicates, concurrency, fates, latencies, stop_after, groups_per_claim, rpm })?;
     }
 }

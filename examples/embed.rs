@@ -1,0 +1,67 @@
+//! Apex as a library: a small batch against the built-in simulator, printed
+//! as it runs. `cargo run --example embed`
+use apex::core::executor::{ProgressEvent, RunOptions};
+use apex::core::{ContextPackage, ProviderKind::*, parse_conditions};
+use apex::providers::simulator::{Simulator, SimulatorConfig};
+use apex::{Apex, Batch};
+
+const CONDITIONS: &str = r#"
+[[condition]]
+slug = "sonnet"
+provider = "anthropic"
+model = "claude-sonnet-4-5"
+max_tokens = 256
+
+[[condition]]
+slug = "gpt"
+provider = "openai"
+model = "gpt-4o"
+max_tokens = 256
+"#;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    // Both APIs, simulated on loopback at 100× real time.
+    let config = SimulatorConfig {
+        time_scale: 0.01,
+        ..Default::default()
+    };
+    let sim = Simulator::start(config, "127.0.0.1:0".parse()?).await?;
+    let apex = Apex::open("sqlite::memory:")
+        .await?
+        .with_provider(OpenAi, sim.provider_config(OpenAi))
+        .with_provider(Anthropic, sim.provider_config(Anthropic));
+    apex.register(&parse_conditions(CONDITIONS)?).await?;
+    for i in 1..=3 {
+        let text = format!("Document {i}. ").repeat(900);
+        apex.ingest(&[ContextPackage::new(
+            format!("ctx-{i}"),
+            None,
+            text,
+            "Summarise it.".into(),
+        )?])
+        .await?;
+    }
+    let progress = apex::progress(|event| {
+        if let ProgressEvent::Finished {
+            condition,
+            cache_hit,
+            ..
+        } = event
+        {
+            println!("{condition}: done, cache hit {cache_hit}");
+        }
+    });
+    let options = RunOptions {
+        time_scale: 0.01,
+        ..Default::default()
+    };
+    let batch = Batch::new(["sonnet", "gpt"]).replicates(3);
+    let (run_id, report) = apex.run(&batch, options, progress).await?;
+    let cost = apex.store().run(&run_id).await?.cost_usd;
+    println!(
+        "run {run_id}: {} succeeded, {} failed, ${cost:.4}",
+        report.counts.success, report.counts.error
+    );
+    Ok(())
+}
