@@ -270,6 +270,7 @@ impl Apex {
                     CacheHint::Off
                 },
                 trace: None,
+                body: apex_core::SharedBody::default(),
             };
             let preview = providers[&request.condition.provider].preview(&request);
             previews.push(Preview {

@@ -60,8 +60,8 @@ pub use context::{ContextPackage, PackageSources, SourceFile};
 pub use error::{Error, Result};
 pub use plan::{Cell, PackageRef, Plan, PlanOptions};
 pub use provider::{
-    AttemptError, CacheHint, CacheTtl, ErrorClass, Generated, GenerationRequest, Provider,
-    RateLimitSnapshot, RequestPreview, Usage,
+    AttemptError, CacheHint, CacheTtl, ErrorClass, Generated, GenerationRequest, PreparedBody,
+    Provider, RateLimitSnapshot, RequestPreview, SharedBody, Usage,
 };
 pub use run::{
     AttemptEnd, ErrorRow, GenerationResult, GenerationRow, GenerationStatus, NewRun, RunId,

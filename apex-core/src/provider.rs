@@ -1,7 +1,7 @@
 //! The `Provider` trait the scheduler calls, and the normalised shapes of
 //! what a provider returns.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -61,6 +61,53 @@ pub enum CacheHint {
     On(CacheTtl),
 }
 
+/// A request body as sent, with its SHA-256, built once and shared: every
+/// replicate and retry of one (condition, context) sends the same bytes, so
+/// a 128K-token context is serialised and hashed once per group, not once
+/// per request.
+#[derive(Debug, Clone, Default)]
+pub struct SharedBody(Arc<OnceLock<PreparedBody>>);
+
+/// A built request body.
+#[derive(Debug)]
+pub struct PreparedBody {
+    /// The bytes sent.
+    pub bytes: Arc<[u8]>,
+    /// SHA-256 of `bytes`, hex.
+    pub sha256: String,
+}
+
+impl SharedBody {
+    /// The body, built by `build` the first time it is asked for.
+    pub fn get_or_build(&self, build: impl FnOnce() -> Vec<u8>) -> &PreparedBody {
+        self.0.get_or_init(|| {
+            let bytes: Arc<[u8]> = build().into();
+            PreparedBody {
+                sha256: crate::context::sha256_hex(&bytes),
+                bytes,
+            }
+        })
+    }
+
+    /// How many handles share this body (the dispatcher's own among them
+    /// while its group has work).
+    pub fn holders(&self) -> usize {
+        Arc::strong_count(&self.0)
+    }
+
+    /// Whether two handles share one body.
+    pub fn same_as(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+/// Equal when shared: two handles are the same body only if they share it.
+impl PartialEq for SharedBody {
+    fn eq(&self, other: &Self) -> bool {
+        self.same_as(other)
+    }
+}
+
 /// One request to send: a condition applied to a context package.
 #[derive(Debug, Clone)]
 pub struct GenerationRequest {
@@ -73,6 +120,9 @@ pub struct GenerationRequest {
     /// Sent as the `x-apex-generation` header (run id, generation id and
     /// attempt), so proxies and simulators can tell replicates apart.
     pub trace: Option<String>,
+    /// The body, shared with the other requests of the same (condition,
+    /// context, cache hint); `SharedBody::default()` for a one-off.
+    pub body: SharedBody,
 }
 
 /// One bucket of a provider's rate-limit headers.

@@ -1,6 +1,7 @@
 //! The one send path both providers share.
 
 use std::marker::PhantomData;
+use std::sync::Arc;
 use std::time::Duration;
 
 use apex_core::context::sha256_hex;
@@ -148,8 +149,10 @@ impl<W: Wire> Provider for HttpProvider<W> {
                 format!("no API key; set {}", W::KIND.api_key_env()),
             ));
         };
-        let body = W::body(request);
-        let request_hash = sha256_hex(&body);
+        // Built and hashed once per group: replicates and retries share it.
+        let prepared = request.body.get_or_build(|| W::body(request));
+        let request_hash = prepared.sha256.clone();
+        let body = bytes::Bytes::from_owner(Arc::clone(&prepared.bytes));
         let mut builder = self
             .client
             .post(&self.url)

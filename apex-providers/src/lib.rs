@@ -18,7 +18,7 @@
 //!
 //! ```
 //! use std::sync::Arc;
-//! use apex_core::{CacheHint, CacheTtl, Condition, ContextPackage, GenerationRequest, Provider, ProviderKind};
+//! use apex_core::{CacheHint, CacheTtl, Condition, ContextPackage, GenerationRequest, Provider, ProviderKind, SharedBody};
 //! use apex_providers::{AnthropicProvider, ApiKey, ProviderConfig};
 //!
 //! let provider = AnthropicProvider::new(ProviderConfig {
@@ -37,6 +37,7 @@
 //!     package: Arc::new(package),
 //!     cache: CacheHint::On(CacheTtl::FiveMinutes),
 //!     trace: None,
+//!     body: SharedBody::default(),
 //! };
 //! let preview = provider.preview(&request);
 //! assert_eq!(preview.url, "http://127.0.0.1:9/v1/messages");

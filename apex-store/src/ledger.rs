@@ -191,6 +191,9 @@ static CURRENT_PACKAGES: Statement = Statement::new(
        ON v.prompt_id = p.prompt_id AND v.version = p.current_version
      ORDER BY p.prompt_id",
 );
+static PACKAGE_O200K: Statement = Statement::new(
+    "SELECT o200k_tokens FROM apex_audition.context_versions WHERE prompt_id = ?1 AND version = ?2",
+);
 static PACKAGE_TEXT: Statement = Statement::new(
     "SELECT system_text, context_text, prompt_text FROM apex_audition.context_versions
      WHERE prompt_id = ?1 AND version = ?2",
@@ -293,6 +296,17 @@ pub(crate) async fn package(
         r.text("context_text")?,
         r.text("prompt_text")?,
     )
+}
+
+pub(crate) async fn o200k_tokens(
+    tx: &mut impl Tx,
+    id: &str,
+    version: &str,
+) -> CoreResult<Option<u64>> {
+    match tx.query_opt(&PACKAGE_O200K, params![id, version]).await? {
+        Some(r) => r.opt_u64("o200k_tokens"),
+        None => Ok(None),
+    }
 }
 
 // ---------------------------------------------------------------------- runs

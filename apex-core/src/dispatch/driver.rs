@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 use crate::provider::{GenerationRequest, Provider};
 use crate::run::{RunId, RunState};
 use crate::store::Store;
+use crate::tokens::Tokenizer;
 
 use super::machine::{Action, Attempt, DispatchConfig, Dispatcher, Event, Summary, Task};
 use super::retry::RetryPolicy;
@@ -327,6 +328,7 @@ impl Driver<'_> {
             package,
             cache: attempt.cache,
             trace: Some(format!("{}/{id}/{}", self.run_id, attempt.attempt)),
+            body: attempt.body,
         };
         self.spawn(Task::Generation(id), async move {
             let started = tokio::time::Instant::now();
@@ -349,14 +351,21 @@ impl Driver<'_> {
         Ok(p)
     }
 
-    /// Exact counts of a large context take a moment: off the async threads.
-    async fn count(
-        &mut self,
-        id: &str,
-        version: &str,
-        tokenizer: crate::tokens::Tokenizer,
-    ) -> Result<(u64, u64)> {
+    /// (cacheable prefix, rest) in tokens. Exact `o200k_base` counts were
+    /// taken once at ingest and kept in the ledger: only the short
+    /// instruction is counted here. Otherwise (an estimate, or a version
+    /// ingested before counts were kept) the package is counted, off the
+    /// async threads, since exact counts of a large context take a moment.
+    async fn count(&mut self, id: &str, version: &str, tokenizer: Tokenizer) -> Result<(u64, u64)> {
         let package = self.package(id, version).await?;
+        if tokenizer == Tokenizer::O200k
+            && let Some(total) = self.executor.store.o200k_tokens(id, version).await?
+        {
+            let rest = tokenizer.count(package.prompt());
+            if let Some(prefix) = total.checked_sub(rest) {
+                return Ok((prefix, rest));
+            }
+        }
         tokio::task::spawn_blocking(move || tokenizer.split(&package))
             .await
             .map_err(|e| Error::store_msg(format!("token counting failed: {e}")))

@@ -10,7 +10,7 @@ use crate::condition::Condition;
 use crate::error::Error;
 use crate::limiter::{Admission, Charge, LimitTable, RateLimiter, bucket_key};
 use crate::plan::PackageRef;
-use crate::provider::{AttemptError, CacheHint, Generated};
+use crate::provider::{AttemptError, CacheHint, Generated, SharedBody};
 use crate::run::{AttemptEnd, GenerationResult, RunState, StatusCounts, WorkItem};
 use crate::tokens::Tokenizer;
 
@@ -59,6 +59,8 @@ pub struct Attempt {
     pub version: String,
     /// The cache hint to send.
     pub cache: CacheHint,
+    /// The body, shared by every attempt of the group.
+    pub body: SharedBody,
 }
 
 /// Work the driver was asked to do that could fail.
@@ -711,6 +713,19 @@ impl Dispatcher {
             } else {
                 CacheHint::Off
             },
+            body: group.body.clone(),
+        }
+    }
+
+    /// Lets go of a group's request body once none of its work is left.
+    fn release_group_if_done(&mut self, group_id: GroupId) {
+        let done = self
+            .groups
+            .get(&group_id)
+            .is_some_and(|g| g.waiting.is_empty())
+            && !self.jobs.values().any(|j| j.group == group_id);
+        if done && let Some(group) = self.groups.get_mut(&group_id) {
+            group.body = SharedBody::default();
         }
     }
 
@@ -834,6 +849,7 @@ impl Dispatcher {
                 phase: GroupPhase::Queued,
                 leader: leader.generation_id,
                 waiting: Vec::new(),
+                body: SharedBody::default(),
             },
         );
         self.queue.leaders.push_back(id);
@@ -888,6 +904,7 @@ impl Dispatcher {
                 self.open_group = None;
             }
         }
+        self.release_group_if_done(job.group);
     }
 
     fn remove_in_flight(&mut self, id: GenerationId) -> Option<Job> {
@@ -1008,6 +1025,7 @@ impl Dispatcher {
             return;
         };
         let slug = self.groups[&job.group].condition.slug.clone();
+        let group = job.group;
         match *outcome {
             Outcome::Success {
                 cache_hit,
@@ -1021,6 +1039,7 @@ impl Dispatcher {
             }
             Outcome::Failure(error) => self.after_failure(job, &slug, verdict, &error),
         }
+        self.release_group_if_done(group);
     }
 
     fn after_failure(&mut self, mut job: Job, slug: &str, verdict: Verdict, error: &AttemptError) {

@@ -270,6 +270,40 @@ fn the_first_request_of_a_condition_goes_alone_then_followers_before_leaders() {
 }
 
 #[test]
+fn a_group_shares_one_body_until_its_last_attempt_is_stored() {
+    let now = Instant::now();
+    let (mut m, actions) = started(
+        config(8, false),
+        &["c"],
+        plan(&["c"], 2, 2),
+        LimitTable::none(),
+        PREFIX,
+        now,
+    );
+    let body_of = |actions: &[Action], id: i64| {
+        actions.iter().find_map(|a| match a {
+            Action::Begin(a) if a.generation_id == id => Some(a.body.clone()),
+            _ => None,
+        })
+    };
+    let leader = body_of(&actions, 1).expect("the leader begins");
+    finish(&mut m, 1, Ok(generated(cold(PREFIX))), now);
+    let next = store_all(&mut m, now);
+    let follower = body_of(&next, 2).expect("its follower begins");
+    let other = body_of(&next, 3).expect("the next context's leader begins");
+    assert!(leader.same_as(&follower), "replicates share the body");
+    assert!(!leader.same_as(&other), "another context has its own");
+    finish(&mut m, 2, Ok(generated(warm(PREFIX))), now);
+    store_all(&mut m, now);
+    drop((follower, other, actions, next));
+    assert_eq!(
+        leader.holders(),
+        1,
+        "the dispatcher let go of a finished group's body"
+    );
+}
+
+#[test]
 fn followers_of_a_failed_leader_are_reserved_as_cache_writers() {
     let now = Instant::now();
     let prefix = PREFIX;

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use crate::condition::Condition;
 use crate::limiter::Reservation;
-use crate::provider::CacheTtl;
+use crate::provider::{CacheTtl, SharedBody};
 use crate::run::WorkItem;
 
 use super::pacing::CacheRole;
@@ -45,6 +45,9 @@ pub(crate) struct Group {
     pub phase: GroupPhase,
     pub leader: GenerationId,
     pub waiting: Vec<GenerationId>,
+    /// The request body every attempt of the group sends; dropped once the
+    /// group has no work left.
+    pub body: SharedBody,
 }
 
 /// What a job does in its group.

@@ -221,3 +221,21 @@ async fn the_request_log_keeps_only_the_most_recent() {
     let traces: Vec<Option<String>> = sim.requests().into_iter().map(|r| r.trace).collect();
     assert_eq!(traces, [Some("b".to_owned()), Some("c".to_owned())]);
 }
+
+#[tokio::test]
+async fn replicates_sharing_a_body_send_the_same_bytes_built_once() {
+    let sim = sim(SimulatorConfig::default()).await;
+    let p = AnthropicProvider::new(config(sim.anthropic_base_url(), KEY)).unwrap();
+    let req = request(
+        ProviderKind::Anthropic,
+        "claude-sonnet-4-5-20250929",
+        FIVE_MIN,
+    );
+    let first = p.generate(&req).await.unwrap();
+    let second = p.generate(&req).await.unwrap();
+    assert_eq!(first.request_hash, second.request_hash);
+    let built = req.body.get_or_build(|| panic!("built again"));
+    assert_eq!(built.sha256, first.request_hash);
+    let hashes: Vec<String> = sim.requests().into_iter().map(|r| r.body_hash).collect();
+    assert_eq!(hashes, [first.request_hash.clone(), first.request_hash]);
+}

@@ -32,6 +32,7 @@ pub(crate) fn request(provider: ProviderKind, model: &str, cache: CacheHint) -> 
         package: Arc::new(package),
         cache,
         trace: None,
+        body: apex_core::SharedBody::default(),
     }
 }
 

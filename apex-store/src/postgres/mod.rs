@@ -400,6 +400,10 @@ impl Store for PostgresStore {
         on_connection!(self, |tx| ledger::package(tx, id, version))
     }
 
+    async fn o200k_tokens(&self, id: &str, version: &str) -> CoreResult<Option<u64>> {
+        on_connection!(self, |tx| ledger::o200k_tokens(tx, id, version))
+    }
+
     async fn create_run(&self, run: &NewRun, plan: &Plan) -> CoreResult<()> {
         in_transaction!(self, |tx| ledger::create_run(tx, run, plan))
     }

@@ -497,6 +497,12 @@ impl Store for SqliteStore {
             .await
     }
 
+    async fn o200k_tokens(&self, id: &str, version: &str) -> CoreResult<Option<u64>> {
+        let (id, version) = (id.to_owned(), version.to_owned());
+        self.read(move |tx| run_now(ledger::o200k_tokens(tx, &id, &version)))
+            .await
+    }
+
     async fn create_run(&self, run: &NewRun, plan: &Plan) -> CoreResult<()> {
         let (run, plan) = (run.clone(), plan.clone());
         self.transaction(move |tx| run_now(ledger::create_run(tx, &run, &plan)))

@@ -154,6 +154,15 @@ async fn ingest_is_idempotent_and_versions_changed_content(backend: Backend) {
     // Both versions stay readable: old runs still point at theirs.
     assert_eq!(store.package("ctx-01", a.version()).await.unwrap(), a);
     assert_eq!(store.package("ctx-01", b.version()).await.unwrap(), b);
+    // Exact counts are kept per version, as a fresh count would give them.
+    for p in [&a, &b] {
+        let (prefix, rest) = apex_core::tokens::Tokenizer::O200k.split(p);
+        assert_eq!(
+            store.o200k_tokens("ctx-01", p.version()).await.unwrap(),
+            Some(prefix + rest)
+        );
+    }
+    assert_eq!(store.o200k_tokens("ctx-01", "nope").await.unwrap(), None);
 }
 
 conformance!(seed_sql_runs_verbatim_and_counts_transitions);

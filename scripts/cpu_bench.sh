@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Client CPU per generation: user + system CPU of the `apex run` process
+# (the simulator runs in its own process), for N contexts of T tokens x R
+# replicates over HTTP, with the default tier limits switched off so the
+# figure is CPU, not waiting.
+#
+#   scripts/cpu_bench.sh [APEX_BINARY] [CONTEXTS] [TOKENS] [REPLICATES]
+#   scripts/cpu_bench.sh                                   # ./target/release/apex 21 100000 3
+#
+# Prints one line: generations, user_s, sys_s, cpu_s per 100 generations,
+# wall_s, peak RSS. Ingest (which counts tokens once per context) is
+# measured on its own line.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bin=${1:-./target/release/apex}
+contexts=${2:-21}
+tokens=${3:-100000}
+replicates=${4:-3}
+[ "$bin" = ./target/release/apex ] && cargo build --release --locked -q -p apex-cli
+bin=$(realpath "$bin")
+work=$(mktemp -d)
+sim_pid=
+cleanup() { [ -n "$sim_pid" ] && kill "$sim_pid" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"; }
+trap cleanup EXIT
+cargo run --release --locked -q --example make_contexts -- "$work/contexts" "$contexts" "$tokens" >/dev/null
+"$bin" simulate --time-scale 0.001 --latency-ms 400 --api-key sk-bench --addr-file "$work/addr" \
+  > "$work/simulator.log" 2>&1 &
+sim_pid=$!
+for _ in $(seq 100); do [ -s "$work/addr" ] && break; sleep 0.1; done
+addr=$(cat "$work/addr")
+export OPENAI_BASE_URL="http://$addr/v1" ANTHROPIC_BASE_URL="http://$addr"
+export OPENAI_API_KEY=sk-bench ANTHROPIC_API_KEY=sk-bench
+db="sqlite://$work/bench.db"
+apex() { "$bin" --log-level warn --database-url "$db" "$@"; }
+apex conditions register examples/production/conditions.toml >/dev/null
+# A shell function cannot be timed: measure the binary itself.
+measure() { /usr/bin/time -f "%U %S %e %M" -o "$work/time" "$@" > "$work/out" 2> "$work/err" || { cat "$work/err" >&2; exit 1; }; cat "$work/time"; }
+read -r iu is ie im < <(measure "$bin" --log-level warn --database-url "$db" ingest "$work/contexts")
+printf 'ingest  %d contexts x %d tokens: user %.2f s, sys %.2f s, wall %.2f s, peak RSS %d MiB\n' \
+  "$contexts" "$tokens" "$iu" "$is" "$ie" $((im / 1024))
+read -r u s e m < <(measure "$bin" --log-level warn --database-url "$db" run \
+  --condition-slug prod-gpt5 --condition-slug prod-gpt4o --condition-slug prod-sonnet45 \
+  --condition-slug prod-opus41 --replicates "$replicates" --no-rate-limiting --time-scale 0.001)
+n=$(( contexts * 4 * replicates ))
+awk -v n="$n" -v u="$u" -v s="$s" -v e="$e" -v m="$m" 'BEGIN {
+  printf "run     %d generations: user %.2f s, sys %.2f s, cpu %.3f s per 100 generations, wall %.2f s, peak RSS %d MiB\n",
+    n, u, s, (u + s) * 100 / n, e, m / 1024 }'
