@@ -547,8 +547,8 @@ impl Store for FailingEnd {
     async fn release_claims(&self, run_id: &RunId, worker: &str) -> apex::core::Result<()> {
         self.inner.release_claims(run_id, worker).await
     }
-    async fn o200k_tokens(&self, id: &str, version: &str) -> apex::core::Result<Option<u64>> {
-        self.inner.o200k_tokens(id, version).await
+    async fn o200k_split(&self, id: &str, version: &str) -> apex::core::Result<Option<(u64, u64)>> {
+        self.inner.o200k_split(id, version).await
     }
     async fn claim_holders(&self, run_id: &RunId) -> apex::core::Result<Vec<String>> {
         self.inner.claim_holders(run_id).await

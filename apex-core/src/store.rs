@@ -144,9 +144,10 @@ pub trait Store: Send + Sync {
     /// One package version with its text.
     async fn package(&self, id: &str, version: &str) -> Result<ContextPackage>;
 
-    /// A package version's exact `o200k_base` token count, as counted once
-    /// at ingest (`None` for versions ingested before counts were kept).
-    async fn o200k_tokens(&self, id: &str, version: &str) -> Result<Option<u64>>;
+    /// A package version's exact `o200k_base` (cacheable prefix,
+    /// instruction) token counts, as counted once at ingest (`None` for
+    /// versions ingested before both counts were kept).
+    async fn o200k_split(&self, id: &str, version: &str) -> Result<Option<(u64, u64)>>;
 
     /// Records a run and all its cells as `pending`, in one transaction.
     async fn create_run(&self, run: &NewRun, plan: &Plan) -> Result<()>;

@@ -173,8 +173,9 @@ static CURRENT_VERSION_OF: Statement = Statement::new(
 );
 static VERSION_INSERT: Statement = Statement::new(
     "INSERT INTO apex_audition.context_versions (prompt_id, version, system_text,
-         context_text, prompt_text, estimated_tokens, byte_len, ingested_at, o200k_tokens)
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+         context_text, prompt_text, estimated_tokens, byte_len, ingested_at, o200k_tokens,
+         o200k_prompt_tokens)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
      ON CONFLICT (prompt_id, version) DO NOTHING",
 );
 static PACKAGE_UPSERT: Statement = Statement::new(
@@ -192,7 +193,8 @@ static CURRENT_PACKAGES: Statement = Statement::new(
      ORDER BY p.prompt_id",
 );
 static PACKAGE_O200K: Statement = Statement::new(
-    "SELECT o200k_tokens FROM apex_audition.context_versions WHERE prompt_id = ?1 AND version = ?2",
+    "SELECT o200k_tokens, o200k_prompt_tokens FROM apex_audition.context_versions
+     WHERE prompt_id = ?1 AND version = ?2",
 );
 static PACKAGE_TEXT: Statement = Statement::new(
     "SELECT system_text, context_text, prompt_text FROM apex_audition.context_versions
@@ -213,7 +215,7 @@ pub(crate) async fn current_versions(tx: &mut impl Tx) -> CoreResult<HashMap<Str
 pub(crate) async fn ingest_packages(
     tx: &mut impl Tx,
     packages: &[ContextPackage],
-    o200k: Vec<Option<u64>>,
+    o200k: Vec<Option<(u64, u64)>>,
 ) -> CoreResult<IngestReport> {
     tx.serialize(Serialize::Packages).await?;
     let mut report = IngestReport::default();
@@ -229,10 +231,7 @@ pub(crate) async fn ingest_packages(
         }
         // Another process may have changed the current version since the
         // counts were taken: count now if this one was skipped.
-        let o200k = o200k.unwrap_or_else(|| {
-            let (prefix, rest) = apex_core::tokens::Tokenizer::O200k.split(p);
-            prefix + rest
-        });
+        let (prefix, rest) = o200k.unwrap_or_else(|| apex_core::tokens::Tokenizer::O200k.split(p));
         tx.execute(
             &VERSION_INSERT,
             params![
@@ -244,7 +243,8 @@ pub(crate) async fn ingest_packages(
                 p.estimated_input_tokens(),
                 p.byte_len(),
                 &now,
-                o200k
+                prefix + rest,
+                rest
             ],
         )
         .await?;
@@ -298,15 +298,22 @@ pub(crate) async fn package(
     )
 }
 
-pub(crate) async fn o200k_tokens(
+pub(crate) async fn o200k_split(
     tx: &mut impl Tx,
     id: &str,
     version: &str,
-) -> CoreResult<Option<u64>> {
-    match tx.query_opt(&PACKAGE_O200K, params![id, version]).await? {
-        Some(r) => r.opt_u64("o200k_tokens"),
-        None => Ok(None),
-    }
+) -> CoreResult<Option<(u64, u64)>> {
+    let Some(r) = tx.query_opt(&PACKAGE_O200K, params![id, version]).await? else {
+        return Ok(None);
+    };
+    let (total, prompt) = (
+        r.opt_u64("o200k_tokens")?,
+        r.opt_u64("o200k_prompt_tokens")?,
+    );
+    Ok(match (total, prompt) {
+        (Some(total), Some(prompt)) if prompt <= total => Some((total - prompt, prompt)),
+        _ => None,
+    })
 }
 
 // ---------------------------------------------------------------------- runs

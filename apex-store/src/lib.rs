@@ -90,20 +90,19 @@ impl DatabaseUrl {
     }
 }
 
-/// Exact `o200k_base` counts for the packages an ingest will store: those
-/// whose version is not already the current one (re-ingesting unchanged
-/// 128K-token contexts should cost nothing). Both backends use this.
+/// Exact `o200k_base` (cacheable prefix, instruction) counts for the
+/// packages an ingest will store: those whose version is not already the
+/// current one (re-ingesting unchanged 128K-token contexts should cost
+/// nothing). Both backends use this.
 pub(crate) fn o200k_for_new(
     packages: &[apex_core::ContextPackage],
     current: &std::collections::HashMap<String, String>,
-) -> Vec<Option<u64>> {
+) -> Vec<Option<(u64, u64)>> {
     packages
         .iter()
         .map(|p| {
-            (current.get(p.id()).map(String::as_str) != Some(p.version())).then(|| {
-                let (prefix, rest) = apex_core::tokens::Tokenizer::O200k.split(p);
-                prefix + rest
-            })
+            (current.get(p.id()).map(String::as_str) != Some(p.version()))
+                .then(|| apex_core::tokens::Tokenizer::O200k.split(p))
         })
         .collect()
 }
@@ -173,7 +172,7 @@ mod tests {
         ]);
         assert_eq!(
             o200k_for_new(&[same, changed], &current),
-            vec![None, Some(3)]
+            vec![None, Some((2, 1))]
         );
     }
 

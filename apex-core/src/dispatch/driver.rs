@@ -352,20 +352,17 @@ impl Driver<'_> {
     }
 
     /// (cacheable prefix, rest) in tokens. Exact `o200k_base` counts were
-    /// taken once at ingest and kept in the ledger: only the short
-    /// instruction is counted here. Otherwise (an estimate, or a version
-    /// ingested before counts were kept) the package is counted, off the
-    /// async threads, since exact counts of a large context take a moment.
+    /// taken once at ingest and kept in the ledger, so nothing is tokenised
+    /// here. Otherwise (an estimate, or a version ingested before counts
+    /// were kept) the package is counted, off the async threads, since exact
+    /// counts of a large context take a moment.
     async fn count(&mut self, id: &str, version: &str, tokenizer: Tokenizer) -> Result<(u64, u64)> {
-        let package = self.package(id, version).await?;
         if tokenizer == Tokenizer::O200k
-            && let Some(total) = self.executor.store.o200k_tokens(id, version).await?
+            && let Some(split) = self.executor.store.o200k_split(id, version).await?
         {
-            let rest = tokenizer.count(package.prompt());
-            if let Some(prefix) = total.checked_sub(rest) {
-                return Ok((prefix, rest));
-            }
+            return Ok(split);
         }
+        let package = self.package(id, version).await?;
         tokio::task::spawn_blocking(move || tokenizer.split(&package))
             .await
             .map_err(|e| Error::store_msg(format!("token counting failed: {e}")))

@@ -28,6 +28,7 @@ const MIGRATIONS: &[(&str, &str)] = &[
     ("init", include_str!("0001_init.sql")),
     ("o200k_tokens", include_str!("0002_o200k_tokens.sql")),
     ("workers", include_str!("0003_workers.sql")),
+    ("o200k_split", include_str!("0004_o200k_split.sql")),
 ];
 
 type CoreResult<T> = apex_core::Result<T>;
@@ -400,8 +401,8 @@ impl Store for PostgresStore {
         on_connection!(self, |tx| ledger::package(tx, id, version))
     }
 
-    async fn o200k_tokens(&self, id: &str, version: &str) -> CoreResult<Option<u64>> {
-        on_connection!(self, |tx| ledger::o200k_tokens(tx, id, version))
+    async fn o200k_split(&self, id: &str, version: &str) -> CoreResult<Option<(u64, u64)>> {
+        on_connection!(self, |tx| ledger::o200k_split(tx, id, version))
     }
 
     async fn create_run(&self, run: &NewRun, plan: &Plan) -> CoreResult<()> {

@@ -22,6 +22,7 @@ const MIGRATIONS: &[(&str, &str)] = &[
     ("init", include_str!("0001_init.sql")),
     ("o200k_tokens", include_str!("0002_o200k_tokens.sql")),
     ("workers", include_str!("0003_workers.sql")),
+    ("o200k_split", include_str!("0004_o200k_split.sql")),
 ];
 
 /// The newest schema version this build knows.
@@ -497,9 +498,9 @@ impl Store for SqliteStore {
             .await
     }
 
-    async fn o200k_tokens(&self, id: &str, version: &str) -> CoreResult<Option<u64>> {
+    async fn o200k_split(&self, id: &str, version: &str) -> CoreResult<Option<(u64, u64)>> {
         let (id, version) = (id.to_owned(), version.to_owned());
-        self.read(move |tx| run_now(ledger::o200k_tokens(tx, &id, &version)))
+        self.read(move |tx| run_now(ledger::o200k_split(tx, &id, &version)))
             .await
     }
 
