@@ -1,5 +1,6 @@
-//! apex-core: the domain model of Apex, the traits its backends implement, and
-//! the planner. It does no I/O: files, HTTP and SQL live in other crates.
+//! apex-core: the domain model of Apex, the traits its backends implement,
+//! the planner and the dispatcher. It does no I/O: files, HTTP and SQL live
+//! in other crates, reached through the [`Store`] and [`Provider`] traits.
 //!
 //! # Overview
 //!
@@ -10,6 +11,10 @@
 //! - [`Plan`]: the generation cells of a run in context-sequential order.
 //! - [`Store`]: the ledger (SQLite or PostgreSQL in `apex-store`).
 //! - [`Provider`]: a model API (OpenAI or Anthropic in `apex-providers`).
+//! - [`dispatch::Dispatcher`]: the cache-aware, rate-limited dispatch rules
+//!   as a synchronous state machine (events in, actions out), and
+//!   [`dispatch::Executor`], the async driver that runs it against a store
+//!   and providers.
 //!
 //! # Example
 //!
