@@ -20,7 +20,7 @@ replicates=${4:-3}
 bin=$(realpath "$bin")
 work=$(mktemp -d)
 sim_pid=
-cleanup() { [ -n "$sim_pid" ] && kill "$sim_pid" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"; }
+cleanup() { [ -n "$sim_pid" ] && kill "$sim_pid" 2>/dev/null; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 cargo run --release --locked -q --example make_contexts -- "$work/contexts" "$contexts" "$tokens" >/dev/null
 "$bin" simulate --time-scale 0.001 --latency-ms 400 --api-key sk-bench --addr-file "$work/addr" \

@@ -20,7 +20,7 @@ work=$(mktemp -d)
 ./target/release/apex simulate --time-scale "$scale" --fault-rate 0.05 --api-key sk-sim-local \
   --addr-file "$work/addr" > "$work/simulator.log" 2>&1 &
 sim_pid=$!
-trap 'kill $sim_pid 2>/dev/null; wait $sim_pid 2>/dev/null; rm -rf "$work"' EXIT
+trap 'kill $sim_pid 2>/dev/null; wait $sim_pid 2>/dev/null || true; rm -rf "$work"' EXIT
 for _ in $(seq 100); do [ -s "$work/addr" ] && break; sleep 0.1; done
 addr=$(cat "$work/addr")
 export OPENAI_BASE_URL="http://$addr/v1" ANTHROPIC_BASE_URL="http://$addr"
