@@ -26,6 +26,55 @@ impl Backend {
     }
 }
 
+/// Direct access to a ledger's tables, to edit rows as a person with a SQL
+/// client could.
+pub(crate) enum Raw {
+    Sqlite(tempfile::TempDir),
+    Postgres(String),
+}
+
+impl Raw {
+    /// Runs `sql` (tables named without the `apex_audition.` schema).
+    pub(crate) async fn exec(&self, sql: &str) {
+        match self {
+            Self::Sqlite(dir) => {
+                let conn = rusqlite::Connection::open(dir.path().join("ledger.db")).unwrap();
+                conn.execute_batch(sql).unwrap();
+            }
+            Self::Postgres(url) => {
+                let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+                    .await
+                    .unwrap();
+                tokio::spawn(connection);
+                client
+                    .batch_execute(&format!("SET search_path = apex_audition; {sql}"))
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+}
+
+impl Backend {
+    /// A fresh ledger, and direct access to its tables.
+    pub(crate) async fn open_raw(self) -> (Arc<dyn Store>, Raw) {
+        match self {
+            Self::Sqlite => {
+                let dir = tempfile::tempdir().unwrap();
+                let store = SqliteStore::open(&dir.path().join("ledger.db")).unwrap();
+                (Arc::new(store), Raw::Sqlite(dir))
+            }
+            Self::Postgres => {
+                let url = fresh_postgres_database().await;
+                let store = PostgresStore::open(&url)
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}"));
+                (Arc::new(store), Raw::Postgres(url))
+            }
+        }
+    }
+}
+
 /// Creates a new database on the server named by `APEX_TEST_PG_URL` and
 /// returns its URL, so every case starts from an empty `apex_audition`.
 pub(crate) async fn fresh_postgres_database() -> String {

@@ -490,3 +490,52 @@ async fn unfinished(store: &dyn Store, run_id: &RunId) -> Vec<apex_core::WorkIte
         .unwrap()
         .items
 }
+
+conformance!(hand_edited_rows_are_errors_naming_the_cause_not_panics);
+async fn hand_edited_rows_are_errors_naming_the_cause_not_panics(backend: Backend) {
+    let (store, raw) = backend.open_raw().await;
+    let c = condition("c1", ProviderKind::Anthropic, "claude-sonnet-4-5");
+    store
+        .register_conditions(std::slice::from_ref(&c))
+        .await
+        .unwrap();
+    store
+        .ingest_packages(&[package("ctx-01", "one")])
+        .await
+        .unwrap();
+    let plan = apex_core::Plan::build(
+        vec![c],
+        store.current_packages().await.unwrap(),
+        apex_core::PlanOptions {
+            replicates: 1,
+            limit: None,
+        },
+    )
+    .unwrap();
+    let run_id = RunId::generate();
+    let run = apex_core::NewRun {
+        run_id: run_id.clone(),
+        created_by: None,
+        notes: None,
+        flags: serde_json::json!({"no_cache": true}),
+        dry_run: false,
+    };
+    store.create_run(&run, &plan).await.unwrap();
+
+    // Unreadable flags would silently turn caching back on at a resume.
+    raw.exec("UPDATE runs SET flags_json = '{not json'").await;
+    let err = store.run(&run_id).await.unwrap_err().to_string();
+    assert!(err.contains("unreadable flags"), "{err}");
+
+    // A column holding another type than the ledger keeps.
+    raw.exec(match backend {
+        Backend::Sqlite => "UPDATE conditions SET max_tokens = 'many'",
+        Backend::Postgres => {
+            "ALTER TABLE conditions DROP CONSTRAINT conditions_max_tokens_check,
+                 ALTER COLUMN max_tokens TYPE TEXT"
+        }
+    })
+    .await;
+    let err = store.conditions().await.unwrap_err().to_string();
+    assert!(err.contains("max_tokens"), "{err}");
+}
