@@ -64,6 +64,7 @@ pub struct Apex {
     catalog: Arc<Catalog>,
     limits: LimitTable,
     provider_configs: HashMap<ProviderKind, ProviderConfig>,
+    request_timeout: Option<std::time::Duration>,
 }
 
 impl std::fmt::Debug for Apex {
@@ -103,6 +104,7 @@ impl Apex {
             catalog: Arc::new(Catalog::built_in()),
             limits: LimitTable::defaults(),
             provider_configs: HashMap::new(),
+            request_timeout: None,
         }
     }
 
@@ -122,6 +124,13 @@ impl Apex {
     /// environment's (another base URL, such as a simulator's, or a key).
     pub fn with_provider(mut self, kind: ProviderKind, config: ProviderConfig) -> Self {
         self.provider_configs.insert(kind, config);
+        self
+    }
+
+    /// Abandons (and retries, as a transport fault) a request that has not
+    /// completed after this long, whichever provider it goes to.
+    pub fn with_request_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.request_timeout = Some(timeout);
         self
     }
 
@@ -225,11 +234,14 @@ impl Apex {
             if providers.contains_key(&c.provider) {
                 continue;
             }
-            let config = self
+            let mut config = self
                 .provider_configs
                 .get(&c.provider)
                 .cloned()
                 .unwrap_or_else(|| ProviderConfig::from_env(c.provider));
+            if let Some(timeout) = self.request_timeout {
+                config.request_timeout = timeout;
+            }
             if need_keys && config.api_key.is_none() {
                 return Err(Error::Preflight(format!(
                     "condition `{}`: no API key for {}; set {}",

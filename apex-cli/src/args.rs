@@ -111,6 +111,10 @@ pub struct RunCmd {
     /// seconds after which a claim not renewed by its process is taken over (default 60)
     #[argh(option)]
     pub claim_timeout: Option<u64>,
+    /// seconds a whole request may take before it is abandoned and retried
+    /// (default 600; times --time-scale)
+    #[argh(option)]
+    pub request_timeout: Option<f64>,
     /// model catalog TOML file whose entries override or extend the built-in prices and limits
     #[argh(option)]
     pub catalog: Option<String>,

@@ -193,6 +193,11 @@ fn check_run_flags(cmd: &RunCmd) -> Result<()> {
     if cmd.workers == Some(0) {
         return usage("--workers must be at least 1");
     }
+    if let Some(secs) = cmd.request_timeout
+        && !(secs.is_finite() && secs > 0.0)
+    {
+        return usage("--request-timeout must be a number of seconds above 0");
+    }
     if cmd.claim_timeout == Some(0) {
         return usage("--claim-timeout must be at least 1 second");
     }
@@ -262,9 +267,16 @@ async fn run(store: Arc<dyn Store>, cmd: RunCmd) -> Result<ExitCode> {
         }
     }
     let limits = load_limits(cmd.limits.as_deref(), cmd.no_rate_limiting)?;
+    // A request that never answers is abandoned (and retried) after this
+    // long; a simulator running F times faster waits F times less.
+    let request_timeout = apex_core::time::scaled(
+        std::time::Duration::from_secs_f64(cmd.request_timeout.unwrap_or(600.0)),
+        cmd.time_scale.unwrap_or(1.0),
+    );
     let apex = Apex::new(Arc::clone(&store))
         .with_catalog(load_catalog(cmd.catalog.as_deref())?)
-        .with_limits(limits.clone());
+        .with_limits(limits.clone())
+        .with_request_timeout(request_timeout);
     let (run_id, include_errors, cache) = match &cmd.resume {
         Some(id) => {
             let run_id = RunId::parse(id)?;
@@ -311,6 +323,7 @@ async fn run(store: Arc<dyn Store>, cmd: RunCmd) -> Result<ExitCode> {
     let options = run_options(&cmd, cache, limits);
     let progress = Arc::new(RunProgress::new(std::time::Duration::from_secs(10)));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (ledger, interrupted_run) = (Arc::clone(&store), run_id.clone());
     tokio::spawn(async move {
         if tokio::signal::ctrl_c().await.is_ok() {
             tracing::warn!(
@@ -318,6 +331,16 @@ async fn run(store: Arc<dyn Store>, cmd: RunCmd) -> Result<ExitCode> {
             );
             let _ = stop_tx.send(true);
             if tokio::signal::ctrl_c().await.is_ok() {
+                // One write, so `apex runs` tells the truth; bounded, since
+                // the user asked to leave now.
+                let recorded = tokio::time::timeout(
+                    std::time::Duration::from_secs(2),
+                    ledger.set_run_state(&interrupted_run, apex_core::RunState::Interrupted),
+                )
+                .await;
+                if !matches!(recorded, Ok(Ok(()))) {
+                    eprintln!("warning: could not record the run as interrupted");
+                }
                 eprintln!(
                     "error: interrupted twice; exiting now (generations in flight stay `running` and are sent again by --resume)"
                 );

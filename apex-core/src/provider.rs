@@ -198,7 +198,8 @@ pub enum ErrorClass {
     QuotaExhausted,
     /// One request larger than a per-minute limit: can never succeed.
     ExceedsRateLimit,
-    /// A response that could not be understood.
+    /// A 200 whose body is cut off or not the API's JSON: a transport fault
+    /// like a dropped connection, so it is retried.
     Decode,
 }
 
@@ -213,6 +214,7 @@ impl ErrorClass {
                 | Self::Timeout
                 | Self::Conflict
                 | Self::Transport
+                | Self::Decode
         )
     }
 

@@ -644,6 +644,11 @@ pub(crate) async fn release_claims(
     run_id: &RunId,
     worker: &str,
 ) -> CoreResult<()> {
+    tx.execute(
+        &ATTEMPTS_OF_RELEASED,
+        params![run_id.as_str(), worker, now_rfc3339()],
+    )
+    .await?;
     tx.execute(&RELEASE_CLAIMS, params![run_id.as_str(), worker])
         .await?;
     tx.execute(&FORGET_WORKER, params![worker]).await?;
@@ -662,6 +667,20 @@ static GENERATION_BEGIN: Statement = Statement::new(
          started_at = COALESCE(started_at, ?3)
      WHERE generation_id = ?1 AND status IN ('pending', 'running')
        AND (CAST(?4 AS TEXT) IS NULL OR claimed_by IS NULL OR claimed_by = ?4)",
+);
+/// Attempts left open by a process that died: closed as abandoned when
+/// their generation is sent again.
+static ATTEMPTS_ORPHANED: Statement = Statement::new(
+    "UPDATE apex_audition.attempts SET finished_at = ?3, outcome = 'abandoned'
+     WHERE generation_id = ?1 AND attempt < ?2 AND finished_at IS NULL",
+);
+/// The open attempts of a worker's unfinished generations, closed as
+/// abandoned when its claims are given back (a live worker has none).
+static ATTEMPTS_OF_RELEASED: Statement = Statement::new(
+    "UPDATE apex_audition.attempts SET finished_at = ?3, outcome = 'abandoned'
+     WHERE finished_at IS NULL AND generation_id IN (
+         SELECT generation_id FROM apex_audition.generations
+         WHERE run_id = ?1 AND claimed_by = ?2 AND status IN ('pending', 'running'))",
 );
 static ATTEMPT_BEGIN: Statement = Statement::new(
     "INSERT INTO apex_audition.attempts (generation_id, attempt, started_at)
@@ -723,6 +742,8 @@ pub(crate) async fn begin_attempt(
     if n == 0 {
         return Err(Error::NotClaimable(generation_id));
     }
+    tx.execute(&ATTEMPTS_ORPHANED, params![generation_id, attempt, &now])
+        .await?;
     tx.execute(&ATTEMPT_BEGIN, params![generation_id, attempt, &now])
         .await?;
     Ok(())

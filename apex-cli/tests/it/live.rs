@@ -604,6 +604,18 @@ async fn sigkill_mid_batch_then_resume_sends_no_success_twice() {
         ))
         .await;
     assert_eq!(runs, vec!["finished"]);
+    // The killed process's attempts in flight are closed, not left open.
+    let attempts = live
+        .column(
+            "SELECT o || ' ' || COUNT(*) FROM (SELECT COALESCE(outcome, 'open') AS o
+             FROM apex_audition.attempts WHERE finished_at IS NULL OR outcome = 'abandoned')
+             GROUP BY o ORDER BY o",
+        )
+        .await;
+    assert!(
+        attempts.len() == 1 && attempts[0].starts_with("abandoned "),
+        "{attempts:?}"
+    );
 }
 
 /// Cells of a rendered table row (columns are separated by two spaces).
