@@ -193,6 +193,12 @@ fn check_run_flags(cmd: &RunCmd) -> Result<()> {
     if cmd.workers == Some(0) {
         return usage("--workers must be at least 1");
     }
+    if cmd.replicates == Some(0) {
+        return usage("--replicates must be at least 1");
+    }
+    if cmd.limit == Some(0) {
+        return usage("--limit must be at least 1 (leave it out for every context)");
+    }
     if let Some(secs) = cmd.request_timeout
         && !(secs.is_finite() && secs > 0.0)
     {
@@ -218,7 +224,12 @@ fn load_catalog(path: Option<&str>) -> Result<Catalog> {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .map_err(|e| apex_core::Error::CatalogFile(format!("cannot read `{path}`: {e}")))?;
-            Ok(Catalog::with_overrides(&text)?)
+            Ok(Catalog::with_overrides(&text).map_err(|e| match e {
+                apex_core::Error::CatalogFile(m) => {
+                    apex_core::Error::CatalogFile(format!("{path}: {m}"))
+                }
+                other => other,
+            })?)
         }
     }
 }
@@ -403,6 +414,9 @@ async fn dry_run_log(apex: &Apex, plan: &Plan, cache: bool) -> Result<()> {
 async fn estimate_cmd(store: Arc<dyn Store>, cmd: EstimateCmd) -> Result<ExitCode> {
     if cmd.condition_slug.is_empty() {
         return Err(UsageError("give --condition-slug SLUG (repeat it for several)".into()).into());
+    }
+    if cmd.replicates == Some(0) || cmd.limit == Some(0) {
+        return Err(UsageError("--replicates and --limit must be at least 1".into()).into());
     }
     let catalog = load_catalog(cmd.catalog.as_deref())?;
     let limits = load_limits(cmd.limits.as_deref(), false)?;

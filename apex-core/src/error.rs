@@ -58,6 +58,11 @@ pub enum Error {
     /// A run id that is not in the store.
     #[error("unknown run `{0}`; `apex runs` lists the runs in this store")]
     UnknownRun(String),
+    /// Text given as a run id that is not one.
+    #[error(
+        "`{0}` is not a run id: run ids are UUIDs like 01a2b3c4-…; `apex runs` lists the runs in this store"
+    )]
+    NotARunId(String),
     /// A request that must not be sent, found before anything was sent.
     #[error("preflight: {0}")]
     Preflight(String),

@@ -22,7 +22,7 @@ impl RunId {
     pub fn parse(text: &str) -> Result<Self> {
         uuid::Uuid::parse_str(text.trim())
             .map(|u| Self(u.hyphenated().to_string()))
-            .map_err(|_| Error::UnknownRun(format!("{text} (not a UUID)")))
+            .map_err(|_| Error::NotARunId(text.to_owned()))
     }
 
     /// The id as text.

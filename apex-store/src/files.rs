@@ -21,6 +21,20 @@ fn is_hidden(name: &str) -> bool {
     name.starts_with('.')
 }
 
+/// An entry that cannot be followed (a symbolic link that loops or points
+/// nowhere) is named as such, not as an unexpected entry.
+fn followable(path: &Path, name: &str) -> std::result::Result<(), String> {
+    match fs::metadata(path) {
+        Ok(_) => Ok(()),
+        Err(e) if fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) => {
+            Err(format!(
+                "`{name}` is a symbolic link that cannot be followed ({e}); point it at a file or remove it"
+            ))
+        }
+        Err(e) => Err(format!("cannot read `{name}`: {e}")),
+    }
+}
+
 /// Reads one package directory; its name is the package id.
 pub fn read_package_dir(dir: &Path) -> Result<ContextPackage> {
     let id = dir
@@ -56,6 +70,7 @@ pub fn read_package_dir(dir: &Path) -> Result<ContextPackage> {
         if is_hidden(&name) {
             continue;
         }
+        followable(&path, &name).map_err(&invalid)?;
         match name.as_str() {
             "system.md" if path.is_file() => sources.system = Some(read(&path, &name)?),
             "prompt.md" if path.is_file() => sources.prompt = Some(read(&path, &name)?),
@@ -89,6 +104,7 @@ pub fn read_package_dir(dir: &Path) -> Result<ContextPackage> {
                     continue;
                 }
                 let shown = format!("context/{name}");
+                followable(&path, &shown).map_err(&invalid)?;
                 if !path.is_file() {
                     return Err(invalid(format!(
                         "`{shown}` is not a file; `context/` holds files only"

@@ -143,7 +143,18 @@ fn unknown_slug_bad_url_and_write_sql() {
         3,
         "read-only",
     );
-    refused(&sb, &["status", "not-a-uuid"], 3, "unknown run");
+    refused(
+        &sb,
+        &["status", "not-a-uuid"],
+        3,
+        "`not-a-uuid` is not a run id",
+    );
+    refused(
+        &sb,
+        &["status", "01a2b3c4-0000-7000-8000-000000000000"],
+        3,
+        "unknown run `01a2b3c4-0000-7000-8000-000000000000`",
+    );
 
     let before = sb.dump();
     for (url, needle) in [
@@ -169,10 +180,58 @@ fn usage_errors_exit_2() {
         &["run", "--register-only"][..],
         &["run", "--condition-slug", "prod-gpt5", "--retry-errors"],
         &["run", "--condition-slug", "prod-gpt5", "--replicates", "x"],
+        &["run", "--condition-slug", "prod-gpt5", "--replicates", "0"],
+        &["run", "--condition-slug", "prod-gpt5", "--replicates", "-1"],
+        &["run", "--condition-slug", "prod-gpt5", "--limit", "0"],
+        &[
+            "estimate",
+            "--condition-slug",
+            "prod-gpt5",
+            "--replicates",
+            "0",
+        ],
         &["--log-level", "loud", "runs"],
         &["frobnicate"],
     ] {
         let out = sb.apex(args);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
     }
+}
+
+#[test]
+fn a_bad_catalog_file_is_named() {
+    let sb = registered();
+    let path = sb.path("catalog.toml");
+    fs::write(&path, "[[model]\nids = 1").unwrap();
+    let shown = path.to_string_lossy().into_owned();
+    refused(
+        &sb,
+        &[
+            "run",
+            "--condition-slug",
+            "prod-gpt5",
+            "--dry-run",
+            "--catalog",
+            &shown,
+        ],
+        3,
+        &shown,
+    );
+}
+
+#[cfg(unix)]
+#[test]
+fn a_looping_symbolic_link_in_a_package_is_named_as_such() {
+    let sb = registered();
+    let package = sb.path("loops/ctx-loop");
+    fs::create_dir_all(&package).unwrap();
+    fs::write(package.join("prompt.md"), "Summarise.").unwrap();
+    std::os::unix::fs::symlink("context.md", package.join("context.md")).unwrap();
+    let dir = sb.path("loops").to_string_lossy().into_owned();
+    refused(
+        &sb,
+        &["ingest", &dir],
+        3,
+        "`context.md` is a symbolic link that cannot be followed",
+    );
 }
