@@ -9,7 +9,7 @@ use apex_core::limiter::LimitTable;
 use apex_core::{
     CacheHint, CacheTtl, Catalog, Condition, ContextPackage, Error, GenerationRequest,
     IngestReport, NewRun, Plan, PlanOptions, Provider, ProviderKind, RegisterReport, Result, RunId,
-    RunInfo, Store,
+    Store,
 };
 use apex_providers::ProviderConfig;
 use tokio::sync::watch;
@@ -333,22 +333,6 @@ impl Apex {
             .execute(&run_id, options, false, progress, stop)
             .await?;
         Ok((run_id, report))
-    }
-
-    /// A run and whether it was recorded with caching on (`--no-cache` is
-    /// part of what a resume must send the same way).
-    pub async fn resumable(&self, run_id: &RunId) -> Result<(RunInfo, bool)> {
-        let info = self.store.run(run_id).await?;
-        let no_cache = match info.flags.get("no_cache") {
-            None => false,
-            Some(serde_json::Value::Bool(b)) => *b,
-            Some(other) => {
-                return Err(Error::store_msg(format!(
-                    "run {run_id} records no_cache as {other}, not true or false; the ledger was edited by hand"
-                )));
-            }
-        };
-        Ok((info, !no_cache))
     }
 
     /// A worker name for this process (unique; tells the machine apart).

@@ -550,6 +550,13 @@ impl Store for FailingEnd {
     async fn o200k_split(&self, id: &str, version: &str) -> apex::core::Result<Option<(u64, u64)>> {
         self.inner.o200k_split(id, version).await
     }
+    async fn set_run_flags(
+        &self,
+        run_id: &RunId,
+        flags: &serde_json::Value,
+    ) -> apex::core::Result<()> {
+        self.inner.set_run_flags(run_id, flags).await
+    }
     async fn claim_holders(&self, run_id: &RunId) -> apex::core::Result<Vec<String>> {
         self.inner.claim_holders(run_id).await
     }

@@ -267,8 +267,72 @@ fn run_options(cmd: &RunCmd, cache: bool, limits: LimitTable) -> RunOptions {
     }
 }
 
-async fn run(store: Arc<dyn Store>, cmd: RunCmd) -> Result<ExitCode> {
+/// The options a run records that a resume restores: pacing, retries,
+/// caching, files, timeouts. (Its conditions, contexts and replicates are
+/// the run's own; `--verify-first` was for its start.)
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+struct RecordedOptions {
+    max_retries: Option<u32>,
+    no_cache: bool,
+    no_rate_limiting: bool,
+    limits: Option<String>,
+    workers: Option<u32>,
+    claim_timeout: Option<u64>,
+    catalog: Option<String>,
+    concurrency: Option<usize>,
+    time_scale: Option<f64>,
+    request_timeout: Option<f64>,
+}
+
+/// A resume runs with the options its run recorded; a flag given to the
+/// resume overrides the recorded one and is recorded in turn.
+async fn restore_options(store: &dyn Store, cmd: &mut RunCmd, run_id: &RunId) -> Result<()> {
+    let mut flags = store.run(run_id).await?.flags;
+    let recorded: RecordedOptions = serde_json::from_value(flags.clone()).map_err(|e| {
+        apex_core::Error::store_msg(format!(
+            "run {run_id} records options this apex cannot read ({e}); the ledger was edited by hand"
+        ))
+    })?;
+    cmd.max_retries = cmd.max_retries.or(recorded.max_retries);
+    cmd.no_cache |= recorded.no_cache;
+    cmd.no_rate_limiting |= recorded.no_rate_limiting;
+    cmd.limits = cmd.limits.take().or(recorded.limits);
+    cmd.workers = cmd.workers.or(recorded.workers);
+    cmd.claim_timeout = cmd.claim_timeout.or(recorded.claim_timeout);
+    cmd.catalog = cmd.catalog.take().or(recorded.catalog);
+    cmd.concurrency = cmd.concurrency.or(recorded.concurrency);
+    cmd.time_scale = cmd.time_scale.or(recorded.time_scale);
+    cmd.request_timeout = cmd.request_timeout.or(recorded.request_timeout);
+    let now = serde_json::to_value(&*cmd).context("recording the flags")?;
+    if let (Some(flags), Some(now)) = (flags.as_object_mut(), now.as_object()) {
+        for key in [
+            "max_retries",
+            "no_cache",
+            "no_rate_limiting",
+            "limits",
+            "workers",
+            "claim_timeout",
+            "catalog",
+            "concurrency",
+            "time_scale",
+            "request_timeout",
+        ] {
+            if let Some(value) = now.get(key) {
+                flags.insert(key.to_owned(), value.clone());
+            }
+        }
+    }
+    store.set_run_flags(run_id, &flags).await?;
+    Ok(())
+}
+
+async fn run(store: Arc<dyn Store>, mut cmd: RunCmd) -> Result<ExitCode> {
     check_run_flags(&cmd)?;
+    if let Some(id) = &cmd.resume {
+        let run_id = RunId::parse(id)?;
+        restore_options(&*store, &mut cmd, &run_id).await?;
+    }
     if let Some(dir) = &cmd.ingest {
         ingest(&*store, Path::new(dir)).await?;
         if cmd.register_only {
@@ -291,10 +355,8 @@ async fn run(store: Arc<dyn Store>, cmd: RunCmd) -> Result<ExitCode> {
     let (run_id, include_errors, cache) = match &cmd.resume {
         Some(id) => {
             let run_id = RunId::parse(id)?;
-            // A resumed run sends the requests it was planned with.
-            let (_, cache) = apex.resumable(&run_id).await?;
             println!("run {run_id} resumed");
-            (run_id, cmd.retry_errors, cache)
+            (run_id, cmd.retry_errors, !cmd.no_cache)
         }
         None => {
             let batch = Batch {

@@ -50,6 +50,8 @@ pub mod dispatch;
 pub mod error;
 pub mod estimate;
 pub mod executor;
+#[cfg(test)]
+mod fuzz;
 pub mod limiter;
 pub mod plan;
 pub mod provider;

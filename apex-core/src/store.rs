@@ -161,6 +161,9 @@ pub trait Store: Send + Sync {
     /// The conditions a run uses, in plan order, with the parameters stored.
     async fn run_conditions(&self, run_id: &RunId) -> Result<Vec<Condition>>;
 
+    /// Replaces the options a run records (a resume that overrides some).
+    async fn set_run_flags(&self, run_id: &RunId, flags: &serde_json::Value) -> Result<()>;
+
     /// Moves a run to a state (and stamps `started_at` / `finished_at`).
     async fn set_run_state(&self, run_id: &RunId, state: RunState) -> Result<()>;
 

@@ -5,6 +5,14 @@ use std::time::Duration;
 use apex_core::provider::{LimitBucket, RateLimitSnapshot};
 use reqwest::header::HeaderMap;
 
+/// Seconds as a duration; `None` for a negative, non-finite or absurdly
+/// large value (a garbled header must not crash the client).
+fn seconds(secs: f64) -> Option<Duration> {
+    (secs >= 0.0)
+        .then(|| Duration::try_from_secs_f64(secs).ok())
+        .flatten()
+}
+
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers
         .get(name)
@@ -15,15 +23,15 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 /// The server's requested delay: `retry-after-ms` (milliseconds) first, then
 /// `retry-after` as seconds (fractions allowed) or an HTTP date.
 pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    if let Some(ms) = header(headers, "retry-after-ms").and_then(|v| v.parse::<f64>().ok())
-        && ms.is_finite()
-        && ms >= 0.0
+    if let Some(wait) = header(headers, "retry-after-ms")
+        .and_then(|v| v.parse::<f64>().ok())
+        .and_then(|ms| seconds(ms / 1000.0))
     {
-        return Some(Duration::from_secs_f64(ms / 1000.0));
+        return Some(wait);
     }
     let value = header(headers, "retry-after")?;
     if let Ok(secs) = value.parse::<f64>() {
-        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+        return seconds(secs);
     }
     let when = jiff::fmt::rfc2822::parse(value).ok()?.timestamp();
     let wait = when.duration_since(jiff::Timestamp::now());
@@ -60,7 +68,7 @@ pub fn go_duration(text: &str) -> Option<Duration> {
         total += value * seconds;
         rest = tail;
     }
-    Some(Duration::from_secs_f64(total))
+    seconds(total)
 }
 
 /// The time until an RFC 3339 instant (Anthropic's `*-reset` headers).
@@ -137,6 +145,17 @@ mod tests {
             h.insert(*k, HeaderValue::from_str(v).unwrap());
         }
         h
+    }
+
+    #[test]
+    fn absurd_durations_are_refused_not_fatal() {
+        assert_eq!(go_duration("99999999999999999999999h"), None);
+        let mut headers = HeaderMap::new();
+        headers.insert("retry-after-ms", "1e300".parse().unwrap());
+        headers.insert("retry-after", "1e300".parse().unwrap());
+        assert_eq!(retry_after(&headers), None);
+        headers.insert("retry-after", "7".parse().unwrap());
+        assert_eq!(retry_after(&headers), Some(Duration::from_secs(7)));
     }
 
     #[test]

@@ -76,3 +76,105 @@ pub fn build(
         ProviderKind::Anthropic => Arc::new(AnthropicProvider::new(config)?),
     })
 }
+
+/// Every parser of what a server sends, thrown arbitrary bytes and
+/// near-valid variations: a typed error or a value, never a panic. Cases:
+/// proptest's default (256) or `PROPTEST_CASES`.
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+    use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+
+    use crate::{AnthropicWire, OpenAiWire, Wire, headers};
+
+    const OPENAI: &str = r#"{"id":"chatcmpl-1","object":"chat.completion","model":"gpt-4o-2024-08-06","choices":[{"index":0,"message":{"role":"assistant","content":"Hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":3,"total_tokens":15,"prompt_tokens_details":{"cached_tokens":0},"completion_tokens_details":{"reasoning_tokens":0}}}"#;
+    const ANTHROPIC: &str = r#"{"id":"msg_1","type":"message","role":"assistant","model":"claude-sonnet-4-5-20250929","content":[{"type":"text","text":"Hi"}],"stop_reason":"end_turn","usage":{"input_tokens":12,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"output_tokens":3}}"#;
+    const ERROR: &str = r#"{"error":{"message":"slow down","type":"rate_limit_error","code":"rate_limit_exceeded"}}"#;
+
+    /// Valid text with up to eight random edits (bytes, so UTF-8 breaks too).
+    fn near(valid: &'static str) -> impl Strategy<Value = Vec<u8>> {
+        proptest::collection::vec((any::<usize>(), any::<u8>(), any::<bool>()), 0..8).prop_map(
+            move |edits| {
+                let mut bytes = valid.as_bytes().to_vec();
+                for (at, byte, insert) in edits {
+                    let at = at % (bytes.len() + 1);
+                    if insert || at == bytes.len() {
+                        bytes.insert(at, byte);
+                    } else {
+                        bytes.remove(at);
+                    }
+                }
+                bytes
+            },
+        )
+    }
+
+    fn body() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            near(OPENAI),
+            near(ANTHROPIC),
+            near(ERROR),
+            proptest::collection::vec(any::<u8>(), 0..600),
+        ]
+    }
+
+    const NAMES: &[&str] = &[
+        "retry-after",
+        "retry-after-ms",
+        "x-ratelimit-limit-requests",
+        "x-ratelimit-remaining-requests",
+        "x-ratelimit-reset-requests",
+        "x-ratelimit-limit-tokens",
+        "x-ratelimit-remaining-tokens",
+        "x-ratelimit-reset-tokens",
+        "anthropic-ratelimit-requests-limit",
+        "anthropic-ratelimit-requests-remaining",
+        "anthropic-ratelimit-requests-reset",
+        "anthropic-ratelimit-input-tokens-limit",
+        "anthropic-ratelimit-input-tokens-remaining",
+        "anthropic-ratelimit-input-tokens-reset",
+        "anthropic-ratelimit-output-tokens-limit",
+        "anthropic-ratelimit-tokens-remaining",
+    ];
+
+    fn value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[0-9]{0,30}(\\.[0-9]{0,30})?(e[0-9]{1,3})?",
+            "([0-9]{1,20}(\\.[0-9]{0,9})?(h|m|s|ms|us|ns)){0,5}",
+            "20[0-9]{2}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\\.[0-9]{1,9})?Z",
+            "[ -~]{0,60}",
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn response_bodies(bytes in body(), status in 100u16..600) {
+            let _ = OpenAiWire::parse(&bytes);
+            let _ = AnthropicWire::parse(&bytes);
+            let _ = OpenAiWire::classify(status, &bytes);
+            let _ = AnthropicWire::classify(status, &bytes);
+            let _ = crate::wire::body_excerpt(&bytes);
+        }
+
+        #[test]
+        fn rate_limit_and_retry_headers(
+            pairs in proptest::collection::vec((0..NAMES.len(), value()), 0..12),
+        ) {
+            let mut map = HeaderMap::new();
+            for (name, value) in pairs {
+                if let Ok(value) = HeaderValue::from_str(&value) {
+                    map.insert(HeaderName::from_static(NAMES[name]), value);
+                }
+            }
+            let _ = headers::retry_after(&map);
+            let _ = headers::openai_rate_limits(&map);
+            let _ = headers::anthropic_rate_limits(&map);
+        }
+
+        #[test]
+        fn durations(text in value()) {
+            let _ = headers::go_duration(&text);
+            let _ = headers::until_rfc3339(&text);
+        }
+    }
+}

@@ -346,6 +346,8 @@ static RUN_CONDITION_PARAMS: Statement = Statement::new(
 );
 static RUN_IDS: Statement =
     Statement::new("SELECT run_id FROM apex_audition.runs ORDER BY created_at DESC, run_id DESC");
+static RUN_FLAGS: Statement =
+    Statement::new("UPDATE apex_audition.runs SET flags_json = ?2 WHERE run_id = ?1");
 static RUN_STATE_RUNNING: Statement = Statement::new(
     "UPDATE apex_audition.runs SET state = ?2, started_at = COALESCE(started_at, ?3),
          finished_at = NULL
@@ -490,6 +492,20 @@ pub(crate) async fn run_conditions(tx: &mut impl Tx, run_id: &RunId) -> CoreResu
             serde_json::from_value(value).map_err(bad)
         })
         .collect()
+}
+
+pub(crate) async fn set_run_flags(
+    tx: &mut impl Tx,
+    run_id: &RunId,
+    flags: &serde_json::Value,
+) -> CoreResult<()> {
+    let n = tx
+        .execute(&RUN_FLAGS, params![run_id.as_str(), flags.to_string()])
+        .await?;
+    if n == 0 {
+        return Err(Error::UnknownRun(run_id.to_string()));
+    }
+    Ok(())
 }
 
 pub(crate) async fn set_run_state(

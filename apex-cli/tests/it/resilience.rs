@@ -143,3 +143,54 @@ async fn a_request_that_never_answers_times_out_and_is_retried() {
         stderr(&bad)
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_resume_restores_recorded_options_and_records_overrides() {
+    let live = Live::with(SimulatorConfig::default()).await;
+    // Planned (the tests run at --time-scale 0.01) with no retries.
+    let out = ok(live
+        .apex(&args(&[
+            "--condition-slug",
+            "prod-gpt4o",
+            "--limit",
+            "1",
+            "--replicates",
+            "1",
+            "--max-retries",
+            "0",
+            "--dry-run",
+        ]))
+        .await);
+    let run_id = run_id_from(&out);
+    live.sim
+        .push_fault(None, Fault::openai(500, "server_error", None, "boom"));
+    // A bare resume keeps --max-retries 0: the transient failure is final.
+    let out = live.apex(&["run", "--resume", &run_id]).await;
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    let rows = live
+        .column(&format!(
+            "SELECT attempts || '|' || error_class FROM apex_audition.generations WHERE run_id = '{run_id}'"
+        ))
+        .await;
+    assert_eq!(rows, vec!["1|server_error"]);
+    // A flag given to the resume overrides the recorded one, and is recorded.
+    ok(live
+        .apex(&[
+            "run",
+            "--resume",
+            &run_id,
+            "--retry-errors",
+            "--max-retries",
+            "2",
+        ])
+        .await);
+    let flags = live
+        .column(&format!(
+            "SELECT flags_json FROM apex_audition.runs WHERE run_id = '{run_id}'"
+        ))
+        .await;
+    let flags: serde_json::Value = serde_json::from_str(&flags[0]).unwrap();
+    assert_eq!(flags["max_retries"], 2);
+    assert_eq!(flags["time_scale"], 0.01);
+    assert_eq!(flags["condition_slug"][0], "prod-gpt4o");
+}

@@ -421,6 +421,10 @@ impl Store for PostgresStore {
         in_transaction!(self, |tx| ledger::run_conditions(tx, run_id))
     }
 
+    async fn set_run_flags(&self, run_id: &RunId, flags: &serde_json::Value) -> CoreResult<()> {
+        on_connection!(self, |tx| ledger::set_run_flags(tx, run_id, flags))
+    }
+
     async fn set_run_state(&self, run_id: &RunId, state: RunState) -> CoreResult<()> {
         on_connection!(self, |tx| ledger::set_run_state(tx, run_id, state))
     }

@@ -526,6 +526,12 @@ impl Store for SqliteStore {
             .await
     }
 
+    async fn set_run_flags(&self, run_id: &RunId, flags: &serde_json::Value) -> CoreResult<()> {
+        let (run_id, flags) = (run_id.clone(), flags.clone());
+        self.read(move |tx| run_now(ledger::set_run_flags(tx, &run_id, &flags)))
+            .await
+    }
+
     async fn set_run_state(&self, run_id: &RunId, state: RunState) -> CoreResult<()> {
         let run_id = run_id.clone();
         self.read(move |tx| run_now(ledger::set_run_state(tx, &run_id, state)))
@@ -683,6 +689,53 @@ mod tests {
         let err = SqliteStore::open(&path).unwrap_err().to_string();
         assert!(err.contains("schema is version 99"), "{err}");
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    proptest::proptest! {
+        /// `apex sql` statements, arbitrary or near a real query or write:
+        /// an answer or a typed error, never a panic, never a write.
+        #[test]
+        fn sql_statements_are_answered_or_refused_never_written(
+            sql in proptest::prop_oneof![
+                near("SELECT status, COUNT(*) FROM apex_audition.generations GROUP BY status"),
+                near("DELETE FROM apex_audition.conditions"),
+                near("WITH x AS (DELETE FROM apex_audition.conditions RETURNING *) SELECT * FROM x"),
+                near("PRAGMA query_only = OFF; DROP TABLE apex_audition.conditions"),
+                "\\PC{0,200}",
+            ],
+        ) {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async {
+                let store = SqliteStore::open_in_memory().unwrap();
+                let c = apex_core::parse_conditions(
+                    "[[condition]]\nslug = \"c\"\nprovider = \"openai\"\nmodel = \"gpt-4o\"\nmax_tokens = 8\n",
+                )
+                .unwrap();
+                store.register_conditions(&c).await.unwrap();
+                let _ = store.query_read_only(&sql).await;
+                proptest::prop_assert_eq!(store.conditions().await.unwrap().len(), 1);
+                Ok(())
+            })?;
+        }
+    }
+
+    /// Valid text with up to eight random character edits.
+    fn near(valid: &'static str) -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        proptest::collection::vec((any::<usize>(), any::<char>(), any::<bool>()), 0..8).prop_map(
+            move |edits| {
+                let mut text: Vec<char> = valid.chars().collect();
+                for (at, c, insert) in edits {
+                    let at = at % (text.len() + 1);
+                    if insert || at == text.len() {
+                        text.insert(at, c);
+                    } else {
+                        text.remove(at);
+                    }
+                }
+                text.into_iter().collect()
+            },
+        )
     }
 
     fn tempfile_dir() -> std::path::PathBuf {
