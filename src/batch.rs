@@ -9,7 +9,7 @@ use apex_core::limiter::LimitTable;
 use apex_core::{
     CacheHint, CacheTtl, Catalog, Condition, ContextPackage, Error, GenerationRequest,
     IngestReport, NewRun, Plan, PlanOptions, Provider, ProviderKind, RegisterReport, Result, RunId,
-    Store,
+    Store, UnstoredResult,
 };
 use apex_providers::ProviderConfig;
 use tokio::sync::watch;
@@ -65,6 +65,7 @@ pub struct Apex {
     limits: LimitTable,
     provider_configs: HashMap<ProviderKind, ProviderConfig>,
     request_timeout: Option<std::time::Duration>,
+    recovery_dir: std::path::PathBuf,
 }
 
 impl std::fmt::Debug for Apex {
@@ -105,6 +106,7 @@ impl Apex {
             limits: LimitTable::defaults(),
             provider_configs: HashMap::new(),
             request_timeout: None,
+            recovery_dir: std::path::PathBuf::from("."),
         }
     }
 
@@ -132,6 +134,19 @@ impl Apex {
     pub fn with_request_timeout(mut self, timeout: std::time::Duration) -> Self {
         self.request_timeout = Some(timeout);
         self
+    }
+
+    /// Where paid results the ledger could not take are saved
+    /// (`apex-recovery-RUN_ID.jsonl`; default: the current directory).
+    pub fn with_recovery_dir(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
+        self.recovery_dir = dir.into();
+        self
+    }
+
+    /// The recovery file of a run.
+    pub fn recovery_file(&self, run_id: &RunId) -> std::path::PathBuf {
+        self.recovery_dir
+            .join(format!("apex-recovery-{run_id}.jsonl"))
     }
 
     /// The ledger.
@@ -307,6 +322,7 @@ impl Apex {
     ) -> Result<RunReport> {
         let conditions = self.store.run_conditions(run_id).await?;
         let providers = self.providers_for(&conditions, true)?;
+        self.import_recovered(run_id).await?;
         self.release_dead_local_claims(run_id).await?;
         let executor = Executor::new(
             Arc::clone(&self.store),
@@ -315,7 +331,80 @@ impl Apex {
             options,
             progress,
         );
-        executor.execute(run_id, retry_errors, stop).await
+        match executor.execute(run_id, retry_errors, stop).await {
+            Err(Error::Unstored { message, results }) => {
+                Err(self.save_unstored(run_id, &message, &results))
+            }
+            other => other,
+        }
+    }
+
+    /// Appends paid results the ledger could not take to the run's recovery
+    /// file; the error to report, naming the file and the way on.
+    fn save_unstored(&self, run_id: &RunId, message: &str, results: &[UnstoredResult]) -> Error {
+        use std::io::Write as _;
+        let path = self.recovery_file(run_id);
+        let saved = (|| {
+            let mut file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)?;
+            for result in results {
+                serde_json::to_writer(&mut file, result)?;
+                file.write_all(b"\n")?;
+            }
+            file.sync_all()
+        })();
+        let n = results.len();
+        match saved {
+            Ok(()) => Error::store_msg(format!(
+                "{message}; {n} paid response(s) it could not store are saved in {}: `apex run --resume {run_id}` stores them",
+                path.display()
+            )),
+            Err(e) => Error::store_msg(format!(
+                "{message}; {n} paid response(s) could not be stored, nor saved in {} ({e})",
+                path.display()
+            )),
+        }
+    }
+
+    /// Stores the results an earlier execution saved in the run's recovery
+    /// file (never over a success), then renames the file `*.imported`.
+    async fn import_recovered(&self, run_id: &RunId) -> Result<()> {
+        let path = self.recovery_file(run_id);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => {
+                return Err(Error::store_msg(format!(
+                    "cannot read the recovery file {}: {e}",
+                    path.display()
+                )));
+            }
+        };
+        let mut stored = 0;
+        for (number, line) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
+            let result: UnstoredResult = serde_json::from_str(line).map_err(|e| {
+                Error::store_msg(format!(
+                    "recovery file {} line {}: {e}; fix or move the file, then resume again",
+                    path.display(),
+                    number + 1
+                ))
+            })?;
+            self.store
+                .end_attempt(result.generation_id, result.attempt, &result.end)
+                .await?;
+            stored += 1;
+        }
+        let done = path.with_extension("jsonl.imported");
+        std::fs::rename(&path, &done)
+            .map_err(|e| Error::store_msg(format!("cannot rename {}: {e}", path.display())))?;
+        tracing::info!(file = %done.display(), responses = stored, "stored the responses an earlier execution saved");
+        Ok(())
     }
 
     /// Plans, records and executes a batch: `apex run` in one call.

@@ -482,6 +482,8 @@ struct FailingEnd {
     inner: Arc<SqliteStore>,
     fail_for: i64,
     refuse_begin_once: Mutex<Vec<i64>>,
+    /// Storing any result fails this many more times (an outage that ends).
+    outage: Mutex<u32>,
 }
 
 #[async_trait]
@@ -600,6 +602,13 @@ impl Store for FailingEnd {
         if id == self.fail_for {
             return Err(apex::core::Error::store_msg("disk full"));
         }
+        {
+            let mut outage = self.outage.lock().unwrap();
+            if *outage > 0 {
+                *outage -= 1;
+                return Err(apex::core::Error::store_msg("connection refused"));
+            }
+        }
         self.inner.end_attempt(id, attempt, end).await
     }
     async fn error_rows(&self, run_id: &RunId) -> apex::core::Result<Vec<apex::core::ErrorRow>> {
@@ -638,12 +647,16 @@ async fn a_ledger_failure_stops_new_work_but_stores_what_is_in_flight() {
         inner: Arc::clone(&s.store),
         fail_for: ids[1],
         refuse_begin_once: Mutex::new(Vec::new()),
+        outage: Mutex::new(0),
     });
     let mut providers: HashMap<ProviderKind, Arc<dyn Provider>> = HashMap::new();
     providers.insert(ProviderKind::Anthropic, fake.clone());
+    // The ledger has failed for good (no retries): see the patience tests
+    // below for a ledger that comes back.
     let options = RunOptions {
         concurrency: 2,
         limits: LimitTable::none(),
+        ledger_patience: Duration::ZERO,
         ..RunOptions::default()
     };
     let executor = Executor::new(
@@ -762,6 +775,7 @@ async fn a_group_whose_claim_was_refused_is_claimed_again() {
         inner: Arc::clone(&s.store),
         fail_for: -1,
         refuse_begin_once: Mutex::new(vec![first]),
+        outage: Mutex::new(0),
     });
     let mut providers: HashMap<ProviderKind, Arc<dyn Provider>> = HashMap::new();
     providers.insert(ProviderKind::Anthropic, fake.clone());
@@ -806,4 +820,73 @@ async fn no_rate_limiting_stays_off_whatever_the_headers_say() {
         "paced by a limit learned from headers: {:?}",
         last.duration_since(started)
     );
+}
+
+fn faulty_executor(s: &Setup, store: FailingEnd, fake: &Arc<FakeProvider>) -> Executor {
+    let mut providers: HashMap<ProviderKind, Arc<dyn Provider>> = HashMap::new();
+    providers.insert(ProviderKind::Anthropic, fake.clone());
+    let _ = s;
+    Executor::new(
+        Arc::new(store),
+        providers,
+        Arc::new(Catalog::built_in()),
+        RunOptions {
+            concurrency: 2,
+            limits: LimitTable::none(),
+            ledger_patience: Duration::from_secs(30),
+            ..RunOptions::default()
+        },
+        Arc::new(NoProgress),
+    )
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_ledger_that_comes_back_within_its_patience_loses_nothing() {
+    let s = setup(3, 2000, 2, 200).await;
+    let fake = FakeProvider::new(ProviderKind::Anthropic, Duration::from_secs(1));
+    let store = FailingEnd {
+        inner: Arc::clone(&s.store),
+        fail_for: -1,
+        refuse_begin_once: Mutex::new(Vec::new()),
+        // Eight failed writes: seconds of retries, well within 30 s.
+        outage: Mutex::new(8),
+    };
+    let executor = faulty_executor(&s, store, &fake);
+    let (_tx, rx) = tokio::sync::watch::channel(false);
+    let report = executor.execute(&s.run_id, false, rx).await.unwrap();
+    assert_eq!(report.counts.success, 6, "{:?}", report.counts);
+    assert_eq!(fake.calls().len(), 6, "nothing sent twice");
+}
+
+#[tokio::test(start_paused = true)]
+async fn results_the_ledger_never_takes_are_handed_back_not_lost() {
+    let s = setup(2, 2000, 1, 200).await;
+    let lost = s
+        .cells
+        .iter()
+        .find(|(_, cell)| **cell == (0, 0))
+        .map(|(id, _)| *id)
+        .unwrap();
+    let fake = FakeProvider::new(ProviderKind::Anthropic, Duration::from_secs(1));
+    let store = FailingEnd {
+        inner: Arc::clone(&s.store),
+        fail_for: lost,
+        refuse_begin_once: Mutex::new(Vec::new()),
+        outage: Mutex::new(0),
+    };
+    let executor = faulty_executor(&s, store, &fake);
+    let (_tx, rx) = tokio::sync::watch::channel(false);
+    let started = Instant::now();
+    let err = executor.execute(&s.run_id, false, rx).await.unwrap_err();
+    assert!(
+        started.elapsed() >= Duration::from_secs(30),
+        "retried for its patience"
+    );
+    let apex::core::Error::Unstored { message, results } = err else {
+        panic!("expected the unstored results, got {err}")
+    };
+    assert!(message.contains("disk full"), "{message}");
+    assert_eq!(results.len(), 1);
+    assert_eq!(results[0].generation_id, lost);
+    assert!(matches!(results[0].end, apex::core::AttemptEnd::Success(_)));
 }

@@ -115,6 +115,10 @@ pub struct RunCmd {
     /// (default 600; times --time-scale)
     #[argh(option)]
     pub request_timeout: Option<f64>,
+    /// seconds a failing ledger is retried before the run stops, saving
+    /// what it could not store to a recovery file (default 60)
+    #[argh(option)]
+    pub ledger_timeout: Option<u64>,
     /// model catalog TOML file whose entries override or extend the built-in prices and limits
     #[argh(option)]
     pub catalog: Option<String>,

@@ -264,6 +264,7 @@ fn run_options(cmd: &RunCmd, cache: bool, limits: LimitTable) -> RunOptions {
         limits: limits.shared_by(cmd.workers.unwrap_or(1)),
         worker: apex::Apex::worker_name(),
         claim_timeout: std::time::Duration::from_secs(cmd.claim_timeout.unwrap_or(60)),
+        ledger_patience: std::time::Duration::from_secs(cmd.ledger_timeout.unwrap_or(60)),
     }
 }
 
@@ -283,6 +284,7 @@ struct RecordedOptions {
     concurrency: Option<usize>,
     time_scale: Option<f64>,
     request_timeout: Option<f64>,
+    ledger_timeout: Option<u64>,
 }
 
 /// A resume runs with the options its run recorded; a flag given to the
@@ -304,6 +306,7 @@ async fn restore_options(store: &dyn Store, cmd: &mut RunCmd, run_id: &RunId) ->
     cmd.concurrency = cmd.concurrency.or(recorded.concurrency);
     cmd.time_scale = cmd.time_scale.or(recorded.time_scale);
     cmd.request_timeout = cmd.request_timeout.or(recorded.request_timeout);
+    cmd.ledger_timeout = cmd.ledger_timeout.or(recorded.ledger_timeout);
     let now = serde_json::to_value(&*cmd).context("recording the flags")?;
     if let (Some(flags), Some(now)) = (flags.as_object_mut(), now.as_object()) {
         for key in [
@@ -317,6 +320,7 @@ async fn restore_options(store: &dyn Store, cmd: &mut RunCmd, run_id: &RunId) ->
             "concurrency",
             "time_scale",
             "request_timeout",
+            "ledger_timeout",
         ] {
             if let Some(value) = now.get(key) {
                 flags.insert(key.to_owned(), value.clone());

@@ -72,7 +72,7 @@ pub use provider::{
 };
 pub use run::{
     AttemptEnd, ErrorRow, GenerationResult, GenerationRow, GenerationStatus, NewRun, RunId,
-    RunInfo, RunState, StatusCounts, WorkItem,
+    RunInfo, RunState, StatusCounts, UnstoredResult, WorkItem,
 };
 pub use store::{
     Claim, ConditionInfo, ConditionUsage, IngestReport, QueryResult, RegisterReport, SqlValue,

@@ -229,6 +229,18 @@ pub enum AttemptEnd {
     Abandoned,
 }
 
+/// A paid result the ledger could not take: the attempt's end, kept until
+/// it can be stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UnstoredResult {
+    /// The generation.
+    pub generation_id: i64,
+    /// The attempt number.
+    pub attempt: u32,
+    /// How the attempt ended.
+    pub end: AttemptEnd,
+}
+
 /// A row of the seed's error query.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorRow {

@@ -710,7 +710,7 @@ static GENERATION_SUCCESS: Statement = Statement::new(
          provider_request_id = ?12, model_snapshot = ?13, request_hash = ?14,
          response_text = ?15, error_class = NULL, error_message = NULL,
          finished_at = ?16
-     WHERE generation_id = ?1",
+     WHERE generation_id = ?1 AND status <> 'success'",
 );
 static ATTEMPT_SUCCESS: Statement = Statement::new(
     "UPDATE apex_audition.attempts SET finished_at = ?3, outcome = 'success',

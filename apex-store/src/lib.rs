@@ -121,12 +121,37 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// `sqlite://PATH?busy_timeout_ms=N`: how long a statement waits for
+/// another writer's lock (default 30 s).
+fn sqlite_busy_timeout(url: &str) -> Result<(&str, std::time::Duration), StoreError> {
+    let Some((base, query)) = url.split_once('?') else {
+        return Ok((url, sqlite::DEFAULT_BUSY_TIMEOUT));
+    };
+    let bad = |problem: &str| StoreError::BadUrl {
+        url: redact_url(url),
+        problem: problem.to_owned(),
+    };
+    let ms = query
+        .strip_prefix("busy_timeout_ms=")
+        .ok_or_else(|| bad("the only SQLite option is ?busy_timeout_ms=N"))?
+        .parse::<u64>()
+        .map_err(|_| bad("busy_timeout_ms takes whole milliseconds, e.g. ?busy_timeout_ms=5000"))?;
+    Ok((base, std::time::Duration::from_millis(ms)))
+}
+
 /// Opens the store a URL names, applying migrations.
 pub async fn open_store(url: &str) -> Result<Arc<dyn Store>, StoreError> {
+    let (url, busy_timeout) = if url.starts_with("sqlite") {
+        sqlite_busy_timeout(url)?
+    } else {
+        (url, sqlite::DEFAULT_BUSY_TIMEOUT)
+    };
     match DatabaseUrl::parse(url)? {
         DatabaseUrl::Sqlite(None) => Ok(Arc::new(SqliteStore::open_in_memory()?)),
         DatabaseUrl::Sqlite(Some(path)) => {
-            let store = tokio::task::spawn_blocking(move || SqliteStore::open(&path)).await??;
+            let store =
+                tokio::task::spawn_blocking(move || SqliteStore::open_waiting(&path, busy_timeout))
+                    .await??;
             Ok(Arc::new(store))
         }
         DatabaseUrl::Postgres(url) => Ok(Arc::new(PostgresStore::open(&url).await?)),

@@ -194,3 +194,279 @@ async fn a_resume_restores_recorded_options_and_records_overrides() {
     assert_eq!(flags["time_scale"], 0.01);
     assert_eq!(flags["condition_slug"][0], "prod-gpt4o");
 }
+
+/// Starts `apex run ARGS` on the sandbox's ledger with a short busy timeout,
+/// so another writer's lock surfaces as a failing ledger.
+fn spawn_impatient(live: &Live, args: &[&str]) -> std::process::Child {
+    let url = format!("{}?busy_timeout_ms=200", live.sb.url());
+    let mut argv = vec!["--database-url", url.as_str()];
+    argv.extend_from_slice(args);
+    live.sb
+        .command(&argv, &live.env())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Holds the ledger's write lock, as another writer would, for `held`.
+fn lock_ledger(live: &Live, held: std::time::Duration) -> std::thread::JoinHandle<()> {
+    let conn = rusqlite::Connection::open(live.sb.db_path()).unwrap();
+    conn.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    std::thread::spawn(move || {
+        std::thread::sleep(held);
+        conn.execute_batch("COMMIT").unwrap();
+    })
+}
+
+/// Generation ids of the requests the simulator answered with 200, each as
+/// often as it was answered.
+fn answered(live: &Live) -> Vec<i64> {
+    let mut ids: Vec<i64> = live
+        .sim
+        .requests()
+        .iter()
+        .filter(|r| r.status == 200)
+        .map(crate::generation_of)
+        .collect();
+    ids.sort_unstable();
+    ids
+}
+
+fn assert_each_paid_once(live: &Live) {
+    let ids = answered(live);
+    let mut unique = ids.clone();
+    unique.dedup();
+    assert_eq!(ids, unique, "a paid response was paid for twice");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_ledger_locked_for_a_while_delays_the_run_and_loses_nothing() {
+    let live = Live::with(SimulatorConfig {
+        base_latency: std::time::Duration::from_secs(50),
+        ..SimulatorConfig::default()
+    })
+    .await;
+    let child = spawn_impatient(
+        &live,
+        &args(&["--condition-slug", "prod-sonnet45", "--replicates", "2"]),
+    );
+    live.wait_for("a request in flight", |l| l.count_in_file("running") > 0)
+        .await;
+    let lock = lock_ledger(&live, std::time::Duration::from_secs(2));
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    lock.join().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stderr(&out).contains("retrying"), "{}", stderr(&out));
+    assert_eq!(
+        live.count_in_file("pending") + live.count_in_file("running"),
+        0
+    );
+    assert_each_paid_once(&live);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_ledger_gone_past_its_patience_saves_paid_results_that_a_resume_stores() {
+    let live = Live::with(SimulatorConfig {
+        base_latency: std::time::Duration::from_secs(50),
+        ..SimulatorConfig::default()
+    })
+    .await;
+    let child = spawn_impatient(
+        &live,
+        &args(&[
+            "--condition-slug",
+            "prod-sonnet45",
+            "--replicates",
+            "2",
+            "--ledger-timeout",
+            "1",
+        ]),
+    );
+    live.wait_for("a request in flight", |l| l.count_in_file("running") > 0)
+        .await;
+    let lock = lock_ledger(&live, std::time::Duration::from_secs(6));
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    lock.join().unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    let last = err
+        .lines()
+        .filter(|l| l.starts_with("error: "))
+        .collect::<Vec<_>>();
+    assert_eq!(last.len(), 1, "{err}");
+    assert!(
+        last[0].contains("paid response(s)") && last[0].contains("--resume"),
+        "{err}"
+    );
+    let run_id = run_id_from(&stdout(&out));
+    let file = live.sb.path(&format!("apex-recovery-{run_id}.jsonl"));
+    let saved: Vec<i64> = std::fs::read_to_string(&file)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["generation_id"]
+                .as_i64()
+                .unwrap()
+        })
+        .collect();
+    assert!(!saved.is_empty());
+    // The ledger is back: the resume stores what was saved, sends the rest.
+    ok(live.apex(&["run", "--resume", &run_id]).await);
+    assert!(!file.exists(), "the recovery file was imported");
+    assert_eq!(
+        live.count_in_file("pending") + live.count_in_file("running") + live.count_in_file("error"),
+        0
+    );
+    assert_each_paid_once(&live);
+    for id in saved {
+        assert_eq!(
+            answered(&live).iter().filter(|&&g| g == id).count(),
+            1,
+            "{id} sent again"
+        );
+    }
+}
+
+/// The PostgreSQL cluster `scripts/test.sh` started with `pg_virtualenv`:
+/// (version, name), to stop and start.
+fn cluster() -> (String, String) {
+    let out = std::process::Command::new("pg_lsclusters")
+        .arg("-h")
+        .output()
+        .expect("pg_lsclusters (postgresql-common): run through scripts/test.sh");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut fields = text.split_whitespace();
+    let (Some(version), Some(name)) = (fields.next(), fields.next()) else {
+        panic!("no PostgreSQL cluster to stop: run through scripts/test.sh ({text})")
+    };
+    (version.to_owned(), name.to_owned())
+}
+
+fn pg_ctl(cluster: &(String, String), action: &str) {
+    let status = std::process::Command::new("pg_ctlcluster")
+        .args([cluster.0.as_str(), cluster.1.as_str(), action, "-m", "fast"])
+        .status()
+        .unwrap();
+    assert!(status.success(), "pg_ctlcluster {action}");
+}
+
+/// Starts the cluster again however the test ends.
+struct StartAgain((String, String));
+
+impl Drop for StartAgain {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("pg_ctlcluster")
+            .args([self.0.0.as_str(), self.0.1.as_str(), "start"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+async fn pg_count(url: &str, status: &str) -> i64 {
+    let Ok((client, connection)) = tokio_postgres::connect(url, tokio_postgres::NoTls).await else {
+        return 0;
+    };
+    tokio::spawn(connection);
+    client
+        .query_one(
+            "SELECT COUNT(*) FROM apex_audition.generations WHERE status = $1",
+            &[&status],
+        )
+        .await
+        .map_or(0, |r| r.get(0))
+}
+
+async fn wait_pg(url: &str, status: &str, at_least: i64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while pg_count(url, status).await < at_least {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {status}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "stops and starts the PostgreSQL server: scripts/test.sh runs the outage tests on their own, after the suite"]
+async fn postgres_outage_a_restart_mid_run_loses_nothing() {
+    let cluster = cluster();
+    let url = crate::fresh_postgres_database().await;
+    let live = Live::on(
+        crate::Sandbox::with_url(url.clone()),
+        SimulatorConfig {
+            base_latency: std::time::Duration::from_secs(50),
+            ..SimulatorConfig::default()
+        },
+    )
+    .await;
+    let child = live.spawn(&args(&[
+        "--condition-slug",
+        "prod-sonnet45",
+        "--replicates",
+        "3",
+        "--concurrency",
+        "2",
+    ]));
+    wait_pg(&url, "success", 2).await;
+    let restart = StartAgain(cluster.clone());
+    pg_ctl(&cluster, "stop");
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    pg_ctl(&cluster, "start");
+    drop(restart);
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(pg_count(&url, "success").await, 9);
+    assert_each_paid_once(&live);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "stops and starts the PostgreSQL server: scripts/test.sh runs the outage tests on their own, after the suite"]
+async fn postgres_outage_past_its_patience_saves_results_that_a_resume_stores() {
+    let cluster = cluster();
+    let url = crate::fresh_postgres_database().await;
+    let live = Live::on(
+        crate::Sandbox::with_url(url.clone()),
+        SimulatorConfig {
+            base_latency: std::time::Duration::from_secs(100),
+            ..SimulatorConfig::default()
+        },
+    )
+    .await;
+    let child = live.spawn(&args(&[
+        "--condition-slug",
+        "prod-sonnet45",
+        "--replicates",
+        "3",
+        "--concurrency",
+        "2",
+        "--ledger-timeout",
+        "2",
+    ]));
+    wait_pg(&url, "running", 1).await;
+    let restart = StartAgain(cluster.clone());
+    pg_ctl(&cluster, "stop");
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    pg_ctl(&cluster, "start");
+    drop(restart);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    let run_id = run_id_from(&stdout(&out));
+    let file = live.sb.path(&format!("apex-recovery-{run_id}.jsonl"));
+    let saved = std::fs::read_to_string(&file).unwrap_or_default();
+    assert!(!saved.trim().is_empty(), "paid responses saved: {err}");
+    ok(live.apex(&["run", "--resume", &run_id]).await);
+    assert!(!file.exists(), "the recovery file was imported");
+    assert_eq!(pg_count(&url, "success").await, 9);
+    assert_each_paid_once(&live);
+}

@@ -14,12 +14,13 @@ use crate::condition::ProviderKind;
 use crate::context::ContextPackage;
 use crate::error::{Error, Result};
 use crate::provider::{GenerationRequest, Provider};
-use crate::run::{RunId, RunState};
+use crate::run::{AttemptEnd, RunId, RunState, UnstoredResult};
 use crate::store::Store;
 use crate::tokens::Tokenizer;
 
 use super::machine::{Action, Attempt, DispatchConfig, Dispatcher, Event, Summary, Task};
 use super::retry::RetryPolicy;
+use super::work::GenerationId;
 use super::{Progress, ProgressEvent, RunOptions, RunReport};
 
 /// Executes runs against providers, writing every state change to a store.
@@ -34,6 +35,42 @@ pub struct Executor {
 /// The clock the dispatcher runs on: tokio's, so paused-time tests drive it.
 fn now() -> Instant {
     tokio::time::Instant::now().into_std()
+}
+
+/// Runs a ledger operation, retrying a failing ledger (a restarting
+/// server, a lock held by another writer, a full disk being cleared) with
+/// backoff from 100 ms to 2 s for up to `patience`. Answers that are not
+/// failures of the ledger itself (a claim taken over) return at once.
+async fn patiently<T, F, Fut>(patience: Duration, what: &str, mut op: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T>>,
+{
+    let started = tokio::time::Instant::now();
+    let mut wait = Duration::from_millis(100);
+    let mut warned = false;
+    loop {
+        match op().await {
+            Err(error @ Error::Store { .. }) if started.elapsed() < patience => {
+                if !warned {
+                    tracing::warn!(%error, "the ledger failed {what}; retrying for up to {}s", patience.as_secs());
+                    warned = true;
+                }
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(2));
+            }
+            Err(Error::Store { message, source }) => {
+                return Err(Error::Store {
+                    message: format!(
+                        "{message} (still failing {what} after {}s of retries)",
+                        patience.as_secs()
+                    ),
+                    source,
+                });
+            }
+            other => return other,
+        }
+    }
 }
 
 impl Executor {
@@ -73,9 +110,12 @@ impl Executor {
             packages: HashMap::new(),
             stop,
             stop_open: true,
+            storing: HashMap::new(),
+            unstored: Vec::new(),
         };
         let summary = driver.run().await;
-        self.conclude(run_id, summary).await
+        let unstored = std::mem::take(&mut driver.unstored);
+        self.conclude(run_id, summary, unstored).await
     }
 
     /// Checks the run, moves it to `running` and builds its dispatcher.
@@ -130,22 +170,42 @@ impl Executor {
         crate::time::scaled(self.options.claim_timeout, self.options.time_scale)
     }
 
-    /// Gives back claims and records the run's state.
-    async fn conclude(&self, run_id: &RunId, summary: Summary) -> Result<RunReport> {
+    /// Gives back claims and records the run's state. After a ledger
+    /// failure, paid results that could not be stored are handed back in
+    /// [`Error::Unstored`].
+    async fn conclude(
+        &self,
+        run_id: &RunId,
+        summary: Summary,
+        unstored: Vec<UnstoredResult>,
+    ) -> Result<RunReport> {
         let worker = &self.options.worker;
+        let store = &self.store;
+        let patience = self.options.ledger_patience;
         if let Some(error) = summary.failure {
             // Best effort: the ledger has just failed.
-            let _ = self.store.release_claims(run_id, worker).await;
-            let _ = self
-                .store
-                .set_run_state(run_id, RunState::Interrupted)
-                .await;
-            return Err(error);
+            let _ = store.release_claims(run_id, worker).await;
+            let _ = store.set_run_state(run_id, RunState::Interrupted).await;
+            if unstored.is_empty() {
+                return Err(error);
+            }
+            return Err(Error::Unstored {
+                message: error.to_string(),
+                results: unstored,
+            });
         }
-        self.store.release_claims(run_id, worker).await?;
-        let counts = self.store.run(run_id).await?.counts;
+        patiently(patience, "giving back claims", || {
+            store.release_claims(run_id, worker)
+        })
+        .await?;
+        let counts = patiently(patience, "reading the run", || store.run(run_id))
+            .await?
+            .counts;
         if let Some(state) = summary.final_state(&counts) {
-            self.store.set_run_state(run_id, state).await?;
+            patiently(patience, "recording the run's state", || {
+                store.set_run_state(run_id, state)
+            })
+            .await?;
         }
         Ok(RunReport {
             counts,
@@ -167,6 +227,10 @@ struct Driver<'a> {
     packages: HashMap<(String, String), Arc<ContextPackage>>,
     stop: watch::Receiver<bool>,
     stop_open: bool,
+    /// Results being stored, kept until the ledger has them.
+    storing: HashMap<GenerationId, (u32, AttemptEnd)>,
+    /// Paid results the ledger never took.
+    unstored: Vec<UnstoredResult>,
 }
 
 impl Driver<'_> {
@@ -198,6 +262,7 @@ impl Driver<'_> {
                         },
                         None => continue,
                     };
+                    self.track_stored(&event);
                     self.machine.handle(event, now());
                 }
                 () = tokio::time::sleep_until(sleep_until), if wake.is_some() => {
@@ -217,6 +282,29 @@ impl Driver<'_> {
         }
     }
 
+    /// Keeps a successful result until the ledger has it; one the ledger
+    /// never took is handed back at the end.
+    fn track_stored(&mut self, event: &Event) {
+        match event {
+            Event::Stored(id) => {
+                self.storing.remove(id);
+            }
+            Event::Failed {
+                task: Task::Generation(id),
+                ..
+            } => {
+                if let Some((attempt, end @ AttemptEnd::Success(_))) = self.storing.remove(id) {
+                    self.unstored.push(UnstoredResult {
+                        generation_id: *id,
+                        attempt,
+                        end,
+                    });
+                }
+            }
+            _ => {}
+        }
+    }
+
     /// Performs one action; the summary when it is [`Action::Done`].
     async fn perform(&mut self, action: Action) -> Option<Summary> {
         let store = Arc::clone(&self.executor.store);
@@ -224,10 +312,11 @@ impl Driver<'_> {
         match action {
             Action::Claim { max_groups } => {
                 let stale_before = crate::time::rfc3339_ago(self.executor.lease());
-                let event = match store
-                    .claim_work(self.run_id, &worker, max_groups, &stale_before)
-                    .await
-                {
+                let claimed = patiently(self.patience(), "claiming work", || {
+                    store.claim_work(self.run_id, &worker, max_groups, &stale_before)
+                })
+                .await;
+                let event = match claimed {
                     Ok(claim) => Event::Claimed {
                         items: claim.items,
                         held_by_others: claim.held_by_others,
@@ -241,8 +330,12 @@ impl Driver<'_> {
             }
             Action::Renew => {
                 let run_id = self.run_id.clone();
+                let patience = self.patience();
                 self.spawn(Task::Renew, async move {
-                    match store.renew_claims(&run_id, &worker).await {
+                    let renewed = patiently(patience, "renewing claims", || {
+                        store.renew_claims(&run_id, &worker)
+                    });
+                    match renewed.await {
                         Ok(()) => Event::Renewed,
                         Err(error) => Event::Failed {
                             task: Task::Renew,
@@ -271,11 +364,12 @@ impl Driver<'_> {
             }
             Action::Begin(attempt) => {
                 let id = attempt.generation_id;
+                let patience = self.patience();
                 self.spawn(Task::Generation(id), async move {
-                    match store
-                        .begin_attempt(id, attempt.attempt, Some(&worker))
-                        .await
-                    {
+                    let begun = patiently(patience, "recording an attempt", || {
+                        store.begin_attempt(id, attempt.attempt, Some(&worker))
+                    });
+                    match begun.await {
                         Ok(()) => Event::Began(id),
                         Err(Error::NotClaimable(_)) => Event::NotClaimable(id),
                         Err(error) => Event::Failed {
@@ -291,8 +385,13 @@ impl Driver<'_> {
                 attempt,
                 end,
             } => {
+                let patience = self.patience();
+                self.storing.insert(generation_id, (attempt, end.clone()));
                 self.spawn(Task::Generation(generation_id), async move {
-                    match store.end_attempt(generation_id, attempt, &end).await {
+                    let stored = patiently(patience, "storing a result", || {
+                        store.end_attempt(generation_id, attempt, &end)
+                    });
+                    match stored.await {
                         Ok(()) => Event::Stored(generation_id),
                         Err(error) => Event::Failed {
                             task: Task::Generation(generation_id),
@@ -305,6 +404,10 @@ impl Driver<'_> {
             Action::Done(summary) => return Some(summary),
         }
         None
+    }
+
+    fn patience(&self) -> Duration {
+        self.executor.options.ledger_patience
     }
 
     fn spawn(&mut self, task: Task, work: impl Future<Output = Event> + Send + 'static) {
@@ -346,7 +449,12 @@ impl Driver<'_> {
         if let Some(p) = self.packages.get(&key) {
             return Ok(Arc::clone(p));
         }
-        let p = Arc::new(self.executor.store.package(id, version).await?);
+        let store = &self.executor.store;
+        let p = patiently(self.patience(), "reading a context", || {
+            store.package(id, version)
+        })
+        .await?;
+        let p = Arc::new(p);
         self.packages.insert(key, Arc::clone(&p));
         Ok(p)
     }

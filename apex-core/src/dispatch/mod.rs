@@ -76,6 +76,9 @@ pub struct RunOptions {
     /// A claim not renewed for this long (times `time_scale`) is taken over:
     /// its process is presumed dead.
     pub claim_timeout: Duration,
+    /// How long a failing ledger is retried (with backoff) before the run
+    /// stops; results received meanwhile are kept, not lost.
+    pub ledger_patience: Duration,
 }
 
 impl Default for RunOptions {
@@ -90,6 +93,7 @@ impl Default for RunOptions {
             limits: LimitTable::defaults(),
             worker: default_worker(),
             claim_timeout: Duration::from_secs(60),
+            ledger_patience: Duration::from_secs(60),
         }
     }
 }

@@ -2,6 +2,7 @@
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use apex_core::run::AttemptEnd;
 use apex_core::store::{ConditionInfo, ConditionUsage, SuccessRow};
@@ -24,6 +25,9 @@ const MIGRATIONS: &[(&str, &str)] = &[
     ("workers", include_str!("0003_workers.sql")),
     ("o200k_split", include_str!("0004_o200k_split.sql")),
 ];
+
+/// How long a statement waits for another writer's lock by default.
+pub const DEFAULT_BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The newest schema version this build knows.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -134,16 +138,23 @@ impl std::fmt::Debug for SqliteStore {
 impl SqliteStore {
     /// Opens (creating if needed) the ledger file at `path` and applies migrations.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::open_waiting(path, DEFAULT_BUSY_TIMEOUT)
+    }
+
+    /// Like [`open`](Self::open), waiting at most `busy_timeout` for
+    /// another writer's lock before a statement fails (a run then retries
+    /// it for its ledger patience).
+    pub fn open_waiting(path: &Path, busy_timeout: Duration) -> Result<Self, StoreError> {
         let location = path.to_string_lossy().into_owned();
-        Self::open_at(&location, true)
+        Self::open_at(&location, true, busy_timeout)
     }
 
     /// A private in-memory ledger (for tests and examples).
     pub fn open_in_memory() -> Result<Self, StoreError> {
-        Self::open_at(":memory:", false)
+        Self::open_at(":memory:", false, DEFAULT_BUSY_TIMEOUT)
     }
 
-    fn open_at(location: &str, file: bool) -> Result<Self, StoreError> {
+    fn open_at(location: &str, file: bool, busy_timeout: Duration) -> Result<Self, StoreError> {
         let open_err = |cause: rusqlite::Error| {
             let hint = match cause.sqlite_error_code() {
                 Some(rusqlite::ErrorCode::NotADatabase) => {
@@ -163,7 +174,8 @@ impl SqliteStore {
         let conn = Connection::open_in_memory().map_err(open_err)?;
         conn.execute("ATTACH DATABASE ?1 AS apex_audition", [location])
             .map_err(open_err)?;
-        conn.execute_batch("PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 30000;")?;
+        conn.execute_batch("PRAGMA foreign_keys = ON;")?;
+        conn.busy_timeout(busy_timeout)?;
         // Every statement of the ledger stays prepared.
         conn.set_prepared_statement_cache_capacity(128);
         if file {
