@@ -26,14 +26,14 @@ if command -v pg_virtualenv >/dev/null 2>&1; then
   # -t: a temporary cluster directory, so a cluster left by an interrupted run
   # (or another run at the same time) is never in the way.
   # The ledger-outage tests stop and start this throwaway server, so they
-  # run on their own after the suite (they are ignored in it).
+  # run on their own, one at a time, before the suite (which ignores them).
   exec pg_virtualenv -t -- bash -c '
     set -e
     export APEX_TEST_PG=1 APEX_TEST_PG_URL="postgres://${PGUSER}:${PGPASSWORD}@${PGHOST}:${PGPORT}/${PGDATABASE}"
     echo "scripts/test.sh: PostgreSQL $(psql -XAtc "SHOW server_version") at ${PGHOST}:${PGPORT} for the store tests" >&2
-    cargo test --workspace --locked "$@"
-    echo "scripts/test.sh: ledger-outage tests (they stop and start the server)" >&2
-    cargo test -p apex-cli --test it --locked -- --ignored --test-threads=1 postgres_outage' bash "$@"
+    echo "scripts/test.sh: ledger-outage tests first (they stop and start the server)" >&2
+    cargo test --workspace --tests --locked -- --ignored --test-threads=1 postgres_outage
+    cargo test --workspace --locked "$@"' bash "$@"
 fi
 
 echo "scripts/test.sh: WARNING: no PostgreSQL (pg_virtualenv not found); the PostgreSQL tests are ignored" >&2

@@ -40,6 +40,8 @@ struct FakeProvider {
     calls: Mutex<Vec<Call>>,
     /// Rate-limit headers sent with every success.
     headers: Mutex<RateLimitSnapshot>,
+    /// Latencies by generation, whatever order requests arrive in.
+    latency_of: Mutex<HashMap<i64, Duration>>,
 }
 
 impl FakeProvider {
@@ -53,6 +55,7 @@ impl FakeProvider {
             cache: Mutex::new(HashMap::new()),
             calls: Mutex::new(Vec::new()),
             headers: Mutex::new(RateLimitSnapshot::default()),
+            latency_of: Mutex::new(HashMap::new()),
         })
     }
 
@@ -108,12 +111,14 @@ impl Provider for FakeProvider {
             .unwrap()
             .get(p.version())
             .is_some_and(|ready| *ready <= sent);
-        let latency = self
-            .latencies
-            .lock()
-            .unwrap()
-            .pop_front()
-            .unwrap_or(self.default_latency);
+        let fixed = self.latency_of.lock().unwrap().get(&generation_id).copied();
+        let latency = fixed.unwrap_or_else(|| {
+            self.latencies
+                .lock()
+                .unwrap()
+                .pop_front()
+                .unwrap_or(self.default_latency)
+        });
         tokio::time::sleep(latency).await;
         self.cache
             .lock()
@@ -638,10 +643,11 @@ async fn a_ledger_failure_stops_new_work_but_stores_what_is_in_flight() {
         v.into_iter().map(|(id, _)| id).collect()
     };
     let fake = FakeProvider::new(ProviderKind::Anthropic, Duration::from_secs(1));
-    fake.latencies.lock().unwrap().extend([
-        Duration::from_secs(1),
-        Duration::from_secs(1),
-        Duration::from_secs(5),
+    // By generation: ctx-01 and ctx-02 go together, whichever leaves first.
+    fake.latency_of.lock().unwrap().extend([
+        (ids[0], Duration::from_secs(1)),
+        (ids[1], Duration::from_secs(1)),
+        (ids[2], Duration::from_secs(5)),
     ]);
     let store: Arc<dyn Store> = Arc::new(FailingEnd {
         inner: Arc::clone(&s.store),
