@@ -573,8 +573,11 @@ impl Store for FailingEnd {
     ) -> apex::core::Result<Vec<apex::core::ConditionUsage>> {
         self.inner.usage_by_condition(run_id).await
     }
-    async fn successes(&self, run_id: &RunId) -> apex::core::Result<Vec<apex::core::SuccessRow>> {
-        self.inner.successes(run_id).await
+    async fn success_latencies(
+        &self,
+        run_id: &RunId,
+    ) -> apex::core::Result<Vec<apex::core::ConditionLatencies>> {
+        self.inner.success_latencies(run_id).await
     }
     async fn run_packages(&self, run_id: &RunId) -> apex::core::Result<Vec<(String, String)>> {
         self.inner.run_packages(run_id).await

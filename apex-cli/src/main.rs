@@ -37,6 +37,9 @@ fn main() -> ExitCode {
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // Ledger calls run on blocking threads but take turns on one
+        // connection: a few threads serve them; hundreds only cost memory.
+        .max_blocking_threads(8)
         .build()
     {
         Ok(rt) => rt,

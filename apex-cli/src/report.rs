@@ -8,7 +8,7 @@ use anyhow::{Context as _, Result};
 use apex_core::estimate::{ConditionEstimate, SizedPackage, estimate};
 use apex_core::limiter::LimitTable;
 use apex_core::tokens::Tokenizer;
-use apex_core::{Catalog, Condition, ConditionUsage, PackageRef, RunId, Store, SuccessRow};
+use apex_core::{Catalog, Condition, ConditionUsage, PackageRef, RunId, Store};
 
 use crate::UsageError;
 use crate::table::render;
@@ -303,30 +303,30 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 /// Per-condition latency, tokens and cost under the seed's tables.
 pub async fn condition_summary(store: &dyn Store, run_id: &RunId) -> Result<()> {
-    let rows = store.successes(run_id).await?;
-    let mut by: Vec<(&str, Vec<&SuccessRow>)> = Vec::new();
-    for r in &rows {
-        match by.last_mut() {
-            Some((slug, v)) if *slug == r.condition_slug => v.push(r),
-            _ => by.push((&r.condition_slug, vec![r])),
-        }
-    }
-    let table: Vec<Vec<String>> = by
+    let latencies: HashMap<String, Vec<u64>> = store
+        .success_latencies(run_id)
+        .await?
+        .into_iter()
+        .map(|l| (l.condition_slug, l.latencies_ms))
+        .collect();
+    let table: Vec<Vec<String>> = store
+        .usage_by_condition(run_id)
+        .await?
         .iter()
-        .map(|(slug, rs)| {
-            let mut latencies: Vec<f64> = rs.iter().map(|r| r.latency_ms as f64).collect();
-            latencies.sort_by(f64::total_cmp);
-            let tokens = |f: fn(&SuccessRow) -> u64| rs.iter().map(|r| f(r)).sum::<u64>();
+        .map(|u| {
+            let sorted: Vec<f64> = latencies
+                .get(&u.condition_slug)
+                .map_or_else(Vec::new, |l| l.iter().map(|&ms| ms as f64).collect());
             vec![
-                (*slug).to_owned(),
-                rs.len().to_string(),
-                format!("{:.0}", percentile(&latencies, 50.0)),
-                format!("{:.0}", percentile(&latencies, 95.0)),
-                tokens(|r| r.usage.input_tokens).to_string(),
-                tokens(|r| r.usage.cache_write_tokens).to_string(),
-                tokens(|r| r.usage.cache_read_tokens).to_string(),
-                tokens(|r| r.usage.output_tokens).to_string(),
-                usd(rs.iter().filter_map(|r| r.cost_usd).sum()),
+                u.condition_slug.clone(),
+                u.generations.to_string(),
+                format!("{:.0}", percentile(&sorted, 50.0)),
+                format!("{:.0}", percentile(&sorted, 95.0)),
+                u.usage.input_tokens.to_string(),
+                u.usage.cache_write_tokens.to_string(),
+                u.usage.cache_read_tokens.to_string(),
+                u.usage.output_tokens.to_string(),
+                usd(u.cost_usd),
             ]
         })
         .collect();

@@ -65,17 +65,13 @@ pub struct ConditionUsage {
     pub cost_usd: f64,
 }
 
-/// One successful generation, for latency and token summaries.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SuccessRow {
+/// The latencies of one condition's successful generations, ascending.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConditionLatencies {
     /// The condition.
     pub condition_slug: String,
-    /// Latency of the successful attempt.
-    pub latency_ms: u64,
-    /// Its usage.
-    pub usage: Usage,
-    /// Its cost, when the model's prices are known.
-    pub cost_usd: Option<f64>,
+    /// Latency of each successful attempt, in milliseconds, ascending.
+    pub latencies_ms: Vec<u64>,
 }
 
 /// A value in a query result.
@@ -213,8 +209,8 @@ pub trait Store: Send + Sync {
     /// The successful generations of a run, summed per condition.
     async fn usage_by_condition(&self, run_id: &RunId) -> Result<Vec<ConditionUsage>>;
 
-    /// Every successful generation of a run, by condition.
-    async fn successes(&self, run_id: &RunId) -> Result<Vec<SuccessRow>>;
+    /// The latencies of a run's successful generations, per condition.
+    async fn success_latencies(&self, run_id: &RunId) -> Result<Vec<ConditionLatencies>>;
 
     /// The (package id, version) pairs a run sends, by id.
     async fn run_packages(&self, run_id: &RunId) -> Result<Vec<(String, String)>>;

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 
 use apex_core::run::AttemptEnd;
-use apex_core::store::{ConditionInfo, ConditionUsage, SuccessRow};
+use apex_core::store::{ConditionInfo, ConditionLatencies, ConditionUsage};
 use apex_core::time::now_rfc3339;
 use apex_core::{
     Claim, Condition, ContextPackage, Error, ErrorRow, GenerationRow, IngestReport, NewRun,
@@ -887,11 +887,10 @@ static USAGE_BY_CONDITION: Statement = Statement::new(
      FROM apex_audition.generations WHERE run_id = ?1 AND status = 'success'
      GROUP BY condition_slug ORDER BY condition_slug",
 );
-static SUCCESSES: Statement = Statement::new(
-    "SELECT condition_slug, latency_ms, input_tokens, cache_write_tokens,
-            cache_write_1h_tokens, cache_read_tokens, output_tokens, reasoning_tokens, cost_usd
-     FROM apex_audition.generations WHERE run_id = ?1 AND status = 'success'
-     ORDER BY condition_slug, generation_id",
+static SUCCESS_LATENCIES: Statement = Statement::new(
+    "SELECT condition_slug, latency_ms FROM apex_audition.generations
+     WHERE run_id = ?1 AND status = 'success'
+     ORDER BY condition_slug, latency_ms",
 );
 static RUN_PACKAGES: Statement = Statement::new(
     "SELECT DISTINCT prompt_id, package_version FROM apex_audition.generations
@@ -987,19 +986,26 @@ pub(crate) async fn usage_by_condition(
         .collect()
 }
 
-pub(crate) async fn successes(tx: &mut impl Tx, run_id: &RunId) -> CoreResult<Vec<SuccessRow>> {
-    tx.query(&SUCCESSES, params![run_id.as_str()])
+pub(crate) async fn success_latencies(
+    tx: &mut impl Tx,
+    run_id: &RunId,
+) -> CoreResult<Vec<ConditionLatencies>> {
+    let mut out: Vec<ConditionLatencies> = Vec::new();
+    for r in tx
+        .query(&SUCCESS_LATENCIES, params![run_id.as_str()])
         .await?
-        .iter()
-        .map(|r| {
-            Ok(SuccessRow {
-                condition_slug: r.text("condition_slug")?,
-                latency_ms: r.opt_u64("latency_ms")?.unwrap_or(0),
-                usage: usage_from(r)?,
-                cost_usd: r.opt_f64("cost_usd")?,
-            })
-        })
-        .collect()
+    {
+        let slug = r.text("condition_slug")?;
+        let latency = r.opt_u64("latency_ms")?.unwrap_or(0);
+        match out.last_mut() {
+            Some(last) if last.condition_slug == slug => last.latencies_ms.push(latency),
+            _ => out.push(ConditionLatencies {
+                condition_slug: slug,
+                latencies_ms: vec![latency],
+            }),
+        }
+    }
+    Ok(out)
 }
 
 pub(crate) async fn run_packages(

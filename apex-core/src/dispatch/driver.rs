@@ -32,6 +32,9 @@ pub struct Executor {
     progress: Arc<dyn Progress>,
 }
 
+/// How many bytes of context text the driver keeps cached.
+const PACKAGE_CACHE_BYTES: usize = 8 << 20;
+
 /// The clock the dispatcher runs on: tokio's, so paused-time tests drive it.
 fn now() -> Instant {
     tokio::time::Instant::now().into_std()
@@ -108,6 +111,8 @@ impl Executor {
             tasks: JoinSet::new(),
             task_ids: HashMap::new(),
             packages: HashMap::new(),
+            package_order: std::collections::VecDeque::new(),
+            package_bytes: 0,
             stop,
             stop_open: true,
             storing: HashMap::new(),
@@ -225,6 +230,9 @@ struct Driver<'a> {
     tasks: JoinSet<Event>,
     task_ids: HashMap<tokio::task::Id, Task>,
     packages: HashMap<(String, String), Arc<ContextPackage>>,
+    /// Cached contexts, oldest first, and their size in bytes.
+    package_order: std::collections::VecDeque<(String, String)>,
+    package_bytes: usize,
     stop: watch::Receiver<bool>,
     stop_open: bool,
     /// Results being stored, kept until the ledger has them.
@@ -444,10 +452,20 @@ impl Driver<'_> {
         });
     }
 
+    /// A context, from a cache of the most recently read ones (bounded in
+    /// bytes: a long run must not keep every context it has sent; requests
+    /// in flight hold their own reference).
     async fn package(&mut self, id: &str, version: &str) -> Result<Arc<ContextPackage>> {
         let key = (id.to_owned(), version.to_owned());
         if let Some(p) = self.packages.get(&key) {
             return Ok(Arc::clone(p));
+        }
+        while self.package_bytes > PACKAGE_CACHE_BYTES
+            && let Some(oldest) = self.package_order.pop_front()
+        {
+            if let Some(p) = self.packages.remove(&oldest) {
+                self.package_bytes -= p.byte_len();
+            }
         }
         let store = &self.executor.store;
         let p = patiently(self.patience(), "reading a context", || {
@@ -455,6 +473,8 @@ impl Driver<'_> {
         })
         .await?;
         let p = Arc::new(p);
+        self.package_bytes += p.byte_len();
+        self.package_order.push_back(key.clone());
         self.packages.insert(key, Arc::clone(&p));
         Ok(p)
     }

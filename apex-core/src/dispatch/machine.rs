@@ -359,6 +359,11 @@ impl Dispatcher {
         self.limiter.usage(self.bucket_keys.get(slug)?, now)
     }
 
+    /// (Condition, context) groups still held: those with work left.
+    pub fn groups_held(&self) -> usize {
+        self.groups.len()
+    }
+
     /// Reservations granted and settled so far.
     pub fn reservation_book(&self) -> ReservationBook {
         self.reservations
@@ -717,15 +722,19 @@ impl Dispatcher {
         }
     }
 
-    /// Lets go of a group's request body once none of its work is left.
-    fn release_group_if_done(&mut self, group_id: GroupId) {
-        let done = self
-            .groups
-            .get(&group_id)
-            .is_some_and(|g| g.waiting.is_empty())
-            && !self.jobs.values().any(|j| j.group == group_id);
-        if done && let Some(group) = self.groups.get_mut(&group_id) {
-            group.body = SharedBody::default();
+    /// One of a group's jobs is finished for good; a group with none left
+    /// is forgotten (with its request body), so a long run holds only the
+    /// groups it is working on.
+    fn job_finished(&mut self, group_id: GroupId) {
+        let Some(group) = self.groups.get_mut(&group_id) else {
+            return;
+        };
+        group.live = group.live.saturating_sub(1);
+        if group.live == 0 {
+            self.groups.remove(&group_id);
+            if self.open_group == Some(group_id) {
+                self.open_group = None;
+            }
         }
     }
 
@@ -808,6 +817,9 @@ impl Dispatcher {
                 }
                 None => (self.new_group(condition, &item), Role::Leader),
             };
+            if let Some(group) = self.groups.get_mut(&group_id) {
+                group.live += 1;
+            }
             self.jobs.insert(
                 id,
                 Job {
@@ -849,6 +861,7 @@ impl Dispatcher {
                 phase: GroupPhase::Queued,
                 leader: leader.generation_id,
                 waiting: Vec::new(),
+                live: 0,
                 body: SharedBody::default(),
             },
         );
@@ -897,14 +910,16 @@ impl Dispatcher {
         if job.role == Role::Leader
             && let Some(group) = self.groups.get_mut(&job.group)
         {
-            for follower in std::mem::take(&mut group.waiting) {
-                self.jobs.remove(&follower);
-            }
+            let followers = std::mem::take(&mut group.waiting);
             if self.open_group == Some(job.group) {
                 self.open_group = None;
             }
+            for follower in followers {
+                self.jobs.remove(&follower);
+                self.job_finished(job.group);
+            }
         }
-        self.release_group_if_done(job.group);
+        self.job_finished(job.group);
     }
 
     fn remove_in_flight(&mut self, id: GenerationId) -> Option<Job> {
@@ -1026,6 +1041,7 @@ impl Dispatcher {
         };
         let slug = self.groups[&job.group].condition.slug.clone();
         let group = job.group;
+        let retrying = matches!(verdict, Verdict::Retry { .. });
         match *outcome {
             Outcome::Success {
                 cache_hit,
@@ -1039,7 +1055,9 @@ impl Dispatcher {
             }
             Outcome::Failure(error) => self.after_failure(job, &slug, verdict, &error),
         }
-        self.release_group_if_done(group);
+        if !retrying {
+            self.job_finished(group);
+        }
     }
 
     fn after_failure(&mut self, mut job: Job, slug: &str, verdict: Verdict, error: &AttemptError) {
@@ -1130,7 +1148,9 @@ impl Dispatcher {
                     if self.jobs.get(&id).is_some_and(|j| j.reservation.is_some()) {
                         self.settle(id, never_sent.then(Charge::default));
                     }
-                    self.remove_in_flight(id);
+                    if let Some(job) = self.remove_in_flight(id) {
+                        self.job_finished(job.group);
+                    }
                 }
             }
         }

@@ -782,6 +782,9 @@ impl World {
         prop_assert!(max_in_window(&requests) <= rpm, "RPM exceeded");
         prop_assert!(max_in_window(&self.server_log) <= itpm, "ITPM exceeded");
         let may_leave_pending = summary.interrupted || !summary.stopped.is_empty();
+        if !may_leave_pending {
+            prop_assert_eq!(m.groups_held(), 0, "finished groups are forgotten");
+        }
         for (id, status) in &self.status {
             match status {
                 GenerationStatus::Success | GenerationStatus::Error => {}

@@ -45,6 +45,8 @@ pub(crate) struct Group {
     pub phase: GroupPhase,
     pub leader: GenerationId,
     pub waiting: Vec<GenerationId>,
+    /// Its jobs not yet finished (queued, out, or waiting to retry).
+    pub live: usize,
     /// The request body every attempt of the group sends; dropped once the
     /// group has no work left.
     pub body: SharedBody,
