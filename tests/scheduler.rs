@@ -573,11 +573,13 @@ impl Store for FailingEnd {
     ) -> apex::core::Result<Vec<apex::core::ConditionUsage>> {
         self.inner.usage_by_condition(run_id).await
     }
-    async fn success_latencies(
+    async fn success_latency_at(
         &self,
         run_id: &RunId,
-    ) -> apex::core::Result<Vec<apex::core::ConditionLatencies>> {
-        self.inner.success_latencies(run_id).await
+        condition: &str,
+        rank: u64,
+    ) -> apex::core::Result<Option<u64>> {
+        self.inner.success_latency_at(run_id, condition, rank).await
     }
     async fn run_packages(&self, run_id: &RunId) -> apex::core::Result<Vec<(String, String)>> {
         self.inner.run_packages(run_id).await

@@ -293,43 +293,31 @@ pub async fn cost(store: &dyn Store, catalog: &Catalog, run_id: &RunId) -> Resul
     Ok(())
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil().max(1.0) as usize;
-    sorted[rank.min(sorted.len()) - 1]
-}
-
 /// Per-condition latency, tokens and cost under the seed's tables.
 pub async fn condition_summary(store: &dyn Store, run_id: &RunId) -> Result<()> {
-    let latencies: HashMap<String, Vec<u64>> = store
-        .success_latencies(run_id)
-        .await?
-        .into_iter()
-        .map(|l| (l.condition_slug, l.latencies_ms))
-        .collect();
-    let table: Vec<Vec<String>> = store
-        .usage_by_condition(run_id)
-        .await?
-        .iter()
-        .map(|u| {
-            let sorted: Vec<f64> = latencies
-                .get(&u.condition_slug)
-                .map_or_else(Vec::new, |l| l.iter().map(|&ms| ms as f64).collect());
-            vec![
-                u.condition_slug.clone(),
-                u.generations.to_string(),
-                format!("{:.0}", percentile(&sorted, 50.0)),
-                format!("{:.0}", percentile(&sorted, 95.0)),
-                u.usage.input_tokens.to_string(),
-                u.usage.cache_write_tokens.to_string(),
-                u.usage.cache_read_tokens.to_string(),
-                u.usage.output_tokens.to_string(),
-                usd(u.cost_usd),
-            ]
-        })
-        .collect();
+    let mut table: Vec<Vec<String>> = Vec::new();
+    for u in store.usage_by_condition(run_id).await? {
+        // The same ranks as a sorted list's percentile: ceil(p/100 × n).
+        let at = |p: f64| ((p / 100.0) * u.generations as f64).ceil().max(1.0) as u64 - 1;
+        let mut percentiles = Vec::with_capacity(2);
+        for p in [50.0, 95.0] {
+            let ms = store
+                .success_latency_at(run_id, &u.condition_slug, at(p))
+                .await?;
+            percentiles.push(ms.map_or_else(|| "-".to_owned(), |ms| ms.to_string()));
+        }
+        table.push(vec![
+            u.condition_slug.clone(),
+            u.generations.to_string(),
+            percentiles[0].clone(),
+            percentiles[1].clone(),
+            u.usage.input_tokens.to_string(),
+            u.usage.cache_write_tokens.to_string(),
+            u.usage.cache_read_tokens.to_string(),
+            u.usage.output_tokens.to_string(),
+            usd(u.cost_usd),
+        ]);
+    }
     if !table.is_empty() {
         println!();
         let columns = [

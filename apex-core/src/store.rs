@@ -65,15 +65,6 @@ pub struct ConditionUsage {
     pub cost_usd: f64,
 }
 
-/// The latencies of one condition's successful generations, ascending.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ConditionLatencies {
-    /// The condition.
-    pub condition_slug: String,
-    /// Latency of each successful attempt, in milliseconds, ascending.
-    pub latencies_ms: Vec<u64>,
-}
-
 /// A value in a query result.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -209,8 +200,15 @@ pub trait Store: Send + Sync {
     /// The successful generations of a run, summed per condition.
     async fn usage_by_condition(&self, run_id: &RunId) -> Result<Vec<ConditionUsage>>;
 
-    /// The latencies of a run's successful generations, per condition.
-    async fn success_latencies(&self, run_id: &RunId) -> Result<Vec<ConditionLatencies>>;
+    /// The latency of the successful generation of `condition` at `rank`
+    /// (0-based) in ascending order of latency: percentiles without reading
+    /// every row.
+    async fn success_latency_at(
+        &self,
+        run_id: &RunId,
+        condition: &str,
+        rank: u64,
+    ) -> Result<Option<u64>>;
 
     /// The (package id, version) pairs a run sends, by id.
     async fn run_packages(&self, run_id: &RunId) -> Result<Vec<(String, String)>>;

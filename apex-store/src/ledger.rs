@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 
 use apex_core::run::AttemptEnd;
-use apex_core::store::{ConditionInfo, ConditionLatencies, ConditionUsage};
+use apex_core::store::{ConditionInfo, ConditionUsage};
 use apex_core::time::now_rfc3339;
 use apex_core::{
     Claim, Condition, ContextPackage, Error, ErrorRow, GenerationRow, IngestReport, NewRun,
@@ -887,10 +887,10 @@ static USAGE_BY_CONDITION: Statement = Statement::new(
      FROM apex_audition.generations WHERE run_id = ?1 AND status = 'success'
      GROUP BY condition_slug ORDER BY condition_slug",
 );
-static SUCCESS_LATENCIES: Statement = Statement::new(
-    "SELECT condition_slug, latency_ms FROM apex_audition.generations
-     WHERE run_id = ?1 AND status = 'success'
-     ORDER BY condition_slug, latency_ms",
+static SUCCESS_LATENCY_AT: Statement = Statement::new(
+    "SELECT latency_ms FROM apex_audition.generations
+     WHERE run_id = ?1 AND condition_slug = ?2 AND status = 'success'
+     ORDER BY latency_ms LIMIT 1 OFFSET ?3",
 );
 static RUN_PACKAGES: Statement = Statement::new(
     "SELECT DISTINCT prompt_id, package_version FROM apex_audition.generations
@@ -986,26 +986,22 @@ pub(crate) async fn usage_by_condition(
         .collect()
 }
 
-pub(crate) async fn success_latencies(
+pub(crate) async fn success_latency_at(
     tx: &mut impl Tx,
     run_id: &RunId,
-) -> CoreResult<Vec<ConditionLatencies>> {
-    let mut out: Vec<ConditionLatencies> = Vec::new();
-    for r in tx
-        .query(&SUCCESS_LATENCIES, params![run_id.as_str()])
+    condition: &str,
+    rank: u64,
+) -> CoreResult<Option<u64>> {
+    match tx
+        .query_opt(
+            &SUCCESS_LATENCY_AT,
+            params![run_id.as_str(), condition, rank],
+        )
         .await?
     {
-        let slug = r.text("condition_slug")?;
-        let latency = r.opt_u64("latency_ms")?.unwrap_or(0);
-        match out.last_mut() {
-            Some(last) if last.condition_slug == slug => last.latencies_ms.push(latency),
-            _ => out.push(ConditionLatencies {
-                condition_slug: slug,
-                latencies_ms: vec![latency],
-            }),
-        }
+        Some(r) => Ok(Some(r.opt_u64("latency_ms")?.unwrap_or(0))),
+        None => Ok(None),
     }
-    Ok(out)
 }
 
 pub(crate) async fn run_packages(

@@ -2,7 +2,7 @@
 //! SQLite, over a pool of tokio-postgres connections.
 
 use apex_core::run::AttemptEnd;
-use apex_core::store::{ConditionInfo, ConditionLatencies, ConditionUsage};
+use apex_core::store::{ConditionInfo, ConditionUsage};
 use apex_core::time::now_rfc3339;
 use apex_core::{
     Claim, Condition, ContextPackage, Error, ErrorRow, GenerationRow, IngestReport, NewRun,
@@ -497,8 +497,15 @@ impl Store for PostgresStore {
         on_connection!(self, |tx| ledger::usage_by_condition(tx, run_id))
     }
 
-    async fn success_latencies(&self, run_id: &RunId) -> CoreResult<Vec<ConditionLatencies>> {
-        on_connection!(self, |tx| ledger::success_latencies(tx, run_id))
+    async fn success_latency_at(
+        &self,
+        run_id: &RunId,
+        condition: &str,
+        rank: u64,
+    ) -> CoreResult<Option<u64>> {
+        on_connection!(self, |tx| ledger::success_latency_at(
+            tx, run_id, condition, rank
+        ))
     }
 
     async fn run_packages(&self, run_id: &RunId) -> CoreResult<Vec<(String, String)>> {

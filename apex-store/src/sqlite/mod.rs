@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use apex_core::run::AttemptEnd;
-use apex_core::store::{ConditionInfo, ConditionLatencies, ConditionUsage};
+use apex_core::store::{ConditionInfo, ConditionUsage};
 use apex_core::{
     Claim, Condition, ContextPackage, Error, ErrorRow, GenerationRow, IngestReport, NewRun,
     PackageRef, Plan, QueryResult, RegisterReport, RunId, RunInfo, RunState, SqlValue, Store,
@@ -629,9 +629,14 @@ impl Store for SqliteStore {
             .await
     }
 
-    async fn success_latencies(&self, run_id: &RunId) -> CoreResult<Vec<ConditionLatencies>> {
-        let run_id = run_id.clone();
-        self.read(move |tx| run_now(ledger::success_latencies(tx, &run_id)))
+    async fn success_latency_at(
+        &self,
+        run_id: &RunId,
+        condition: &str,
+        rank: u64,
+    ) -> CoreResult<Option<u64>> {
+        let (run_id, condition) = (run_id.clone(), condition.to_owned());
+        self.read(move |tx| run_now(ledger::success_latency_at(tx, &run_id, &condition, rank)))
             .await
     }
 

@@ -539,3 +539,47 @@ async fn hand_edited_rows_are_errors_naming_the_cause_not_panics(backend: Backen
     let err = store.conditions().await.unwrap_err().to_string();
     assert!(err.contains("max_tokens"), "{err}");
 }
+
+conformance!(latency_ranks_and_usage_sums_per_condition);
+async fn latency_ranks_and_usage_sums_per_condition(backend: Backend) {
+    let (store, run_id) = seeded(backend, 3).await;
+    let items = unfinished(&*store, &run_id).await;
+    for (item, latency) in items.iter().zip([30, 10, 20]) {
+        let AttemptEnd::Success(mut result) = success(0) else {
+            unreachable!()
+        };
+        result.latency_ms = latency;
+        store
+            .begin_attempt(item.generation_id, 1, None)
+            .await
+            .unwrap();
+        store
+            .end_attempt(item.generation_id, 1, &AttemptEnd::Success(result))
+            .await
+            .unwrap();
+    }
+    let at = |rank| {
+        let store = Arc::clone(&store);
+        let run_id = run_id.clone();
+        async move { store.success_latency_at(&run_id, "c1", rank).await.unwrap() }
+    };
+    assert_eq!(
+        (at(0).await, at(1).await, at(2).await, at(3).await),
+        (Some(10), Some(20), Some(30), None)
+    );
+    assert_eq!(
+        store.success_latency_at(&run_id, "other", 0).await.unwrap(),
+        None
+    );
+    let usage = store.usage_by_condition(&run_id).await.unwrap();
+    assert_eq!(usage.len(), 1);
+    assert_eq!(
+        (
+            usage[0].generations,
+            usage[0].usage.input_tokens,
+            usage[0].usage.output_tokens
+        ),
+        (3, 30, 15)
+    );
+    assert!((usage[0].cost_usd - 0.03).abs() < 1e-9);
+}
