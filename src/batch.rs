@@ -332,10 +332,15 @@ impl Apex {
             progress,
         );
         match executor.execute(run_id, retry_errors, stop).await {
-            Err(Error::Unstored { message, results }) => {
-                Err(self.save_unstored(run_id, &message, &results))
+            Err(error) => {
+                let unstored = executor.take_unstored();
+                if unstored.is_empty() {
+                    Err(error)
+                } else {
+                    Err(self.save_unstored(run_id, &error.to_string(), &unstored))
+                }
             }
-            other => other,
+            report => report,
         }
     }
 

@@ -73,15 +73,6 @@ pub enum Error {
     /// it finished, or another process took its claim over.
     #[error("generation {0} is finished or held by another process; it will not be sent")]
     NotClaimable(i64),
-    /// The ledger failed for good during a run, and these paid results
-    /// could not be stored (the caller keeps them, e.g. in a recovery file).
-    #[error("{message}")]
-    Unstored {
-        /// What failed.
-        message: String,
-        /// The results, to be stored when the ledger is back.
-        results: Vec<crate::run::UnstoredResult>,
-    },
     /// The store (database) failed.
     #[error("store: {message}")]
     Store {
@@ -115,7 +106,7 @@ impl Error {
 
     /// Whether this error is the user's input (as opposed to the store or a bug).
     pub fn is_bad_input(&self) -> bool {
-        !matches!(self, Self::Store { .. } | Self::Unstored { .. })
+        !matches!(self, Self::Store { .. })
     }
 }
 

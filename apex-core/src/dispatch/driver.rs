@@ -30,6 +30,8 @@ pub struct Executor {
     catalog: Arc<Catalog>,
     options: RunOptions,
     progress: Arc<dyn Progress>,
+    /// Paid results the ledger never took, after a failed execution.
+    unstored: std::sync::Mutex<Vec<UnstoredResult>>,
 }
 
 /// How many bytes of context text the driver keeps cached.
@@ -91,7 +93,15 @@ impl Executor {
             catalog,
             options,
             progress,
+            unstored: std::sync::Mutex::new(Vec::new()),
         }
+    }
+
+    /// After `execute` failed because the ledger did not come back: the
+    /// paid results it could not store (to keep, e.g. in a recovery file,
+    /// and store later). Empty otherwise.
+    pub fn take_unstored(&self) -> Vec<UnstoredResult> {
+        std::mem::take(&mut *self.unstored.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Executes the run's remaining generations until done, or until `stop`
@@ -176,8 +186,8 @@ impl Executor {
     }
 
     /// Gives back claims and records the run's state. After a ledger
-    /// failure, paid results that could not be stored are handed back in
-    /// [`Error::Unstored`].
+    /// failure, paid results that could not be stored are kept for
+    /// [`take_unstored`](Self::take_unstored).
     async fn conclude(
         &self,
         run_id: &RunId,
@@ -191,13 +201,11 @@ impl Executor {
             // Best effort: the ledger has just failed.
             let _ = store.release_claims(run_id, worker).await;
             let _ = store.set_run_state(run_id, RunState::Interrupted).await;
-            if unstored.is_empty() {
-                return Err(error);
-            }
-            return Err(Error::Unstored {
-                message: error.to_string(),
-                results: unstored,
-            });
+            self.unstored
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(unstored);
+            return Err(error);
         }
         patiently(patience, "giving back claims", || {
             store.release_claims(run_id, worker)
