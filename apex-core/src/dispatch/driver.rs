@@ -121,7 +121,7 @@ impl Executor {
             tasks: JoinSet::new(),
             task_ids: HashMap::new(),
             packages: HashMap::new(),
-            package_order: std::collections::VecDeque::new(),
+            recent_packages: std::collections::VecDeque::new(),
             package_bytes: 0,
             stop,
             stop_open: true,
@@ -237,9 +237,9 @@ struct Driver<'a> {
     machine: Dispatcher,
     tasks: JoinSet<Event>,
     task_ids: HashMap<tokio::task::Id, Task>,
-    packages: HashMap<(String, String), Arc<ContextPackage>>,
-    /// Cached contexts, oldest first, and their size in bytes.
-    package_order: std::collections::VecDeque<(String, String)>,
+    packages: HashMap<(String, String), std::sync::Weak<ContextPackage>>,
+    /// The contexts kept for reuse, oldest first, and their size in bytes.
+    recent_packages: std::collections::VecDeque<Arc<ContextPackage>>,
     package_bytes: usize,
     stop: watch::Receiver<bool>,
     stop_open: bool,
@@ -460,20 +460,13 @@ impl Driver<'_> {
         });
     }
 
-    /// A context, from a cache of the most recently read ones (bounded in
-    /// bytes: a long run must not keep every context it has sent; requests
-    /// in flight hold their own reference).
+    /// A context, held once: any copy still alive (in a request in flight)
+    /// is reused; the most recently read ones are kept up to a byte budget
+    /// (a long run must not keep every context it has sent).
     async fn package(&mut self, id: &str, version: &str) -> Result<Arc<ContextPackage>> {
         let key = (id.to_owned(), version.to_owned());
-        if let Some(p) = self.packages.get(&key) {
-            return Ok(Arc::clone(p));
-        }
-        while self.package_bytes > PACKAGE_CACHE_BYTES
-            && let Some(oldest) = self.package_order.pop_front()
-        {
-            if let Some(p) = self.packages.remove(&oldest) {
-                self.package_bytes -= p.byte_len();
-            }
+        if let Some(p) = self.packages.get(&key).and_then(std::sync::Weak::upgrade) {
+            return Ok(p);
         }
         let store = &self.executor.store;
         let p = patiently(self.patience(), "reading a context", || {
@@ -482,8 +475,16 @@ impl Driver<'_> {
         .await?;
         let p = Arc::new(p);
         self.package_bytes += p.byte_len();
-        self.package_order.push_back(key.clone());
-        self.packages.insert(key, Arc::clone(&p));
+        self.recent_packages.push_back(Arc::clone(&p));
+        while self.package_bytes > PACKAGE_CACHE_BYTES
+            && self.recent_packages.len() > 1
+            && let Some(oldest) = self.recent_packages.pop_front()
+        {
+            self.package_bytes -= oldest.byte_len();
+        }
+        // Forget contexts no request holds any more.
+        self.packages.retain(|_, weak| weak.strong_count() > 0);
+        self.packages.insert(key, Arc::downgrade(&p));
         Ok(p)
     }
 

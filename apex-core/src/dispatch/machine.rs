@@ -584,6 +584,10 @@ impl Dispatcher {
     /// admit. False when it must wait for a token count first.
     fn dispatch_ready(&mut self) -> bool {
         self.limiter_wake = None;
+        // Every slot taken (the usual case under load): nothing to scan.
+        if self.stopping || self.in_flight >= self.config.concurrency.max(1) {
+            return true;
+        }
         let mut blocked: HashSet<String> = HashSet::new();
         for candidate in self.queue.candidates(self.now) {
             if self.stopping
