@@ -489,6 +489,8 @@ struct FailingEnd {
     refuse_begin_once: Mutex<Vec<i64>>,
     /// Storing any result fails this many more times (an outage that ends).
     outage: Mutex<u32>,
+    /// Reading a context finds it edited by hand.
+    corrupt_contexts: bool,
 }
 
 #[async_trait]
@@ -518,6 +520,11 @@ impl Store for FailingEnd {
         self.inner.current_packages().await
     }
     async fn package(&self, id: &str, version: &str) -> apex::core::Result<ContextPackage> {
+        if self.corrupt_contexts {
+            return Err(apex::core::Error::Corrupt(format!(
+                "context package `{id}` version {version} does not match its stored text"
+            )));
+        }
         self.inner.package(id, version).await
     }
     async fn create_run(&self, run: &NewRun, plan: &Plan) -> apex::core::Result<()> {
@@ -659,6 +666,7 @@ async fn a_ledger_failure_stops_new_work_but_stores_what_is_in_flight() {
         fail_for: ids[1],
         refuse_begin_once: Mutex::new(Vec::new()),
         outage: Mutex::new(0),
+        corrupt_contexts: false,
     });
     let mut providers: HashMap<ProviderKind, Arc<dyn Provider>> = HashMap::new();
     providers.insert(ProviderKind::Anthropic, fake.clone());
@@ -787,6 +795,7 @@ async fn a_group_whose_claim_was_refused_is_claimed_again() {
         fail_for: -1,
         refuse_begin_once: Mutex::new(vec![first]),
         outage: Mutex::new(0),
+        corrupt_contexts: false,
     });
     let mut providers: HashMap<ProviderKind, Arc<dyn Provider>> = HashMap::new();
     providers.insert(ProviderKind::Anthropic, fake.clone());
@@ -861,6 +870,7 @@ async fn a_ledger_that_comes_back_within_its_patience_loses_nothing() {
         refuse_begin_once: Mutex::new(Vec::new()),
         // Eight failed writes: seconds of retries, well within 30 s.
         outage: Mutex::new(8),
+        corrupt_contexts: false,
     };
     let executor = faulty_executor(&s, store, &fake);
     let (_tx, rx) = tokio::sync::watch::channel(false);
@@ -884,6 +894,7 @@ async fn results_the_ledger_never_takes_are_handed_back_not_lost() {
         fail_for: lost,
         refuse_begin_once: Mutex::new(Vec::new()),
         outage: Mutex::new(0),
+        corrupt_contexts: false,
     };
     let executor = faulty_executor(&s, store, &fake);
     let (_tx, rx) = tokio::sync::watch::channel(false);
@@ -898,4 +909,28 @@ async fn results_the_ledger_never_takes_are_handed_back_not_lost() {
     assert_eq!(results.len(), 1);
     assert_eq!(results[0].generation_id, lost);
     assert!(matches!(results[0].end, apex::core::AttemptEnd::Success(_)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_ledger_edited_by_hand_is_not_retried() {
+    let s = setup(1, 2000, 1, 200).await;
+    let fake = FakeProvider::new(ProviderKind::Anthropic, Duration::from_secs(1));
+    let store = FailingEnd {
+        inner: Arc::clone(&s.store),
+        fail_for: -1,
+        refuse_begin_once: Mutex::new(Vec::new()),
+        outage: Mutex::new(0),
+        corrupt_contexts: true,
+    };
+    let executor = faulty_executor(&s, store, &fake);
+    let (_tx, rx) = tokio::sync::watch::channel(false);
+    let started = Instant::now();
+    let err = executor.execute(&s.run_id, false, rx).await.unwrap_err();
+    assert!(err.to_string().contains("does not match"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "retried what cannot succeed: {:?}",
+        started.elapsed()
+    );
+    assert!(fake.calls().is_empty());
 }

@@ -292,7 +292,7 @@ struct RecordedOptions {
 async fn restore_options(store: &dyn Store, cmd: &mut RunCmd, run_id: &RunId) -> Result<()> {
     let mut flags = store.run(run_id).await?.flags;
     let recorded: RecordedOptions = serde_json::from_value(flags.clone()).map_err(|e| {
-        apex_core::Error::store_msg(format!(
+        apex_core::Error::Corrupt(format!(
             "run {run_id} records options this apex cannot read ({e}); the ledger was edited by hand"
         ))
     })?;

@@ -133,7 +133,7 @@ impl ContextPackage {
     ) -> Result<Self> {
         let package = Self::new(id, system, context, prompt)?;
         if package.version != version {
-            return Err(Error::store_msg(format!(
+            return Err(Error::Corrupt(format!(
                 "context package `{}` version {version} does not match its stored text (hash {}); the ledger was edited",
                 package.id, package.version
             )));

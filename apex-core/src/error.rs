@@ -73,6 +73,10 @@ pub enum Error {
     /// it finished, or another process took its claim over.
     #[error("generation {0} is finished or held by another process; it will not be sent")]
     NotClaimable(i64),
+    /// The ledger holds data Apex did not write that way (edited by hand,
+    /// or by another tool): retrying cannot help.
+    #[error("ledger: {0}")]
+    Corrupt(String),
     /// The store (database) failed.
     #[error("store: {message}")]
     Store {
@@ -106,7 +110,7 @@ impl Error {
 
     /// Whether this error is the user's input (as opposed to the store or a bug).
     pub fn is_bad_input(&self) -> bool {
-        !matches!(self, Self::Store { .. })
+        !matches!(self, Self::Store { .. } | Self::Corrupt(_))
     }
 }
 

@@ -88,7 +88,7 @@ fn condition_from(r: &Record) -> CoreResult<Condition> {
     Ok(Condition {
         slug: r.text("slug")?,
         provider: ProviderKind::parse(&provider).ok_or_else(|| {
-            Error::store_msg(format!("unknown provider `{provider}` in the ledger"))
+            Error::Corrupt(format!("unknown provider `{provider}` in the ledger"))
         })?,
         model: r.text("model")?,
         temperature: r.opt_f64("temperature")?,
@@ -285,7 +285,7 @@ pub(crate) async fn package(
         .query_opt(&PACKAGE_TEXT, params![id, version])
         .await?
         .ok_or_else(|| {
-            Error::store_msg(format!(
+            Error::Corrupt(format!(
                 "context package `{id}` version {version} is not stored"
             ))
         })?;
@@ -433,7 +433,7 @@ pub(crate) async fn load_run(tx: &mut impl Tx, run_id: &RunId) -> CoreResult<Run
             "success" => counts.success = n,
             "error" => counts.error = n,
             other => {
-                return Err(Error::store_msg(format!(
+                return Err(Error::Corrupt(format!(
                     "run {run_id} has {n} generation(s) with unknown status `{other}`; the ledger was edited by hand"
                 )));
             }
@@ -452,12 +452,12 @@ pub(crate) async fn load_run(tx: &mut impl Tx, run_id: &RunId) -> CoreResult<Run
         created_by: row.opt_text("created_by")?,
         notes: row.opt_text("notes")?,
         flags: serde_json::from_str(&flags).map_err(|e| {
-            Error::store_msg(format!(
+            Error::Corrupt(format!(
                 "run {run_id} has unreadable flags ({e}); the ledger was edited by hand"
             ))
         })?,
         state: RunState::parse(&state)
-            .ok_or_else(|| Error::store_msg(format!("run {run_id} has unknown state `{state}`")))?,
+            .ok_or_else(|| Error::Corrupt(format!("run {run_id} has unknown state `{state}`")))?,
         created_at: row.text("created_at")?,
         started_at: row.opt_text("started_at")?,
         finished_at: row.opt_text("finished_at")?,
@@ -484,8 +484,7 @@ pub(crate) async fn run_conditions(tx: &mut impl Tx, run_id: &RunId) -> CoreResu
         .iter()
         .map(|r| {
             let slug = r.text("condition_slug")?;
-            let bad =
-                |e: serde_json::Error| Error::store_msg(format!("run condition `{slug}`: {e}"));
+            let bad = |e: serde_json::Error| Error::Corrupt(format!("run condition `{slug}`: {e}"));
             let mut value: serde_json::Value =
                 serde_json::from_str(&r.text("params_json")?).map_err(bad)?;
             value["slug"] = serde_json::Value::String(slug.clone());

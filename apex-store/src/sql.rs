@@ -133,7 +133,7 @@ pub(crate) struct Record {
 }
 
 fn bad(column: &str, want: &str, got: &SqlValue) -> Error {
-    Error::store_msg(format!(
+    Error::Corrupt(format!(
         "column `{column}` holds {got:?} where the ledger keeps {want}; was it edited by hand?"
     ))
 }
@@ -144,7 +144,7 @@ impl Record {
             .iter()
             .position(|c| c == column)
             .map(|i| &self.values[i])
-            .ok_or_else(|| Error::store_msg(format!("the ledger returned no column `{column}`")))
+            .ok_or_else(|| Error::Corrupt(format!("the ledger returned no column `{column}`")))
     }
 
     /// Text that may be NULL.

@@ -800,7 +800,7 @@ impl Dispatcher {
                 continue;
             }
             let Some(condition) = self.conditions.get(&item.condition_slug).cloned() else {
-                return Err(Error::store_msg(format!(
+                return Err(Error::Corrupt(format!(
                     "generation {} names condition `{}` that the run does not list",
                     item.generation_id, item.condition_slug
                 )));

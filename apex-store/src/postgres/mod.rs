@@ -257,7 +257,7 @@ fn value_at(row: &Row, i: usize) -> CoreResult<SqlValue> {
             .map_err(read)?
             .map_or(SqlValue::Null, SqlValue::Text)
     } else {
-        return Err(Error::store_msg(format!(
+        return Err(Error::Corrupt(format!(
             "column `{}` has type {ty}, which the ledger does not use",
             column.name()
         )));
