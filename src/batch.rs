@@ -66,6 +66,9 @@ pub struct Apex {
     provider_configs: HashMap<ProviderKind, ProviderConfig>,
     request_timeout: Option<std::time::Duration>,
     recovery_dir: std::path::PathBuf,
+    /// Clients built so far, one per provider: building one loads TLS
+    /// roots, so the early key check and the execution share it.
+    built: std::sync::Mutex<HashMap<ProviderKind, Arc<dyn Provider>>>,
 }
 
 impl std::fmt::Debug for Apex {
@@ -107,6 +110,7 @@ impl Apex {
             provider_configs: HashMap::new(),
             request_timeout: None,
             recovery_dir: std::path::PathBuf::from("."),
+            built: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
@@ -126,6 +130,7 @@ impl Apex {
     /// environment's (another base URL, such as a simulator's, or a key).
     pub fn with_provider(mut self, kind: ProviderKind, config: ProviderConfig) -> Self {
         self.provider_configs.insert(kind, config);
+        self.forget_clients();
         self
     }
 
@@ -133,7 +138,16 @@ impl Apex {
     /// completed after this long, whichever provider it goes to.
     pub fn with_request_timeout(mut self, timeout: std::time::Duration) -> Self {
         self.request_timeout = Some(timeout);
+        self.forget_clients();
         self
+    }
+
+    /// Clients built with an older configuration are built again.
+    fn forget_clients(&mut self) {
+        self.built
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 
     /// Where paid results the ledger could not take are saved
@@ -265,8 +279,16 @@ impl Apex {
                     c.provider.api_key_env()
                 )));
             }
-            let provider = apex_providers::build(c.provider, config)
-                .map_err(|e| Error::Preflight(e.to_string()))?;
+            let mut built = self.built.lock().unwrap_or_else(|p| p.into_inner());
+            let provider = match built.get(&c.provider) {
+                Some(provider) => Arc::clone(provider),
+                None => {
+                    let provider = apex_providers::build(c.provider, config)
+                        .map_err(|e| Error::Preflight(e.to_string()))?;
+                    built.insert(c.provider, Arc::clone(&provider));
+                    provider
+                }
+            };
             providers.insert(c.provider, provider);
         }
         Ok(providers)
@@ -460,4 +482,37 @@ pub struct Preview {
     pub estimated_input_tokens: u64,
     /// URL, body and hash.
     pub request: apex_core::RequestPreview,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_provider_client_is_built_once_per_configuration() {
+        let store = Arc::new(apex_store::SqliteStore::open_in_memory().unwrap());
+        let conditions = apex_core::parse_conditions(
+            "[[condition]]\nslug = \"c\"\nprovider = \"openai\"\nmodel = \"gpt-4o\"\nmax_tokens = 8\n",
+        )
+        .unwrap();
+        let config = |url: &str| ProviderConfig {
+            base_url: url.into(),
+            api_key: Some(apex_providers::ApiKey::new("sk-test")),
+            ..ProviderConfig::from_env(ProviderKind::OpenAi)
+        };
+        let apex =
+            Apex::new(store).with_provider(ProviderKind::OpenAi, config("http://127.0.0.1:9"));
+        let first = apex.providers_for(&conditions, true).unwrap();
+        let again = apex.providers_for(&conditions, false).unwrap();
+        assert!(Arc::ptr_eq(
+            &first[&ProviderKind::OpenAi],
+            &again[&ProviderKind::OpenAi]
+        ));
+        let apex = apex.with_provider(ProviderKind::OpenAi, config("http://127.0.0.1:10"));
+        let rebuilt = apex.providers_for(&conditions, true).unwrap();
+        assert!(!Arc::ptr_eq(
+            &first[&ProviderKind::OpenAi],
+            &rebuilt[&ProviderKind::OpenAi]
+        ));
+    }
 }
