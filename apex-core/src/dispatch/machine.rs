@@ -349,11 +349,6 @@ impl Dispatcher {
         self.in_flight
     }
 
-    /// Whether [`Action::Done`] has been handed out.
-    pub fn is_done(&self) -> bool {
-        self.phase == Phase::Done && self.outbox.is_empty()
-    }
-
     /// The limiter's sums in the current window for a condition's model.
     pub fn window_usage(&self, slug: &str, now: Instant) -> Option<[u64; 3]> {
         self.limiter.usage(self.bucket_keys.get(slug)?, now)
@@ -633,7 +628,7 @@ impl Dispatcher {
                 Admission::Granted(reservation) => {
                     self.queue.remove(candidate);
                     self.reservations.granted += 1;
-                    self.launch(id, reservation, role);
+                    self.launch(id, reservation);
                 }
             }
         }
@@ -682,17 +677,11 @@ impl Dispatcher {
         }
     }
 
-    fn launch(
-        &mut self,
-        id: GenerationId,
-        reservation: crate::limiter::Reservation,
-        role: CacheRole,
-    ) {
+    fn launch(&mut self, id: GenerationId, reservation: crate::limiter::Reservation) {
         let job = self.jobs.get_mut(&id).expect("a queued job exists");
         job.tries = job.tries.saturating_add(1);
         job.stage = Stage::Beginning;
         job.reservation = Some(reservation);
-        job.cache_role = role;
         let group = self
             .groups
             .get_mut(&job.group)
@@ -833,7 +822,6 @@ impl Dispatcher {
                     tries: 0,
                     stage: Stage::Queued,
                     reservation: None,
-                    cache_role: CacheRole::Writes,
                 },
             );
         }
@@ -1037,10 +1025,11 @@ impl Dispatcher {
         {
             return;
         }
-        let Some(job) = self.remove_in_flight(id) else {
+        let Some(mut job) = self.remove_in_flight(id) else {
             return;
         };
-        let Stage::Storing(verdict, outcome) = job.stage.clone() else {
+        let Stage::Storing(verdict, outcome) = std::mem::replace(&mut job.stage, Stage::Queued)
+        else {
             return;
         };
         let slug = self.groups[&job.group].condition.slug.clone();
@@ -1084,7 +1073,7 @@ impl Dispatcher {
                         delay,
                     }));
                 let due = crate::time::later(self.now, delay);
-                job.stage = Stage::RetryAt(due);
+                job.stage = Stage::Retrying;
                 self.queue.retries.insert((due, item.generation_id));
                 self.jobs.insert(item.generation_id, job);
             }

@@ -10,7 +10,6 @@ use crate::limiter::Reservation;
 use crate::provider::{CacheTtl, SharedBody};
 use crate::run::WorkItem;
 
-use super::pacing::CacheRole;
 use super::retry::Verdict;
 
 /// A generation's row id in the ledger: jobs are keyed by it.
@@ -66,8 +65,8 @@ pub enum Role {
 pub(crate) enum Stage {
     /// Waiting in the ready queue (or, for a follower, for its leader).
     Queued,
-    /// Waiting for its retry time.
-    RetryAt(Instant),
+    /// Waiting for its retry time (kept in the ready queue).
+    Retrying,
     /// Its attempt is being recorded as begun.
     Beginning,
     /// Its request is out.
@@ -99,8 +98,6 @@ pub(crate) struct Job {
     pub tries: u32,
     pub stage: Stage,
     pub reservation: Option<Reservation>,
-    /// Whether the current attempt was reserved as a cache writer.
-    pub cache_role: CacheRole,
 }
 
 impl Job {
