@@ -271,7 +271,7 @@ fn run_options(cmd: &RunCmd, cache: bool, limits: LimitTable) -> RunOptions {
 /// The options a run records that a resume restores: pacing, retries,
 /// caching, files, timeouts. (Its conditions, contexts and replicates are
 /// the run's own; `--verify-first` was for its start.)
-#[derive(Debug, Default, serde::Deserialize)]
+#[derive(Debug, Default, serde::Deserialize, serde::Serialize)]
 #[serde(default)]
 struct RecordedOptions {
     max_retries: Option<u32>,
@@ -307,25 +307,24 @@ async fn restore_options(store: &dyn Store, cmd: &mut RunCmd, run_id: &RunId) ->
     cmd.time_scale = cmd.time_scale.or(recorded.time_scale);
     cmd.request_timeout = cmd.request_timeout.or(recorded.request_timeout);
     cmd.ledger_timeout = cmd.ledger_timeout.or(recorded.ledger_timeout);
-    let now = serde_json::to_value(&*cmd).context("recording the flags")?;
-    if let (Some(flags), Some(now)) = (flags.as_object_mut(), now.as_object()) {
-        for key in [
-            "max_retries",
-            "no_cache",
-            "no_rate_limiting",
-            "limits",
-            "workers",
-            "claim_timeout",
-            "catalog",
-            "concurrency",
-            "time_scale",
-            "request_timeout",
-            "ledger_timeout",
-        ] {
-            if let Some(value) = now.get(key) {
-                flags.insert(key.to_owned(), value.clone());
-            }
-        }
+    let now = RecordedOptions {
+        max_retries: cmd.max_retries,
+        no_cache: cmd.no_cache,
+        no_rate_limiting: cmd.no_rate_limiting,
+        limits: cmd.limits.clone(),
+        workers: cmd.workers,
+        claim_timeout: cmd.claim_timeout,
+        catalog: cmd.catalog.clone(),
+        concurrency: cmd.concurrency,
+        time_scale: cmd.time_scale,
+        request_timeout: cmd.request_timeout,
+        ledger_timeout: cmd.ledger_timeout,
+    };
+    if let (Some(flags), serde_json::Value::Object(now)) = (
+        flags.as_object_mut(),
+        serde_json::to_value(now).context("recording the flags")?,
+    ) {
+        flags.extend(now);
     }
     store.set_run_flags(run_id, &flags).await?;
     Ok(())
