@@ -436,8 +436,9 @@ impl SqliteStore {
         .await
     }
 
-    /// Runs shared ledger logic that only reads.
-    async fn read<T, F>(&self, work: F) -> CoreResult<T>
+    /// Runs shared ledger logic statement by statement (reads, and single
+    /// writes that need no transaction).
+    async fn on_connection<T, F>(&self, work: F) -> CoreResult<T>
     where
         T: Send + 'static,
         F: FnOnce(&mut SqliteTx<'_>) -> CoreResult<T> + Send + 'static,
@@ -470,12 +471,13 @@ impl Store for SqliteStore {
     }
 
     async fn conditions(&self) -> CoreResult<Vec<ConditionInfo>> {
-        self.read(|tx| run_now(ledger::conditions(tx))).await
+        self.on_connection(|tx| run_now(ledger::conditions(tx)))
+            .await
     }
 
     async fn condition(&self, slug: &str) -> CoreResult<Condition> {
         let slug = slug.to_owned();
-        self.read(move |tx| run_now(ledger::condition(tx, &slug)))
+        self.on_connection(move |tx| run_now(ledger::condition(tx, &slug)))
             .await
     }
 
@@ -501,18 +503,19 @@ impl Store for SqliteStore {
     }
 
     async fn current_packages(&self) -> CoreResult<Vec<PackageRef>> {
-        self.read(|tx| run_now(ledger::current_packages(tx))).await
+        self.on_connection(|tx| run_now(ledger::current_packages(tx)))
+            .await
     }
 
     async fn package(&self, id: &str, version: &str) -> CoreResult<ContextPackage> {
         let (id, version) = (id.to_owned(), version.to_owned());
-        self.read(move |tx| run_now(ledger::package(tx, &id, &version)))
+        self.on_connection(move |tx| run_now(ledger::package(tx, &id, &version)))
             .await
     }
 
     async fn o200k_split(&self, id: &str, version: &str) -> CoreResult<Option<(u64, u64)>> {
         let (id, version) = (id.to_owned(), version.to_owned());
-        self.read(move |tx| run_now(ledger::o200k_split(tx, &id, &version)))
+        self.on_connection(move |tx| run_now(ledger::o200k_split(tx, &id, &version)))
             .await
     }
 
@@ -524,29 +527,29 @@ impl Store for SqliteStore {
 
     async fn run(&self, run_id: &RunId) -> CoreResult<RunInfo> {
         let run_id = run_id.clone();
-        self.read(move |tx| run_now(ledger::load_run(tx, &run_id)))
+        self.on_connection(move |tx| run_now(ledger::load_run(tx, &run_id)))
             .await
     }
 
     async fn runs(&self) -> CoreResult<Vec<RunInfo>> {
-        self.read(|tx| run_now(ledger::runs(tx))).await
+        self.on_connection(|tx| run_now(ledger::runs(tx))).await
     }
 
     async fn run_conditions(&self, run_id: &RunId) -> CoreResult<Vec<Condition>> {
         let run_id = run_id.clone();
-        self.read(move |tx| run_now(ledger::run_conditions(tx, &run_id)))
+        self.on_connection(move |tx| run_now(ledger::run_conditions(tx, &run_id)))
             .await
     }
 
     async fn set_run_flags(&self, run_id: &RunId, flags: &serde_json::Value) -> CoreResult<()> {
         let (run_id, flags) = (run_id.clone(), flags.clone());
-        self.read(move |tx| run_now(ledger::set_run_flags(tx, &run_id, &flags)))
+        self.on_connection(move |tx| run_now(ledger::set_run_flags(tx, &run_id, &flags)))
             .await
     }
 
     async fn set_run_state(&self, run_id: &RunId, state: RunState) -> CoreResult<()> {
         let run_id = run_id.clone();
-        self.read(move |tx| run_now(ledger::set_run_state(tx, &run_id, state)))
+        self.on_connection(move |tx| run_now(ledger::set_run_state(tx, &run_id, state)))
             .await
     }
 
@@ -566,7 +569,7 @@ impl Store for SqliteStore {
 
     async fn claim_holders(&self, run_id: &RunId) -> CoreResult<Vec<String>> {
         let run_id = run_id.clone();
-        self.read(move |tx| run_now(ledger::claim_holders(tx, &run_id)))
+        self.on_connection(move |tx| run_now(ledger::claim_holders(tx, &run_id)))
             .await
     }
 
@@ -619,13 +622,13 @@ impl Store for SqliteStore {
 
     async fn error_rows(&self, run_id: &RunId) -> CoreResult<Vec<ErrorRow>> {
         let run_id = run_id.clone();
-        self.read(move |tx| run_now(ledger::error_rows(tx, &run_id)))
+        self.on_connection(move |tx| run_now(ledger::error_rows(tx, &run_id)))
             .await
     }
 
     async fn usage_by_condition(&self, run_id: &RunId) -> CoreResult<Vec<ConditionUsage>> {
         let run_id = run_id.clone();
-        self.read(move |tx| run_now(ledger::usage_by_condition(tx, &run_id)))
+        self.on_connection(move |tx| run_now(ledger::usage_by_condition(tx, &run_id)))
             .await
     }
 
@@ -636,13 +639,15 @@ impl Store for SqliteStore {
         rank: u64,
     ) -> CoreResult<Option<u64>> {
         let (run_id, condition) = (run_id.clone(), condition.to_owned());
-        self.read(move |tx| run_now(ledger::success_latency_at(tx, &run_id, &condition, rank)))
-            .await
+        self.on_connection(move |tx| {
+            run_now(ledger::success_latency_at(tx, &run_id, &condition, rank))
+        })
+        .await
     }
 
     async fn run_packages(&self, run_id: &RunId) -> CoreResult<Vec<(String, String)>> {
         let run_id = run_id.clone();
-        self.read(move |tx| run_now(ledger::run_packages(tx, &run_id)))
+        self.on_connection(move |tx| run_now(ledger::run_packages(tx, &run_id)))
             .await
     }
 
@@ -653,7 +658,7 @@ impl Store for SqliteStore {
         limit: u32,
     ) -> CoreResult<Vec<GenerationRow>> {
         let run_id = run_id.clone();
-        self.read(move |tx| run_now(ledger::generations_page(tx, &run_id, after, limit)))
+        self.on_connection(move |tx| run_now(ledger::generations_page(tx, &run_id, after, limit)))
             .await
     }
 
