@@ -19,17 +19,10 @@ replicates=${4:-3}
 [ "$bin" = ./target/release/apex ] && cargo build --release --locked -q -p apex-cli
 bin=$(realpath "$bin")
 work=$(mktemp -d)
-sim_pid=
-cleanup() { [ -n "$sim_pid" ] && kill "$sim_pid" 2>/dev/null; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
+. scripts/simulator.sh
+trap 'stop_simulator; rm -rf "$work"' EXIT
 cargo run --release --locked -q --example make_contexts -- "$work/contexts" "$contexts" "$tokens" >/dev/null
-"$bin" simulate --time-scale 0.001 --latency-ms 400 --api-key sk-bench --addr-file "$work/addr" \
-  > "$work/simulator.log" 2>&1 &
-sim_pid=$!
-for _ in $(seq 100); do [ -s "$work/addr" ] && break; sleep 0.1; done
-addr=$(cat "$work/addr")
-export OPENAI_BASE_URL="http://$addr/v1" ANTHROPIC_BASE_URL="http://$addr"
-export OPENAI_API_KEY=sk-bench ANTHROPIC_API_KEY=sk-bench
+start_simulator "$bin" sk-bench "$work" --time-scale 0.001 --latency-ms 400
 db="sqlite://$work/bench.db"
 apex() { "$bin" --log-level warn --database-url "$db" "$@"; }
 apex conditions register examples/production/conditions.toml >/dev/null

@@ -16,17 +16,10 @@ tokens=${3:-1000}
 cargo build --release --locked -q --example make_contexts
 bin=$(realpath "${APEX_BIN:-./target/release/apex}")
 work=$(mktemp -d)
-sim_pid=
-cleanup() { [ -n "$sim_pid" ] && kill "$sim_pid" 2>/dev/null; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
+. scripts/simulator.sh
+trap 'stop_simulator; rm -rf "$work"' EXIT
 ./target/release/examples/make_contexts "$work/contexts" "$contexts" "$tokens" >/dev/null
-"$bin" simulate --time-scale 0.001 --api-key sk-load --output-tokens 50 --addr-file "$work/addr" \
-  > "$work/simulator.log" 2>&1 &
-sim_pid=$!
-for _ in $(seq 100); do [ -s "$work/addr" ] && break; sleep 0.1; done
-addr=$(cat "$work/addr")
-export OPENAI_BASE_URL="http://$addr/v1" ANTHROPIC_BASE_URL="http://$addr"
-export OPENAI_API_KEY=sk-load ANTHROPIC_API_KEY=sk-load
+start_simulator "$bin" sk-load "$work" --time-scale 0.001 --output-tokens 50
 db="sqlite://$work/load.db"
 apex() { "$bin" --log-level warn --database-url "$db" "$@"; }
 apex conditions register examples/production/conditions.toml >/dev/null

@@ -15,16 +15,9 @@ apex() { ./target/release/apex "$@"; }
 
 scale=${APEX_TIME_SCALE:-0.02}   # the simulator runs 50x faster than real time
 work=$(mktemp -d)
-# The binary itself in the background (not the shell function, whose
-# subshell would be what $! names), so the trap stops the simulator.
-./target/release/apex simulate --time-scale "$scale" --fault-rate 0.05 --api-key sk-sim-local \
-  --addr-file "$work/addr" > "$work/simulator.log" 2>&1 &
-sim_pid=$!
-trap 'kill $sim_pid 2>/dev/null; wait $sim_pid 2>/dev/null || true; rm -rf "$work"' EXIT
-for _ in $(seq 100); do [ -s "$work/addr" ] && break; sleep 0.1; done
-addr=$(cat "$work/addr")
-export OPENAI_BASE_URL="http://$addr/v1" ANTHROPIC_BASE_URL="http://$addr"
-export OPENAI_API_KEY=sk-sim-local ANTHROPIC_API_KEY=sk-sim-local
+. scripts/simulator.sh
+trap 'stop_simulator; rm -rf "$work"' EXIT
+start_simulator ./target/release/apex sk-sim-local "$work" --time-scale "$scale" --fault-rate 0.05
 
 apex conditions register examples/production/conditions.toml
 apex ingest examples/production/contexts
