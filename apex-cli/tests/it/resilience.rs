@@ -78,9 +78,7 @@ async fn a_second_ctrl_c_records_the_run_as_interrupted() {
     interrupt();
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     interrupt();
-    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
-        .await
-        .unwrap();
+    let out = finished(child).await;
     assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
     let run_id = run_id_from(&stdout(&out));
     let state = live
@@ -254,9 +252,7 @@ async fn a_ledger_locked_for_a_while_delays_the_run_and_loses_nothing() {
     live.wait_for("a request in flight", |l| l.count_in_file("running") > 0)
         .await;
     let lock = lock_ledger(&live, std::time::Duration::from_secs(2));
-    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
-        .await
-        .unwrap();
+    let out = finished(child).await;
     lock.join().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(stderr(&out).contains("retrying"), "{}", stderr(&out));
@@ -288,9 +284,7 @@ async fn a_ledger_gone_past_its_patience_saves_paid_results_that_a_resume_stores
     live.wait_for("a request in flight", |l| l.count_in_file("running") > 0)
         .await;
     let lock = lock_ledger(&live, std::time::Duration::from_secs(6));
-    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
-        .await
-        .unwrap();
+    let out = finished(child).await;
     lock.join().unwrap();
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(4), "{err}");
@@ -393,70 +387,64 @@ async fn wait_pg(url: &str, status: &str, at_least: i64) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-#[ignore = "stops and starts the PostgreSQL server: scripts/test.sh runs the outage tests on their own, after the suite"]
-async fn postgres_outage_a_restart_mid_run_loses_nothing() {
-    let cluster = cluster();
+/// A run of prod-sonnet45 × 3 replicates, two at a time, on a fresh
+/// PostgreSQL ledger, with `extra` options and answers after `latency`
+/// seconds of simulator time; (the live set-up, the ledger URL, the child).
+async fn outage_run(latency: u64, extra: &[&str]) -> (Live, String, std::process::Child) {
     let url = crate::fresh_postgres_database().await;
     let live = Live::on(
         crate::Sandbox::with_url(url.clone()),
         SimulatorConfig {
-            base_latency: std::time::Duration::from_secs(50),
+            base_latency: std::time::Duration::from_secs(latency),
             ..SimulatorConfig::default()
         },
     )
     .await;
-    let child = live.spawn(&args(&[
+    let mut run = vec![
         "--condition-slug",
         "prod-sonnet45",
         "--replicates",
         "3",
         "--concurrency",
         "2",
-    ]));
+    ];
+    run.extend_from_slice(extra);
+    let child = live.spawn(&args(&run));
+    (live, url, child)
+}
+
+async fn finished(child: std::process::Child) -> std::process::Output {
+    tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "stops and starts the PostgreSQL server: scripts/test.sh runs the outage tests on their own, before the suite"]
+async fn postgres_outage_a_restart_mid_run_loses_nothing() {
+    let cluster = cluster();
+    let (live, url, child) = outage_run(50, &[]).await;
     wait_pg(&url, "success", 2).await;
     let restart = StartAgain(cluster.clone());
     pg_ctl(&cluster, "stop");
     tokio::time::sleep(std::time::Duration::from_secs(2)).await;
     pg_ctl(&cluster, "start");
     drop(restart);
-    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
-        .await
-        .unwrap();
+    let out = finished(child).await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(pg_count(&url, "success").await, 9);
     assert_each_paid_once(&live);
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "stops and starts the PostgreSQL server: scripts/test.sh runs the outage tests on their own, after the suite"]
+#[ignore = "stops and starts the PostgreSQL server: scripts/test.sh runs the outage tests on their own, before the suite"]
 async fn postgres_outage_past_its_patience_saves_results_that_a_resume_stores() {
     let cluster = cluster();
-    let url = crate::fresh_postgres_database().await;
-    let live = Live::on(
-        crate::Sandbox::with_url(url.clone()),
-        SimulatorConfig {
-            base_latency: std::time::Duration::from_secs(100),
-            ..SimulatorConfig::default()
-        },
-    )
-    .await;
-    let child = live.spawn(&args(&[
-        "--condition-slug",
-        "prod-sonnet45",
-        "--replicates",
-        "3",
-        "--concurrency",
-        "2",
-        "--ledger-timeout",
-        "2",
-    ]));
+    let (live, url, child) = outage_run(100, &["--ledger-timeout", "2"]).await;
     wait_pg(&url, "running", 1).await;
     let restart = StartAgain(cluster.clone());
     pg_ctl(&cluster, "stop");
-    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
-        .await
-        .unwrap();
+    let out = finished(child).await;
     pg_ctl(&cluster, "start");
     drop(restart);
     let err = stderr(&out);
