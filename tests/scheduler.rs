@@ -229,21 +229,25 @@ async fn setup(contexts: usize, context_tokens: usize, replicates: u32, max_toke
     }
 }
 
-async fn execute(
-    setup: &Setup,
-    provider: Arc<FakeProvider>,
-    options: RunOptions,
-) -> apex::core::executor::RunReport {
+/// An executor over `store` with the fake as its one provider.
+fn executor(store: Arc<dyn Store>, fake: &Arc<FakeProvider>, options: RunOptions) -> Executor {
     let mut providers: HashMap<ProviderKind, Arc<dyn Provider>> = HashMap::new();
-    providers.insert(ProviderKind::Anthropic, provider);
-    let store: Arc<dyn Store> = setup.store.clone();
-    let executor = Executor::new(
+    providers.insert(ProviderKind::Anthropic, fake.clone());
+    Executor::new(
         store,
         providers,
         Arc::new(Catalog::built_in()),
         options,
         Arc::new(NoProgress),
-    );
+    )
+}
+
+async fn execute(
+    setup: &Setup,
+    provider: Arc<FakeProvider>,
+    options: RunOptions,
+) -> apex::core::executor::RunReport {
+    let executor = executor(setup.store.clone(), &provider, options);
     let (_tx, rx) = tokio::sync::watch::channel(false);
     executor.execute(&setup.run_id, false, rx).await.unwrap()
 }
@@ -450,20 +454,12 @@ async fn a_request_that_can_never_fit_is_refused_not_waited_for() {
     // tighter limits would meet it.
     let s = setup(1, 4000, 1, 200).await;
     let fake = FakeProvider::new(ProviderKind::Anthropic, Duration::from_secs(1));
-    let mut providers: HashMap<ProviderKind, Arc<dyn Provider>> = HashMap::new();
-    providers.insert(ProviderKind::Anthropic, fake.clone());
     let store: Arc<dyn Store> = s.store.clone();
     let options = RunOptions {
         limits: limits(100, 3000, 100_000),
         ..RunOptions::default()
     };
-    let executor = Executor::new(
-        store,
-        providers,
-        Arc::new(Catalog::built_in()),
-        options,
-        Arc::new(NoProgress),
-    );
+    let executor = executor(store, &fake, options);
     let (_tx, rx) = tokio::sync::watch::channel(false);
     let report = executor.execute(&s.run_id, false, rx).await.unwrap();
     assert_eq!(report.stopped.len(), 1);
@@ -668,8 +664,6 @@ async fn a_ledger_failure_stops_new_work_but_stores_what_is_in_flight() {
         outage: Mutex::new(0),
         corrupt_contexts: false,
     });
-    let mut providers: HashMap<ProviderKind, Arc<dyn Provider>> = HashMap::new();
-    providers.insert(ProviderKind::Anthropic, fake.clone());
     // The ledger has failed for good (no retries): see the patience tests
     // below for a ledger that comes back.
     let options = RunOptions {
@@ -678,13 +672,7 @@ async fn a_ledger_failure_stops_new_work_but_stores_what_is_in_flight() {
         ledger_patience: Duration::ZERO,
         ..RunOptions::default()
     };
-    let executor = Executor::new(
-        store,
-        providers,
-        Arc::new(Catalog::built_in()),
-        options,
-        Arc::new(NoProgress),
-    );
+    let executor = executor(store, &fake, options);
     let (_tx, rx) = tokio::sync::watch::channel(false);
     let err = executor.execute(&s.run_id, false, rx).await.unwrap_err();
     assert!(err.to_string().contains("disk full"), "{err}");
@@ -758,17 +746,13 @@ async fn followers_of_a_failed_leader_are_paced_as_cache_writers() {
 async fn a_closed_stop_channel_is_not_a_stop() {
     let s = setup(3, 2000, 2, 200).await;
     let fake = FakeProvider::new(ProviderKind::Anthropic, Duration::from_secs(1));
-    let mut providers: HashMap<ProviderKind, Arc<dyn Provider>> = HashMap::new();
-    providers.insert(ProviderKind::Anthropic, fake.clone());
-    let executor = Executor::new(
+    let executor = executor(
         s.store.clone(),
-        providers,
-        Arc::new(Catalog::built_in()),
+        &fake,
         RunOptions {
             limits: LimitTable::none(),
             ..RunOptions::default()
         },
-        Arc::new(NoProgress),
     );
     let (tx, rx) = tokio::sync::watch::channel(false);
     drop(tx);
@@ -797,17 +781,13 @@ async fn a_group_whose_claim_was_refused_is_claimed_again() {
         outage: Mutex::new(0),
         corrupt_contexts: false,
     });
-    let mut providers: HashMap<ProviderKind, Arc<dyn Provider>> = HashMap::new();
-    providers.insert(ProviderKind::Anthropic, fake.clone());
-    let executor = Executor::new(
+    let executor = executor(
         store,
-        providers,
-        Arc::new(Catalog::built_in()),
+        &fake,
         RunOptions {
             limits: LimitTable::none(),
             ..RunOptions::default()
         },
-        Arc::new(NoProgress),
     );
     let (_tx, rx) = tokio::sync::watch::channel(false);
     let report = executor.execute(&s.run_id, false, rx).await.unwrap();
@@ -842,22 +822,15 @@ async fn no_rate_limiting_stays_off_whatever_the_headers_say() {
     );
 }
 
-fn faulty_executor(s: &Setup, store: FailingEnd, fake: &Arc<FakeProvider>) -> Executor {
-    let mut providers: HashMap<ProviderKind, Arc<dyn Provider>> = HashMap::new();
-    providers.insert(ProviderKind::Anthropic, fake.clone());
-    let _ = s;
-    Executor::new(
-        Arc::new(store),
-        providers,
-        Arc::new(Catalog::built_in()),
-        RunOptions {
-            concurrency: 2,
-            limits: LimitTable::none(),
-            ledger_patience: Duration::from_secs(30),
-            ..RunOptions::default()
-        },
-        Arc::new(NoProgress),
-    )
+/// An executor over a faulty ledger with 30 s of patience.
+fn faulty_executor(store: FailingEnd, fake: &Arc<FakeProvider>) -> Executor {
+    let options = RunOptions {
+        concurrency: 2,
+        limits: LimitTable::none(),
+        ledger_patience: Duration::from_secs(30),
+        ..RunOptions::default()
+    };
+    executor(Arc::new(store), fake, options)
 }
 
 #[tokio::test(start_paused = true)]
@@ -872,7 +845,7 @@ async fn a_ledger_that_comes_back_within_its_patience_loses_nothing() {
         outage: Mutex::new(8),
         corrupt_contexts: false,
     };
-    let executor = faulty_executor(&s, store, &fake);
+    let executor = faulty_executor(store, &fake);
     let (_tx, rx) = tokio::sync::watch::channel(false);
     let report = executor.execute(&s.run_id, false, rx).await.unwrap();
     assert_eq!(report.counts.success, 6, "{:?}", report.counts);
@@ -896,7 +869,7 @@ async fn results_the_ledger_never_takes_are_handed_back_not_lost() {
         outage: Mutex::new(0),
         corrupt_contexts: false,
     };
-    let executor = faulty_executor(&s, store, &fake);
+    let executor = faulty_executor(store, &fake);
     let (_tx, rx) = tokio::sync::watch::channel(false);
     let started = Instant::now();
     let err = executor.execute(&s.run_id, false, rx).await.unwrap_err();
@@ -922,7 +895,7 @@ async fn a_ledger_edited_by_hand_is_not_retried() {
         outage: Mutex::new(0),
         corrupt_contexts: true,
     };
-    let executor = faulty_executor(&s, store, &fake);
+    let executor = faulty_executor(store, &fake);
     let (_tx, rx) = tokio::sync::watch::channel(false);
     let started = Instant::now();
     let err = executor.execute(&s.run_id, false, rx).await.unwrap_err();
