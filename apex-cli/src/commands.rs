@@ -292,8 +292,17 @@ struct RecordedOptions {
 async fn restore_options(store: &dyn Store, cmd: &mut RunCmd, run_id: &RunId) -> Result<()> {
     let mut flags = store.run(run_id).await?.flags;
     let recorded: RecordedOptions = serde_json::from_value(flags.clone()).map_err(|e| {
+        // serde does not say which field: find the option that fails alone.
+        let field = flags.as_object().and_then(|all| {
+            all.iter()
+                .find(|(k, v)| {
+                    serde_json::from_value::<RecordedOptions>(serde_json::json!({ *k: v })).is_err()
+                })
+                .map(|(k, _)| format!("`{k}`: "))
+        });
         apex_core::Error::Corrupt(format!(
-            "run {run_id} records options this apex cannot read ({e}); the ledger was edited by hand"
+            "run {run_id} records options this apex cannot read ({}{e}); the ledger was edited by hand",
+            field.unwrap_or_default()
         ))
     })?;
     cmd.max_retries = cmd.max_retries.or(recorded.max_retries);

@@ -185,11 +185,16 @@ pub async fn cost(store: &dyn Store, catalog: &Catalog, run_id: &RunId) -> Resul
         };
         refs.push(package);
     }
-    let cache = !run
-        .flags
-        .get("no_cache")
-        .and_then(|v| v.as_bool())
-        .unwrap_or(false);
+    let cache = match run.flags.get("no_cache") {
+        None => true,
+        Some(serde_json::Value::Bool(no_cache)) => !no_cache,
+        Some(other) => {
+            return Err(apex_core::Error::Corrupt(format!(
+                "run {run_id} records no_cache as {other}, not true or false; the ledger was edited by hand"
+            ))
+            .into());
+        }
+    };
     let sized = sized(store, &refs).await?;
     let estimates = estimate(
         catalog,

@@ -216,3 +216,28 @@ async fn huge_durations_scales_and_retry_budgets_saturate() {
     ok(out);
     all_succeeded(&live);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hand_edited_no_cache_flag_is_refused_not_read_as_caching_on() {
+    let live = Live::with(SimulatorConfig::default()).await;
+    let run_id = planned(&live, &["--no-cache"]).await;
+    ledger(&live)
+        .execute(
+            "UPDATE runs SET flags_json = json_set(flags_json, '$.no_cache', 'yes') WHERE run_id = ?1",
+            [&run_id],
+        )
+        .unwrap();
+    for args in [
+        vec!["cost", run_id.as_str()],
+        vec!["run", "--resume", run_id.as_str()],
+    ] {
+        let out = live.apex(&args).await;
+        assert_eq!(out.status.code(), Some(4), "{args:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("no_cache"),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+    }
+    assert!(live.sim.requests().is_empty(), "nothing was sent");
+}
