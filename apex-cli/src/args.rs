@@ -197,6 +197,26 @@ pub struct SimulateCmd {
     /// write the listening address to this file once bound
     #[argh(option)]
     pub addr_file: Option<String>,
+    /// per-minute limits to enforce, in the --limits file format (default:
+    /// the published tiers of the seed's four models)
+    #[argh(option)]
+    pub limits: Option<String>,
+    /// enforce no limits and send no rate-limit headers
+    #[argh(switch)]
+    pub no_limits: bool,
+    /// how the limiters count input tokens: billed (as usage reports them),
+    /// chars (bytes / 4, OpenAI's estimate) or a factor on the billed count
+    /// such as 1.3 (default: chars for OpenAI, billed for Anthropic)
+    #[argh(option)]
+    pub token_count: Option<String>,
+    /// how limits refill: window (sliding 60 s) or bucket (continuous)
+    /// (default: window for OpenAI, bucket for Anthropic)
+    #[argh(option)]
+    pub replenish: Option<String>,
+    /// report Anthropic's token `remaining` exactly instead of rounded to
+    /// the nearest thousand
+    #[argh(switch)]
+    pub exact_remaining: bool,
 }
 
 #[derive(FromArgs, Debug)]

@@ -8,8 +8,10 @@ use anyhow::{Context as _, Result};
 use apex::{Apex, Batch};
 use apex_core::executor::RunOptions;
 use apex_core::limiter::LimitTable;
-use apex_core::{Catalog, Condition, Plan, PlanOptions, RunId, RunInfo, Store};
-use apex_providers::simulator::{Simulator, SimulatorConfig};
+use apex_core::{Catalog, Condition, Plan, PlanOptions, ProviderKind, RunId, RunInfo, Store};
+use apex_providers::simulator::{
+    LimitRules, Replenish, Simulator, SimulatorConfig, TokenCount, parse_limits, published_tiers,
+};
 use apex_store::files::{read_conditions_file, read_packages_under};
 use apex_store::{DEFAULT_DATABASE_URL, open_store};
 
@@ -528,7 +530,51 @@ async fn simulate(cmd: SimulateCmd) -> Result<ExitCode> {
             cmd.listen
         ))
     })?;
+    let limits = match (&cmd.limits, cmd.no_limits) {
+        (Some(_), true) => {
+            return Err(UsageError("--limits and --no-limits contradict each other; give one".into()).into());
+        }
+        (None, true) => Vec::new(),
+        (None, false) => published_tiers(),
+        (Some(path), false) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| UsageError(format!("cannot read limits file `{path}`: {e}")))?;
+            parse_limits(&text).map_err(|e| UsageError(format!("limits file `{path}`: {e}")))?
+        }
+    };
+    let count = match cmd.token_count.as_deref() {
+        None => None,
+        Some("billed") => Some(TokenCount::Billed),
+        Some("chars") => Some(TokenCount::Characters),
+        Some(factor) => match factor.parse::<f64>() {
+            Ok(f) if f.is_finite() && f > 0.0 && f <= 100.0 => Some(TokenCount::Factor(f)),
+            _ => {
+                return Err(UsageError(format!(
+                    "--token-count `{factor}` is not billed, chars or a factor above 0 such as 1.3"
+                ))
+                .into());
+            }
+        },
+    };
+    let replenish = match cmd.replenish.as_deref() {
+        None => None,
+        Some("window") => Some(Replenish::SlidingWindow),
+        Some("bucket") => Some(Replenish::TokenBucket),
+        Some(other) => {
+            return Err(UsageError(format!("--replenish `{other}` is not window or bucket")).into());
+        }
+    };
+    let rules = |provider| {
+        let mut rules = LimitRules::of(provider);
+        rules.count = count.unwrap_or(rules.count);
+        rules.replenish = replenish.unwrap_or(rules.replenish);
+        rules.round_remaining &= !cmd.exact_remaining;
+        rules
+    };
     let config = SimulatorConfig {
+        limits,
+        openai_rules: rules(ProviderKind::OpenAi),
+        anthropic_rules: rules(ProviderKind::Anthropic),
         api_key: cmd.api_key,
         time_scale: cmd.time_scale,
         base_latency: std::time::Duration::from_millis(cmd.latency_ms),

@@ -109,13 +109,20 @@ impl Charge {
     }
 }
 
-/// Limits per provider and model, from the defaults and a `--limits` file.
+/// Limits per provider and model: the built-in tier table (for estimates,
+/// `--dry-run` and cache TTL choices) with a `--limits` file laid over it;
+/// the file's entries are also caps on what is learned from the server.
 #[derive(Debug, Clone, Default)]
 pub struct LimitTable {
+    /// The tier table with the file's entries laid over it.
     entries: Vec<(ProviderKind, String, Limits)>,
+    /// The file's entries alone: pacing never goes above them.
+    caps: Vec<(ProviderKind, String, Limits)>,
     /// `--no-rate-limiting`: no pacing at all, not even limits learned from
     /// response headers (a 429's `retry-after` is still honoured).
     off: bool,
+    /// `--workers N`: this process takes 1/N of every limit.
+    share: u32,
 }
 
 #[derive(Deserialize)]
@@ -163,23 +170,29 @@ fn parse_table(text: &str) -> Result<Vec<(ProviderKind, String, Limits)>> {
 }
 
 impl LimitTable {
-    /// The documented defaults (`limits.toml`).
+    /// The documented defaults (`limits.toml`), with no caps: pacing follows
+    /// what the server reports.
     pub fn defaults() -> Self {
         Self {
             entries: parse_table(DEFAULTS).expect("the built-in limits are valid"),
+            caps: Vec::new(),
             off: false,
+            share: 1,
         }
     }
 
-    /// The defaults with a user file's entries laid over them.
+    /// The defaults with a user file's entries laid over them; the file's
+    /// entries also cap what is learned from the server.
     pub fn with_file(text: &str) -> Result<Self> {
         let mut table = Self::defaults();
-        for (provider, model, limits) in parse_table(text)? {
+        let caps = parse_table(text)?;
+        for (provider, model, limits) in &caps {
             table
                 .entries
-                .retain(|(p, m, _)| !(*p == provider && *m == model));
-            table.entries.push((provider, model, limits));
+                .retain(|(p, m, _)| !(p == provider && m == model));
+            table.entries.push((*provider, model.clone(), *limits));
         }
+        table.caps = caps;
         Ok(table)
     }
 
@@ -187,7 +200,9 @@ impl LimitTable {
     pub fn none() -> Self {
         Self {
             entries: Vec::new(),
+            caps: Vec::new(),
             off: true,
+            share: 1,
         }
     }
 
@@ -196,36 +211,48 @@ impl LimitTable {
         self.off
     }
 
-    /// Each limit divided among `n` processes sharing one account, so that
-    /// together they stay under it (at least 1 each).
+    /// Each limit (learned or capped) divided among `n` processes sharing
+    /// one account, so that together they stay under it.
     pub fn shared_by(mut self, n: u32) -> Self {
-        let n = u64::from(n.max(1));
-        let share = |v: Option<u64>| v.map(|l| (l / n).max(1));
-        for (_, _, l) in &mut self.entries {
-            *l = Limits {
-                rpm: share(l.rpm),
-                tpm: share(l.tpm),
-                itpm: share(l.itpm),
-                otpm: share(l.otpm),
-            };
-        }
+        self.share = n.max(1);
         self
     }
 
-    /// Whether no model has limits.
+    /// The share this process takes (`--workers`; 1 by default).
+    pub fn share(&self) -> u32 {
+        self.share.max(1)
+    }
+
+    /// Whether no model has limits to plan with.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
 
-    /// The limits for a model, matched through the catalog's aliases.
+    /// The limits to plan with (estimates, `--dry-run`, cache TTLs): the
+    /// file's, else the tier table's, matched through the catalog's aliases.
     pub fn lookup(&self, catalog: &Catalog, provider: ProviderKind, model: &str) -> Limits {
-        let key = bucket_key(catalog, provider, model);
-        self.entries
-            .iter()
-            .find(|(p, m, _)| *p == provider && bucket_key(catalog, *p, m) == key)
-            .map(|(_, _, l)| *l)
-            .unwrap_or_default()
+        find(&self.entries, catalog, provider, model)
     }
+
+    /// The user's cap for a model (`--limits`): pacing uses at most this,
+    /// whatever the server reports.
+    pub fn cap(&self, catalog: &Catalog, provider: ProviderKind, model: &str) -> Limits {
+        find(&self.caps, catalog, provider, model)
+    }
+}
+
+fn find(
+    entries: &[(ProviderKind, String, Limits)],
+    catalog: &Catalog,
+    provider: ProviderKind,
+    model: &str,
+) -> Limits {
+    let key = bucket_key(catalog, provider, model);
+    entries
+        .iter()
+        .find(|(p, m, _)| *p == provider && bucket_key(catalog, *p, m) == key)
+        .map(|(_, _, l)| *l)
+        .unwrap_or_default()
 }
 
 /// The limiter key of a model: its catalog entry's first id, so a dated
@@ -252,7 +279,8 @@ pub struct Reservation {
 pub enum Admission {
     /// Send now.
     Granted(Reservation),
-    /// Not before this instant.
+    /// Not before this instant (far in the future while the model's first
+    /// request is out and its limits are not known yet).
     Wait(Instant),
 }
 
@@ -261,23 +289,119 @@ struct Entry {
     at: Instant,
     amounts: [u64; 3],
     reserved: [u64; 3],
+    settled: bool,
+}
+
+impl Entry {
+    /// What the server counts for it now: the reservation until the
+    /// response arrives (OpenAI charges `max_tokens` up front, Anthropic
+    /// estimates OTPM from it), then the real usage.
+    fn counted(&self, d: usize) -> u64 {
+        if self.settled {
+            self.amounts[d]
+        } else {
+            self.reserved[d].max(self.amounts[d])
+        }
+    }
+}
+
+/// What the limiter knows of a key's limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Knowledge {
+    /// Nothing yet: one request goes alone (its reservation id once out),
+    /// and its answer's headers say what the limits are.
+    Probing(Option<u64>),
+    /// The server has answered once (with or without rate-limit headers).
+    Known,
+}
+
+/// Recent estimates of how the server counts against how Apex counts.
+#[derive(Debug, Clone, Default)]
+struct Correction {
+    samples: VecDeque<f64>,
+}
+
+impl Correction {
+    const KEPT: usize = 32;
+    /// Added on top of the largest recent sample of a token dimension: the
+    /// server's count of a request varies a little with its text (requests
+    /// are counted exactly).
+    const MARGIN: f64 = 1.02;
+    /// Each 429 raises the correction by this much.
+    const ON_REJECTION: f64 = 1.10;
+
+    fn add(&mut self, sample: f64) {
+        if !sample.is_finite() || sample <= 0.0 {
+            return;
+        }
+        if self.samples.len() == Self::KEPT {
+            self.samples.pop_front();
+        }
+        self.samples.push_back(sample.clamp(0.05, 100.0));
+    }
+
+    /// The server's count per unit of Apex's: the largest recent sample
+    /// (each is a lower bound, see [`RateLimiter::observe`]) plus a margin;
+    /// 1 before any sample.
+    fn factor(&self, margin: f64) -> f64 {
+        self.samples
+            .iter()
+            .copied()
+            .fold(None, |m: Option<f64>, s| Some(m.map_or(s, |m| m.max(s))))
+            .map_or(1.0, |s| s * margin)
+    }
+
+    fn tighten(&mut self) {
+        let raised = self.factor(1.0) * Self::ON_REJECTION;
+        self.add(raised);
+    }
 }
 
 struct Bucket {
     provider: ProviderKind,
-    limits: [Option<u64>; 3],
+    /// The `--limits` file's caps.
+    caps: [Option<u64>; 3],
+    /// What the server's headers last reported.
+    learned: [Option<u64>; 3],
+    knowledge: Knowledge,
+    corrections: [Correction; 3],
     entries: VecDeque<Entry>,
     next_id: u64,
 }
 
 impl Bucket {
-    fn new(provider: ProviderKind) -> Self {
+    fn new(provider: ProviderKind, caps: [Option<u64>; 3], knowledge: Knowledge) -> Self {
         Self {
             provider,
-            limits: [None; 3],
+            caps,
+            learned: [None; 3],
+            knowledge,
+            corrections: Default::default(),
             entries: VecDeque::new(),
             next_id: 1,
         }
+    }
+
+    /// The limit paced at in dimension `d`: the lower of the cap and what
+    /// the server reports, this process's share of it.
+    fn limit(&self, d: usize, share: u64) -> Option<u64> {
+        let limit = match (self.caps[d], self.learned[d]) {
+            (Some(cap), Some(server)) => Some(cap.min(server)),
+            (one, other) => one.or(other),
+        }?;
+        Some((limit / share).max(1))
+    }
+
+    /// How much of Apex's count fits under `limit` once corrected to the
+    /// server's count.
+    fn allowance(&self, d: usize, limit: u64) -> u64 {
+        (limit as f64 / self.correction(d)).floor() as u64
+    }
+
+    /// The server's count per unit of Apex's in dimension `d`.
+    fn correction(&self, d: usize) -> f64 {
+        let margin = if d == 0 { 1.0 } else { Correction::MARGIN };
+        self.corrections[d].factor(margin)
     }
 
     /// The entry of a reservation (entries stay in id order).
@@ -286,18 +410,26 @@ impl Bucket {
         self.entries.get_mut(index)
     }
 
-    fn prune(&mut self, now: Instant, window: Duration) {
+    /// Forgets entries older than `keep` (longer than the pacing window:
+    /// observations look back one window from a request's send time).
+    fn prune(&mut self, now: Instant, keep: Duration) {
         while self
             .entries
             .front()
-            .is_some_and(|e| now.duration_since(e.at) >= window)
+            .is_some_and(|e| now.duration_since(e.at) >= keep)
         {
             self.entries.pop_front();
         }
     }
 
-    fn sums(&self) -> [u64; 3] {
-        self.entries.iter().fold([0; 3], |mut s, e| {
+    fn in_window(&self, now: Instant, window: Duration) -> impl Iterator<Item = &Entry> {
+        self.entries
+            .iter()
+            .filter(move |e| now.saturating_duration_since(e.at) < window)
+    }
+
+    fn sums(&self, now: Instant, window: Duration) -> [u64; 3] {
+        self.in_window(now, window).fold([0; 3], |mut s, e| {
             for (d, v) in s.iter_mut().zip(e.amounts) {
                 *d += v;
             }
@@ -309,9 +441,10 @@ impl Bucket {
 /// The limiter. One per run; shared by the dispatcher and the settle path.
 pub struct RateLimiter {
     window: Duration,
-    /// Whether response headers may add or lower limits (off with
-    /// `--no-rate-limiting`).
-    learns_from_headers: bool,
+    /// Whether limits are learned from response headers, each model's first
+    /// request going alone until they are (off with `--no-rate-limiting`
+    /// and for [`RateLimiter::fixed`]).
+    learns: bool,
     state: Mutex<State>,
 }
 
@@ -321,12 +454,14 @@ pub struct RateLimiter {
 struct State {
     buckets: HashMap<String, Bucket>,
     paused_until: HashMap<String, Instant>,
+    share: u64,
 }
 
 impl std::fmt::Debug for RateLimiter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RateLimiter")
             .field("window", &self.window)
+            .field("learns", &self.learns)
             .finish_non_exhaustive()
     }
 }
@@ -337,21 +472,37 @@ fn dimension_name(provider: ProviderKind, d: usize) -> &'static str {
     DIMENSION_NAMES[usize::from(provider == ProviderKind::Anthropic)][d]
 }
 
+/// Anthropic rounds its token `remaining` headers to the nearest thousand.
+fn rounding(provider: ProviderKind, d: usize) -> u64 {
+    match (provider, d) {
+        (ProviderKind::Anthropic, 1 | 2) => 500,
+        _ => 0,
+    }
+}
+
 impl RateLimiter {
-    /// A limiter whose window is (60 s + margin) × `time_scale`.
+    /// A limiter that learns each model's limits from the server: its first
+    /// request goes alone, and the rate-limit headers of the answer set the
+    /// limits (capped by [`configure`](Self::configure)) and, answer after
+    /// answer, how the server's token count compares with Apex's. The window
+    /// is (60 s + margin) × `time_scale`.
     pub fn new(time_scale: f64) -> Self {
         Self {
             window: crate::time::scaled(WINDOW + SAFETY_MARGIN, time_scale),
-            learns_from_headers: true,
-            state: Mutex::new(State::default()),
+            learns: true,
+            state: Mutex::new(State {
+                share: 1,
+                ..State::default()
+            }),
         }
     }
 
-    /// A limiter that paces nothing and learns nothing from headers
-    /// (`--no-rate-limiting`); pauses after a 429 still apply.
-    pub fn off(time_scale: f64) -> Self {
+    /// A limiter that paces by the configured limits alone and learns
+    /// nothing from headers (`--no-rate-limiting` configures none); pauses
+    /// after a 429 still apply.
+    pub fn fixed(time_scale: f64) -> Self {
         Self {
-            learns_from_headers: false,
+            learns: false,
             ..Self::new(time_scale)
         }
     }
@@ -365,36 +516,52 @@ impl RateLimiter {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Declares the limits of a key (before any reservation). A key with no
-    /// limit at all is not tracked until headers report one.
-    pub fn configure(&self, key: &str, provider: ProviderKind, limits: Limits) {
-        let dims = limits.dims(provider);
+    /// This process takes 1/`n` of every limit (`--workers`).
+    pub fn set_share(&self, n: u32) {
+        self.lock().share = u64::from(n.max(1));
+    }
+
+    /// Declares a key and its caps (before any reservation). A learning
+    /// limiter tracks every key; a fixed one only keys with a limit.
+    pub fn configure(&self, key: &str, provider: ProviderKind, caps: Limits) {
+        let dims = caps.dims(provider);
         let mut state = self.lock();
-        if dims.iter().all(Option::is_none) {
+        if !self.learns && dims.iter().all(Option::is_none) {
             state.buckets.remove(key);
             return;
         }
-        state
-            .buckets
-            .entry(key.to_owned())
-            .or_insert_with(|| Bucket::new(provider))
-            .limits = dims;
+        let knowledge = if self.learns {
+            Knowledge::Probing(None)
+        } else {
+            Knowledge::Known
+        };
+        state.buckets.insert(
+            key.to_owned(),
+            Bucket::new(provider, dims, knowledge),
+        );
     }
 
     /// Checks that a request could ever be admitted: a charge above a limit
-    /// would wait forever, so it is refused up front.
+    /// would wait forever, so it is refused.
     pub fn check_fits(&self, key: &str, charge: Charge) -> std::result::Result<(), String> {
         let state = self.lock();
         let Some(bucket) = state.buckets.get(key) else {
             return Ok(());
         };
-        for (d, (limit, amount)) in bucket.limits.iter().zip(charge.amounts()).enumerate() {
-            if let Some(limit) = limit
-                && amount > *limit
-            {
+        for (d, amount) in charge.amounts().into_iter().enumerate() {
+            let Some(limit) = bucket.limit(d, state.share) else {
+                continue;
+            };
+            if amount > bucket.allowance(d, limit) {
+                let source = if bucket.learned[d].is_some_and(|l| bucket.caps[d].is_none_or(|c| l < c)) {
+                    "the server's"
+                } else {
+                    "the --limits"
+                };
                 return Err(format!(
-                    "one request needs {amount} against a {} limit of {limit}; it can never be sent. Raise the limit in --limits (if your tier allows), shorten the context or lower max_tokens",
-                    dimension_name(bucket.provider, d)
+                    "one request needs {amount} against {source} {} limit of {limit}{}; it can never be sent. Raise the limit (if your tier allows), shorten the context or lower max_tokens",
+                    dimension_name(bucket.provider, d),
+                    if state.share > 1 { " (this process's share)" } else { "" },
                 ));
             }
         }
@@ -411,6 +578,7 @@ impl RateLimiter {
             }
             state.paused_until.remove(key);
         }
+        let share = state.share;
         let Some(bucket) = state.buckets.get_mut(key) else {
             return Admission::Granted(Reservation {
                 key: key.to_owned(),
@@ -418,22 +586,25 @@ impl RateLimiter {
                 at: now,
             });
         };
-        bucket.prune(now, window);
-        let sums = bucket.sums();
+        if let Knowledge::Probing(Some(_)) = bucket.knowledge {
+            return Admission::Wait(crate::time::later(now, crate::time::FAR_FUTURE));
+        }
+        bucket.prune(now, window.saturating_mul(2));
+        let sums = bucket.sums(now, window);
         let amounts = charge.amounts();
         let mut wait: Option<Instant> = None;
         for d in 0..3 {
-            let Some(limit) = bucket.limits[d] else {
+            let Some(limit) = bucket.limit(d, share) else {
                 continue;
             };
-            if sums[d] + amounts[d] <= limit {
+            let allowed = bucket.allowance(d, limit);
+            if sums[d] + amounts[d] <= allowed {
                 continue;
             }
             // Walk from the oldest entry until enough would have expired.
-            let excess = sums[d] + amounts[d] - limit;
+            let excess = sums[d] + amounts[d] - allowed;
             let mut by_time: Vec<(Instant, u64)> = bucket
-                .entries
-                .iter()
+                .in_window(now, window)
                 .map(|e| (e.at, e.amounts[d]))
                 .collect();
             by_time.sort_by_key(|(at, _)| *at);
@@ -453,11 +624,15 @@ impl RateLimiter {
         }
         let id = bucket.next_id;
         bucket.next_id += 1;
+        if bucket.knowledge == Knowledge::Probing(None) {
+            bucket.knowledge = Knowledge::Probing(Some(id));
+        }
         bucket.entries.push_back(Entry {
             id,
             at: now,
             amounts,
             reserved: amounts,
+            settled: false,
         });
         Admission::Granted(Reservation {
             key: key.to_owned(),
@@ -466,13 +641,22 @@ impl RateLimiter {
         })
     }
 
-    /// Replaces a reservation's amounts with what the request really used.
-    pub fn settle(&self, reservation: &Reservation, actual: Charge) {
+    /// Ends a reservation: its amounts become what the request really used
+    /// (`None`: unknown, it stays counted as reserved). A model's first
+    /// request that ended without teaching the limits lets the next go alone.
+    pub fn settle(&self, reservation: &Reservation, actual: Option<Charge>) {
         let mut state = self.lock();
-        if let Some(bucket) = state.buckets.get_mut(&reservation.key)
-            && let Some(entry) = bucket.entry_mut(reservation.id)
-        {
-            entry.amounts = actual.amounts();
+        let Some(bucket) = state.buckets.get_mut(&reservation.key) else {
+            return;
+        };
+        if bucket.knowledge == Knowledge::Probing(Some(reservation.id)) {
+            bucket.knowledge = Knowledge::Probing(None);
+        }
+        if let Some(entry) = bucket.entry_mut(reservation.id) {
+            if let Some(actual) = actual {
+                entry.amounts = actual.amounts();
+            }
+            entry.settled = true;
         }
     }
 
@@ -497,40 +681,52 @@ impl RateLimiter {
         *paused = (*paused).max(until);
     }
 
-    /// Feeds back a response's rate-limit headers. A lower `limit` than
-    /// configured replaces it; a `remaining` well below what this limiter
-    /// expects (someone else spends the same key) is charged as outside use.
-    /// `sent_at` is when the request was sent: the server's `remaining` was
-    /// computed then, so the comparison is made on that basis.
+    /// A 429: the server counts more than this limiter thought; every
+    /// dimension's correction rises by 10%.
+    pub fn rejected(&self, key: &str) {
+        if !self.learns {
+            return;
+        }
+        let mut state = self.lock();
+        if let Some(bucket) = state.buckets.get_mut(key) {
+            for correction in &mut bucket.corrections {
+                correction.tighten();
+            }
+            tracing::debug!(key, "429: pacing tightened by 10%");
+        }
+    }
+
+    /// Feeds back an answer's rate-limit headers (`answered`: the server
+    /// processed the request, so its headers, or their absence, are the
+    /// server's word). Reported limits replace the learned ones, higher or
+    /// lower (never above a cap). `remaining` teaches how the server counts:
+    /// what it counts as used (limit − remaining, less its rounding) is at
+    /// least the correction times what this limiter counted over the
+    /// window around the request (everything sent up to now, from a window
+    /// before the request was sent), under a sliding window and under a
+    /// token bucket alike (a bucket only ever counts less), with use by
+    /// other processes on the same key included. So each answer gives a
+    /// lower bound of the correction, and the largest recent one is used.
     pub fn observe(
         &self,
         key: &str,
         provider: ProviderKind,
         snapshot: &RateLimitSnapshot,
+        answered: bool,
         sent_at: Instant,
         now: Instant,
     ) {
-        if !self.learns_from_headers {
+        if !self.learns {
             return;
         }
         let window = self.window;
         let mut state = self.lock();
-        let reports_limits = [
-            snapshot.requests,
-            snapshot.tokens,
-            snapshot.input_tokens,
-            snapshot.output_tokens,
-        ]
-        .iter()
-        .any(|b| b.is_some_and(|b| b.limit.is_some()));
-        if !reports_limits && !state.buckets.contains_key(key) {
-            return;
-        }
+        let share = state.share;
         let bucket = state
             .buckets
             .entry(key.to_owned())
-            .or_insert_with(|| Bucket::new(provider));
-        let buckets: [Option<LimitBucket>; 3] = match bucket.provider {
+            .or_insert_with(|| Bucket::new(provider, [None; 3], Knowledge::Probing(None)));
+        let reported: [Option<LimitBucket>; 3] = match bucket.provider {
             ProviderKind::OpenAi => [snapshot.requests, snapshot.tokens, None],
             ProviderKind::Anthropic => [
                 snapshot.requests,
@@ -538,74 +734,100 @@ impl RateLimiter {
                 snapshot.output_tokens,
             ],
         };
-        bucket.prune(now, window);
-        let mut outside = [0u64; 3];
-        for d in 0..3 {
-            let Some(reported) = buckets[d] else { continue };
-            if let Some(limit) = reported.limit
-                && bucket.limits[d].is_none_or(|ours| limit < ours)
-            {
+        let limits: [Option<u64>; 3] = reported.map(|b| b.and_then(|b| b.limit).filter(|&l| l > 0));
+        if limits.iter().any(Option::is_some) {
+            if limits != bucket.learned {
+                let shown: Vec<String> = (0..3)
+                    .filter_map(|d| {
+                        limits[d].map(|l| format!("{} {l}", dimension_name(bucket.provider, d)))
+                    })
+                    .collect();
+                let pacing: Vec<String> = (0..3)
+                    .filter_map(|d| {
+                        let learned = limits[d].or(bucket.learned[d]);
+                        let paced = match (bucket.caps[d], learned) {
+                            (Some(c), Some(s)) => Some(c.min(s)),
+                            (c, s) => c.or(s),
+                        }?;
+                        Some(format!(
+                            "{} {}",
+                            dimension_name(bucket.provider, d),
+                            (paced / share).max(1)
+                        ))
+                    })
+                    .collect();
                 tracing::info!(
                     key,
-                    dimension = dimension_name(bucket.provider, d),
-                    limit,
-                    "provider reports a lower limit; using it"
+                    "the server reports limits {}; pacing at {}",
+                    shown.join(", "),
+                    pacing.join(", ")
                 );
-                bucket.limits[d] = Some(limit);
             }
-            let (Some(limit), Some(remaining)) = (bucket.limits[d], reported.remaining) else {
+            for d in 0..3 {
+                if limits[d].is_some() {
+                    bucket.learned[d] = limits[d];
+                }
+            }
+            bucket.knowledge = Knowledge::Known;
+        } else if answered && bucket.knowledge != Knowledge::Known {
+            tracing::info!(
+                key,
+                "the server sends no rate-limit headers; pacing by the --limits file only"
+            );
+            bucket.knowledge = Knowledge::Known;
+        }
+        bucket.prune(now, window.saturating_mul(2));
+        let since = sent_at.checked_sub(window).unwrap_or(sent_at);
+        for d in 0..3 {
+            let (Some(limit), Some(remaining)) = (
+                reported[d].and_then(|b| b.limit),
+                reported[d].and_then(|b| b.remaining),
+            ) else {
                 continue;
             };
-            // What this limiter had counted in the server's window when the
-            // request arrived, with reservations not yet settled at their
-            // reserved size (the server still counts them so).
-            let since = sent_at.checked_sub(window).unwrap_or(sent_at);
+            let used = limit
+                .saturating_sub(remaining)
+                .saturating_sub(rounding(bucket.provider, d));
             let counted: u64 = bucket
                 .entries
                 .iter()
-                .filter(|e| e.at > since)
-                .map(|e| e.amounts[d].max(e.reserved[d]))
+                .filter(|e| e.at > since && e.at <= now)
+                .map(|e| e.counted(d))
                 .sum();
-            let expected_remaining = limit.saturating_sub(counted);
-            // One request counted a moment earlier or later by the server
-            // than here must not look like outside use: the slack is the
-            // larger of 5% of the limit and the largest request in view.
-            let largest = bucket
-                .entries
-                .iter()
-                .map(|e| e.amounts[d].max(e.reserved[d]))
-                .max()
-                .unwrap_or(0);
-            let slack = (limit / 20).max(largest);
-            if remaining + slack < expected_remaining {
-                outside[d] = expected_remaining - remaining - slack;
+            if used > 0 && counted > 0 {
+                bucket.corrections[d].add(used as f64 / counted as f64);
             }
-        }
-        if outside.iter().any(|&v| v > 0) {
-            tracing::info!(
-                key,
-                ?outside,
-                "rate-limit headers show use outside this run; tightening"
-            );
-            let id = bucket.next_id;
-            bucket.next_id += 1;
-            bucket.entries.push_back(Entry {
-                id,
-                at: now,
-                amounts: outside,
-                reserved: outside,
-            });
         }
     }
 
     /// The sums in the current window (for tests and displays).
     pub fn usage(&self, key: &str, now: Instant) -> Option<[u64; 3]> {
         let window = self.window;
-        let mut state = self.lock();
-        let bucket = state.buckets.get_mut(key)?;
-        bucket.prune(now, window);
-        Some(bucket.sums())
+        let state = self.lock();
+        let bucket = state.buckets.get(key)?;
+        Some(bucket.sums(now, window))
     }
+
+    /// What a key is paced at: per dimension (requests, input or all tokens,
+    /// output tokens) the limit in use and the correction applied to
+    /// Apex's count. `None` for a key not tracked or not known yet.
+    pub fn pacing(&self, key: &str) -> Option<Pacing> {
+        let state = self.lock();
+        let bucket = state.buckets.get(key)?;
+        (bucket.knowledge == Knowledge::Known).then(|| Pacing {
+            limits: std::array::from_fn(|d| bucket.limit(d, state.share)),
+            corrections: std::array::from_fn(|d| bucket.correction(d)),
+        })
+    }
+}
+
+/// What a model is paced at, from [`RateLimiter::pacing`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Pacing {
+    /// Requests, input (or all, on OpenAI) tokens, output tokens per minute.
+    pub limits: [Option<u64>; 3],
+    /// The server's count per unit of Apex's, per dimension.
+    pub corrections: [f64; 3],
 }
 
 #[cfg(test)]
@@ -613,7 +835,7 @@ mod tests {
     use super::*;
 
     fn limiter(limits: Limits, provider: ProviderKind) -> RateLimiter {
-        let l = RateLimiter::new(1.0);
+        let l = RateLimiter::fixed(1.0);
         l.configure("k", provider, limits);
         l
     }
@@ -673,7 +895,7 @@ mod tests {
             l.try_reserve("k", charge(10, 2048), now),
             Admission::Wait(_)
         ));
-        l.settle(&r, charge(10, 200));
+        l.settle(&r, Some(charge(10, 200)));
         assert_eq!(l.usage("k", now), Some([2, 20, 2248]));
         assert!(matches!(
             l.try_reserve("k", charge(10, 1848), now),
@@ -681,58 +903,182 @@ mod tests {
         ));
     }
 
+    fn input_report(limit: u64, remaining: u64) -> RateLimitSnapshot {
+        RateLimitSnapshot {
+            input_tokens: Some(LimitBucket {
+                limit: Some(limit),
+                remaining: Some(remaining),
+                reset_after: None,
+            }),
+            ..RateLimitSnapshot::default()
+        }
+    }
+
+    fn granted(l: &RateLimiter, charge: Charge, now: Instant) -> Reservation {
+        match l.try_reserve("k", charge, now) {
+            Admission::Granted(r) => r,
+            Admission::Wait(until) => panic!("waits {:?}", until - now),
+        }
+    }
+
     #[test]
-    fn header_feedback_tightens_and_lowers_limits() {
-        let l = limiter(anthropic(100, 100_000, 50_000), ProviderKind::Anthropic);
+    fn the_first_request_goes_alone_and_the_server_sets_the_limits() {
+        let l = RateLimiter::new(1.0);
+        l.configure("k", ProviderKind::OpenAi, Limits::default());
         let now = Instant::now();
-        let Admission::Granted(_) = l.try_reserve("k", charge(10_000, 1000), now) else {
-            panic!()
+        let probe = granted(&l, charge(1, 0), now);
+        let Admission::Wait(until) = l.try_reserve("k", charge(1, 0), now) else {
+            panic!("the second request waits for the first's answer")
         };
-        // The server says only 20,000 input tokens remain: 70,000 are used by
-        // someone else; 60,000 of them count beyond the slack (the larger of
-        // 5% and the largest request in view, 10,000). It also reports a
-        // lower RPM.
+        assert!(until > now + Duration::from_secs(3600));
+        assert_eq!(l.pacing("k"), None, "not known yet");
+        // A server with limits far above any tier table: they are used.
         let snapshot = RateLimitSnapshot {
             requests: Some(LimitBucket {
-                limit: Some(50),
-                remaining: Some(49),
+                limit: Some(3),
+                remaining: Some(2),
                 reset_after: None,
             }),
-            input_tokens: Some(LimitBucket {
-                limit: Some(100_000),
-                remaining: Some(20_000),
+            tokens: Some(LimitBucket {
+                limit: Some(40_000_000),
+                remaining: Some(39_999_999),
                 reset_after: None,
             }),
             ..RateLimitSnapshot::default()
         };
-        l.observe("k", ProviderKind::Anthropic, &snapshot, now, now);
-        let used = l.usage("k", now).unwrap();
-        assert_eq!(used[1], 10_000 + 60_000);
+        l.observe("k", ProviderKind::OpenAi, &snapshot, true, probe.at, now);
+        l.settle(&probe, Some(charge(1, 0)));
+        let pacing = l.pacing("k").unwrap();
+        assert_eq!(pacing.limits, [Some(3), Some(40_000_000), None]);
+        granted(&l, charge(1, 0), now);
+        granted(&l, charge(1, 0), now);
         assert!(matches!(
-            l.try_reserve("k", charge(30_001, 10), now),
+            l.try_reserve("k", charge(1, 0), now),
             Admission::Wait(_)
         ));
+    }
+
+    #[test]
+    fn a_first_request_that_fails_lets_the_next_go_alone() {
+        let l = RateLimiter::new(1.0);
+        l.configure("k", ProviderKind::OpenAi, Limits::default());
+        let now = Instant::now();
+        let probe = granted(&l, charge(1, 0), now);
+        // A 500 without headers teaches nothing.
+        l.observe(
+            "k",
+            ProviderKind::OpenAi,
+            &RateLimitSnapshot::default(),
+            false,
+            probe.at,
+            now,
+        );
+        l.settle(&probe, None);
+        let second = granted(&l, charge(1, 0), now);
         assert!(matches!(
-            l.try_reserve("k", charge(25_000, 10), now),
-            Admission::Granted(_)
+            l.try_reserve("k", charge(1, 0), now),
+            Admission::Wait(_)
         ));
-        // Headers that agree with our own view change nothing.
-        let agree = RateLimitSnapshot {
-            input_tokens: Some(LimitBucket {
-                limit: Some(100_000),
-                remaining: Some(5_000),
-                reset_after: None,
-            }),
-            ..RateLimitSnapshot::default()
-        };
-        l.observe("k", ProviderKind::Anthropic, &agree, now, now);
-        assert_eq!(l.usage("k", now).unwrap()[1], 95_000);
-        for _ in 0..48 {
-            let _ = l.try_reserve("k", charge(0, 0), now);
+        // An answer without rate-limit headers: nothing to learn, no pacing.
+        l.observe(
+            "k",
+            ProviderKind::OpenAi,
+            &RateLimitSnapshot::default(),
+            true,
+            second.at,
+            now,
+        );
+        l.settle(&second, Some(charge(1, 0)));
+        assert_eq!(l.pacing("k").unwrap().limits, [None; 3]);
+        for _ in 0..100 {
+            granted(&l, charge(1, 0), now);
         }
-        assert!(
-            matches!(l.try_reserve("k", charge(0, 0), now), Admission::Wait(_)),
-            "RPM now 50"
+    }
+
+    #[test]
+    fn a_limits_file_caps_what_the_server_reports() {
+        let l = RateLimiter::new(1.0);
+        l.configure("k", ProviderKind::Anthropic, anthropic(100, 50_000, 8_000));
+        let now = Instant::now();
+        let probe = granted(&l, charge(1_000, 100), now);
+        l.observe("k", ProviderKind::Anthropic, &input_report(400_000, 399_000), true, probe.at, now);
+        assert_eq!(
+            l.pacing("k").unwrap().limits,
+            [Some(100), Some(50_000), Some(8_000)]
+        );
+        l.observe("k", ProviderKind::Anthropic, &input_report(20_000, 19_000), true, probe.at, now);
+        assert_eq!(l.pacing("k").unwrap().limits[1], Some(20_000));
+        l.set_share(2);
+        assert_eq!(l.pacing("k").unwrap().limits, [Some(50), Some(10_000), Some(4_000)]);
+    }
+
+    #[test]
+    fn the_correction_follows_the_servers_count_either_way() {
+        for (server_count, allowed, refused) in [(1.3, 75_000, 76_500), (0.7, 139_000, 141_000)] {
+            let l = RateLimiter::new(1.0);
+            l.configure("k", ProviderKind::OpenAi, Limits::default());
+            let now = Instant::now();
+            let probe = granted(&l, charge(10_000, 0), now);
+            let used = (10_000.0 * server_count) as u64;
+            let snapshot = RateLimitSnapshot {
+                tokens: Some(LimitBucket {
+                    limit: Some(100_000),
+                    remaining: Some(100_000 - used),
+                    reset_after: None,
+                }),
+                ..RateLimitSnapshot::default()
+            };
+            l.observe("k", ProviderKind::OpenAi, &snapshot, true, probe.at, now);
+            l.settle(&probe, Some(charge(10_000, 0)));
+            let factor = l.pacing("k").unwrap().corrections[1];
+            assert!((factor - server_count * 1.02).abs() < 1e-9, "{factor}");
+            // What fits in the server's 100,000, in Apex's count.
+            assert!(matches!(
+                l.try_reserve("k", charge(refused - 10_000, 0), now),
+                Admission::Wait(_)
+            ));
+            granted(&l, charge(allowed - 10_000, 0), now);
+        }
+    }
+
+    #[test]
+    fn anthropics_rounding_never_raises_the_correction() {
+        let l = RateLimiter::new(1.0);
+        l.configure("k", ProviderKind::Anthropic, Limits::default());
+        let now = Instant::now();
+        let probe = granted(&l, charge(100_000, 0), now);
+        // 100,400 used, reported rounded as 100,000: the sample is taken at
+        // the low end (99,500 / 100,000), so at most the true ratio.
+        l.observe("k", ProviderKind::Anthropic, &input_report(450_000, 350_000), true, probe.at, now);
+        let factor = l.pacing("k").unwrap().corrections[1];
+        assert!((factor - 0.995 * 1.02).abs() < 1e-9, "{factor}");
+    }
+
+    #[test]
+    fn use_by_others_and_429s_tighten_pacing() {
+        let l = RateLimiter::new(1.0);
+        l.configure("k", ProviderKind::Anthropic, Limits::default());
+        let now = Instant::now();
+        let probe = granted(&l, charge(10_000, 0), now);
+        // Another process spent 30,000 of the same key's 100,000.
+        l.observe("k", ProviderKind::Anthropic, &input_report(100_000, 60_000), true, probe.at, now);
+        l.settle(&probe, Some(charge(10_000, 0)));
+        let factor = l.pacing("k").unwrap().corrections[1];
+        assert!((factor - 3.95 * 1.02).abs() < 1e-9, "{factor}");
+        l.rejected("k");
+        let tightened = l.pacing("k").unwrap().corrections[1];
+        assert!((tightened - factor * 1.1).abs() < 1e-9, "{tightened}");
+        // A fixed limiter learns nothing.
+        let fixed = RateLimiter::fixed(1.0);
+        fixed.configure("k", ProviderKind::Anthropic, anthropic(10, 100_000, 1_000));
+        fixed.observe("k", ProviderKind::Anthropic, &input_report(5, 0), true, now, now);
+        fixed.rejected("k");
+        assert_eq!(
+            fixed.pacing("k").unwrap(),
+            Pacing {
+                limits: [Some(10), Some(100_000), Some(1_000)],
+                corrections: [1.0; 3]
+            }
         );
     }
 
@@ -754,7 +1100,7 @@ mod tests {
     #[test]
     fn a_429_pauses_a_model_without_limits() {
         // No bucket: no limits configured (or --no-rate-limiting).
-        for l in [RateLimiter::new(1.0), RateLimiter::off(1.0)] {
+        for l in [RateLimiter::new(1.0), RateLimiter::fixed(1.0)] {
             let now = Instant::now();
             l.pause("unlimited", now + Duration::from_secs(7));
             assert_eq!(
@@ -779,8 +1125,8 @@ mod tests {
             ..RateLimitSnapshot::default()
         };
         let now = Instant::now();
-        let off = RateLimiter::off(1.0);
-        off.observe("k", ProviderKind::OpenAi, &snapshot, now, now);
+        let off = RateLimiter::fixed(1.0);
+        off.observe("k", ProviderKind::OpenAi, &snapshot, true, now, now);
         assert_eq!(off.usage("k", now), None, "no bucket learned");
         for _ in 0..5 {
             assert!(matches!(
@@ -790,7 +1136,7 @@ mod tests {
         }
         // Pacing on, no configured limit: the headers' limit is learned.
         let on = RateLimiter::new(1.0);
-        on.observe("k", ProviderKind::OpenAi, &snapshot, now, now);
+        on.observe("k", ProviderKind::OpenAi, &snapshot, true, now, now);
         assert!(matches!(
             on.try_reserve("k", charge(1, 0), now),
             Admission::Granted(_)
@@ -818,7 +1164,7 @@ mod tests {
                 Charge::estimate(ProviderKind::OpenAi, 0, 0, 31_000, 2048),
             )
             .unwrap_err();
-        assert!(err.contains("33048 against a TPM limit of 30000"), "{err}");
+        assert!(err.contains("33048 against the --limits TPM limit of 30000"), "{err}");
         assert!(
             l.check_fits(
                 "k",

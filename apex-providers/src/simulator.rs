@@ -29,18 +29,11 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-/// Per-minute limits the simulator enforces for one model.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct SimLimits {
-    /// Requests per minute.
-    pub rpm: Option<u64>,
-    /// OpenAI tokens per minute (all input + output).
-    pub tpm: Option<u64>,
-    /// Anthropic input tokens per minute (uncached input + cache writes).
-    pub itpm: Option<u64>,
-    /// Anthropic output tokens per minute.
-    pub otpm: Option<u64>,
-}
+mod accounting;
+
+pub use accounting::{
+    Account, LimitRules, Replenish, SimLimits, TokenCount, parse_limits, published_tiers,
+};
 
 /// How the simulator behaves.
 #[derive(Debug, Clone)]
@@ -61,8 +54,15 @@ pub struct SimulatorConfig {
     /// or 503), chosen by a fixed-seed generator.
     pub fault_rate: f64,
     /// Limits per (provider, model id); models are matched through the
-    /// catalog, so `claude-sonnet-4-5` covers its dated snapshot.
+    /// catalog, so `claude-sonnet-4-5` covers its dated snapshot. None by
+    /// default here; `apex simulate` enforces [`published_tiers`].
     pub limits: Vec<(ProviderKind, String, SimLimits)>,
+    /// How OpenAI's limiter counts and replenishes (by default as the real
+    /// one: characters / 4 plus `max_tokens`, a sliding window).
+    pub openai_rules: LimitRules,
+    /// How Anthropic's limiter counts and replenishes (by default as the
+    /// real one: a token bucket, `remaining` rounded to thousands).
+    pub anthropic_rules: LimitRules,
     /// How many of the most recent requests [`Simulator::requests`]
     /// remembers (each holds its parsed body): a long-lived simulator keeps
     /// bounded memory.
@@ -80,6 +80,8 @@ impl Default for SimulatorConfig {
             output_tokens: 200,
             fault_rate: 0.0,
             limits: Vec::new(),
+            openai_rules: LimitRules::of(ProviderKind::OpenAi),
+            anthropic_rules: LimitRules::of(ProviderKind::Anthropic),
             request_log: 4096,
         }
     }
@@ -157,18 +159,12 @@ pub struct RequestRecord {
     pub answered: Duration,
 }
 
-#[derive(Default)]
-struct Window {
-    /// (time, requests, input-ish tokens, output-ish tokens) charged.
-    entries: VecDeque<(Instant, u64, u64, u64)>,
-}
-
 struct State {
     config: SimulatorConfig,
     catalog: Catalog,
     started: Instant,
     cache: HashMap<String, Instant>,
-    windows: HashMap<(ProviderKind, String), Window>,
+    accounts: HashMap<(ProviderKind, String), Account>,
     faults: VecDeque<(Option<String>, Fault)>,
     log: VecDeque<RequestRecord>,
     next_id: u64,
@@ -257,7 +253,7 @@ impl Simulator {
             catalog: Catalog::built_in(),
             started: Instant::now(),
             cache: HashMap::new(),
-            windows: HashMap::new(),
+            accounts: HashMap::new(),
             faults: VecDeque::new(),
             log: VecDeque::new(),
             next_id: 1,
@@ -886,96 +882,67 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Repl
             }
             _ => (0, 0, total_input),
         };
-        // Per-minute limits, charged at arrival like the real services.
+        // Per-minute limits, charged at arrival like the real services, by
+        // the simulator's own accounting (`accounting`), not Apex's.
         let limits = s.limits_for(provider, &parsed.model);
         let window = s.scaled(Duration::from_secs(60));
         let key = (provider, s.model_key(provider, &parsed.model));
+        let rules = match provider {
+            ProviderKind::OpenAi => s.config.openai_rules,
+            ProviderKind::Anthropic => s.config.anthropic_rules,
+        };
+        let body_bytes = bytes.len() as u64;
         let (charge_in, charge_out) = match provider {
-            ProviderKind::Anthropic => (uncached + cache_write, parsed.max_tokens),
-            ProviderKind::OpenAi => (total_input + parsed.max_tokens, 0),
+            ProviderKind::Anthropic => (
+                rules.input_charge(uncached + cache_write, body_bytes, total_input),
+                parsed.max_tokens,
+            ),
+            ProviderKind::OpenAi => (
+                rules.input_charge(total_input, body_bytes, total_input) + parsed.max_tokens,
+                0,
+            ),
         };
-        let w = s.windows.entry(key.clone()).or_default();
-        w.entries.retain(|(t, ..)| now.duration_since(*t) < window);
-        let used = w.entries.iter().fold((0, 0, 0), |acc, (_, r, i, o)| {
-            (acc.0 + r, acc.1 + i, acc.2 + o)
-        });
-        let in_limit = match provider {
-            ProviderKind::Anthropic => limits.itpm,
-            ProviderKind::OpenAi => limits.tpm,
+        let account = s
+            .accounts
+            .entry(key.clone())
+            .or_insert_with(|| Account::new(rules, window));
+        let admitted = account.admit(now, limits, provider, [1, charge_in, charge_out]);
+        let report = account.report(now, limits, provider);
+        let (too_large, blocked, charge_id) = match admitted {
+            accounting::Admit::Granted(id) => (None, None, Some(id)),
+            accounting::Admit::Wait(wait) => (None, Some(wait), None),
+            accounting::Admit::TooLarge(limit, requested) => (Some((limit, requested)), None, None),
         };
-        let checks = [
-            (limits.rpm, used.0, 1),
-            (in_limit, used.1, charge_in),
-            (limits.otpm, used.2, charge_out),
-        ];
-        let mut blocked: Option<Duration> = None;
-        let mut too_large = None;
-        for (i, (limit, used_now, charge)) in checks.iter().enumerate() {
-            let Some(limit) = *limit else { continue };
-            if *charge > limit {
-                too_large = Some((limit, *charge));
-                break;
-            }
-            if used_now + charge > limit {
-                // Wait until enough of the window has expired.
-                let mut freed = 0;
-                let mut wait = window;
-                for (t, r, inp, out) in &w.entries {
-                    freed += [*r, *inp, *out][i];
-                    if used_now - freed + charge <= limit {
-                        wait = window.saturating_sub(now.duration_since(*t));
-                        break;
-                    }
-                }
-                blocked = Some(blocked.map_or(wait, |b: Duration| b.max(wait)));
-            }
-        }
-        let remaining =
-            |limit: Option<u64>, used_now: u64| limit.map(|l| l.saturating_sub(used_now));
         let mut headers: Vec<(String, String)> = Vec::new();
-        let reset_in = w.entries.front().map_or(Duration::ZERO, |(t, ..)| {
-            window.saturating_sub(now.duration_since(*t))
-        });
         match provider {
             ProviderKind::OpenAi => {
-                if let Some(l) = limits.rpm {
-                    headers.push(("x-ratelimit-limit-requests".into(), l.to_string()));
-                    headers.push((
-                        "x-ratelimit-remaining-requests".into(),
-                        remaining(Some(l), used.0 + 1).unwrap_or(0).to_string(),
-                    ));
-                    headers.push(("x-ratelimit-reset-requests".into(), go_duration(reset_in)));
-                }
-                if let Some(l) = limits.tpm {
-                    headers.push(("x-ratelimit-limit-tokens".into(), l.to_string()));
-                    headers.push((
-                        "x-ratelimit-remaining-tokens".into(),
-                        remaining(Some(l), used.1 + charge_in)
-                            .unwrap_or(0)
-                            .to_string(),
-                    ));
-                    headers.push(("x-ratelimit-reset-tokens".into(), go_duration(reset_in)));
+                for (name, dim) in [("requests", report.dims[0]), ("tokens", report.dims[1])] {
+                    if let Some((limit, remaining, reset)) = dim {
+                        headers.push((format!("x-ratelimit-limit-{name}"), limit.to_string()));
+                        headers.push((
+                            format!("x-ratelimit-remaining-{name}"),
+                            remaining.to_string(),
+                        ));
+                        headers.push((format!("x-ratelimit-reset-{name}"), go_duration(reset)));
+                    }
                 }
             }
             ProviderKind::Anthropic => {
-                let reset_at = (jiff::Timestamp::now()
-                    + jiff::SignedDuration::try_from(reset_in).unwrap_or_default())
-                .to_string();
-                for (name, limit, used_now) in [
-                    ("requests", limits.rpm, used.0 + 1),
-                    ("input-tokens", limits.itpm, used.1 + charge_in),
-                    ("output-tokens", limits.otpm, used.2 + charge_out),
+                for (name, dim) in [
+                    ("requests", report.dims[0]),
+                    ("input-tokens", report.dims[1]),
+                    ("output-tokens", report.dims[2]),
                 ] {
-                    if let Some(l) = limit {
-                        headers.push((format!("anthropic-ratelimit-{name}-limit"), l.to_string()));
+                    if let Some((limit, remaining, reset)) = dim {
+                        let reset_at = (jiff::Timestamp::now()
+                            + jiff::SignedDuration::try_from(reset).unwrap_or_default())
+                        .to_string();
+                        headers.push((format!("anthropic-ratelimit-{name}-limit"), limit.to_string()));
                         headers.push((
                             format!("anthropic-ratelimit-{name}-remaining"),
-                            l.saturating_sub(used_now).to_string(),
+                            remaining.to_string(),
                         ));
-                        headers.push((
-                            format!("anthropic-ratelimit-{name}-reset"),
-                            reset_at.clone(),
-                        ));
+                        headers.push((format!("anthropic-ratelimit-{name}-reset"), reset_at));
                     }
                 }
             }
@@ -1029,8 +996,11 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Repl
                 error_body(provider, kind, Some("rate_limit_exceeded"), &message),
             ));
         }
-        let w = s.windows.get_mut(&key).expect("entry created above");
-        w.entries.push_back((now, 1, charge_in, charge_out));
+        let charge_id = charge_id.expect("admitted above");
+        let charged_input = match provider {
+            ProviderKind::OpenAi => charge_in - parsed.max_tokens,
+            ProviderKind::Anthropic => charge_in,
+        };
         let output = parsed.max_tokens.min(u64::from(s.config.output_tokens));
         let latency = s.scaled(
             s.config.base_latency
@@ -1058,8 +1028,8 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Repl
             cache_write,
             uncached,
             key,
-            charge_out,
-            charged_at: now,
+            charge_id,
+            charged_input,
             reasoning: info.reasoning,
         }
     };
@@ -1075,8 +1045,8 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Repl
         cache_write,
         uncached,
         key,
-        charge_out,
-        charged_at,
+        charge_id,
+        charged_input,
         reasoning,
         finish_length,
     } = decision;
@@ -1090,12 +1060,10 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Repl
         s.cache.insert(k.clone(), expires);
     }
     // Settle the output reservation to what was produced.
-    if let Some(w) = s.windows.get_mut(&key)
-        && let Some(entry) = w.entries.iter_mut().find(|(t, ..)| *t == charged_at)
-    {
+    if let Some(account) = s.accounts.get_mut(&key) {
         match key.0 {
-            ProviderKind::Anthropic => entry.3 = entry.3.min(charge_out).min(output),
-            ProviderKind::OpenAi => entry.2 = entry.2 - parsed.max_tokens + output,
+            ProviderKind::Anthropic => account.settle(charge_id, 2, output),
+            ProviderKind::OpenAi => account.settle(charge_id, 1, charged_input + output),
         }
     }
     record(&mut s, 200, cache_read, cache_write);
@@ -1163,8 +1131,10 @@ struct Accepted {
     cache_write: u64,
     uncached: u64,
     key: (ProviderKind, String),
-    charge_out: u64,
-    charged_at: Instant,
+    /// The account's id of the charge, and its input part (settled with
+    /// the output produced).
+    charge_id: u64,
+    charged_input: u64,
     reasoning: bool,
     finish_length: bool,
 }

@@ -281,18 +281,17 @@ impl Dispatcher {
         now: Instant,
     ) -> Self {
         let limiter = if limits.is_off() {
-            RateLimiter::off(config.time_scale)
+            RateLimiter::fixed(config.time_scale)
         } else {
             RateLimiter::new(config.time_scale)
         };
+        limiter.set_share(limits.share());
         let mut bucket_keys = HashMap::new();
         for c in &conditions {
             let key = bucket_key(&catalog, c.provider, &c.model);
-            limiter.configure(
-                &key,
-                c.provider,
-                limits.lookup(&catalog, c.provider, &c.model),
-            );
+            if !bucket_keys.values().any(|k| k == &key) {
+                limiter.configure(&key, c.provider, limits.cap(&catalog, c.provider, &c.model));
+            }
             bucket_keys.insert(c.slug.clone(), key);
         }
         let distinct_keys = bucket_keys.values().collect::<HashSet<_>>().len();
@@ -820,6 +819,7 @@ impl Dispatcher {
                     group: group_id,
                     role,
                     tries: 0,
+                    waited: 0,
                     stage: Stage::Queued,
                     reservation: None,
                 },
@@ -933,9 +933,7 @@ impl Dispatcher {
         };
         match job.reservation.take() {
             Some(reservation) => {
-                if let Some(actual) = actual {
-                    self.limiter.settle(&reservation, actual);
-                }
+                self.limiter.settle(&reservation, actual);
                 self.reservations.settled += 1;
             }
             None => self.reservations.settled_twice += 1,
@@ -958,8 +956,19 @@ impl Dispatcher {
             Ok(g) => g.rate_limits,
             Err(e) => e.rate_limits,
         };
-        self.limiter
-            .observe(key, condition.provider, &snapshot, sent_at, self.now);
+        self.limiter.observe(
+            key,
+            condition.provider,
+            &snapshot,
+            // The server processed it (a 4xx is its word too; a 5xx or a
+            // dropped connection may not have reached its limiter).
+            match &outcome {
+                Ok(_) => true,
+                Err(e) => e.http_status.is_some_and(|s| (400..500).contains(&s)),
+            },
+            sent_at,
+            self.now,
+        );
         let actual = match &outcome {
             Ok(g) => Some(Charge::actual(condition.provider, &g.usage)),
             // Rejected requests spend no tokens.
@@ -974,16 +983,24 @@ impl Dispatcher {
             && RetryPolicy::is_rate_limit(e)
         {
             self.summary.rate_limited += 1;
+            self.limiter.rejected(key);
             if let Some(wait) = e.retry_after {
                 self.limiter.pause(key, crate::time::later(self.now, wait));
             }
         }
         self.settle(id, actual);
         let job = self.jobs.get_mut(&id).expect("checked above");
-        let verdict = self
-            .config
-            .retry
-            .verdict(outcome.as_ref().map(|_| ()), id, job.tries);
+        let policy = self.config.retry;
+        if let Err(e) = &outcome
+            && policy.waits_out(e)
+            && job.waited < RetryPolicy::FREE_WAITS
+        {
+            // The server said when to come back: this attempt is not held
+            // against the generation's retry budget.
+            job.tries = job.tries.saturating_sub(1);
+            job.waited += 1;
+        }
+        let verdict = policy.verdict(outcome.as_ref().map(|_| ()), id, job.tries);
         let (end, note) = match outcome {
             Ok(generated) => {
                 let cost_usd = self.catalog.cost(&condition, &generated.usage);
@@ -996,7 +1013,11 @@ impl Dispatcher {
             Err(error) => (
                 AttemptEnd::Failed {
                     class: error.class,
-                    message: error.to_string(),
+                    message: if policy.wait_too_long(&error) {
+                        policy.too_long_message(&error)
+                    } else {
+                        error.to_string()
+                    },
                     http_status: error.http_status,
                     provider_request_id: error.request_id.clone(),
                     latency_ms,

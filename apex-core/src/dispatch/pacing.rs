@@ -87,21 +87,19 @@ pub fn choose_ttl(
 }
 
 /// Refuses, before anything is sent, a condition whose leader request could
-/// never fit under its per-minute limits (it would wait forever).
+/// never fit under the `--limits` caps (it would wait forever); limits learned
+/// from the server are checked as they arrive.
 pub fn check_limits(
     catalog: &Catalog,
     limits: &LimitTable,
     conditions: &[Condition],
     packages: &[PackageRef],
 ) -> Result<()> {
-    let limiter = RateLimiter::new(1.0);
+    let limiter = RateLimiter::fixed(1.0);
+    limiter.set_share(limits.share());
     for c in conditions {
         let key = bucket_key(catalog, c.provider, &c.model);
-        limiter.configure(
-            &key,
-            c.provider,
-            limits.lookup(catalog, c.provider, &c.model),
-        );
+        limiter.configure(&key, c.provider, limits.cap(catalog, c.provider, &c.model));
         for p in packages {
             let tokens = p.tokens(Tokenizer::for_provider(c.provider));
             let charge = Charge::estimate(c.provider, tokens, 0, tokens, u64::from(c.max_tokens));

@@ -51,7 +51,7 @@ impl RetryPolicy {
         let Err(error) = outcome else {
             return Verdict::Success;
         };
-        if !error.is_retryable() || tries >= self.max_attempts {
+        if !error.is_retryable() || tries >= self.max_attempts || self.wait_too_long(error) {
             return Verdict::GiveUp;
         }
         Verdict::Retry {
@@ -74,6 +74,42 @@ impl RetryPolicy {
     /// Whether the error is the server pacing us (counted and paused on).
     pub fn is_rate_limit(error: &AttemptError) -> bool {
         error.class == ErrorClass::RateLimited
+    }
+
+    /// The longest server-requested wait Apex sits out (before
+    /// `time_scale`); a longer one (a daily limit, a quota window) ends the
+    /// generation as `error`, to be resumed later.
+    pub const LONGEST_WAIT: Duration = Duration::from_secs(15 * 60);
+
+    /// Rate-limit rejections per generation and execution that are waited
+    /// out without spending the retry budget (a server that never stops
+    /// rejecting must still end).
+    pub const FREE_WAITS: u32 = 100;
+
+    /// Whether the error is a rate-limit or overload rejection that came
+    /// with a wait Apex sits out: it does not spend the retry budget.
+    pub fn waits_out(&self, error: &AttemptError) -> bool {
+        matches!(
+            error.class,
+            ErrorClass::RateLimited | ErrorClass::Overloaded
+        ) && error.retry_after.is_some()
+            && !self.wait_too_long(error)
+    }
+
+    /// The wait a rate-limit rejection asked for, when it is longer than
+    /// Apex waits out.
+    pub fn wait_too_long(&self, error: &AttemptError) -> bool {
+        let longest = crate::time::scaled(Self::LONGEST_WAIT, self.time_scale);
+        error.class == ErrorClass::RateLimited && error.retry_after.is_some_and(|w| w > longest)
+    }
+
+    /// The message stored for a rejection whose wait is too long.
+    pub fn too_long_message(&self, error: &AttemptError) -> String {
+        let asked = error.retry_after.unwrap_or_default().as_secs_f64();
+        let longest = crate::time::scaled(Self::LONGEST_WAIT, self.time_scale).as_secs_f64();
+        format!(
+            "{error}; the server asks to wait {asked:.0} s, longer than the {longest:.0} s Apex waits out (a daily or quota limit?): resume the run later with `apex run --resume RUN_ID`"
+        )
     }
 }
 
@@ -161,6 +197,30 @@ mod tests {
         assert_eq!(policy.verdict(Err(&refused), 1, 1), Verdict::GiveUp);
         assert_eq!(policy.verdict(Err(&fatal), 1, 1), Verdict::GiveUp);
         assert!(RetryPolicy::stops_condition(&fatal));
+    }
+
+    #[test]
+    fn rate_limit_waits_are_free_up_to_a_cap() {
+        let policy = RetryPolicy::new(0, Duration::from_secs(1), 1.0);
+        let mut limited = AttemptError::new(ErrorClass::RateLimited, "429");
+        assert!(!policy.waits_out(&limited), "no wait given: spends the budget");
+        limited.retry_after = Some(Duration::from_secs(20));
+        assert!(policy.waits_out(&limited));
+        let mut overloaded = AttemptError::new(ErrorClass::Overloaded, "529");
+        overloaded.retry_after = Some(Duration::from_secs(5));
+        assert!(policy.waits_out(&overloaded));
+        limited.retry_after = Some(Duration::from_secs(24 * 3600));
+        assert!(!policy.waits_out(&limited));
+        assert_eq!(policy.verdict(Err(&limited), 1, 0), Verdict::GiveUp);
+        let message = policy.too_long_message(&limited);
+        assert!(
+            message.contains("86400 s, longer than the 900 s") && message.contains("--resume"),
+            "{message}"
+        );
+        // Scaled like every other duration.
+        let scaled = RetryPolicy::new(0, Duration::from_secs(1), 0.01);
+        limited.retry_after = Some(Duration::from_secs(10));
+        assert!(scaled.wait_too_long(&limited));
     }
 
     #[test]

@@ -89,6 +89,9 @@ fn generated(usage: Usage) -> Generated {
 
 fn error(class: ErrorClass) -> AttemptError {
     let mut e = AttemptError::new(class, "scripted");
+    if class == ErrorClass::InvalidRequest {
+        e.http_status = Some(400);
+    }
     if class == ErrorClass::RateLimited {
         e.http_status = Some(429);
         e.retry_after = Some(Duration::from_secs(5));

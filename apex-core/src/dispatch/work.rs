@@ -94,8 +94,10 @@ pub(crate) struct Job {
     pub item: WorkItem,
     pub group: GroupId,
     pub role: Role,
-    /// Attempts made in this execution (the retry budget counts these).
+    /// Attempts made in this execution that spend the retry budget.
     pub tries: u32,
+    /// Rate-limit rejections waited out in this execution (free).
+    pub waited: u32,
     pub stage: Stage,
     pub reservation: Option<Reservation>,
 }
@@ -103,7 +105,10 @@ pub(crate) struct Job {
 impl Job {
     /// The ledger's attempt number of the current attempt.
     pub fn attempt(&self) -> u32 {
-        self.item.attempts.saturating_add(self.tries)
+        self.item
+            .attempts
+            .saturating_add(self.tries)
+            .saturating_add(self.waited)
     }
 
     /// Whether an attempt of this job is out (counted against concurrency).
