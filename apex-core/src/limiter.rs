@@ -5,9 +5,19 @@
 //! Dimensions: requests; input tokens (Anthropic ITPM: uncached input plus
 //! cache writes, cache reads excluded; OpenAI TPM: all input plus output);
 //! output tokens (Anthropic OTPM, reserved at `max_tokens`). The window is
-//! 60 s plus a 1 s safety margin (both times `time_scale`): a request is
-//! counted from the moment Apex sends it, a little before the server counts
-//! it, and kept a little longer than the server keeps it.
+//! 60 s plus a 1 s safety margin (both times `time_scale`, the margin at
+//! least 25 ms of real time): a request is counted from the moment Apex
+//! sends it, a little before the server counts it, and kept a little longer
+//! than the server keeps it. A sliding window paced this way is also safe
+//! against a server that refills continuously (a token bucket of the
+//! limit's size never holds less than the limit minus the last minute's
+//! charges).
+//!
+//! Limits come from the server: each model's first request goes alone, and
+//! the rate-limit headers of its answer set them; a `--limits` file caps
+//! them. Answer after answer, `limit − remaining` tells how the server counts
+//! against Apex's own count, and a per-model correction scales what Apex
+//! counts (see [`RateLimiter::observe`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -28,6 +38,10 @@ const DEFAULTS: &str = include_str!("limits.toml");
 pub const WINDOW: Duration = Duration::from_secs(60);
 /// Apex's margin on top of it.
 pub const SAFETY_MARGIN: Duration = Duration::from_secs(1);
+/// The least margin in real time, whatever the time scale: a request
+/// reaches the server some milliseconds after Apex counts it sent, and that
+/// lag does not shrink with a simulator's clock.
+pub const LEAST_REAL_MARGIN: Duration = Duration::from_millis(25);
 
 /// Per-minute limits of one model.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -365,6 +379,8 @@ struct Bucket {
     learned: [Option<u64>; 3],
     knowledge: Knowledge,
     corrections: [Correction; 3],
+    /// Recent answers: (send time, what the server reported as used).
+    observations: [VecDeque<(Instant, u64)>; 3],
     entries: VecDeque<Entry>,
     next_id: u64,
 }
@@ -377,6 +393,7 @@ impl Bucket {
             learned: [None; 3],
             knowledge,
             corrections: Default::default(),
+            observations: Default::default(),
             entries: VecDeque::new(),
             next_id: 1,
         }
@@ -488,7 +505,8 @@ impl RateLimiter {
     /// is (60 s + margin) × `time_scale`.
     pub fn new(time_scale: f64) -> Self {
         Self {
-            window: crate::time::scaled(WINDOW + SAFETY_MARGIN, time_scale),
+            window: crate::time::scaled(WINDOW, time_scale)
+                + crate::time::scaled(SAFETY_MARGIN, time_scale).max(LEAST_REAL_MARGIN),
             learns: true,
             state: Mutex::new(State {
                 share: 1,
@@ -778,6 +796,9 @@ impl RateLimiter {
         }
         bucket.prune(now, window.saturating_mul(2));
         let since = sent_at.checked_sub(window).unwrap_or(sent_at);
+        // Two answers sent this close together see (almost) no expiry or
+        // refill between them.
+        let close = window / 20;
         for d in 0..3 {
             let (Some(limit), Some(remaining)) = (
                 reported[d].and_then(|b| b.limit),
@@ -785,18 +806,47 @@ impl RateLimiter {
             ) else {
                 continue;
             };
-            let used = limit
-                .saturating_sub(remaining)
-                .saturating_sub(rounding(bucket.provider, d));
-            let counted: u64 = bucket
-                .entries
-                .iter()
-                .filter(|e| e.at > since && e.at <= now)
-                .map(|e| e.counted(d))
-                .sum();
-            if used > 0 && counted > 0 {
-                bucket.corrections[d].add(used as f64 / counted as f64);
+            let rounding = rounding(bucket.provider, d);
+            let used = limit.saturating_sub(remaining);
+            let counted = |from: Instant, to: Instant| -> u64 {
+                bucket
+                    .entries
+                    .iter()
+                    .filter(|e| e.at > from && e.at <= to)
+                    .map(|e| e.counted(d))
+                    .sum()
+            };
+            // A rounded figure says little about a small amount: samples
+            // need 40 times the rounding (a 2.5% error at most).
+            let enough = |amount: u64| amount > 0 && amount >= 40 * rounding;
+            let mut samples = Vec::with_capacity(2);
+            // Over the window: a lower bound (a bucket refills, a window
+            // forgets nothing Apex still counts).
+            let in_window = counted(since, now);
+            if enough(in_window) && used > 0 {
+                samples.push(used as f64 / in_window as f64);
             }
+            // Against the previous answer sent just before: what the
+            // server added for the requests sent in between, whatever its
+            // replenishment (too little time passed for it to matter).
+            if let Some(&(before_at, before_used)) = bucket.observations[d]
+                .iter()
+                .filter(|(at, _)| *at < sent_at && sent_at.duration_since(*at) <= close)
+                .max_by_key(|(at, _)| *at)
+            {
+                let between = counted(before_at, sent_at);
+                if enough(between) && used > before_used {
+                    samples.push((used - before_used) as f64 / between as f64);
+                }
+            }
+            for sample in samples {
+                bucket.corrections[d].add(sample);
+            }
+            let observations = &mut bucket.observations[d];
+            if observations.len() == Correction::KEPT {
+                observations.pop_front();
+            }
+            observations.push_back((sent_at, used));
         }
     }
 
@@ -1042,16 +1092,55 @@ mod tests {
     }
 
     #[test]
-    fn anthropics_rounding_never_raises_the_correction() {
+    fn anthropics_rounding_teaches_only_from_large_amounts() {
         let l = RateLimiter::new(1.0);
         l.configure("k", ProviderKind::Anthropic, Limits::default());
         let now = Instant::now();
-        let probe = granted(&l, charge(100_000, 0), now);
-        // 100,400 used, reported rounded as 100,000: the sample is taken at
-        // the low end (99,500 / 100,000), so at most the true ratio.
-        l.observe("k", ProviderKind::Anthropic, &input_report(450_000, 350_000), true, probe.at, now);
+        // 2,000 reported for 1,800 counted: within the rounding, no sample.
+        let probe = granted(&l, charge(1_800, 0), now);
+        l.observe("k", ProviderKind::Anthropic, &input_report(450_000, 448_000), true, probe.at, now);
+        assert_eq!(l.pacing("k").unwrap().corrections[1], 1.0);
+        // 120,000 reported for 100,000: a sample.
+        let big = granted(&l, charge(98_200, 0), now);
+        l.observe("k", ProviderKind::Anthropic, &input_report(450_000, 330_000), true, big.at, now);
         let factor = l.pacing("k").unwrap().corrections[1];
-        assert!((factor - 0.995 * 1.02).abs() < 1e-9, "{factor}");
+        assert!((factor - 1.2 * 1.02).abs() < 1e-9, "{factor}");
+    }
+
+    #[test]
+    fn answers_sent_close_together_see_past_a_token_bucket() {
+        // A bucket of 60,000 per minute that counts 1.3 times what Apex
+        // counts: 30 s after a request, half of it has been refilled, so the
+        // window alone would read the ratio as too low.
+        let t0 = Instant::now();
+        let report = |remaining: u64| RateLimitSnapshot {
+            tokens: Some(LimitBucket {
+                limit: Some(60_000),
+                remaining: Some(remaining),
+                reset_after: None,
+            }),
+            ..RateLimitSnapshot::default()
+        };
+        let t30 = t0 + Duration::from_secs(30);
+        let l2 = RateLimiter::new(1.0);
+        l2.configure("k", ProviderKind::OpenAi, Limits::default());
+        // Two requests 100 ms apart, 30 s after the bucket was last drained.
+        let a = granted(&l2, charge(10_000, 0), t0);
+        // Its answer reported the limit but not what remained.
+        let mut limit_only = report(0);
+        limit_only.tokens.as_mut().unwrap().remaining = None;
+        l2.observe("k", ProviderKind::OpenAi, &limit_only, true, a.at, t0);
+        l2.settle(&a, Some(charge(10_000, 0)));
+        let b = granted(&l2, charge(10_000, 0), t30);
+        // Refilled 30,000 of 13,000: full, then 13,000 used.
+        l2.observe("k", ProviderKind::OpenAi, &report(47_000), true, b.at, t30);
+        let t30b = t30 + Duration::from_millis(100);
+        let c = granted(&l2, charge(10_000, 0), t30b);
+        l2.observe("k", ProviderKind::OpenAi, &report(34_100), true, c.at, t30b);
+        // Window samples: 13,000 / 20,000 and 25,900 / 30,000 (too low);
+        // the pair gives 12,900 / 10,000.
+        let factor = l2.pacing("k").unwrap().corrections[1];
+        assert!((factor - 1.29 * 1.02).abs() < 1e-9, "{factor}");
     }
 
     #[test]
@@ -1059,12 +1148,12 @@ mod tests {
         let l = RateLimiter::new(1.0);
         l.configure("k", ProviderKind::Anthropic, Limits::default());
         let now = Instant::now();
-        let probe = granted(&l, charge(10_000, 0), now);
+        let probe = granted(&l, charge(20_000, 0), now);
         // Another process spent 30,000 of the same key's 100,000.
-        l.observe("k", ProviderKind::Anthropic, &input_report(100_000, 60_000), true, probe.at, now);
-        l.settle(&probe, Some(charge(10_000, 0)));
+        l.observe("k", ProviderKind::Anthropic, &input_report(100_000, 50_000), true, probe.at, now);
+        l.settle(&probe, Some(charge(20_000, 0)));
         let factor = l.pacing("k").unwrap().corrections[1];
-        assert!((factor - 3.95 * 1.02).abs() < 1e-9, "{factor}");
+        assert!((factor - 2.5 * 1.02).abs() < 1e-9, "{factor}");
         l.rejected("k");
         let tightened = l.pacing("k").unwrap().corrections[1];
         assert!((tightened - factor * 1.1).abs() < 1e-9, "{tightened}");

@@ -3,6 +3,7 @@
 mod bad_input;
 mod live;
 mod multi;
+mod pacing;
 mod resilience;
 mod stored;
 mod workflow;

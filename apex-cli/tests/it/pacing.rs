@@ -1,0 +1,142 @@
+//! Pacing against servers that count and replenish differently from Apex:
+//! limits learned from the headers (none in a file), no 429 after each
+//! model's first request, no generation lost to pacing.
+
+use std::process::Output;
+
+use apex_core::ProviderKind;
+use apex_providers::simulator::{LimitRules, Replenish, SimLimits, SimulatorConfig, TokenCount};
+
+use crate::live::{Live, args};
+use crate::{Sandbox, ok, run_id_from, stderr};
+
+/// Limits no tier table has, so that pacing at them shows they were learned.
+fn custom_limits() -> Vec<(ProviderKind, String, SimLimits)> {
+    vec![
+        (
+            ProviderKind::OpenAi,
+            "gpt-4o".into(),
+            SimLimits {
+                rpm: Some(61),
+                tpm: Some(100_003),
+                ..SimLimits::default()
+            },
+        ),
+        (
+            ProviderKind::Anthropic,
+            "claude-sonnet-4-5".into(),
+            SimLimits {
+                rpm: Some(59),
+                itpm: Some(80_007),
+                otpm: Some(8_009),
+                tpm: None,
+            },
+        ),
+    ]
+}
+
+/// Four contexts of about 25,000 tokens, so that two or three requests
+/// fill a minute's token limit.
+fn write_contexts(sb: &Sandbox) -> String {
+    let root = sb.path("big");
+    for c in 1..=4 {
+        let dir = root.join(format!("big-{c:02}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut text = format!("# Ledger {c}\n\n");
+        for line in 0..1100 {
+            text.push_str(&format!(
+                "Entry {line} of ledger {c}: the harbour crew logged {} crates and {} barrels at dock {}.\n",
+                line * 7 % 113,
+                line * 13 % 71,
+                line % 9
+            ));
+        }
+        std::fs::write(dir.join("context.md"), text).unwrap();
+        std::fs::write(dir.join("prompt.md"), "Sum the crates of dock 3.\n").unwrap();
+    }
+    root.display().to_string()
+}
+
+struct Paced {
+    live: Live,
+    out: Output,
+}
+
+async fn paced_run(rules: LimitRules) -> Paced {
+    let live = Live::on(
+        Sandbox::new(),
+        SimulatorConfig {
+            limits: custom_limits(),
+            openai_rules: rules,
+            anthropic_rules: rules,
+            ..SimulatorConfig::default()
+        },
+    )
+    .await;
+    let dir = write_contexts(&live.sb);
+    ok(live.apex(&["ingest", &dir]).await);
+    let out = live
+        .apex(&args(&[
+            "--condition-slug",
+            "prod-gpt4o",
+            "--condition-slug",
+            "prod-sonnet45",
+            "--replicates",
+            "3",
+            "--limit",
+            "4",
+        ]))
+        .await;
+    Paced { live, out }
+}
+
+fn check(paced: Paced, mode: &str) {
+    let log = stderr(&paced.out);
+    let text = ok(paced.out);
+    let run_id = run_id_from(&text);
+    assert!(!run_id.is_empty());
+    let requests = paced.live.sim.requests();
+    let rejected = requests.iter().filter(|r| r.status == 429).count();
+    if rejected > 0 {
+        for r in &requests {
+            eprintln!("{:?} {} {} arr {:?} ans {:?} w {} r {}", r.provider, r.trace.as_deref().unwrap_or(""), r.status, r.arrived, r.answered, r.cache_write_tokens, r.cache_read_tokens);
+        }
+    }
+    assert_eq!(rejected, 0, "{mode}: 429s\n{log}");
+    assert_eq!(requests.len(), 24, "{mode}: one request per generation");
+    assert!(requests.iter().all(|r| r.status == 200), "{mode}");
+    for (model, limits) in [
+        ("gpt-4o", "RPM 61, TPM 100003"),
+        ("claude-sonnet-4-5", "RPM 59, ITPM 80007, OTPM 8009"),
+    ] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains(model) && l.contains(&format!("the server reports limits {limits}"))),
+            "{mode}: learned limits of {model} not reported\n{log}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sliding_window_counting_differently_either_way() {
+    for count in [TokenCount::Billed, TokenCount::Factor(1.3), TokenCount::Factor(0.7), TokenCount::Characters] {
+        let rules = LimitRules {
+            count,
+            replenish: Replenish::SlidingWindow,
+            round_remaining: false,
+        };
+        check(paced_run(rules).await, &format!("window, {count:?}"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rounded_token_bucket_counting_differently_either_way() {
+    for count in [TokenCount::Billed, TokenCount::Factor(1.3), TokenCount::Factor(0.7)] {
+        let rules = LimitRules {
+            count,
+            replenish: Replenish::TokenBucket,
+            round_remaining: true,
+        };
+        check(paced_run(rules).await, &format!("bucket, {count:?}"));
+    }
+}
