@@ -81,7 +81,7 @@ fn planner(c: &mut Criterion) {
 fn limiter(c: &mut Criterion) {
     c.bench_function("limiter/reserve_settle_1000", |b| {
         b.iter(|| {
-            let limiter = RateLimiter::new(1.0);
+            let limiter = RateLimiter::fixed(1.0);
             let limits = Limits {
                 rpm: Some(1_000_000),
                 tpm: None,
@@ -101,11 +101,11 @@ fn limiter(c: &mut Criterion) {
                 };
                 limiter.settle(
                     &r,
-                    Charge {
+                    Some(Charge {
                         requests: 1,
                         input: 128_000,
                         output: 300,
-                    },
+                    }),
                 );
             }
         })

@@ -3,9 +3,19 @@
 //! ~120K tokens × 3 replicates = 252 generations over real HTTP.
 //!
 //! ```text
-//! cargo run --release --example production_bench -- [TIME_SCALE] [CONTEXTS] [TOKENS]
-//! cargo run --release --example production_bench              # 0.01, 21, 120000
+//! cargo run --release --example production_bench -- [TIME_SCALE] [CONTEXTS] [TOKENS] [MODE]
+//! cargo run --release --example production_bench              # 0.01, 21, 120000, real
 //! ```
+//!
+//! MODE is how the simulator's limiters count and replenish, against Apex
+//! learning the limits from headers with no limits file: `real` (as the
+//! services do: OpenAI counts characters / 4 plus `max_tokens` in a sliding
+//! window, Anthropic a token bucket with `remaining` rounded to thousands),
+//! `exact` (the billed count, a sliding window, exact headers: the
+//! simulator agrees with Apex), `count+30` and `count-30` (30% more or
+//! fewer input tokens than billed, sliding window), `bucket` (billed count,
+//! token bucket, rounded headers) and `file` (`real`, with the tier table
+//! also given to Apex as a limits file).
 //!
 //! Contexts are 120,000 tokens under OpenAI's o200k_base (a little more by
 //! Apex's four-bytes-per-token estimate used for Claude), not 128,000:
@@ -17,9 +27,11 @@
 //! (measured time / TIME_SCALE).
 //!
 //! Per condition it prints: wall time; the least time the limits allow (per
-//! limit: 60 s × max(0, ⌈⌊D/a⌋ / ⌊L/a⌋⌉ − 1), at least 60 s × max(0, D/L − 1),
-//! for demand D, limit L and the largest single request a; the largest over
-//! the limits, plus two mean latencies); their ratio; 429 responses;
+//! limit: 60 s × max(0, ⌈⌊D/a⌋ / ⌊L/a⌋⌉ − 1), at least 60 s × max(0, D/L − 1)
+//! and 60 s × (⌈n / ⌊L/t⌋⌉ − 1) for the n largest requests, each at least t,
+//! for demand D, limit L and the largest single request a, as the simulator
+//! counted them; the largest over the limits, plus two mean latencies);
+//! their ratio; 429 responses;
 //! cache-hit ratio against (R−1)/R; cost against the least cost caching allows.
 
 use std::collections::HashMap;
@@ -34,7 +46,9 @@ use apex::core::{
     Store,
 };
 use apex::store::SqliteStore;
-use apex_providers::simulator::{SimLimits, Simulator, SimulatorConfig};
+use apex_providers::simulator::{
+    LimitRules, Replenish, SimLimits, Simulator, SimulatorConfig, TokenCount,
+};
 use apex_providers::{ApiKey, ProviderConfig};
 
 const REPLICATES: u32 = 3;
@@ -60,6 +74,23 @@ fn limit_floor(d: f64, a: f64, l: f64) -> f64 {
     whole.max(60.0 * (d / l - 1.0).max(0.0))
 }
 
+/// The least time one limit allows counting requests: of the n largest
+/// requests (each at least t), at most ⌊L/t⌋ share a window, so they need
+/// ⌈n / ⌊L/t⌋⌉ windows; the largest over n. Tighter than `limit_floor` when
+/// requests are nearly equal (⌊D/a⌋ then loses one).
+fn count_floor(charges: &[f64], l: f64) -> f64 {
+    let mut sorted: Vec<f64> = charges.iter().copied().filter(|c| *c > 0.0).collect();
+    sorted.sort_by(|a, b| b.total_cmp(a));
+    let mut windows: f64 = 0.0;
+    for (i, t) in sorted.iter().enumerate() {
+        let per = (l / t).floor();
+        if per >= 1.0 {
+            windows = windows.max(((i + 1) as f64 / per).ceil());
+        }
+    }
+    60.0 * (windows - 1.0).max(0.0)
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
@@ -75,14 +106,62 @@ async fn main() -> Result<()> {
         .next()
         .map_or(Ok(120_000), |a| a.parse())
         .context("TOKENS")?;
+    let mode = args.next().unwrap_or_else(|| "real".into());
     let catalog = Arc::new(Catalog::built_in());
-    let limits = LimitTable::defaults();
+    let tiers = LimitTable::defaults();
+    let rules = |provider: ProviderKind| -> Result<LimitRules> {
+        let window = |count| LimitRules {
+            count,
+            replenish: Replenish::SlidingWindow,
+            round_remaining: false,
+        };
+        Ok(match mode.as_str() {
+            "real" | "file" => LimitRules::of(provider),
+            "exact" => window(TokenCount::Billed),
+            "count+30" => window(TokenCount::Factor(1.3)),
+            "count-30" => window(TokenCount::Factor(0.7)),
+            "bucket" => LimitRules {
+                count: TokenCount::Billed,
+                replenish: Replenish::TokenBucket,
+                round_remaining: true,
+            },
+            other => anyhow::bail!(
+                "MODE `{other}` is not real, exact, count+30, count-30, bucket or file"
+            ),
+        })
+    };
+    // Apex learns the limits from the headers; `file` also caps them.
+    let limits = if mode == "file" {
+        let mut text = String::new();
+        for (provider, model) in [
+            (ProviderKind::Anthropic, "claude-sonnet-4-5"),
+            (ProviderKind::Anthropic, "claude-opus-4-1"),
+            (ProviderKind::OpenAi, "gpt-4o"),
+            (ProviderKind::OpenAi, "gpt-5"),
+        ] {
+            let l = tiers.lookup(&catalog, provider, model);
+            text += &format!("[{provider}.\"{model}\"]\n");
+            for (name, v) in [
+                ("rpm", l.rpm),
+                ("tpm", l.tpm),
+                ("itpm", l.itpm),
+                ("otpm", l.otpm),
+            ] {
+                if let Some(v) = v {
+                    text += &format!("{name} = {v}\n");
+                }
+            }
+        }
+        LimitTable::with_file(&text)?
+    } else {
+        LimitTable::defaults()
+    };
 
     let conditions = apex::core::parse_conditions(include_str!("production/conditions.toml"))?;
     let sim_limits = conditions
         .iter()
         .map(|c| {
-            let l = limits.lookup(&catalog, c.provider, &c.model);
+            let l = tiers.lookup(&catalog, c.provider, &c.model);
             (
                 c.provider,
                 c.model.clone(),
@@ -100,6 +179,8 @@ async fn main() -> Result<()> {
             api_key: Some("sk-bench".into()),
             time_scale: scale,
             limits: sim_limits,
+            openai_rules: rules(ProviderKind::OpenAi)?,
+            anthropic_rules: rules(ProviderKind::Anthropic)?,
             ..SimulatorConfig::default()
         },
         "127.0.0.1:0".parse()?,
@@ -193,7 +274,7 @@ async fn main() -> Result<()> {
         .next()
         .context("a package")?;
     println!(
-        "{contexts} contexts x {} o200k tokens ({} estimated for Claude) x {REPLICATES} replicates, time scale {scale} (times in real-time equivalents)\n",
+        "{contexts} contexts x {} o200k tokens ({} estimated for Claude) x {REPLICATES} replicates, time scale {scale}, simulator mode {mode} (times in real-time equivalents)\n",
         sample.o200k_tokens, sample.estimated_tokens
     );
     println!(
@@ -236,16 +317,11 @@ async fn main() -> Result<()> {
             ))
             .await?
             .rows;
-        let l = LimitTable::defaults().lookup(&catalog, c.provider, &c.model);
-        let per_request: Vec<(f64, f64)> = rows
+        let l = tiers.lookup(&catalog, c.provider, &c.model);
+        // Demand as the server counted it.
+        let per_request: Vec<(f64, f64)> = ok
             .iter()
-            .map(|r| {
-                let (input, write, read, out) = (num(&r[1]), num(&r[2]), num(&r[3]), num(&r[4]));
-                match c.provider {
-                    ProviderKind::Anthropic => (input + write, out),
-                    ProviderKind::OpenAi => (input + write + read + out, 0.0),
-                }
-            })
+            .map(|r| (r.charged[1] as f64, r.charged[2] as f64))
             .collect();
         let demand = |f: fn(&(f64, f64)) -> f64| {
             (
@@ -255,17 +331,20 @@ async fn main() -> Result<()> {
         };
         let (d_in, a_in) = demand(|x| x.0);
         let (d_out, a_out) = demand(|x| x.1);
-        let n = rows.len() as f64;
+        let n = ok.len() as f64;
         let mut bound = l.rpm.map_or(0.0, |rpm| limit_floor(n, 1.0, rpm as f64));
         let in_limit = match c.provider {
             ProviderKind::Anthropic => l.itpm,
             ProviderKind::OpenAi => l.tpm,
         };
-        bound = bound.max(in_limit.map_or(0.0, |lim| limit_floor(d_in, a_in, lim as f64)));
-        bound = bound.max(
-            l.otpm
-                .map_or(0.0, |lim| limit_floor(d_out, a_out, lim as f64)),
-        );
+        let ins: Vec<f64> = per_request.iter().map(|x| x.0).collect();
+        let outs: Vec<f64> = per_request.iter().map(|x| x.1).collect();
+        bound = bound.max(in_limit.map_or(0.0, |lim| {
+            limit_floor(d_in, a_in, lim as f64).max(count_floor(&ins, lim as f64))
+        }));
+        bound = bound.max(l.otpm.map_or(0.0, |lim| {
+            limit_floor(d_out, a_out, lim as f64).max(count_floor(&outs, lim as f64))
+        }));
         bound += 2.0 * mean_latency;
 
         // The least cost caching allows: per context one write of the

@@ -532,7 +532,10 @@ async fn simulate(cmd: SimulateCmd) -> Result<ExitCode> {
     })?;
     let limits = match (&cmd.limits, cmd.no_limits) {
         (Some(_), true) => {
-            return Err(UsageError("--limits and --no-limits contradict each other; give one".into()).into());
+            return Err(UsageError(
+                "--limits and --no-limits contradict each other; give one".into(),
+            )
+            .into());
         }
         (None, true) => Vec::new(),
         (None, false) => published_tiers(),
@@ -561,7 +564,9 @@ async fn simulate(cmd: SimulateCmd) -> Result<ExitCode> {
         Some("window") => Some(Replenish::SlidingWindow),
         Some("bucket") => Some(Replenish::TokenBucket),
         Some(other) => {
-            return Err(UsageError(format!("--replenish `{other}` is not window or bucket")).into());
+            return Err(
+                UsageError(format!("--replenish `{other}` is not window or bucket")).into(),
+            );
         }
     };
     let rules = |provider| {

@@ -332,42 +332,58 @@ enum Knowledge {
 /// Recent estimates of how the server counts against how Apex counts.
 #[derive(Debug, Clone, Default)]
 struct Correction {
-    samples: VecDeque<f64>,
+    /// Over-the-window samples: each at most the true ratio.
+    lower: VecDeque<f64>,
+    /// Samples from pairs of answers: around the true ratio, with outliers
+    /// when requests reach the server out of the order they were sent.
+    paired: VecDeque<f64>,
+}
+
+fn keep_recent(samples: &mut VecDeque<f64>, sample: f64) {
+    if !sample.is_finite() || sample <= 0.0 {
+        return;
+    }
+    if samples.len() == Correction::KEPT {
+        samples.pop_front();
+    }
+    samples.push_back(sample.clamp(0.05, 100.0));
 }
 
 impl Correction {
     const KEPT: usize = 32;
-    /// Added on top of the largest recent sample of a token dimension: the
-    /// server's count of a request varies a little with its text (requests
-    /// are counted exactly).
-    const MARGIN: f64 = 1.02;
+    /// Added on top of the estimate for a token dimension: the server's
+    /// count of a request varies a little with its text (requests are
+    /// counted exactly).
+    const MARGIN: f64 = 1.01;
     /// Each 429 raises the correction by this much.
     const ON_REJECTION: f64 = 1.10;
+    /// Pairs needed before their median is trusted.
+    const PAIRS_NEEDED: usize = 3;
 
-    fn add(&mut self, sample: f64) {
-        if !sample.is_finite() || sample <= 0.0 {
-            return;
-        }
-        if self.samples.len() == Self::KEPT {
-            self.samples.pop_front();
-        }
-        self.samples.push_back(sample.clamp(0.05, 100.0));
-    }
-
-    /// The server's count per unit of Apex's: the largest recent sample
-    /// (each is a lower bound, see [`RateLimiter::observe`]) plus a margin;
-    /// 1 before any sample.
+    /// The server's count per unit of Apex's: the largest recent lower
+    /// bound, or the median of recent pairs when that is higher; 1 before
+    /// any sample.
     fn factor(&self, margin: f64) -> f64 {
-        self.samples
+        let lower = self
+            .lower
             .iter()
             .copied()
-            .fold(None, |m: Option<f64>, s| Some(m.map_or(s, |m| m.max(s))))
-            .map_or(1.0, |s| s * margin)
+            .fold(None, |m: Option<f64>, s| Some(m.map_or(s, |m| m.max(s))));
+        let paired = (self.paired.len() >= Self::PAIRS_NEEDED).then(|| {
+            let mut sorted: Vec<f64> = self.paired.iter().copied().collect();
+            sorted.sort_by(f64::total_cmp);
+            sorted[sorted.len() / 2]
+        });
+        match (lower, paired) {
+            (None, None) => 1.0,
+            (l, p) => l.unwrap_or(0.0).max(p.unwrap_or(0.0)) * margin,
+        }
     }
 
+    /// A 429: what was estimated was too low.
     fn tighten(&mut self) {
         let raised = self.factor(1.0) * Self::ON_REJECTION;
-        self.add(raised);
+        keep_recent(&mut self.lower, raised);
     }
 }
 
@@ -553,10 +569,9 @@ impl RateLimiter {
         } else {
             Knowledge::Known
         };
-        state.buckets.insert(
-            key.to_owned(),
-            Bucket::new(provider, dims, knowledge),
-        );
+        state
+            .buckets
+            .insert(key.to_owned(), Bucket::new(provider, dims, knowledge));
     }
 
     /// Checks that a request could ever be admitted: a charge above a limit
@@ -571,15 +586,20 @@ impl RateLimiter {
                 continue;
             };
             if amount > bucket.allowance(d, limit) {
-                let source = if bucket.learned[d].is_some_and(|l| bucket.caps[d].is_none_or(|c| l < c)) {
-                    "the server's"
-                } else {
-                    "the --limits"
-                };
+                let source =
+                    if bucket.learned[d].is_some_and(|l| bucket.caps[d].is_none_or(|c| l < c)) {
+                        "the server's"
+                    } else {
+                        "the --limits"
+                    };
                 return Err(format!(
                     "one request needs {amount} against {source} {} limit of {limit}{}; it can never be sent. Raise the limit (if your tier allows), shorten the context or lower max_tokens",
                     dimension_name(bucket.provider, d),
-                    if state.share > 1 { " (this process's share)" } else { "" },
+                    if state.share > 1 {
+                        " (this process's share)"
+                    } else {
+                        ""
+                    },
                 ));
             }
         }
@@ -781,9 +801,9 @@ impl RateLimiter {
                     pacing.join(", ")
                 );
             }
-            for d in 0..3 {
-                if limits[d].is_some() {
-                    bucket.learned[d] = limits[d];
+            for (learned, limit) in bucket.learned.iter_mut().zip(limits) {
+                if limit.is_some() {
+                    *learned = limit;
                 }
             }
             bucket.knowledge = Knowledge::Known;
@@ -799,10 +819,10 @@ impl RateLimiter {
         // Two answers sent this close together see (almost) no expiry or
         // refill between them.
         let close = window / 20;
-        for d in 0..3 {
+        for (d, report) in reported.iter().enumerate() {
             let (Some(limit), Some(remaining)) = (
-                reported[d].and_then(|b| b.limit),
-                reported[d].and_then(|b| b.remaining),
+                report.and_then(|b| b.limit),
+                report.and_then(|b| b.remaining),
             ) else {
                 continue;
             };
@@ -819,12 +839,12 @@ impl RateLimiter {
             // A rounded figure says little about a small amount: samples
             // need 40 times the rounding (a 2.5% error at most).
             let enough = |amount: u64| amount > 0 && amount >= 40 * rounding;
-            let mut samples = Vec::with_capacity(2);
             // Over the window: a lower bound (a bucket refills, a window
             // forgets nothing Apex still counts).
             let in_window = counted(since, now);
             if enough(in_window) && used > 0 {
-                samples.push(used as f64 / in_window as f64);
+                let sample = used as f64 / in_window as f64;
+                keep_recent(&mut bucket.corrections[d].lower, sample);
             }
             // Against the previous answer sent just before: what the
             // server added for the requests sent in between, whatever its
@@ -836,11 +856,9 @@ impl RateLimiter {
             {
                 let between = counted(before_at, sent_at);
                 if enough(between) && used > before_used {
-                    samples.push((used - before_used) as f64 / between as f64);
+                    let sample = (used - before_used) as f64 / between as f64;
+                    keep_recent(&mut bucket.corrections[d].paired, sample);
                 }
-            }
-            for sample in samples {
-                bucket.corrections[d].add(sample);
             }
             let observations = &mut bucket.observations[d];
             if observations.len() == Correction::KEPT {
@@ -1051,20 +1069,37 @@ mod tests {
         l.configure("k", ProviderKind::Anthropic, anthropic(100, 50_000, 8_000));
         let now = Instant::now();
         let probe = granted(&l, charge(1_000, 100), now);
-        l.observe("k", ProviderKind::Anthropic, &input_report(400_000, 399_000), true, probe.at, now);
+        l.observe(
+            "k",
+            ProviderKind::Anthropic,
+            &input_report(400_000, 399_000),
+            true,
+            probe.at,
+            now,
+        );
         assert_eq!(
             l.pacing("k").unwrap().limits,
             [Some(100), Some(50_000), Some(8_000)]
         );
-        l.observe("k", ProviderKind::Anthropic, &input_report(20_000, 19_000), true, probe.at, now);
+        l.observe(
+            "k",
+            ProviderKind::Anthropic,
+            &input_report(20_000, 19_000),
+            true,
+            probe.at,
+            now,
+        );
         assert_eq!(l.pacing("k").unwrap().limits[1], Some(20_000));
         l.set_share(2);
-        assert_eq!(l.pacing("k").unwrap().limits, [Some(50), Some(10_000), Some(4_000)]);
+        assert_eq!(
+            l.pacing("k").unwrap().limits,
+            [Some(50), Some(10_000), Some(4_000)]
+        );
     }
 
     #[test]
     fn the_correction_follows_the_servers_count_either_way() {
-        for (server_count, allowed, refused) in [(1.3, 75_000, 76_500), (0.7, 139_000, 141_000)] {
+        for (server_count, allowed, refused) in [(1.3, 75_000, 76_500), (0.7, 140_000, 142_000)] {
             let l = RateLimiter::new(1.0);
             l.configure("k", ProviderKind::OpenAi, Limits::default());
             let now = Instant::now();
@@ -1081,7 +1116,7 @@ mod tests {
             l.observe("k", ProviderKind::OpenAi, &snapshot, true, probe.at, now);
             l.settle(&probe, Some(charge(10_000, 0)));
             let factor = l.pacing("k").unwrap().corrections[1];
-            assert!((factor - server_count * 1.02).abs() < 1e-9, "{factor}");
+            assert!((factor - server_count * 1.01).abs() < 1e-9, "{factor}");
             // What fits in the server's 100,000, in Apex's count.
             assert!(matches!(
                 l.try_reserve("k", charge(refused - 10_000, 0), now),
@@ -1098,13 +1133,27 @@ mod tests {
         let now = Instant::now();
         // 2,000 reported for 1,800 counted: within the rounding, no sample.
         let probe = granted(&l, charge(1_800, 0), now);
-        l.observe("k", ProviderKind::Anthropic, &input_report(450_000, 448_000), true, probe.at, now);
+        l.observe(
+            "k",
+            ProviderKind::Anthropic,
+            &input_report(450_000, 448_000),
+            true,
+            probe.at,
+            now,
+        );
         assert_eq!(l.pacing("k").unwrap().corrections[1], 1.0);
         // 120,000 reported for 100,000: a sample.
         let big = granted(&l, charge(98_200, 0), now);
-        l.observe("k", ProviderKind::Anthropic, &input_report(450_000, 330_000), true, big.at, now);
+        l.observe(
+            "k",
+            ProviderKind::Anthropic,
+            &input_report(450_000, 330_000),
+            true,
+            big.at,
+            now,
+        );
         let factor = l.pacing("k").unwrap().corrections[1];
-        assert!((factor - 1.2 * 1.02).abs() < 1e-9, "{factor}");
+        assert!((factor - 1.2 * 1.01).abs() < 1e-9, "{factor}");
     }
 
     #[test]
@@ -1134,13 +1183,23 @@ mod tests {
         let b = granted(&l2, charge(10_000, 0), t30);
         // Refilled 30,000 of 13,000: full, then 13,000 used.
         l2.observe("k", ProviderKind::OpenAi, &report(47_000), true, b.at, t30);
-        let t30b = t30 + Duration::from_millis(100);
-        let c = granted(&l2, charge(10_000, 0), t30b);
-        l2.observe("k", ProviderKind::OpenAi, &report(34_100), true, c.at, t30b);
-        // Window samples: 13,000 / 20,000 and 25,900 / 30,000 (too low);
-        // the pair gives 12,900 / 10,000.
+        // Three more, 100 ms apart, each counted 13,000 by the server.
+        for (i, remaining) in [(1u64, 34_000u64), (2, 21_000), (3, 8_000)] {
+            let at = t30 + Duration::from_millis(100 * i);
+            let r = granted(&l2, charge(10_000, 0), at);
+            l2.observe(
+                "k",
+                ProviderKind::OpenAi,
+                &report(remaining),
+                true,
+                r.at,
+                at,
+            );
+        }
+        // Window samples: 13,000 / 20,000 up to 52,000 / 50,000 (too low
+        // while the bucket refills); pairs give 13,000 / 10,000 each.
         let factor = l2.pacing("k").unwrap().corrections[1];
-        assert!((factor - 1.29 * 1.02).abs() < 1e-9, "{factor}");
+        assert!((factor - 1.3 * 1.01).abs() < 1e-9, "{factor}");
     }
 
     #[test]
@@ -1150,17 +1209,31 @@ mod tests {
         let now = Instant::now();
         let probe = granted(&l, charge(20_000, 0), now);
         // Another process spent 30,000 of the same key's 100,000.
-        l.observe("k", ProviderKind::Anthropic, &input_report(100_000, 50_000), true, probe.at, now);
+        l.observe(
+            "k",
+            ProviderKind::Anthropic,
+            &input_report(100_000, 50_000),
+            true,
+            probe.at,
+            now,
+        );
         l.settle(&probe, Some(charge(20_000, 0)));
         let factor = l.pacing("k").unwrap().corrections[1];
-        assert!((factor - 2.5 * 1.02).abs() < 1e-9, "{factor}");
+        assert!((factor - 2.5 * 1.01).abs() < 1e-9, "{factor}");
         l.rejected("k");
         let tightened = l.pacing("k").unwrap().corrections[1];
         assert!((tightened - factor * 1.1).abs() < 1e-9, "{tightened}");
         // A fixed limiter learns nothing.
         let fixed = RateLimiter::fixed(1.0);
         fixed.configure("k", ProviderKind::Anthropic, anthropic(10, 100_000, 1_000));
-        fixed.observe("k", ProviderKind::Anthropic, &input_report(5, 0), true, now, now);
+        fixed.observe(
+            "k",
+            ProviderKind::Anthropic,
+            &input_report(5, 0),
+            true,
+            now,
+            now,
+        );
         fixed.rejected("k");
         assert_eq!(
             fixed.pacing("k").unwrap(),
@@ -1253,7 +1326,10 @@ mod tests {
                 Charge::estimate(ProviderKind::OpenAi, 0, 0, 31_000, 2048),
             )
             .unwrap_err();
-        assert!(err.contains("33048 against the --limits TPM limit of 30000"), "{err}");
+        assert!(
+            err.contains("33048 against the --limits TPM limit of 30000"),
+            "{err}"
+        );
         assert!(
             l.check_fits(
                 "k",

@@ -6,8 +6,9 @@
 //! counts tokens (OpenAI exactly with `o200k_base`; Anthropic at four bytes
 //! per token, Apex's estimate, since its tokenizer is not public), keeps a prompt
 //! cache that serves a prefix only after the request that wrote it has
-//! completed, enforces per-minute limits with the providers' headers, and
-//! plays scripted faults. Every duration is multiplied by `time_scale`, so a
+//! completed, enforces per-minute limits with the providers' headers by its
+//! own accounting (`accounting`: by default counting and replenishing as the
+//! real services do, not as Apex's limiter does), and plays scripted faults. Every duration is multiplied by `time_scale`, so a
 //! simulator with `time_scale = 0.01` runs a minute in 0.6 s.
 
 use std::collections::{HashMap, VecDeque};
@@ -157,6 +158,10 @@ pub struct RequestRecord {
     pub arrived: Duration,
     /// When it was answered, from the simulator's start.
     pub answered: Duration,
+    /// What its limiter finally charged it, by the simulator's own count:
+    /// requests, input-side tokens (OpenAI: all of TPM) and output tokens
+    /// (zeros for a request it did not serve).
+    pub charged: [u64; 3],
 }
 
 struct State {
@@ -727,6 +732,7 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Repl
             body: Arc::clone(&body),
             arrived,
             answered: Instant::now().duration_since(s.started),
+            charged: [0; 3],
         });
     };
 
@@ -937,7 +943,10 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Repl
                         let reset_at = (jiff::Timestamp::now()
                             + jiff::SignedDuration::try_from(reset).unwrap_or_default())
                         .to_string();
-                        headers.push((format!("anthropic-ratelimit-{name}-limit"), limit.to_string()));
+                        headers.push((
+                            format!("anthropic-ratelimit-{name}-limit"),
+                            limit.to_string(),
+                        ));
                         headers.push((
                             format!("anthropic-ratelimit-{name}-remaining"),
                             remaining.to_string(),
@@ -1067,6 +1076,12 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Repl
         }
     }
     record(&mut s, 200, cache_read, cache_write);
+    if let Some(last) = s.log.back_mut() {
+        last.charged = match key.0 {
+            ProviderKind::OpenAi => [1, charged_input + output, 0],
+            ProviderKind::Anthropic => [1, charged_input, output],
+        };
+    }
     let body = match key.0 {
         ProviderKind::OpenAi => {
             let reasoning_tokens = if reasoning { output / 2 } else { 0 };

@@ -199,6 +199,40 @@ fn usage_errors_exit_2() {
 }
 
 #[test]
+fn simulator_options_are_checked() {
+    let sb = Sandbox::new();
+    fs::write(sb.path("limits.toml"), "[openai.\"gpt-5\"]\nrpn = 5\n").unwrap();
+    for (args, needle) in [
+        (
+            &["simulate", "--token-count", "lots"][..],
+            "--token-count `lots` is not billed, chars or a factor",
+        ),
+        (
+            &["simulate", "--replenish", "daily"],
+            "--replenish `daily` is not window or bucket",
+        ),
+        (
+            &["simulate", "--limits", "limits.toml"],
+            "limits file `limits.toml`: unknown field `rpn`",
+        ),
+        (
+            &["simulate", "--limits", "absent.toml"],
+            "cannot read limits file `absent.toml`",
+        ),
+        (
+            &["simulate", "--limits", "limits.toml", "--no-limits"],
+            "contradict",
+        ),
+    ] {
+        let out = sb.apex_raw(args);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+}
+
+#[test]
 fn a_bad_catalog_file_is_named() {
     let sb = registered();
     let path = sb.path("catalog.toml");

@@ -5,7 +5,9 @@
 use std::process::Output;
 
 use apex_core::ProviderKind;
-use apex_providers::simulator::{LimitRules, Replenish, SimLimits, SimulatorConfig, TokenCount};
+use apex_providers::simulator::{
+    Fault, LimitRules, Replenish, SimLimits, SimulatorConfig, TokenCount,
+};
 
 use crate::live::{Live, args};
 use crate::{Sandbox, ok, run_id_from, stderr};
@@ -99,7 +101,16 @@ fn check(paced: Paced, mode: &str) {
     let rejected = requests.iter().filter(|r| r.status == 429).count();
     if rejected > 0 {
         for r in &requests {
-            eprintln!("{:?} {} {} arr {:?} ans {:?} w {} r {}", r.provider, r.trace.as_deref().unwrap_or(""), r.status, r.arrived, r.answered, r.cache_write_tokens, r.cache_read_tokens);
+            eprintln!(
+                "{:?} {} {} arr {:?} ans {:?} w {} r {}",
+                r.provider,
+                r.trace.as_deref().unwrap_or(""),
+                r.status,
+                r.arrived,
+                r.answered,
+                r.cache_write_tokens,
+                r.cache_read_tokens
+            );
         }
     }
     assert_eq!(rejected, 0, "{mode}: 429s\n{log}");
@@ -111,7 +122,8 @@ fn check(paced: Paced, mode: &str) {
     ] {
         assert!(
             log.lines()
-                .any(|l| l.contains(model) && l.contains(&format!("the server reports limits {limits}"))),
+                .any(|l| l.contains(model)
+                    && l.contains(&format!("the server reports limits {limits}"))),
             "{mode}: learned limits of {model} not reported\n{log}"
         );
     }
@@ -119,7 +131,12 @@ fn check(paced: Paced, mode: &str) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_sliding_window_counting_differently_either_way() {
-    for count in [TokenCount::Billed, TokenCount::Factor(1.3), TokenCount::Factor(0.7), TokenCount::Characters] {
+    for count in [
+        TokenCount::Billed,
+        TokenCount::Factor(1.3),
+        TokenCount::Factor(0.7),
+        TokenCount::Characters,
+    ] {
         let rules = LimitRules {
             count,
             replenish: Replenish::SlidingWindow,
@@ -131,7 +148,11 @@ async fn a_sliding_window_counting_differently_either_way() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_rounded_token_bucket_counting_differently_either_way() {
-    for count in [TokenCount::Billed, TokenCount::Factor(1.3), TokenCount::Factor(0.7)] {
+    for count in [
+        TokenCount::Billed,
+        TokenCount::Factor(1.3),
+        TokenCount::Factor(0.7),
+    ] {
         let rules = LimitRules {
             count,
             replenish: Replenish::TokenBucket,
@@ -139,4 +160,68 @@ async fn a_rounded_token_bucket_counting_differently_either_way() {
         };
         check(paced_run(rules).await, &format!("bucket, {count:?}"));
     }
+}
+
+fn rate_limit_fault(retry_after: &str) -> Fault {
+    Fault::anthropic(
+        429,
+        "rate_limit_error",
+        "Number of request tokens has exceeded your per-minute rate limit",
+    )
+    .with_header("retry-after", retry_after)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rate_limit_waits_do_not_spend_the_retry_budget() {
+    let live = Live::with(SimulatorConfig::default()).await;
+    // Six 429s in a row, each with a wait, against a budget of one retry.
+    for _ in 0..6 {
+        live.sim.push_fault(None, rate_limit_fault("0"));
+    }
+    let out = live
+        .apex(&args(&[
+            "--condition-slug",
+            "prod-sonnet45",
+            "--limit",
+            "1",
+            "--replicates",
+            "1",
+            "--max-retries",
+            "1",
+        ]))
+        .await;
+    let run_id = run_id_from(&ok(out));
+    let attempts = live
+        .column(&format!("SELECT attempts || ' ' || status FROM apex_audition.generations WHERE run_id = '{run_id}'"))
+        .await;
+    assert_eq!(attempts, vec!["7 success"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_daily_limit_wait_ends_the_generation_naming_resume() {
+    let live = Live::with(SimulatorConfig::default()).await;
+    // A day (at time scale 0.01, 864 s), beyond the 15 minutes (9 s) Apex waits.
+    live.sim.push_fault(None, rate_limit_fault("864"));
+    let out = live
+        .apex(&args(&[
+            "--condition-slug",
+            "prod-sonnet45",
+            "--limit",
+            "1",
+            "--replicates",
+            "1",
+        ]))
+        .await;
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    let run_id = run_id_from(&String::from_utf8_lossy(&out.stdout));
+    let rows = live
+        .column(&format!("SELECT attempts || ' ' || status || ' ' || error_message FROM apex_audition.generations WHERE run_id = '{run_id}'"))
+        .await;
+    assert_eq!(rows.len(), 1);
+    assert!(
+        rows[0].starts_with("1 error ")
+            && rows[0].contains("longer than the 9 s Apex waits out")
+            && rows[0].contains("--resume"),
+        "{rows:?}"
+    );
 }

@@ -203,7 +203,10 @@ mod tests {
     fn rate_limit_waits_are_free_up_to_a_cap() {
         let policy = RetryPolicy::new(0, Duration::from_secs(1), 1.0);
         let mut limited = AttemptError::new(ErrorClass::RateLimited, "429");
-        assert!(!policy.waits_out(&limited), "no wait given: spends the budget");
+        assert!(
+            !policy.waits_out(&limited),
+            "no wait given: spends the budget"
+        );
         limited.retry_after = Some(Duration::from_secs(20));
         assert!(policy.waits_out(&limited));
         let mut overloaded = AttemptError::new(ErrorClass::Overloaded, "529");

@@ -103,7 +103,9 @@ pub fn parse_limits(text: &str) -> Result<Vec<(ProviderKind, String, SimLimits)>
     ] {
         for (model, limits) in models {
             if limits.dims(provider).contains(&Some(0)) {
-                return Err(format!("[{provider}.\"{model}\"]: a limit of 0 admits nothing"));
+                return Err(format!(
+                    "[{provider}.\"{model}\"]: a limit of 0 admits nothing"
+                ));
             }
             out.push((provider, model, limits));
         }
@@ -253,9 +255,9 @@ impl Account {
                 for (_, t, c) in &self.charges {
                     freed += c[d];
                     if used - freed + extra <= limit {
-                        let age = self.updated.map_or(Duration::ZERO, |now| {
-                            now.saturating_duration_since(*t)
-                        });
+                        let age = self
+                            .updated
+                            .map_or(Duration::ZERO, |now| now.saturating_duration_since(*t));
                         return self.window.saturating_sub(age);
                     }
                 }
@@ -270,7 +272,13 @@ impl Account {
     }
 
     /// Charges `charge` at `now` if every limit allows it.
-    pub fn admit(&mut self, now: Instant, limits: SimLimits, provider: ProviderKind, charge: [u64; 3]) -> Admit {
+    pub fn admit(
+        &mut self,
+        now: Instant,
+        limits: SimLimits,
+        provider: ProviderKind,
+        charge: [u64; 3],
+    ) -> Admit {
         let limits = limits.dims(provider);
         self.refill(now, &limits);
         let mut wait: Option<Duration> = None;
@@ -321,10 +329,12 @@ impl Account {
                 remaining = (remaining + 500) / 1000 * 1000;
             }
             let reset = match self.rules.replenish {
-                Replenish::SlidingWindow => self.charges.back().map_or(Duration::ZERO, |(_, t, _)| {
-                    self.window
-                        .saturating_sub(now.saturating_duration_since(*t))
-                }),
+                Replenish::SlidingWindow => {
+                    self.charges.back().map_or(Duration::ZERO, |(_, t, _)| {
+                        self.window
+                            .saturating_sub(now.saturating_duration_since(*t))
+                    })
+                }
                 Replenish::TokenBucket => Duration::from_secs_f64(
                     used as f64 / (limit as f64 / self.window.as_secs_f64()),
                 ),
@@ -357,7 +367,10 @@ mod tests {
         let mut a = Account::new(rules, MINUTE);
         let t0 = Instant::now();
         let limits = tpm(100);
-        assert_eq!(a.admit(t0, limits, ProviderKind::OpenAi, [1, 80, 0]), Admit::Granted(1));
+        assert_eq!(
+            a.admit(t0, limits, ProviderKind::OpenAi, [1, 80, 0]),
+            Admit::Granted(1)
+        );
         let t30 = t0 + Duration::from_secs(30);
         assert_eq!(
             a.admit(t30, limits, ProviderKind::OpenAi, [1, 30, 0]),
@@ -382,14 +395,21 @@ mod tests {
             ..SimLimits::default()
         };
         let p = ProviderKind::Anthropic;
-        assert!(matches!(a.admit(t0, limits, p, [1, 59_600, 0]), Admit::Granted(_)));
+        assert!(matches!(
+            a.admit(t0, limits, p, [1, 59_600, 0]),
+            Admit::Granted(_)
+        ));
         // Rounded to the nearest thousand: 400 left reads as 0.
         assert_eq!(a.report(t0, limits, p).dims[1].unwrap().1, 0);
         // 10 s later 10,000 are back (1,000 per second).
         let t10 = t0 + Duration::from_secs(10);
         let report = a.report(t10, limits, p).dims[1].unwrap();
         assert_eq!(report.1, 10_000);
-        assert!((report.2.as_secs_f64() - 49.6).abs() < 0.01, "{:?}", report.2);
+        assert!(
+            (report.2.as_secs_f64() - 49.6).abs() < 0.01,
+            "{:?}",
+            report.2
+        );
         assert_eq!(
             a.admit(t10, limits, p, [1, 12_400, 0]),
             Admit::Wait(Duration::from_secs(2))
@@ -413,7 +433,8 @@ mod tests {
     #[test]
     fn limits_files_parse() {
         let limits =
-            parse_limits("[openai.\"gpt-5\"]\nrpm = 7\ntpm = 9000\n[anthropic.\"x\"]\nitpm = 5\n").unwrap();
+            parse_limits("[openai.\"gpt-5\"]\nrpm = 7\ntpm = 9000\n[anthropic.\"x\"]\nitpm = 5\n")
+                .unwrap();
         assert_eq!(limits.len(), 2);
         assert!(parse_limits("[openai.\"gpt-5\"]\nrpm = 0\n").is_err());
         assert!(parse_limits("[openai.\"gpt-5\"]\nrpn = 1\n").is_err());
