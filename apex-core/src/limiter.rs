@@ -298,25 +298,13 @@ pub enum Admission {
     Wait(Instant),
 }
 
+/// One reservation. Its amounts are what the server counts for it now: the
+/// reservation until the response arrives (OpenAI charges `max_tokens` up
+/// front, Anthropic estimates OTPM from it), then the real usage.
 struct Entry {
     id: u64,
     at: Instant,
     amounts: [u64; 3],
-    reserved: [u64; 3],
-    settled: bool,
-}
-
-impl Entry {
-    /// What the server counts for it now: the reservation until the
-    /// response arrives (OpenAI charges `max_tokens` up front, Anthropic
-    /// estimates OTPM from it), then the real usage.
-    fn counted(&self, d: usize) -> u64 {
-        if self.settled {
-            self.amounts[d]
-        } else {
-            self.reserved[d].max(self.amounts[d])
-        }
-    }
 }
 
 /// What the limiter knows of a key's limits.
@@ -669,8 +657,6 @@ impl RateLimiter {
             id,
             at: now,
             amounts,
-            reserved: amounts,
-            settled: false,
         });
         Admission::Granted(Reservation {
             key: key.to_owned(),
@@ -690,11 +676,10 @@ impl RateLimiter {
         if bucket.knowledge == Knowledge::Probing(Some(reservation.id)) {
             bucket.knowledge = Knowledge::Probing(None);
         }
-        if let Some(entry) = bucket.entry_mut(reservation.id) {
-            if let Some(actual) = actual {
-                entry.amounts = actual.amounts();
-            }
-            entry.settled = true;
+        if let Some(actual) = actual
+            && let Some(entry) = bucket.entry_mut(reservation.id)
+        {
+            entry.amounts = actual.amounts();
         }
     }
 
@@ -737,14 +722,16 @@ impl RateLimiter {
     /// Feeds back an answer's rate-limit headers (`answered`: the server
     /// processed the request, so its headers, or their absence, are the
     /// server's word). Reported limits replace the learned ones, higher or
-    /// lower (never above a cap). `remaining` teaches how the server counts:
-    /// what it counts as used (limit − remaining, less its rounding) is at
-    /// least the correction times what this limiter counted over the
-    /// window around the request (everything sent up to now, from a window
-    /// before the request was sent), under a sliding window and under a
-    /// token bucket alike (a bucket only ever counts less), with use by
-    /// other processes on the same key included. So each answer gives a
-    /// lower bound of the correction, and the largest recent one is used.
+    /// lower (never above a cap). `remaining` teaches how the server counts,
+    /// two ways. Over the window: what it counts as used (limit − remaining)
+    /// is at most the true ratio times what this limiter counted from a
+    /// window before the request was sent up to now, under a sliding window
+    /// and a token bucket alike (a bucket only ever counts less), so each
+    /// answer gives a lower bound and the largest recent one is kept. Between
+    /// two answers sent close together: what the server added for the
+    /// requests sent in between, whatever its replenishment; these scatter
+    /// when requests arrive out of send order, so their median is kept. Use
+    /// of the key by other processes raises both.
     pub fn observe(
         &self,
         key: &str,
@@ -774,37 +761,28 @@ impl RateLimiter {
         };
         let limits: [Option<u64>; 3] = reported.map(|b| b.and_then(|b| b.limit).filter(|&l| l > 0));
         if limits.iter().any(Option::is_some) {
-            if limits != bucket.learned {
-                let shown: Vec<String> = (0..3)
-                    .filter_map(|d| {
-                        limits[d].map(|l| format!("{} {l}", dimension_name(bucket.provider, d)))
-                    })
-                    .collect();
-                let pacing: Vec<String> = (0..3)
-                    .filter_map(|d| {
-                        let learned = limits[d].or(bucket.learned[d]);
-                        let paced = match (bucket.caps[d], learned) {
-                            (Some(c), Some(s)) => Some(c.min(s)),
-                            (c, s) => c.or(s),
-                        }?;
-                        Some(format!(
-                            "{} {}",
-                            dimension_name(bucket.provider, d),
-                            (paced / share).max(1)
-                        ))
-                    })
-                    .collect();
-                tracing::info!(
-                    key,
-                    "the server reports limits {}; pacing at {}",
-                    shown.join(", "),
-                    pacing.join(", ")
-                );
-            }
+            let changed = limits != bucket.learned;
             for (learned, limit) in bucket.learned.iter_mut().zip(limits) {
                 if limit.is_some() {
                     *learned = limit;
                 }
+            }
+            if changed {
+                let listed = |values: [Option<u64>; 3]| -> String {
+                    (0..3)
+                        .filter_map(|d| {
+                            values[d].map(|v| format!("{} {v}", dimension_name(bucket.provider, d)))
+                        })
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                let paced = std::array::from_fn(|d| bucket.limit(d, share));
+                tracing::info!(
+                    key,
+                    "the server reports limits {}; pacing at {}",
+                    listed(limits),
+                    listed(paced)
+                );
             }
             bucket.knowledge = Knowledge::Known;
         } else if answered && bucket.knowledge != Knowledge::Known {
@@ -833,7 +811,7 @@ impl RateLimiter {
                     .entries
                     .iter()
                     .filter(|e| e.at > from && e.at <= to)
-                    .map(|e| e.counted(d))
+                    .map(|e| e.amounts[d])
                     .sum()
             };
             // A rounded figure says little about a small amount: samples

@@ -289,9 +289,8 @@ impl Dispatcher {
         let mut bucket_keys = HashMap::new();
         for c in &conditions {
             let key = bucket_key(&catalog, c.provider, &c.model);
-            if !bucket_keys.values().any(|k| k == &key) {
-                limiter.configure(&key, c.provider, limits.cap(&catalog, c.provider, &c.model));
-            }
+            // Conditions on one model configure the same key alike.
+            limiter.configure(&key, c.provider, limits.cap(&catalog, c.provider, &c.model));
             bucket_keys.insert(c.slug.clone(), key);
         }
         let distinct_keys = bucket_keys.values().collect::<HashSet<_>>().len();
