@@ -16,7 +16,7 @@ use crate::tokens::Tokenizer;
 
 use super::ProgressEvent;
 use super::pacing::{self, CacheRole};
-use super::retry::{RetryPolicy, Verdict};
+use super::retry::{Budget, RetryPolicy, Verdict};
 use super::work::{
     Candidate, ConditionGate, GenerationId, Group, GroupId, GroupPhase, Job, Outcome, ReadyQueue,
     Role, Stage, VerifyGate,
@@ -677,7 +677,7 @@ impl Dispatcher {
 
     fn launch(&mut self, id: GenerationId, reservation: crate::limiter::Reservation) {
         let job = self.jobs.get_mut(&id).expect("a queued job exists");
-        job.tries = job.tries.saturating_add(1);
+        job.budget.tries = job.budget.tries.saturating_add(1);
         job.stage = Stage::Beginning;
         job.reservation = Some(reservation);
         let group = self
@@ -817,8 +817,7 @@ impl Dispatcher {
                     item,
                     group: group_id,
                     role,
-                    tries: 0,
-                    waited: 0,
+                    budget: Budget::default(),
                     stage: Stage::Queued,
                     reservation: None,
                 },
@@ -990,16 +989,7 @@ impl Dispatcher {
         self.settle(id, actual);
         let job = self.jobs.get_mut(&id).expect("checked above");
         let policy = self.config.retry;
-        if let Err(e) = &outcome
-            && policy.waits_out(e)
-            && job.waited < RetryPolicy::FREE_WAITS
-        {
-            // The server said when to come back: this attempt is not held
-            // against the generation's retry budget.
-            job.tries = job.tries.saturating_sub(1);
-            job.waited += 1;
-        }
-        let verdict = policy.verdict(outcome.as_ref().map(|_| ()), id, job.tries);
+        let verdict = policy.verdict(outcome.as_ref().map(|_| ()), id, &mut job.budget);
         let (end, note) = match outcome {
             Ok(generated) => {
                 let cost_usd = self.catalog.cost(&condition, &generated.usage);
@@ -1012,11 +1002,7 @@ impl Dispatcher {
             Err(error) => (
                 AttemptEnd::Failed {
                     class: error.class,
-                    message: if policy.wait_too_long(&error) {
-                        policy.too_long_message(&error)
-                    } else {
-                        error.to_string()
-                    },
+                    message: policy.stored_message(&error),
                     http_status: error.http_status,
                     provider_request_id: error.request_id.clone(),
                     latency_ms,

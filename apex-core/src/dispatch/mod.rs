@@ -50,7 +50,7 @@ pub use machine::{
     Action, Attempt, DispatchConfig, Dispatcher, Event, ReservationBook, Summary, Task,
 };
 pub use pacing::{CacheRole, charge, check_limits, choose_ttl};
-pub use retry::{RetryPolicy, Verdict, backoff_delay};
+pub use retry::{Budget, RetryPolicy, Verdict, backoff_delay};
 pub use work::{ConditionGate, GenerationId, GroupId, GroupPhase, Role, VerifyGate};
 
 /// How to execute.

@@ -18,6 +18,27 @@ pub enum Verdict {
     GiveUp,
 }
 
+/// What one generation has used of its retry budget in this execution.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Budget {
+    /// Attempts sent in this execution.
+    pub tries: u32,
+    /// Of those, rate-limit rejections waited out for free.
+    pub waited: u32,
+}
+
+impl Budget {
+    /// `tries` attempts, none of them free.
+    pub fn tried(tries: u32) -> Self {
+        Self { tries, waited: 0 }
+    }
+
+    /// The attempts that count against `--max-retries`.
+    pub fn spent(&self) -> u32 {
+        self.tries.saturating_sub(self.waited)
+    }
+}
+
 /// When to try again, and how long to wait first.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RetryPolicy {
@@ -40,28 +61,44 @@ impl RetryPolicy {
         }
     }
 
-    /// The verdict on attempt number `tries` (1-based, in this execution)
-    /// of generation `generation_id`.
+    /// The verdict on the latest attempt of generation `generation_id`,
+    /// whose `budget` counts it already. A rate-limit rejection that came
+    /// with a wait Apex sits out is recorded in the budget as free (up to
+    /// [`FREE_WAITS`](Self::FREE_WAITS)).
     pub fn verdict(
         &self,
         outcome: Result<(), &AttemptError>,
         generation_id: i64,
-        tries: u32,
+        budget: &mut Budget,
     ) -> Verdict {
         let Err(error) = outcome else {
             return Verdict::Success;
         };
-        if !error.is_retryable() || tries >= self.max_attempts || self.wait_too_long(error) {
+        if self.waits_out(error) && budget.waited < Self::FREE_WAITS {
+            budget.waited += 1;
+        }
+        let spent = budget.spent();
+        if !error.is_retryable() || spent >= self.max_attempts || self.wait_too_long(error) {
             return Verdict::GiveUp;
         }
         Verdict::Retry {
             delay: backoff_delay(
-                tries.saturating_sub(1),
+                spent.saturating_sub(1),
                 error.retry_after,
                 self.backoff_base,
-                jitter(generation_id, tries),
+                jitter(generation_id, budget.tries),
                 self.time_scale,
             ),
+        }
+    }
+
+    /// The message stored for a failed attempt: the error's own, or, for a
+    /// wait longer than Apex sits out, one naming the wait and `--resume`.
+    pub fn stored_message(&self, error: &AttemptError) -> String {
+        if self.wait_too_long(error) {
+            self.too_long_message(error)
+        } else {
+            error.to_string()
         }
     }
 
@@ -188,14 +225,26 @@ mod tests {
         let mut refused = transient.clone();
         refused.server_refuses_retry = true;
         let fatal = AttemptError::new(ErrorClass::Authentication, "bad key");
-        assert_eq!(policy.verdict(Ok(()), 1, 1), Verdict::Success);
+        assert_eq!(
+            policy.verdict(Ok(()), 1, &mut Budget::tried(1)),
+            Verdict::Success
+        );
         assert!(matches!(
-            policy.verdict(Err(&transient), 1, 2),
+            policy.verdict(Err(&transient), 1, &mut Budget::tried(2)),
             Verdict::Retry { .. }
         ));
-        assert_eq!(policy.verdict(Err(&transient), 1, 3), Verdict::GiveUp);
-        assert_eq!(policy.verdict(Err(&refused), 1, 1), Verdict::GiveUp);
-        assert_eq!(policy.verdict(Err(&fatal), 1, 1), Verdict::GiveUp);
+        assert_eq!(
+            policy.verdict(Err(&transient), 1, &mut Budget::tried(3)),
+            Verdict::GiveUp
+        );
+        assert_eq!(
+            policy.verdict(Err(&refused), 1, &mut Budget::tried(1)),
+            Verdict::GiveUp
+        );
+        assert_eq!(
+            policy.verdict(Err(&fatal), 1, &mut Budget::tried(1)),
+            Verdict::GiveUp
+        );
         assert!(RetryPolicy::stops_condition(&fatal));
     }
 
@@ -214,7 +263,10 @@ mod tests {
         assert!(policy.waits_out(&overloaded));
         limited.retry_after = Some(Duration::from_secs(24 * 3600));
         assert!(!policy.waits_out(&limited));
-        assert_eq!(policy.verdict(Err(&limited), 1, 0), Verdict::GiveUp);
+        assert_eq!(
+            policy.verdict(Err(&limited), 1, &mut Budget::tried(0)),
+            Verdict::GiveUp
+        );
         let message = policy.too_long_message(&limited);
         assert!(
             message.contains("86400 s, longer than the 900 s") && message.contains("--resume"),
@@ -231,7 +283,8 @@ mod tests {
         let policy = RetryPolicy::new(u32::MAX, Duration::from_secs(1), f64::MAX);
         assert_eq!(policy.max_attempts, u32::MAX);
         let transient = AttemptError::new(ErrorClass::Transport, "reset");
-        let Verdict::Retry { delay } = policy.verdict(Err(&transient), 1, 40) else {
+        let Verdict::Retry { delay } = policy.verdict(Err(&transient), 1, &mut Budget::tried(40))
+        else {
             panic!("retryable")
         };
         assert_eq!(delay, crate::time::FAR_FUTURE);

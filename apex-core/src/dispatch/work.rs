@@ -10,7 +10,7 @@ use crate::limiter::Reservation;
 use crate::provider::{CacheTtl, SharedBody};
 use crate::run::WorkItem;
 
-use super::retry::Verdict;
+use super::retry::{Budget, Verdict};
 
 /// A generation's row id in the ledger: jobs are keyed by it.
 pub type GenerationId = i64;
@@ -94,10 +94,8 @@ pub(crate) struct Job {
     pub item: WorkItem,
     pub group: GroupId,
     pub role: Role,
-    /// Attempts made in this execution that spend the retry budget.
-    pub tries: u32,
-    /// Rate-limit rejections waited out in this execution (free).
-    pub waited: u32,
+    /// Attempts made in this execution, and which of them were free.
+    pub budget: Budget,
     pub stage: Stage,
     pub reservation: Option<Reservation>,
 }
@@ -105,10 +103,7 @@ pub(crate) struct Job {
 impl Job {
     /// The ledger's attempt number of the current attempt.
     pub fn attempt(&self) -> u32 {
-        self.item
-            .attempts
-            .saturating_add(self.tries)
-            .saturating_add(self.waited)
+        self.item.attempts.saturating_add(self.budget.tries)
     }
 
     /// Whether an attempt of this job is out (counted against concurrency).
