@@ -148,7 +148,10 @@ struct LimitsFile {
     anthropic: HashMap<String, Limits>,
 }
 
-fn parse_table(text: &str) -> Result<Vec<(ProviderKind, String, Limits)>> {
+/// The entries of a limits file (`[openai."gpt-5"] rpm tpm`,
+/// `[anthropic."…"] rpm itpm otpm`), checked: unknown keys, a dimension of
+/// the other provider and a limit of 0 are errors.
+pub fn parse_limits_file(text: &str) -> Result<Vec<(ProviderKind, String, Limits)>> {
     let file: LimitsFile = toml::from_str(text)
         .map_err(|e| Error::LimitsFile(e.message().trim().replace('\n', " ")))?;
     let mut entries = Vec::new();
@@ -188,7 +191,7 @@ impl LimitTable {
     /// what the server reports.
     pub fn defaults() -> Self {
         Self {
-            entries: parse_table(DEFAULTS).expect("the built-in limits are valid"),
+            entries: parse_limits_file(DEFAULTS).expect("the built-in limits are valid"),
             caps: Vec::new(),
             off: false,
             share: 1,
@@ -199,7 +202,7 @@ impl LimitTable {
     /// entries also cap what is learned from the server.
     pub fn with_file(text: &str) -> Result<Self> {
         let mut table = Self::defaults();
-        let caps = parse_table(text)?;
+        let caps = parse_limits_file(text)?;
         for (provider, model, limits) in &caps {
             table
                 .entries

@@ -1006,10 +1006,6 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Repl
             ));
         }
         let charge_id = charge_id.expect("admitted above");
-        let charged_input = match provider {
-            ProviderKind::OpenAi => charge_in - parsed.max_tokens,
-            ProviderKind::Anthropic => charge_in,
-        };
         let output = parsed.max_tokens.min(u64::from(s.config.output_tokens));
         let latency = s.scaled(
             s.config.base_latency
@@ -1038,7 +1034,7 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Repl
             uncached,
             key,
             charge_id,
-            charged_input,
+            charged: [1, charge_in, charge_out],
             reasoning: info.reasoning,
         }
     };
@@ -1055,7 +1051,7 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Repl
         uncached,
         key,
         charge_id,
-        charged_input,
+        charged,
         reasoning,
         finish_length,
     } = decision;
@@ -1069,18 +1065,16 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Repl
         s.cache.insert(k.clone(), expires);
     }
     // Settle the output reservation to what was produced.
+    let settled = match key.0 {
+        ProviderKind::OpenAi => [1, charged[1] - parsed.max_tokens + output, 0],
+        ProviderKind::Anthropic => [1, charged[1], output],
+    };
     if let Some(account) = s.accounts.get_mut(&key) {
-        match key.0 {
-            ProviderKind::Anthropic => account.settle(charge_id, 2, output),
-            ProviderKind::OpenAi => account.settle(charge_id, 1, charged_input + output),
-        }
+        account.settle(charge_id, charged, settled);
     }
     record(&mut s, 200, cache_read, cache_write);
     if let Some(last) = s.log.back_mut() {
-        last.charged = match key.0 {
-            ProviderKind::OpenAi => [1, charged_input + output, 0],
-            ProviderKind::Anthropic => [1, charged_input, output],
-        };
+        last.charged = settled;
     }
     let body = match key.0 {
         ProviderKind::OpenAi => {
@@ -1146,10 +1140,9 @@ struct Accepted {
     cache_write: u64,
     uncached: u64,
     key: (ProviderKind, String),
-    /// The account's id of the charge, and its input part (settled with
-    /// the output produced).
+    /// The account's id of the charge, and what it charged at arrival.
     charge_id: u64,
-    charged_input: u64,
+    charged: [u64; 3],
     reasoning: bool,
     finish_length: bool,
 }

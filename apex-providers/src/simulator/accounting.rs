@@ -14,12 +14,11 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use apex_core::ProviderKind;
-use serde::Deserialize;
+use apex_core::limiter::{Limits, parse_limits_file};
 use tokio::time::Instant;
 
 /// Per-minute limits the simulator enforces for one model.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SimLimits {
     /// Requests per minute.
     pub rpm: Option<u64>,
@@ -82,35 +81,28 @@ pub fn published_tiers() -> Vec<(ProviderKind, String, SimLimits)> {
     ]
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct LimitsFile {
-    #[serde(default)]
-    openai: std::collections::BTreeMap<String, SimLimits>,
-    #[serde(default)]
-    anthropic: std::collections::BTreeMap<String, SimLimits>,
-}
-
-/// Reads limits in the format of Apex's `--limits` file
-/// (`[openai."gpt-5"] rpm = … tpm = …`, `[anthropic."…"] rpm itpm otpm`).
-pub fn parse_limits(text: &str) -> Result<Vec<(ProviderKind, String, SimLimits)>, String> {
-    let file: LimitsFile =
-        toml::from_str(text).map_err(|e| e.message().trim().replace('\n', " "))?;
-    let mut out = Vec::new();
-    for (provider, models) in [
-        (ProviderKind::OpenAi, file.openai),
-        (ProviderKind::Anthropic, file.anthropic),
-    ] {
-        for (model, limits) in models {
-            if limits.dims(provider).contains(&Some(0)) {
-                return Err(format!(
-                    "[{provider}.\"{model}\"]: a limit of 0 admits nothing"
-                ));
-            }
-            out.push((provider, model, limits));
+impl From<Limits> for SimLimits {
+    fn from(l: Limits) -> Self {
+        Self {
+            rpm: l.rpm,
+            tpm: l.tpm,
+            itpm: l.itpm,
+            otpm: l.otpm,
         }
     }
-    Ok(out)
+}
+
+/// Reads limits in the format of Apex's `--limits` file, with Apex's own
+/// parser (reading a file is not accounting; the counting below is ours).
+pub fn parse_limits(text: &str) -> Result<Vec<(ProviderKind, String, SimLimits)>, String> {
+    let entries = parse_limits_file(text).map_err(|e| match e {
+        apex_core::Error::LimitsFile(message) => message,
+        other => other.to_string(),
+    })?;
+    Ok(entries
+        .into_iter()
+        .map(|(provider, model, limits)| (provider, model, limits.into()))
+        .collect())
 }
 
 /// How the server counts a request's input tokens against its limits.
@@ -304,16 +296,16 @@ impl Account {
         Admit::Granted(id)
     }
 
-    /// Replaces a charge's amount in dimension `d` (the output reservation
-    /// becomes the output produced; OpenAI's `max_tokens` likewise).
-    pub fn settle(&mut self, id: u64, d: usize, amount: u64) {
+    /// Replaces what charge `id` counts (`charged` at arrival) with `final`
+    /// (the output reservation becomes the output produced; OpenAI's
+    /// `max_tokens` likewise). A bucket gives the difference back even when
+    /// the charge has left the window's list.
+    pub fn settle(&mut self, id: u64, charged: [u64; 3], settled: [u64; 3]) {
         if let Some((_, _, c)) = self.charges.iter_mut().find(|(i, ..)| *i == id) {
-            let before = c[d];
-            c[d] = amount;
-            self.used[d] = (self.used[d] - before as f64 + amount as f64).max(0.0);
-        } else if self.rules.replenish == Replenish::TokenBucket {
-            // Out of the window already: the bucket still holds its share.
-            let _ = amount;
+            *c = settled;
+        }
+        for ((used, before), after) in self.used.iter_mut().zip(charged).zip(settled) {
+            *used = (*used - before as f64 + after as f64).max(0.0);
         }
     }
 
