@@ -101,7 +101,8 @@ pub struct RunCmd {
     /// do not pace requests under the per-minute limits
     #[argh(switch)]
     pub no_rate_limiting: bool,
-    /// rate limits TOML file (per provider and model, per minute); see README for defaults
+    /// rate limits TOML file (per provider and model, per minute): caps on
+    /// what the server's headers report (no file: the server's limits)
     #[argh(option)]
     pub limits: Option<String>,
     /// the number of apex processes sharing this run's limits: each process

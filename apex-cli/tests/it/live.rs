@@ -107,6 +107,21 @@ impl Live {
             .unwrap()
     }
 
+    /// `apex run` of one generation (the first context, one replicate) of
+    /// condition `slug`, with `extra` options.
+    pub(crate) async fn run_one(&self, slug: &str, extra: &[&str]) -> Output {
+        let mut argv = args(&[
+            "--condition-slug",
+            slug,
+            "--limit",
+            "1",
+            "--replicates",
+            "1",
+        ]);
+        argv.extend_from_slice(extra);
+        self.apex(&argv).await
+    }
+
     async fn sql(&self, query: &str) -> String {
         ok(self.apex(&["sql", query]).await)
     }
@@ -210,18 +225,7 @@ async fn transient_failures_are_retried_and_succeed() {
     ] {
         live.sim.push_fault(None, fault);
     }
-    let out = live
-        .apex(&args(&[
-            "--condition-slug",
-            "prod-sonnet45",
-            "--limit",
-            "1",
-            "--replicates",
-            "1",
-            "--max-retries",
-            "4",
-        ]))
-        .await;
+    let out = live.run_one("prod-sonnet45", &["--max-retries", "4"]).await;
     let text = ok(out);
     let run_id = run_id_from(&text);
     let attempts = live
@@ -253,16 +257,7 @@ async fn retries_are_bounded_and_errors_stored_with_their_message() {
             Fault::anthropic(500, "api_error", "Internal server error"),
         );
     }
-    let out = live
-        .apex(&args(&[
-            "--condition-slug",
-            "prod-sonnet45",
-            "--limit",
-            "1",
-            "--replicates",
-            "1",
-        ]))
-        .await;
+    let out = live.run_one("prod-sonnet45", &[]).await;
     assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
     let run_id = run_id_from(&stdout(&out));
     let rows = live
@@ -322,16 +317,7 @@ async fn permanent_errors_are_not_retried() {
     ] {
         let live = Live::new().await;
         live.sim.push_fault(None, fault);
-        let out = live
-            .apex(&args(&[
-                "--condition-slug",
-                "prod-gpt4o",
-                "--limit",
-                "1",
-                "--replicates",
-                "1",
-            ]))
-            .await;
+        let out = live.run_one("prod-gpt4o", &[]).await;
         assert!(
             matches!(out.status.code(), Some(5 | 6)),
             "{class}: {}",

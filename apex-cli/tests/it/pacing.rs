@@ -178,18 +178,7 @@ async fn rate_limit_waits_do_not_spend_the_retry_budget() {
     for _ in 0..6 {
         live.sim.push_fault(None, rate_limit_fault("0"));
     }
-    let out = live
-        .apex(&args(&[
-            "--condition-slug",
-            "prod-sonnet45",
-            "--limit",
-            "1",
-            "--replicates",
-            "1",
-            "--max-retries",
-            "1",
-        ]))
-        .await;
+    let out = live.run_one("prod-sonnet45", &["--max-retries", "1"]).await;
     let run_id = run_id_from(&ok(out));
     let attempts = live
         .column(&format!("SELECT attempts || ' ' || status FROM apex_audition.generations WHERE run_id = '{run_id}'"))
@@ -202,16 +191,7 @@ async fn a_daily_limit_wait_ends_the_generation_naming_resume() {
     let live = Live::with(SimulatorConfig::default()).await;
     // A day (at time scale 0.01, 864 s), beyond the 15 minutes (9 s) Apex waits.
     live.sim.push_fault(None, rate_limit_fault("864"));
-    let out = live
-        .apex(&args(&[
-            "--condition-slug",
-            "prod-sonnet45",
-            "--limit",
-            "1",
-            "--replicates",
-            "1",
-        ]))
-        .await;
+    let out = live.run_one("prod-sonnet45", &[]).await;
     assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
     let run_id = run_id_from(&String::from_utf8_lossy(&out.stdout));
     let rows = live

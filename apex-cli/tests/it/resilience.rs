@@ -100,18 +100,10 @@ async fn a_request_that_never_answers_times_out_and_is_retried() {
     .await;
     let started = std::time::Instant::now();
     let out = live
-        .apex(&args(&[
-            "--condition-slug",
+        .run_one(
             "prod-gpt4o",
-            "--limit",
-            "1",
-            "--replicates",
-            "1",
-            "--max-retries",
-            "1",
-            "--request-timeout",
-            "50",
-        ]))
+            &["--max-retries", "1", "--request-timeout", "50"],
+        )
         .await;
     assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
     assert!(started.elapsed() < std::time::Duration::from_secs(5));
@@ -147,17 +139,7 @@ async fn a_resume_restores_recorded_options_and_records_overrides() {
     let live = Live::with(SimulatorConfig::default()).await;
     // Planned (the tests run at --time-scale 0.01) with no retries.
     let out = ok(live
-        .apex(&args(&[
-            "--condition-slug",
-            "prod-gpt4o",
-            "--limit",
-            "1",
-            "--replicates",
-            "1",
-            "--max-retries",
-            "0",
-            "--dry-run",
-        ]))
+        .run_one("prod-gpt4o", &["--max-retries", "0", "--dry-run"])
         .await);
     let run_id = run_id_from(&out);
     live.sim
