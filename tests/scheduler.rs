@@ -161,11 +161,23 @@ struct Setup {
 }
 
 async fn setup(contexts: usize, context_tokens: usize, replicates: u32, max_tokens: u32) -> Setup {
+    let model = (ProviderKind::Anthropic, "claude-sonnet-4-5");
+    setup_on(model, contexts, context_tokens, replicates, max_tokens).await
+}
+
+/// As [`setup`], for condition `c` on another (provider, model).
+async fn setup_on(
+    (provider, model): (ProviderKind, &str),
+    contexts: usize,
+    context_tokens: usize,
+    replicates: u32,
+    max_tokens: u32,
+) -> Setup {
     let store = Arc::new(SqliteStore::open_in_memory().unwrap());
     let condition = Condition {
         slug: "c".into(),
-        provider: ProviderKind::Anthropic,
-        model: "claude-sonnet-4-5".into(),
+        provider,
+        model: model.into(),
         temperature: Some(0.7),
         top_p: None,
         max_tokens,
@@ -232,7 +244,7 @@ async fn setup(contexts: usize, context_tokens: usize, replicates: u32, max_toke
 /// An executor over `store` with the fake as its one provider.
 fn executor(store: Arc<dyn Store>, fake: &Arc<FakeProvider>, options: RunOptions) -> Executor {
     let mut providers: HashMap<ProviderKind, Arc<dyn Provider>> = HashMap::new();
-    providers.insert(ProviderKind::Anthropic, fake.clone());
+    providers.insert(fake.kind(), fake.clone());
     Executor::new(
         store,
         providers,
@@ -487,6 +499,8 @@ struct FailingEnd {
     outage: Mutex<u32>,
     /// Reading a context finds it edited by hand.
     corrupt_contexts: bool,
+    /// Reading a stored token count fails this many more times.
+    count_outage: Mutex<u32>,
 }
 
 #[async_trait]
@@ -558,6 +572,15 @@ impl Store for FailingEnd {
         self.inner.release_claims(run_id, worker).await
     }
     async fn o200k_split(&self, id: &str, version: &str) -> apex::core::Result<Option<(u64, u64)>> {
+        let failing = {
+            let mut outage = self.count_outage.lock().unwrap();
+            let failing = *outage > 0;
+            *outage = outage.saturating_sub(1);
+            failing
+        };
+        if failing {
+            return Err(apex::core::Error::store_msg("the ledger is restarting"));
+        }
         self.inner.o200k_split(id, version).await
     }
     async fn set_run_flags(
@@ -663,6 +686,7 @@ async fn a_ledger_failure_stops_new_work_but_stores_what_is_in_flight() {
         refuse_begin_once: Mutex::new(Vec::new()),
         outage: Mutex::new(0),
         corrupt_contexts: false,
+        count_outage: Mutex::new(0),
     });
     // The ledger has failed for good (no retries): see the patience tests
     // below for a ledger that comes back.
@@ -780,6 +804,7 @@ async fn a_group_whose_claim_was_refused_is_claimed_again() {
         refuse_begin_once: Mutex::new(vec![first]),
         outage: Mutex::new(0),
         corrupt_contexts: false,
+        count_outage: Mutex::new(0),
     });
     let executor = executor(
         store,
@@ -844,12 +869,32 @@ async fn a_ledger_that_comes_back_within_its_patience_loses_nothing() {
         // Eight failed writes: seconds of retries, well within 30 s.
         outage: Mutex::new(8),
         corrupt_contexts: false,
+        count_outage: Mutex::new(0),
     };
     let executor = faulty_executor(store, &fake);
     let (_tx, rx) = tokio::sync::watch::channel(false);
     let report = executor.execute(&s.run_id, false, rx).await.unwrap();
     assert_eq!(report.counts.success, 6, "{:?}", report.counts);
     assert_eq!(fake.calls().len(), 6, "nothing sent twice");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_token_count_read_waits_out_a_ledger_outage() {
+    // OpenAI contexts are paced by the exact counts kept in the ledger.
+    let s = setup_on((ProviderKind::OpenAi, "gpt-4o"), 2, 2000, 2, 200).await;
+    let fake = FakeProvider::new(ProviderKind::OpenAi, Duration::from_secs(1));
+    let store = FailingEnd {
+        inner: Arc::clone(&s.store),
+        fail_for: -1,
+        refuse_begin_once: Mutex::new(Vec::new()),
+        outage: Mutex::new(0),
+        corrupt_contexts: false,
+        count_outage: Mutex::new(3),
+    };
+    let executor = faulty_executor(store, &fake);
+    let (_tx, rx) = tokio::sync::watch::channel(false);
+    let report = executor.execute(&s.run_id, false, rx).await.unwrap();
+    assert_eq!(report.counts.success, 4, "{:?}", report.counts);
 }
 
 #[tokio::test(start_paused = true)]
@@ -868,6 +913,7 @@ async fn results_the_ledger_never_takes_are_handed_back_not_lost() {
         refuse_begin_once: Mutex::new(Vec::new()),
         outage: Mutex::new(0),
         corrupt_contexts: false,
+        count_outage: Mutex::new(0),
     };
     let executor = faulty_executor(store, &fake);
     let (_tx, rx) = tokio::sync::watch::channel(false);
@@ -894,6 +940,7 @@ async fn a_ledger_edited_by_hand_is_not_retried() {
         refuse_begin_once: Mutex::new(Vec::new()),
         outage: Mutex::new(0),
         corrupt_contexts: true,
+        count_outage: Mutex::new(0),
     };
     let executor = faulty_executor(store, &fake);
     let (_tx, rx) = tokio::sync::watch::channel(false);

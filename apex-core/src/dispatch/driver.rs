@@ -494,8 +494,12 @@ impl Driver<'_> {
     /// were kept) the package is counted, off the async threads, since exact
     /// counts of a large context take a moment.
     async fn count(&mut self, id: &str, version: &str, tokenizer: Tokenizer) -> Result<(u64, u64)> {
+        let store = &self.executor.store;
         if tokenizer == Tokenizer::O200k
-            && let Some(split) = self.executor.store.o200k_split(id, version).await?
+            && let Some(split) = patiently(self.patience(), "reading a token count", || {
+                store.o200k_split(id, version)
+            })
+            .await?
         {
             return Ok(split);
         }
