@@ -95,8 +95,8 @@ pub fn progress(f: impl Fn(&ProgressEvent) + Send + Sync + 'static) -> Arc<dyn P
 
 impl Apex {
     /// Opens the ledger a URL names (`sqlite://apex.db`, `sqlite::memory:`,
-    /// `postgres://…`), applying migrations; built-in catalog and limits,
-    /// providers configured from the environment.
+    /// `postgres://…`), applying migrations; built-in catalog, limits
+    /// learned from the servers, providers configured from the environment.
     pub async fn open(url: &str) -> Result<Self> {
         Ok(Self::new(apex_store::open_store(url).await?))
     }
@@ -120,7 +120,9 @@ impl Apex {
         self
     }
 
-    /// With other per-minute limits ([`LimitTable::none`] for no pacing).
+    /// With a limits table: [`LimitTable::with_file`] caps what the servers
+    /// report (the default learns the limits from their headers alone);
+    /// [`LimitTable::none`] paces nothing.
     pub fn with_limits(mut self, limits: LimitTable) -> Self {
         self.limits = limits;
         self
