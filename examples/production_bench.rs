@@ -132,27 +132,7 @@ async fn main() -> Result<()> {
     };
     // Apex learns the limits from the headers; `file` also caps them.
     let limits = if mode == "file" {
-        let mut text = String::new();
-        for (provider, model) in [
-            (ProviderKind::Anthropic, "claude-sonnet-4-5"),
-            (ProviderKind::Anthropic, "claude-opus-4-1"),
-            (ProviderKind::OpenAi, "gpt-4o"),
-            (ProviderKind::OpenAi, "gpt-5"),
-        ] {
-            let l = tiers.lookup(&catalog, provider, model);
-            text += &format!("[{provider}.\"{model}\"]\n");
-            for (name, v) in [
-                ("rpm", l.rpm),
-                ("tpm", l.tpm),
-                ("itpm", l.itpm),
-                ("otpm", l.otpm),
-            ] {
-                if let Some(v) = v {
-                    text += &format!("{name} = {v}\n");
-                }
-            }
-        }
-        LimitTable::with_file(&text)?
+        LimitTable::with_file(include_str!("../apex-core/src/limits.toml"))?
     } else {
         LimitTable::defaults()
     };
