@@ -503,6 +503,20 @@ struct FailingEnd {
     count_outage: Mutex<u32>,
 }
 
+impl FailingEnd {
+    /// A store over `inner` that fails nothing; tests set what fails.
+    fn over(inner: &Arc<SqliteStore>) -> Self {
+        Self {
+            inner: Arc::clone(inner),
+            fail_for: -1,
+            refuse_begin_once: Mutex::new(Vec::new()),
+            outage: Mutex::new(0),
+            corrupt_contexts: false,
+            count_outage: Mutex::new(0),
+        }
+    }
+}
+
 #[async_trait]
 impl Store for FailingEnd {
     fn backend(&self) -> &'static str {
@@ -681,12 +695,8 @@ async fn a_ledger_failure_stops_new_work_but_stores_what_is_in_flight() {
         (ids[2], Duration::from_secs(5)),
     ]);
     let store: Arc<dyn Store> = Arc::new(FailingEnd {
-        inner: Arc::clone(&s.store),
         fail_for: ids[1],
-        refuse_begin_once: Mutex::new(Vec::new()),
-        outage: Mutex::new(0),
-        corrupt_contexts: false,
-        count_outage: Mutex::new(0),
+        ..FailingEnd::over(&s.store)
     });
     // The ledger has failed for good (no retries): see the patience tests
     // below for a ledger that comes back.
@@ -799,12 +809,8 @@ async fn a_group_whose_claim_was_refused_is_claimed_again() {
         .unwrap();
     let fake = FakeProvider::new(ProviderKind::Anthropic, Duration::from_secs(1));
     let store: Arc<dyn Store> = Arc::new(FailingEnd {
-        inner: Arc::clone(&s.store),
-        fail_for: -1,
         refuse_begin_once: Mutex::new(vec![first]),
-        outage: Mutex::new(0),
-        corrupt_contexts: false,
-        count_outage: Mutex::new(0),
+        ..FailingEnd::over(&s.store)
     });
     let executor = executor(
         store,
@@ -863,13 +869,9 @@ async fn a_ledger_that_comes_back_within_its_patience_loses_nothing() {
     let s = setup(3, 2000, 2, 200).await;
     let fake = FakeProvider::new(ProviderKind::Anthropic, Duration::from_secs(1));
     let store = FailingEnd {
-        inner: Arc::clone(&s.store),
-        fail_for: -1,
-        refuse_begin_once: Mutex::new(Vec::new()),
         // Eight failed writes: seconds of retries, well within 30 s.
         outage: Mutex::new(8),
-        corrupt_contexts: false,
-        count_outage: Mutex::new(0),
+        ..FailingEnd::over(&s.store)
     };
     let executor = faulty_executor(store, &fake);
     let (_tx, rx) = tokio::sync::watch::channel(false);
@@ -884,12 +886,8 @@ async fn a_token_count_read_waits_out_a_ledger_outage() {
     let s = setup_on((ProviderKind::OpenAi, "gpt-4o"), 2, 2000, 2, 200).await;
     let fake = FakeProvider::new(ProviderKind::OpenAi, Duration::from_secs(1));
     let store = FailingEnd {
-        inner: Arc::clone(&s.store),
-        fail_for: -1,
-        refuse_begin_once: Mutex::new(Vec::new()),
-        outage: Mutex::new(0),
-        corrupt_contexts: false,
         count_outage: Mutex::new(3),
+        ..FailingEnd::over(&s.store)
     };
     let executor = faulty_executor(store, &fake);
     let (_tx, rx) = tokio::sync::watch::channel(false);
@@ -908,12 +906,8 @@ async fn results_the_ledger_never_takes_are_handed_back_not_lost() {
         .unwrap();
     let fake = FakeProvider::new(ProviderKind::Anthropic, Duration::from_secs(1));
     let store = FailingEnd {
-        inner: Arc::clone(&s.store),
         fail_for: lost,
-        refuse_begin_once: Mutex::new(Vec::new()),
-        outage: Mutex::new(0),
-        corrupt_contexts: false,
-        count_outage: Mutex::new(0),
+        ..FailingEnd::over(&s.store)
     };
     let executor = faulty_executor(store, &fake);
     let (_tx, rx) = tokio::sync::watch::channel(false);
@@ -935,12 +929,8 @@ async fn a_ledger_edited_by_hand_is_not_retried() {
     let s = setup(1, 2000, 1, 200).await;
     let fake = FakeProvider::new(ProviderKind::Anthropic, Duration::from_secs(1));
     let store = FailingEnd {
-        inner: Arc::clone(&s.store),
-        fail_for: -1,
-        refuse_begin_once: Mutex::new(Vec::new()),
-        outage: Mutex::new(0),
         corrupt_contexts: true,
-        count_outage: Mutex::new(0),
+        ..FailingEnd::over(&s.store)
     };
     let executor = faulty_executor(store, &fake);
     let (_tx, rx) = tokio::sync::watch::channel(false);
