@@ -25,9 +25,15 @@ impl Live {
     }
 
     pub(crate) async fn on(sb: Sandbox, config: SimulatorConfig) -> Self {
+        Self::on_scaled(sb, config, 0.01).await
+    }
+
+    /// A simulator at another time scale (runs must pass the same
+    /// `--time-scale`).
+    pub(crate) async fn on_scaled(sb: Sandbox, config: SimulatorConfig, time_scale: f64) -> Self {
         let sim = Simulator::start(
             SimulatorConfig {
-                time_scale: 0.01,
+                time_scale,
                 ..config
             },
             "127.0.0.1:0".parse().unwrap(),
