@@ -9,7 +9,7 @@ use apex_providers::simulator::{
     Fault, LimitRules, Replenish, SimLimits, SimulatorConfig, TokenCount,
 };
 
-use crate::live::{Live, args};
+use crate::live::Live;
 use crate::{Sandbox, ok, run_id_from, stderr};
 
 /// The time scale of these runs: a minute is 6 s. Apex keeps each request
