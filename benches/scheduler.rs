@@ -202,5 +202,37 @@ fn uuid_like() -> String {
     RunId::generate().to_string()
 }
 
-criterion_group!(benches, planner, limiter, whole_run);
+/// One share of the rate-limit budgets through a SQLite ledger file: what
+/// each process pays, once per share interval (3 s at full scale), for
+/// limits split with the others, whatever its request rate.
+fn shared_pacing(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = std::env::temp_dir().join(format!("apex-crit-{}", uuid_like()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let store = Arc::new(SqliteStore::open(&dir.join("ledger.db")).unwrap());
+    let usage: Vec<(String, [u64; 3])> = ["a", "b", "c", "d"]
+        .iter()
+        .map(|m| (format!("openai/model-{m}"), [40, 400_000, 0]))
+        .collect();
+    let minute = Duration::from_secs(60);
+    // Three other processes already share the same four models.
+    runtime.block_on(async {
+        for worker in ["w1", "w2", "w3"] {
+            store.share_pacing(worker, &usage, minute).await.unwrap();
+        }
+    });
+    c.bench_function("pacing/share_4_models_4_processes_sqlite", |b| {
+        b.to_async(&runtime).iter(|| {
+            let (store, usage) = (Arc::clone(&store), usage.clone());
+            async move { store.share_pacing("me", &usage, minute).await.unwrap() }
+        })
+    });
+    drop(store);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+criterion_group!(benches, planner, limiter, whole_run, shared_pacing);
 criterion_main!(benches);

@@ -585,6 +585,17 @@ impl Store for FailingEnd {
     async fn release_claims(&self, run_id: &RunId, worker: &str) -> apex::core::Result<()> {
         self.inner.release_claims(run_id, worker).await
     }
+    async fn share_pacing(
+        &self,
+        worker: &str,
+        usage: &[(String, [u64; 3])],
+        fresh_within: Duration,
+    ) -> apex::core::Result<Vec<apex::core::PacingShare>> {
+        self.inner.share_pacing(worker, usage, fresh_within).await
+    }
+    async fn leave_pacing(&self, worker: &str) -> apex::core::Result<()> {
+        self.inner.leave_pacing(worker).await
+    }
     async fn o200k_split(&self, id: &str, version: &str) -> apex::core::Result<Option<(u64, u64)>> {
         let failing = {
             let mut outage = self.count_outage.lock().unwrap();

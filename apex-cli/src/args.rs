@@ -105,8 +105,8 @@ pub struct RunCmd {
     /// what the server's headers report (no file: the server's limits)
     #[argh(option)]
     pub limits: Option<String>,
-    /// the number of apex processes sharing this run's limits: each process
-    /// paces itself to 1/N of every limit (default 1)
+    /// pace at a fixed 1/N of every limit, for N processes (default: the
+    /// processes on this ledger share the limits among themselves)
     #[argh(option)]
     pub workers: Option<u32>,
     /// seconds after which a claim not renewed by its process is taken over (default 60)

@@ -75,6 +75,6 @@ pub use run::{
     RunInfo, RunState, StatusCounts, UnstoredResult, WorkItem,
 };
 pub use store::{
-    Claim, ConditionInfo, ConditionUsage, IngestReport, QueryResult, RegisterReport, SqlValue,
-    Store,
+    Claim, ConditionInfo, ConditionUsage, IngestReport, PacingShare, QueryResult, RegisterReport,
+    SqlValue, Store,
 };

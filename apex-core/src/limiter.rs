@@ -316,6 +316,9 @@ enum Knowledge {
     /// Nothing yet: one request goes alone (its reservation id once out),
     /// and its answer's headers say what the limits are.
     Probing(Option<u64>),
+    /// Answered, and the limits are shared with other processes: nothing
+    /// more goes until they have been asked how many pace this key.
+    Answered,
     /// The server has answered once (with or without rate-limit headers).
     Known,
 }
@@ -388,6 +391,10 @@ struct Bucket {
     corrections: [Correction; 3],
     /// Recent answers: (send time, what the server reported as used).
     observations: [VecDeque<(Instant, u64)>; 3],
+    /// Processes pacing this key through the ledger, this one included.
+    members: u64,
+    /// What the other members count in their windows.
+    others: [u64; 3],
     entries: VecDeque<Entry>,
     next_id: u64,
 }
@@ -401,19 +408,22 @@ impl Bucket {
             knowledge,
             corrections: Default::default(),
             observations: Default::default(),
+            members: 1,
+            others: [0; 3],
             entries: VecDeque::new(),
             next_id: 1,
         }
     }
 
     /// The limit paced at in dimension `d`: the lower of the cap and what
-    /// the server reports, this process's share of it.
+    /// the server reports, this process's share of it (`--workers`, else
+    /// the members pacing the key through the ledger).
     fn limit(&self, d: usize, share: u64) -> Option<u64> {
         let limit = match (self.caps[d], self.learned[d]) {
             (Some(cap), Some(server)) => Some(cap.min(server)),
             (one, other) => one.or(other),
         }?;
-        Some((limit / share).max(1))
+        Some((limit / share.max(self.members)).max(1))
     }
 
     /// How much of Apex's count fits under `limit` once corrected to the
@@ -469,6 +479,9 @@ pub struct RateLimiter {
     /// request going alone until they are (off with `--no-rate-limiting`
     /// and for [`RateLimiter::fixed`]).
     learns: bool,
+    /// Whether other processes share the limits through the ledger: a
+    /// model's first answer is then followed by a share before more go.
+    shared: bool,
     state: Mutex<State>,
 }
 
@@ -496,6 +509,16 @@ fn dimension_name(provider: ProviderKind, d: usize) -> &'static str {
     DIMENSION_NAMES[usize::from(provider == ProviderKind::Anthropic)][d]
 }
 
+/// What a key knows once its first answer is in: with limits shared
+/// through the ledger, it first waits for a share round.
+fn answered_knowledge(now: Knowledge, shared: bool) -> Knowledge {
+    match now {
+        Knowledge::Probing(_) if shared => Knowledge::Answered,
+        Knowledge::Probing(_) => Knowledge::Known,
+        known => known,
+    }
+}
+
 /// Anthropic rounds its token `remaining` headers to the nearest thousand.
 fn rounding(provider: ProviderKind, d: usize) -> u64 {
     match (provider, d) {
@@ -515,6 +538,7 @@ impl RateLimiter {
             window: crate::time::scaled(WINDOW, time_scale)
                 + crate::time::scaled(SAFETY_MARGIN, time_scale).max(LEAST_REAL_MARGIN),
             learns: true,
+            shared: false,
             state: Mutex::new(State {
                 share: 1,
                 ..State::default()
@@ -529,6 +553,58 @@ impl RateLimiter {
         Self {
             learns: false,
             ..Self::new(time_scale)
+        }
+    }
+
+    /// A learning limiter whose limits are split among the processes that
+    /// pace the same keys through the ledger ([`set_members`](Self::set_members)).
+    pub fn shared(time_scale: f64) -> Self {
+        Self {
+            shared: true,
+            ..Self::new(time_scale)
+        }
+    }
+
+    /// What this process counts in its window, per key: what it tells the
+    /// other processes.
+    pub fn window_usage(&self, now: Instant) -> Vec<(String, [u64; 3])> {
+        let state = self.lock();
+        let mut usage: Vec<_> = state
+            .buckets
+            .iter()
+            .map(|(key, bucket)| (key.clone(), bucket.sums(now, self.window)))
+            .collect();
+        usage.sort();
+        usage
+    }
+
+    /// Whether a key waits for a share round (its first answer is in).
+    pub fn awaits_share(&self) -> bool {
+        self.lock()
+            .buckets
+            .values()
+            .any(|b| b.knowledge == Knowledge::Answered)
+    }
+
+    /// The other processes' word, from the ledger: per key, how many pace
+    /// it and what the others count. Keys not listed are paced by this
+    /// process alone. `None`: the ledger did not answer; keys waiting for
+    /// it go on with what is known.
+    pub fn set_members(&self, shares: Option<&[crate::store::PacingShare]>) {
+        let mut state = self.lock();
+        for (key, bucket) in &mut state.buckets {
+            if let Some(shares) = shares {
+                let share = shares.iter().find(|s| &s.key == key);
+                let members = share.map_or(1, |s| u64::from(s.members.max(1)));
+                if members != bucket.members {
+                    tracing::info!(key, members, "processes sharing this model's limits");
+                }
+                bucket.members = members;
+                bucket.others = share.map_or([0; 3], |s| s.others);
+            }
+            if bucket.knowledge == Knowledge::Answered {
+                bucket.knowledge = Knowledge::Known;
+            }
         }
     }
 
@@ -615,7 +691,10 @@ impl RateLimiter {
                 at: now,
             });
         };
-        if let Knowledge::Probing(Some(_)) = bucket.knowledge {
+        if matches!(
+            bucket.knowledge,
+            Knowledge::Probing(Some(_)) | Knowledge::Answered
+        ) {
             return Admission::Wait(crate::time::later(now, crate::time::FAR_FUTURE));
         }
         bucket.prune(now, window.saturating_mul(2));
@@ -787,13 +866,13 @@ impl RateLimiter {
                     listed(paced)
                 );
             }
-            bucket.knowledge = Knowledge::Known;
-        } else if answered && bucket.knowledge != Knowledge::Known {
+            bucket.knowledge = answered_knowledge(bucket.knowledge, self.shared);
+        } else if answered && matches!(bucket.knowledge, Knowledge::Probing(_)) {
             tracing::info!(
                 key,
                 "the server sends no rate-limit headers; pacing by the --limits file only"
             );
-            bucket.knowledge = Knowledge::Known;
+            bucket.knowledge = answered_knowledge(bucket.knowledge, self.shared);
         }
         bucket.prune(now, window.saturating_mul(2));
         let since = sent_at.checked_sub(window).unwrap_or(sent_at);
@@ -821,8 +900,10 @@ impl RateLimiter {
             // need 40 times the rounding (a 2.5% error at most).
             let enough = |amount: u64| amount > 0 && amount >= 40 * rounding;
             // Over the window: a lower bound (a bucket refills, a window
-            // forgets nothing Apex still counts).
-            let in_window = counted(since, now);
+            // forgets nothing Apex still counts). Other processes' use
+            // counts as they last told it.
+            let own_in_window = counted(since, now);
+            let in_window = own_in_window + bucket.others[d];
             if enough(in_window) && used > 0 {
                 let sample = used as f64 / in_window as f64;
                 keep_recent(&mut bucket.corrections[d].lower, sample);
@@ -835,7 +916,12 @@ impl RateLimiter {
                 .filter(|(at, _)| *at < sent_at && sent_at.duration_since(*at) <= close)
                 .max_by_key(|(at, _)| *at)
             {
-                let between = counted(before_at, sent_at);
+                // Others sent in between too, at about their share of the window.
+                let own_between = counted(before_at, sent_at);
+                let between = own_between
+                    .saturating_mul(in_window)
+                    .checked_div(own_in_window)
+                    .unwrap_or(own_between);
                 if enough(between) && used > before_used {
                     let sample = (used - before_used) as f64 / between as f64;
                     keep_recent(&mut bucket.corrections[d].paired, sample);

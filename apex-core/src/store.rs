@@ -43,6 +43,19 @@ pub struct Claim {
     pub held_by_others: u64,
 }
 
+/// One model's rate-limit budget as the processes sharing a ledger use it,
+/// from [`Store::share_pacing`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PacingShare {
+    /// The limiter key (`provider/model`).
+    pub key: String,
+    /// Processes pacing this key now, the caller included.
+    pub members: u32,
+    /// What the other members count in their current windows: requests,
+    /// input-side tokens, output tokens.
+    pub others: [u64; 3],
+}
+
 /// A registered condition and whether a run has used it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ConditionInfo {
@@ -177,6 +190,21 @@ pub trait Store: Send + Sync {
 
     /// Gives back `worker`'s unfinished generations (on a clean exit).
     async fn release_claims(&self, run_id: &RunId, worker: &str) -> Result<()>;
+
+    /// Shares rate-limit budgets among the processes using this ledger:
+    /// records what `worker` counts in its window per limiter key (keys
+    /// listed with zeros too: it paces them), and returns, per key any live
+    /// member paces, how many members there are (those that shared within
+    /// `fresh_within`) and what the others count. One round trip.
+    async fn share_pacing(
+        &self,
+        worker: &str,
+        usage: &[(String, [u64; 3])],
+        fresh_within: std::time::Duration,
+    ) -> Result<Vec<PacingShare>>;
+
+    /// `worker` paces nothing any more (it ends): the others take its share.
+    async fn leave_pacing(&self, worker: &str) -> Result<()>;
 
     /// Sets the run's `error` generations back to `pending` (`--retry-errors`).
     async fn reset_errors(&self, run_id: &RunId) -> Result<u64>;

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 
 use apex_core::run::AttemptEnd;
-use apex_core::store::{ConditionInfo, ConditionUsage};
+use apex_core::store::{ConditionInfo, ConditionUsage, PacingShare};
 use apex_core::time::now_rfc3339;
 use apex_core::{
     Claim, Condition, ContextPackage, Error, ErrorRow, GenerationRow, IngestReport, NewRun,
@@ -638,6 +638,67 @@ pub(crate) async fn claim_work(
         items,
         held_by_others,
     })
+}
+
+static PACING_RECORD: Statement = Statement::new(
+    "INSERT INTO apex_audition.pacing
+       (bucket_key, worker, seen_ms, requests, input_tokens, output_tokens)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+     ON CONFLICT (bucket_key, worker) DO UPDATE SET seen_ms = excluded.seen_ms,
+       requests = excluded.requests, input_tokens = excluded.input_tokens,
+       output_tokens = excluded.output_tokens",
+);
+static PACING_SHARES: Statement = Statement::new(
+    "SELECT bucket_key, COUNT(*) AS members,
+            CAST(COALESCE(SUM(CASE WHEN worker <> ?1 THEN requests ELSE 0 END), 0) AS BIGINT) AS requests,
+            CAST(COALESCE(SUM(CASE WHEN worker <> ?1 THEN input_tokens ELSE 0 END), 0) AS BIGINT) AS input_tokens,
+            CAST(COALESCE(SUM(CASE WHEN worker <> ?1 THEN output_tokens ELSE 0 END), 0) AS BIGINT) AS output_tokens
+     FROM apex_audition.pacing WHERE seen_ms >= ?2
+     GROUP BY bucket_key ORDER BY bucket_key",
+);
+static PACING_LEAVE: Statement =
+    Statement::new("DELETE FROM apex_audition.pacing WHERE worker = ?1");
+
+/// Milliseconds since the Unix epoch: the clock pacing rows are compared by.
+fn epoch_ms() -> i64 {
+    jiff::Timestamp::now().as_millisecond()
+}
+
+pub(crate) async fn share_pacing(
+    tx: &mut impl Tx,
+    worker: &str,
+    usage: &[(String, [u64; 3])],
+    fresh_within: std::time::Duration,
+) -> CoreResult<Vec<PacingShare>> {
+    let now = epoch_ms();
+    for (key, [requests, input, output]) in usage {
+        tx.execute(
+            &PACING_RECORD,
+            params![key.as_str(), worker, now, *requests, *input, *output],
+        )
+        .await?;
+    }
+    let since = now - i64::try_from(fresh_within.as_millis()).unwrap_or(i64::MAX / 2);
+    tx.query(&PACING_SHARES, params![worker, since])
+        .await?
+        .iter()
+        .map(|r| {
+            Ok(PacingShare {
+                key: r.text("bucket_key")?,
+                members: r.u32("members")?,
+                others: [
+                    r.u64("requests")?,
+                    r.u64("input_tokens")?,
+                    r.u64("output_tokens")?,
+                ],
+            })
+        })
+        .collect()
+}
+
+pub(crate) async fn leave_pacing(tx: &mut impl Tx, worker: &str) -> CoreResult<()> {
+    tx.execute(&PACING_LEAVE, params![worker]).await?;
+    Ok(())
 }
 
 pub(crate) async fn claim_holders(tx: &mut impl Tx, run_id: &RunId) -> CoreResult<Vec<String>> {

@@ -215,3 +215,77 @@ async fn a_daily_limit_wait_ends_the_generation_naming_resume() {
         "{rows:?}"
     );
 }
+
+/// Three processes on one run, no `--workers`: they split each model's
+/// limits through the ledger and together never go over them.
+#[tokio::test(flavor = "multi_thread")]
+async fn three_processes_share_the_limits_through_the_ledger() {
+    let mut limits = custom_limits();
+    // A third of each limit still fits the largest request.
+    for (_, _, l) in &mut limits {
+        l.tpm = l.tpm.map(|v| v * 2);
+        l.itpm = l.itpm.map(|v| v * 3);
+        l.otpm = l.otpm.map(|v| v * 3);
+    }
+    let live = Live::on_scaled(
+        Sandbox::new(),
+        SimulatorConfig {
+            limits,
+            ..SimulatorConfig::default()
+        },
+        TIME_SCALE.parse().unwrap(),
+    )
+    .await;
+    let dir = write_contexts(&live.sb);
+    ok(live.apex(&["ingest", &dir]).await);
+    let planned = ok(live
+        .apex(&[
+            "run",
+            "--condition-slug",
+            "prod-gpt4o",
+            "--condition-slug",
+            "prod-sonnet45",
+            "--replicates",
+            "3",
+            "--limit",
+            "4",
+            "--dry-run",
+        ])
+        .await);
+    let run_id = run_id_from(&planned);
+    let children: Vec<_> = (0..3)
+        .map(|_| {
+            live.spawn(&[
+                "run",
+                "--time-scale",
+                TIME_SCALE,
+                "--resume",
+                &run_id,
+                "--concurrency",
+                "4",
+                "--claim-timeout",
+                "600",
+            ])
+        })
+        .collect();
+    let outputs = tokio::task::spawn_blocking(move || {
+        children
+            .into_iter()
+            .map(|c| c.wait_with_output().unwrap())
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    let logs: String = outputs.iter().map(stderr).collect();
+    for o in &outputs {
+        assert!(o.status.success(), "{}", stderr(o));
+    }
+    let requests = live.sim.requests();
+    let rejected = requests.iter().filter(|r| r.status == 429).count();
+    assert_eq!(rejected, 0, "429s\n{logs}");
+    assert_eq!(requests.len(), 24, "one request per generation\n{logs}");
+    assert!(
+        logs.contains("members=3"),
+        "the processes saw each other\n{logs}"
+    );
+}

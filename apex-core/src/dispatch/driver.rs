@@ -169,6 +169,10 @@ impl Executor {
             claim_interval: self.lease() / 3,
             replicates,
             time_scale: options.time_scale,
+            // `--workers N` splits the limits statically; otherwise the
+            // processes on this ledger split them as they come and go.
+            share_interval: (!options.limits.is_off() && options.limits.share() == 1)
+                .then(|| self.share_interval()),
         };
         Ok(Dispatcher::new(
             config,
@@ -178,6 +182,13 @@ impl Executor {
             self.store.current_packages().await?,
             now(),
         ))
+    }
+
+    /// How often the rate-limit budgets are shared: a twentieth of the
+    /// window, and at least 50 ms of real time.
+    fn share_interval(&self) -> Duration {
+        crate::time::scaled(Duration::from_secs(3), self.options.time_scale)
+            .max(Duration::from_millis(50))
     }
 
     /// A claim not renewed for this long is taken over by other workers.
@@ -197,6 +208,11 @@ impl Executor {
         let worker = &self.options.worker;
         let store = &self.store;
         let patience = self.options.ledger_patience;
+        // Best effort: the others take this process's share of the limits
+        // (they would after a few missed shares anyway).
+        if let Err(error) = store.leave_pacing(worker).await {
+            tracing::debug!(%error, "could not leave the shared pacing");
+        }
         if let Some(error) = summary.failure {
             // Best effort: the ledger has just failed.
             let _ = store.release_claims(run_id, worker).await;
@@ -357,6 +373,19 @@ impl Driver<'_> {
                             task: Task::Renew,
                             error,
                         },
+                    }
+                });
+            }
+            Action::SharePacing(usage) => {
+                // Members who have not shared for four rounds are gone.
+                let fresh_within = self.executor.share_interval() * 4;
+                self.spawn(Task::Pacing, async move {
+                    match store.share_pacing(&worker, &usage, fresh_within).await {
+                        Ok(shares) => Event::PacingShared(Some(shares)),
+                        Err(error) => {
+                            tracing::warn!(%error, "could not share the rate limits through the ledger; pacing with what is known");
+                            Event::PacingShared(None)
+                        }
                     }
                 });
             }

@@ -42,6 +42,9 @@ pub struct DispatchConfig {
     pub replicates: usize,
     /// Multiplies the limiter's window.
     pub time_scale: f64,
+    /// How often to share the rate-limit budgets with the other processes
+    /// on the ledger; `None`: this process paces alone (or by `--workers`).
+    pub share_interval: Option<Duration>,
 }
 
 /// One attempt to begin or send.
@@ -80,6 +83,8 @@ pub enum Task {
     /// [`Action::Begin`], [`Action::Send`] or [`Action::Store`] of one
     /// generation.
     Generation(GenerationId),
+    /// [`Action::SharePacing`].
+    Pacing,
 }
 
 /// What the driver tells the dispatcher.
@@ -95,6 +100,9 @@ pub enum Event {
     },
     /// [`Action::Renew`] was done.
     Renewed,
+    /// The answer to [`Action::SharePacing`]: per key, the processes pacing
+    /// it and what the others count; `None` if the ledger did not answer.
+    PacingShared(Option<Vec<crate::store::PacingShare>>),
     /// The answer to [`Action::CountTokens`]: (cacheable prefix, rest).
     Counted {
         /// The package version.
@@ -142,6 +150,9 @@ pub enum Action {
     },
     /// Heartbeat; answer with [`Event::Renewed`].
     Renew,
+    /// Tell the other processes what this one counts per limiter key and
+    /// learn what they count; answer with [`Event::PacingShared`].
+    SharePacing(Vec<(String, [u64; 3])>),
     /// Count a package's tokens; answer with [`Event::Counted`].
     CountTokens {
         /// The package id.
@@ -247,6 +258,8 @@ pub struct Dispatcher {
     claims: Claims,
     next_renew: Instant,
     renewing: bool,
+    next_share: Instant,
+    sharing: bool,
     limiter_wake: Option<Instant>,
     in_flight: usize,
     stopping: bool,
@@ -282,6 +295,8 @@ impl Dispatcher {
     ) -> Self {
         let limiter = if limits.is_off() {
             RateLimiter::fixed(config.time_scale)
+        } else if config.share_interval.is_some() {
+            RateLimiter::shared(config.time_scale)
         } else {
             RateLimiter::new(config.time_scale)
         };
@@ -331,6 +346,8 @@ impl Dispatcher {
             counting: HashSet::new(),
             queue: ReadyQueue::default(),
             renewing: false,
+            next_share: now,
+            sharing: false,
             limiter_wake: None,
             in_flight: 0,
             stopping: false,
@@ -386,6 +403,8 @@ impl Dispatcher {
         let mut wake = [
             self.queue.next_retry_after(self.now),
             self.limiter_wake,
+            (self.config.share_interval.is_some() && !self.sharing && !self.stopping)
+                .then_some(self.next_share),
             (self.in_flight > 0).then_some(self.next_renew),
             self.idle_waiting_for_others()
                 .then_some(self.claims.next_at),
@@ -416,6 +435,10 @@ impl Dispatcher {
                 held_by_others,
             } => self.on_claimed(items, held_by_others),
             Event::Renewed => self.renewing = false,
+            Event::PacingShared(shares) => {
+                self.sharing = false;
+                self.limiter.set_members(shares.as_deref());
+            }
             Event::Counted {
                 version,
                 tokenizer,
@@ -451,8 +474,19 @@ impl Dispatcher {
         self.now = self.now.max(now);
     }
 
-    /// One pass: claim, heartbeat, dispatch, and end when nothing is left.
+    /// One pass: share budgets, claim, heartbeat, dispatch, and end when
+    /// nothing is left.
     fn step(&mut self) {
+        if let Some(interval) = self.config.share_interval
+            && !self.sharing
+            && !self.stopping
+            && (self.now >= self.next_share || self.limiter.awaits_share())
+        {
+            self.sharing = true;
+            self.next_share = crate::time::later(self.now, interval);
+            self.outbox
+                .push_back(Action::SharePacing(self.limiter.window_usage(self.now)));
+        }
         if self.wants_claim() {
             self.claims.outstanding = true;
             self.outbox.push_back(Action::Claim {
@@ -1131,6 +1165,12 @@ impl Dispatcher {
         match task {
             Task::Claim => self.claims.outstanding = false,
             Task::Renew => self.renewing = false,
+            Task::Pacing => {
+                // Sharing is best effort: pacing goes on with what it knows.
+                self.sharing = false;
+                self.limiter.set_members(None);
+                return;
+            }
             Task::Count { version, tokenizer } => {
                 self.counting.remove(&(version, tokenizer));
             }

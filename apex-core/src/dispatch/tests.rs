@@ -50,6 +50,7 @@ fn config(concurrency: usize, verify_first: bool) -> DispatchConfig {
         claim_interval: Duration::from_secs(20),
         replicates: 3,
         time_scale: 1.0,
+        share_interval: None,
     }
 }
 
@@ -667,6 +668,7 @@ impl World {
                 m.handle(claimed, self.now);
             }
             Action::Renew => m.handle(Event::Renewed, self.now),
+            Action::SharePacing(_) => m.handle(Event::PacingShared(Some(Vec::new())), self.now),
             Action::CountTokens {
                 version, tokenizer, ..
             } => {

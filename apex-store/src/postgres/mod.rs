@@ -2,7 +2,7 @@
 //! SQLite, over a pool of tokio-postgres connections.
 
 use apex_core::run::AttemptEnd;
-use apex_core::store::{ConditionInfo, ConditionUsage};
+use apex_core::store::{ConditionInfo, ConditionUsage, PacingShare};
 use apex_core::time::now_rfc3339;
 use apex_core::{
     Claim, Condition, ContextPackage, Error, ErrorRow, GenerationRow, IngestReport, NewRun,
@@ -29,6 +29,7 @@ const MIGRATIONS: &[(&str, &str)] = &[
     ("o200k_tokens", include_str!("0002_o200k_tokens.sql")),
     ("workers", include_str!("0003_workers.sql")),
     ("o200k_split", include_str!("0004_o200k_split.sql")),
+    ("pacing", include_str!("0005_pacing.sql")),
 ];
 
 type CoreResult<T> = apex_core::Result<T>;
@@ -451,6 +452,24 @@ impl Store for PostgresStore {
 
     async fn renew_claims(&self, run_id: &RunId, worker: &str) -> CoreResult<()> {
         on_connection!(self, |tx| ledger::renew_claims(tx, run_id, worker))
+    }
+
+    async fn share_pacing(
+        &self,
+        worker: &str,
+        usage: &[(String, [u64; 3])],
+        fresh_within: std::time::Duration,
+    ) -> CoreResult<Vec<PacingShare>> {
+        in_transaction!(self, |tx| ledger::share_pacing(
+            tx,
+            worker,
+            usage,
+            fresh_within
+        ))
+    }
+
+    async fn leave_pacing(&self, worker: &str) -> CoreResult<()> {
+        on_connection!(self, |tx| ledger::leave_pacing(tx, worker))
     }
 
     async fn release_claims(&self, run_id: &RunId, worker: &str) -> CoreResult<()> {

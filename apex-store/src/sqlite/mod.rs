@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use apex_core::run::AttemptEnd;
-use apex_core::store::{ConditionInfo, ConditionUsage};
+use apex_core::store::{ConditionInfo, ConditionUsage, PacingShare};
 use apex_core::{
     Claim, Condition, ContextPackage, Error, ErrorRow, GenerationRow, IngestReport, NewRun,
     PackageRef, Plan, QueryResult, RegisterReport, RunId, RunInfo, RunState, SqlValue, Store,
@@ -24,6 +24,7 @@ const MIGRATIONS: &[(&str, &str)] = &[
     ("o200k_tokens", include_str!("0002_o200k_tokens.sql")),
     ("workers", include_str!("0003_workers.sql")),
     ("o200k_split", include_str!("0004_o200k_split.sql")),
+    ("pacing", include_str!("0005_pacing.sql")),
 ];
 
 /// How long a statement waits for another writer's lock by default.
@@ -570,6 +571,23 @@ impl Store for SqliteStore {
     async fn claim_holders(&self, run_id: &RunId) -> CoreResult<Vec<String>> {
         let run_id = run_id.clone();
         self.on_connection(move |tx| run_now(ledger::claim_holders(tx, &run_id)))
+            .await
+    }
+
+    async fn share_pacing(
+        &self,
+        worker: &str,
+        usage: &[(String, [u64; 3])],
+        fresh_within: Duration,
+    ) -> CoreResult<Vec<PacingShare>> {
+        let (worker, usage) = (worker.to_owned(), usage.to_vec());
+        self.transaction(move |tx| run_now(ledger::share_pacing(tx, &worker, &usage, fresh_within)))
+            .await
+    }
+
+    async fn leave_pacing(&self, worker: &str) -> CoreResult<()> {
+        let worker = worker.to_owned();
+        self.on_connection(move |tx| run_now(ledger::leave_pacing(tx, &worker)))
             .await
     }
 

@@ -1,7 +1,7 @@
 use apex_core::run::AttemptEnd;
 use apex_core::{
-    Error, ErrorClass, GenerationResult, NewRun, Plan, PlanOptions, ProviderKind, RunId, RunState,
-    SqlValue, Store, Usage,
+    Error, ErrorClass, GenerationResult, NewRun, PacingShare, Plan, PlanOptions, ProviderKind,
+    RunId, RunState, SqlValue, Store, Usage,
 };
 use std::sync::Arc;
 
@@ -582,4 +582,77 @@ async fn latency_ranks_and_usage_sums_per_condition(backend: Backend) {
         (3, 30, 15)
     );
     assert!((usage[0].cost_usd - 0.03).abs() < 1e-9);
+}
+
+conformance!(pacing_is_shared_among_live_members);
+async fn pacing_is_shared_among_live_members(backend: Backend) {
+    let (store, _) = seeded(backend, 1).await;
+    let minute = std::time::Duration::from_secs(60);
+    let gpt = "openai/gpt-4o".to_owned();
+    let claude = "anthropic/claude-sonnet-4-5".to_owned();
+    // a alone: one member, nobody else counting.
+    let a = store
+        .share_pacing("a", &[(gpt.clone(), [3, 30_000, 0])], minute)
+        .await
+        .unwrap();
+    assert_eq!(
+        a,
+        vec![PacingShare {
+            key: gpt.clone(),
+            members: 1,
+            others: [0; 3],
+        }]
+    );
+    // b joins on gpt-4o and alone paces Claude: it sees a's use, a sees b's.
+    let b = store
+        .share_pacing(
+            "b",
+            &[
+                (claude.clone(), [1, 500, 20]),
+                (gpt.clone(), [2, 20_000, 0]),
+            ],
+            minute,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        b,
+        vec![
+            PacingShare {
+                key: claude.clone(),
+                members: 1,
+                others: [0; 3],
+            },
+            PacingShare {
+                key: gpt.clone(),
+                members: 2,
+                others: [3, 30_000, 0],
+            },
+        ]
+    );
+    let a = store
+        .share_pacing("a", &[(gpt.clone(), [4, 40_000, 0])], minute)
+        .await
+        .unwrap();
+    let gpt_share = a.iter().find(|s| s.key == gpt).unwrap();
+    assert_eq!((gpt_share.members, gpt_share.others), (2, [2, 20_000, 0]));
+    // A member that left, or stopped sharing, no longer counts.
+    store.leave_pacing("b").await.unwrap();
+    let a = store
+        .share_pacing("a", &[(gpt.clone(), [4, 40_000, 0])], minute)
+        .await
+        .unwrap();
+    assert_eq!(a.len(), 1);
+    assert_eq!((a[0].members, a[0].others), (1, [0; 3]));
+    store
+        .share_pacing("b", &[(gpt.clone(), [1, 1, 0])], minute)
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let fresh = std::time::Duration::from_millis(10);
+    let a = store
+        .share_pacing("a", &[(gpt.clone(), [4, 40_000, 0])], fresh)
+        .await
+        .unwrap();
+    assert_eq!((a[0].members, a[0].others), (1, [0; 3]), "b is stale");
 }
