@@ -59,6 +59,11 @@ async fn main() -> Result<()> {
         top_p: None,
         max_tokens: 256,
         reasoning_effort: None,
+        api: Default::default(),
+        thinking: None,
+        thinking_budget: None,
+        stream: false,
+        store: None,
     };
     store
         .register_conditions(std::slice::from_ref(&condition))

@@ -31,6 +31,9 @@ pub struct Batch {
     pub notes: Option<String>,
     /// The options used, recorded with the run for reproducibility.
     pub flags: serde_json::Value,
+    /// Run conditions whose model is past its retirement date (refused
+    /// otherwise, since every request would fail).
+    pub allow_retired: bool,
 }
 
 impl Batch {
@@ -65,6 +68,7 @@ pub struct Apex {
     limits: LimitTable,
     provider_configs: HashMap<ProviderKind, ProviderConfig>,
     request_timeout: Option<std::time::Duration>,
+    stream_idle_timeout: Option<std::time::Duration>,
     recovery_dir: std::path::PathBuf,
     /// Clients built so far, one per provider: building one loads TLS
     /// roots, so the early key check and the execution share it.
@@ -109,6 +113,7 @@ impl Apex {
             limits: LimitTable::defaults(),
             provider_configs: HashMap::new(),
             request_timeout: None,
+            stream_idle_timeout: None,
             recovery_dir: std::path::PathBuf::from("."),
             built: std::sync::Mutex::new(HashMap::new()),
         }
@@ -140,6 +145,14 @@ impl Apex {
     /// completed after this long, whichever provider it goes to.
     pub fn with_request_timeout(mut self, timeout: std::time::Duration) -> Self {
         self.request_timeout = Some(timeout);
+        self.forget_clients();
+        self
+    }
+
+    /// Abandons (and retries) a streamed request that sends nothing for this
+    /// long.
+    pub fn with_stream_idle_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.stream_idle_timeout = Some(timeout);
         self.forget_clients();
         self
     }
@@ -215,7 +228,7 @@ impl Apex {
             self.store.current_packages().await?,
             batch.plan_options(),
         )?;
-        self.preflight(&plan)?;
+        self.preflight(&plan, batch.allow_retired)?;
         apex_core::executor::check_limits(
             &self.catalog,
             &self.limits,
@@ -226,12 +239,17 @@ impl Apex {
     }
 
     /// Checks every condition of a plan against the catalog (parameters the
-    /// model accepts, window, output limit); warnings are logged.
-    pub fn preflight(&self, plan: &Plan) -> Result<()> {
+    /// model accepts, window, output limit, lifecycle); warnings are logged.
+    pub fn preflight(&self, plan: &Plan, allow_retired: bool) -> Result<()> {
         let today = jiff::Timestamp::now().strftime("%Y-%m-%d").to_string();
         for condition in &plan.conditions {
-            let warnings =
-                apex_core::catalog::preflight(&self.catalog, condition, &plan.packages, &today)?;
+            let warnings = apex_core::catalog::preflight(
+                &self.catalog,
+                condition,
+                &plan.packages,
+                &today,
+                allow_retired,
+            )?;
             for warning in warnings {
                 tracing::warn!("{}", warning.0);
             }
@@ -273,6 +291,9 @@ impl Apex {
             if let Some(timeout) = self.request_timeout {
                 config.request_timeout = timeout;
             }
+            if let Some(timeout) = self.stream_idle_timeout {
+                config.stream_idle_timeout = timeout;
+            }
             if need_keys && config.api_key.is_none() {
                 return Err(Error::Preflight(format!(
                     "condition `{}`: no API key for {}; set {}",
@@ -312,14 +333,20 @@ impl Apex {
         }
         let mut previews = Vec::with_capacity(plan.cells.len());
         for cell in &plan.cells {
+            let condition = &conditions[cell.condition_slug.as_str()];
             let request = GenerationRequest {
-                condition: Arc::clone(&conditions[cell.condition_slug.as_str()]),
+                condition: Arc::clone(condition),
                 package: Arc::clone(&packages[cell.prompt_id.as_str()]),
                 cache: if cache {
                     CacheHint::On(CacheTtl::FiveMinutes)
                 } else {
                     CacheHint::Off
                 },
+                cache_controls: self
+                    .catalog
+                    .lookup(condition.provider, &condition.model)
+                    .map(|m| m.cache_controls)
+                    .unwrap_or_default(),
                 trace: None,
                 body: apex_core::SharedBody::default(),
             };

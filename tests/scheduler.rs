@@ -182,6 +182,11 @@ async fn setup_on(
         top_p: None,
         max_tokens,
         reasoning_effort: None,
+        api: Default::default(),
+        thinking: None,
+        thinking_budget: None,
+        stream: false,
+        store: None,
     };
     store
         .register_conditions(std::slice::from_ref(&condition))

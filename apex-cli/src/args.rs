@@ -89,6 +89,10 @@ pub struct RunCmd {
     /// send one real request per condition before the rest of the batch
     #[argh(switch)]
     pub verify_first: bool,
+    /// run conditions whose model is past its retirement date (refused
+    /// otherwise: every request would fail)
+    #[argh(switch)]
+    pub allow_retired: bool,
     /// plan and record the run, log every request it would send, send nothing
     #[argh(switch)]
     pub dry_run: bool,
@@ -113,9 +117,14 @@ pub struct RunCmd {
     #[argh(option)]
     pub claim_timeout: Option<u64>,
     /// seconds a whole request may take before it is abandoned and retried
-    /// (default 600; times --time-scale)
+    /// (default 600; times --time-scale; streamed requests are bounded by
+    /// --stream-idle-timeout instead)
     #[argh(option)]
     pub request_timeout: Option<f64>,
+    /// seconds a streamed answer may stay silent before it is abandoned and
+    /// retried (default 300; times --time-scale)
+    #[argh(option)]
+    pub stream_idle_timeout: Option<f64>,
     /// seconds a failing ledger is retried before the run stops, saving
     /// what it could not store to a recovery file (default 60)
     #[argh(option)]

@@ -206,6 +206,11 @@ fn check_run_flags(cmd: &RunCmd) -> Result<()> {
     {
         return usage("--request-timeout must be a number of seconds above 0");
     }
+    if let Some(secs) = cmd.stream_idle_timeout
+        && !(secs.is_finite() && secs > 0.0)
+    {
+        return usage("--stream-idle-timeout must be a number of seconds above 0");
+    }
     if cmd.claim_timeout == Some(0) {
         return usage("--claim-timeout must be at least 1 second");
     }
@@ -286,6 +291,7 @@ struct RecordedOptions {
     concurrency: Option<usize>,
     time_scale: Option<f64>,
     request_timeout: Option<f64>,
+    stream_idle_timeout: Option<f64>,
     ledger_timeout: Option<u64>,
 }
 
@@ -317,6 +323,7 @@ async fn restore_options(store: &dyn Store, cmd: &mut RunCmd, run_id: &RunId) ->
     cmd.concurrency = cmd.concurrency.or(recorded.concurrency);
     cmd.time_scale = cmd.time_scale.or(recorded.time_scale);
     cmd.request_timeout = cmd.request_timeout.or(recorded.request_timeout);
+    cmd.stream_idle_timeout = cmd.stream_idle_timeout.or(recorded.stream_idle_timeout);
     cmd.ledger_timeout = cmd.ledger_timeout.or(recorded.ledger_timeout);
     let now = RecordedOptions {
         max_retries: cmd.max_retries,
@@ -329,6 +336,7 @@ async fn restore_options(store: &dyn Store, cmd: &mut RunCmd, run_id: &RunId) ->
         concurrency: cmd.concurrency,
         time_scale: cmd.time_scale,
         request_timeout: cmd.request_timeout,
+        stream_idle_timeout: cmd.stream_idle_timeout,
         ledger_timeout: cmd.ledger_timeout,
     };
     if let (Some(flags), serde_json::Value::Object(now)) = (
@@ -362,10 +370,15 @@ async fn run(store: Arc<dyn Store>, mut cmd: RunCmd) -> Result<ExitCode> {
         std::time::Duration::from_secs_f64(cmd.request_timeout.unwrap_or(600.0)),
         cmd.time_scale.unwrap_or(1.0),
     );
+    let stream_idle_timeout = apex_core::time::scaled(
+        std::time::Duration::from_secs_f64(cmd.stream_idle_timeout.unwrap_or(300.0)),
+        cmd.time_scale.unwrap_or(1.0),
+    );
     let apex = Apex::new(Arc::clone(&store))
         .with_catalog(load_catalog(cmd.catalog.as_deref())?)
         .with_limits(limits.clone())
-        .with_request_timeout(request_timeout);
+        .with_request_timeout(request_timeout)
+        .with_stream_idle_timeout(stream_idle_timeout);
     let (run_id, include_errors, cache) = match &cmd.resume {
         Some(id) => {
             let run_id = RunId::parse(id)?;
@@ -380,6 +393,7 @@ async fn run(store: Arc<dyn Store>, mut cmd: RunCmd) -> Result<ExitCode> {
                 created_by: cmd.created_by.clone(),
                 notes: cmd.notes.clone(),
                 flags: serde_json::to_value(&cmd).context("recording the flags")?,
+                allow_retired: cmd.allow_retired,
             };
             let plan = apex.plan(&batch).await?;
             apex.providers_for(&plan.conditions, !cmd.dry_run)?;
@@ -503,7 +517,8 @@ async fn estimate_cmd(store: Arc<dyn Store>, cmd: EstimateCmd) -> Result<ExitCod
     };
     let plan = Plan::build(conditions, store.current_packages().await?, options)?;
     let apex = Apex::new(Arc::clone(&store)).with_catalog(catalog.clone());
-    apex.preflight(&plan)?;
+    // An estimate of a retired model is still an estimate: warn, not refuse.
+    apex.preflight(&plan, true)?;
     report::print_estimate(
         &*store,
         &catalog,

@@ -5,10 +5,10 @@
 
 use serde::Deserialize;
 
-use crate::condition::{Condition, ProviderKind};
+use crate::condition::{Condition, ProviderKind, Thinking};
 use crate::error::{Error, Result};
 use crate::plan::PackageRef;
-use crate::provider::Usage;
+use crate::provider::{CacheControls, Usage};
 
 const BUILT_IN: &str = include_str!("catalog.toml");
 
@@ -110,6 +110,27 @@ pub struct ModelInfo {
     /// A reasoning model: output budget includes reasoning tokens.
     #[serde(default)]
     pub reasoning: bool,
+    /// Which sampling parameters (`temperature`, `top_p`) the model takes.
+    #[serde(default)]
+    pub sampling: Sampling,
+    /// The reasoning-effort values the model accepts; empty: it rejects the
+    /// parameter.
+    #[serde(default)]
+    pub efforts: Vec<String>,
+    /// Anthropic thinking modes the model accepts; empty: no thinking.
+    #[serde(default)]
+    pub thinking: Vec<Thinking>,
+    /// The model thinks unless told not to (so thinking tokens, billed as
+    /// output, count toward `max_tokens` even when a condition says nothing).
+    #[serde(default)]
+    pub thinks_by_default: bool,
+    /// OpenAI's cache controls on this model (Anthropic models always take
+    /// `cache_control` breakpoints).
+    #[serde(default)]
+    pub cache_controls: CacheControls,
+    /// When the provider released it (YYYY-MM-DD).
+    #[serde(default)]
+    pub released_on: Option<String>,
     /// When the provider deprecated it (YYYY-MM-DD).
     #[serde(default)]
     pub deprecated_on: Option<String>,
@@ -120,6 +141,63 @@ pub struct ModelInfo {
     pub source: String,
     /// Prices.
     pub prices: Prices,
+}
+
+/// Which sampling parameters a model takes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Sampling {
+    /// `temperature` and `top_p` as the provider's ranges allow.
+    #[default]
+    Any,
+    /// Any non-default value is refused with a 400.
+    Rejected,
+    /// Accepted only with reasoning effort `none` (OpenAI's newer models).
+    EffortNone,
+}
+
+/// Where a model is in its life on a given day.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// Not deprecated.
+    Current,
+    /// Deprecated, still answering.
+    Deprecated,
+    /// Past its retirement date: requests fail.
+    Retired,
+}
+
+impl Status {
+    /// The name shown by `apex models`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Current => "current",
+            Self::Deprecated => "deprecated",
+            Self::Retired => "retired",
+        }
+    }
+}
+
+impl ModelInfo {
+    /// Current, deprecated or retired on `today` (YYYY-MM-DD).
+    pub fn status(&self, today: &str) -> Status {
+        if self.retires_on.as_deref().is_some_and(|d| d <= today) {
+            Status::Retired
+        } else if self.deprecated_on.as_deref().is_some_and(|d| d <= today) {
+            Status::Deprecated
+        } else {
+            Status::Current
+        }
+    }
+
+    /// Whether the model thinks for this condition (asked, or by default).
+    pub fn thinks(&self, condition: &Condition) -> bool {
+        match condition.thinking {
+            Some(Thinking::Disabled) => false,
+            Some(_) => true,
+            None => self.thinks_by_default,
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -156,6 +234,11 @@ impl Catalog {
         Ok(catalog)
     }
 
+    /// Every entry, in catalog order.
+    pub fn models(&self) -> &[ModelInfo] {
+        &self.models
+    }
+
     /// The entry for a provider's model id, if known.
     pub fn lookup(&self, provider: ProviderKind, model: &str) -> Option<&ModelInfo> {
         self.models
@@ -182,6 +265,7 @@ pub fn preflight(
     condition: &Condition,
     packages: &[PackageRef],
     today: &str,
+    allow_retired: bool,
 ) -> Result<Vec<Warning>> {
     let slug = &condition.slug;
     let fail = |problem: String| Err(Error::Preflight(format!("condition `{slug}`: {problem}")));
@@ -195,6 +279,15 @@ pub fn preflight(
     };
     if let Err(problem) = check_parameters(model, condition) {
         return fail(problem);
+    }
+    if !allow_retired
+        && model.status(today) == Status::Retired
+        && let Some(retired) = &model.retires_on
+    {
+        return fail(format!(
+            "{} was retired on {retired} and every request would fail; pick a current model (`apex models`) or pass --allow-retired to try anyway",
+            condition.model
+        ));
     }
     let tokenizer = crate::tokens::Tokenizer::for_provider(condition.provider);
     for package in packages {
@@ -260,6 +353,87 @@ fn check_parameters(model: &ModelInfo, condition: &Condition) -> std::result::Re
             condition.max_tokens, condition.model, model.max_output
         ));
     }
+    check_sampling(model, condition)?;
+    if let Some(effort) = &condition.reasoning_effort
+        && !model.efforts.contains(effort)
+    {
+        return Err(if model.efforts.is_empty() {
+            format!(
+                "{} takes no reasoning effort; remove `reasoning_effort`",
+                condition.model
+            )
+        } else {
+            format!(
+                "{} does not accept reasoning_effort `{effort}`; use one of {}",
+                condition.model,
+                model.efforts.join(", ")
+            )
+        });
+    }
+    if let Some(mode) = condition.thinking
+        && !model.thinking.contains(&mode)
+    {
+        return Err(if model.thinking.is_empty() {
+            format!(
+                "{} has no extended thinking; remove `thinking`",
+                condition.model
+            )
+        } else {
+            let accepted: Vec<&str> = model.thinking.iter().map(|t| t.as_str()).collect();
+            format!(
+                "{} rejects thinking `{}`; use one of {}",
+                condition.model,
+                mode.as_str(),
+                accepted.join(", ")
+            )
+        });
+    }
+    Ok(())
+}
+
+/// Sampling parameters against what the model takes (and against thinking,
+/// which Anthropic does not combine with a changed temperature).
+fn check_sampling(model: &ModelInfo, condition: &Condition) -> std::result::Result<(), String> {
+    let sampled: Vec<&str> = [
+        condition.temperature.is_some().then_some("temperature"),
+        condition.top_p.is_some().then_some("top_p"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let Some(first) = sampled.first() else {
+        return Ok(());
+    };
+    let names = sampled
+        .iter()
+        .map(|n| format!("`{n}`"))
+        .collect::<Vec<_>>()
+        .join(" and ");
+    match model.sampling {
+        Sampling::Any => {}
+        Sampling::Rejected => {
+            return Err(format!(
+                "{} accepts only the default sampling and answers 400 to `{first}`; remove {names} from the condition and register it under a new slug",
+                condition.model
+            ));
+        }
+        Sampling::EffortNone if condition.reasoning_effort.as_deref() != Some("none") => {
+            return Err(format!(
+                "{} accepts {names} only with reasoning_effort `none`; set `reasoning_effort = \"none\"` or remove {names}",
+                condition.model
+            ));
+        }
+        Sampling::EffortNone => {}
+    }
+    if condition.provider == ProviderKind::Anthropic
+        && model.thinks(condition)
+        && condition.temperature.is_some_and(|t| t != 1.0)
+    {
+        return Err(format!(
+            "{} does not take a temperature while it thinks; remove `temperature` or set `thinking = \"disabled\"`",
+            condition.model
+        ));
+    }
     Ok(())
 }
 
@@ -270,7 +444,7 @@ fn lifecycle_warnings(model: &ModelInfo, condition: &Condition, today: &str) -> 
     if let Some(retires) = &model.retires_on {
         if retires.as_str() <= today {
             warnings.push(Warning(format!(
-                "condition `{slug}`: {} was retired on {retires}; expect 404 (use --verify-first)",
+                "condition `{slug}`: {} was retired on {retires}; run with --allow-retired, expect 404",
                 condition.model
             )));
         } else {
@@ -285,6 +459,12 @@ fn lifecycle_warnings(model: &ModelInfo, condition: &Condition, today: &str) -> 
         warnings.push(Warning(format!(
             "condition `{slug}`: {} is deprecated (since {since})",
             condition.model
+        )));
+    }
+    if model.thinks(condition) && condition.max_tokens < 4096 {
+        warnings.push(Warning(format!(
+            "condition `{slug}`: {} thinks before it answers and its thinking counts toward max_tokens {}; the answer may be cut short or empty",
+            condition.model, condition.max_tokens
         )));
     }
     if model.reasoning && condition.max_tokens < 25_000 {
@@ -309,6 +489,11 @@ mod tests {
             top_p: None,
             max_tokens: 2048,
             reasoning_effort: None,
+            api: Default::default(),
+            thinking: None,
+            thinking_budget: None,
+            stream: false,
+            store: None,
         }
     }
 
@@ -371,7 +556,7 @@ mod tests {
         // 200,001 total input: every token at the premium rates.
         let premium = (1000.0 * 6.0 + 199_001.0 * 0.60 + 500.0 * 22.5) / 1e6;
         assert!((catalog.cost(&c, &usage(199_001)).unwrap() - premium).abs() < 1e-12);
-        let w = preflight(&catalog, &c, &[package(185_000)], "2026-11-27").unwrap();
+        let w = preflight(&catalog, &c, &[package(185_000)], "2026-11-27", false).unwrap();
         assert!(
             w.iter().any(|w| w.0.contains("long-context price tier")),
             "{w:?}"
@@ -422,6 +607,7 @@ mod tests {
             &condition(ProviderKind::OpenAi, "gpt-5", Some(0.7)),
             &[package(1000)],
             today,
+            false,
         )
         .unwrap_err()
         .to_string();
@@ -431,6 +617,7 @@ mod tests {
             &condition(ProviderKind::OpenAi, "gpt-4o", Some(0.7)),
             &[package(127_000)],
             today,
+            false,
         )
         .unwrap_err()
         .to_string();
@@ -440,35 +627,37 @@ mod tests {
                 &catalog,
                 &condition(ProviderKind::OpenAi, "gpt-4o", Some(0.7)),
                 &[package(100_000)],
-                today
+                today,
+                false
             )
             .is_ok()
         );
         let mut both = condition(ProviderKind::Anthropic, "claude-sonnet-4-5", Some(0.7));
         both.top_p = Some(0.9);
-        assert!(preflight(&catalog, &both, &[package(10)], today).is_err());
+        assert!(preflight(&catalog, &both, &[package(10)], today, false).is_err());
     }
 
     #[test]
     fn preflight_warns_about_lifecycle_and_unknown_models() {
         let catalog = Catalog::built_in();
-        let w = preflight(
-            &catalog,
-            &condition(
-                ProviderKind::Anthropic,
-                "claude-opus-4-1-20250805",
-                Some(0.7),
-            ),
-            &[package(10)],
-            "2026-11-27",
-        )
-        .unwrap();
+        let opus41 = condition(
+            ProviderKind::Anthropic,
+            "claude-opus-4-1-20250805",
+            Some(0.7),
+        );
+        let err = preflight(&catalog, &opus41, &[package(10)], "2026-11-27", false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("retired on 2026-08-05"), "{err}");
+        assert!(err.contains("--allow-retired"), "{err}");
+        let w = preflight(&catalog, &opus41, &[package(10)], "2026-11-27", true).unwrap();
         assert!(w[0].0.contains("retired on 2026-08-05"), "{w:?}");
         let w = preflight(
             &catalog,
             &condition(ProviderKind::Anthropic, "claude-sonnet-4-5", Some(0.7)),
             &[package(10)],
             "2026-11-27",
+            false,
         )
         .unwrap();
         assert!(w[0].0.contains("retires on 2026-11-30"), "{w:?}");
@@ -477,9 +666,101 @@ mod tests {
             &condition(ProviderKind::OpenAi, "my-finetune", None),
             &[package(10)],
             "2026-11-27",
+            false,
         )
         .unwrap();
         assert!(w[0].0.contains("not in the catalog"), "{w:?}");
+        let gpt4o = catalog.lookup(ProviderKind::OpenAi, "gpt-4o").unwrap();
+        assert_eq!(gpt4o.status("2026-10-13"), Status::Current);
+        assert_eq!(gpt4o.status("2026-11-29"), Status::Deprecated);
+        assert_eq!(gpt4o.status("2027-01-14"), Status::Retired);
+    }
+
+    /// Each parameter a current model rejects is refused before anything is
+    /// sent, with the fix in the message.
+    #[test]
+    fn preflight_refuses_what_current_models_reject() {
+        let catalog = Catalog::built_in();
+        let today = "2026-11-29";
+        let check = |c: &Condition| {
+            preflight(&catalog, c, &[package(1000)], today, false).map_err(|e| e.to_string())
+        };
+        let mut c = condition(ProviderKind::Anthropic, "claude-sonnet-5-5", Some(0.7));
+        let err = check(&c).unwrap_err();
+        assert!(
+            err.contains("only the default sampling") && err.contains("remove `temperature`"),
+            "{err}"
+        );
+        c.temperature = None;
+        assert!(check(&c).is_ok());
+        c.thinking = Some(Thinking::Enabled);
+        c.thinking_budget = Some(1024);
+        let err = check(&c).unwrap_err();
+        assert!(
+            err.contains("rejects thinking `enabled`") && err.contains("adaptive, disabled"),
+            "{err}"
+        );
+
+        let mut luna = condition(ProviderKind::OpenAi, "gpt-6-luna", Some(0.2));
+        let err = check(&luna).unwrap_err();
+        assert!(err.contains("reasoning_effort = \"none\""), "{err}");
+        luna.reasoning_effort = Some("none".into());
+        assert!(check(&luna).is_ok());
+
+        let mut sol = condition(ProviderKind::OpenAi, "gpt-6.2-sol", None);
+        sol.reasoning_effort = Some("none".into());
+        let err = check(&sol).unwrap_err();
+        assert!(
+            err.contains("does not accept reasoning_effort `none`"),
+            "{err}"
+        );
+        assert!(err.contains("low, medium, high, xhigh, max"), "{err}");
+
+        let mut opus = condition(ProviderKind::Anthropic, "claude-opus-5-5", None);
+        opus.thinking = Some(Thinking::Disabled);
+        let err = check(&opus).unwrap_err();
+        assert!(err.contains("use one of adaptive"), "{err}");
+
+        let mut sonnet45 = condition(ProviderKind::Anthropic, "claude-sonnet-4-5", Some(0.7));
+        sonnet45.thinking = Some(Thinking::Enabled);
+        sonnet45.thinking_budget = Some(1024);
+        let err = check(&sonnet45).unwrap_err();
+        assert!(
+            err.contains("does not take a temperature while it thinks"),
+            "{err}"
+        );
+        sonnet45.reasoning_effort = Some("high".into());
+        sonnet45.temperature = None;
+        let err = check(&sonnet45).unwrap_err();
+        assert!(err.contains("takes no reasoning effort"), "{err}");
+        sonnet45.reasoning_effort = None;
+        let w = check(&sonnet45).unwrap();
+        assert!(
+            w.iter().any(|w| w.0.contains("thinks before it answers")),
+            "{w:?}"
+        );
+    }
+
+    #[test]
+    fn every_entry_names_its_source_and_sane_prices() {
+        let catalog = Catalog::built_in();
+        let mut ids = std::collections::BTreeSet::new();
+        for m in catalog.models() {
+            assert!(!m.source.trim().is_empty(), "{:?}", m.ids);
+            for id in &m.ids {
+                assert!(ids.insert((m.provider, id.clone())), "{id} listed twice");
+            }
+            let p = &m.prices;
+            assert!(p.input > 0.0 && p.output > p.input, "{:?}", m.ids);
+            assert!(p.cache_read < p.input, "{:?}", m.ids);
+            assert!(p.cache_write_1h >= p.cache_write_5m, "{:?}", m.ids);
+            assert!(u64::from(u32::MAX) > m.max_output && m.max_output < m.context_window);
+            if m.provider == ProviderKind::Anthropic {
+                assert_eq!(m.cache_controls, CacheControls::Automatic, "{:?}", m.ids);
+            } else {
+                assert!(m.thinking.is_empty(), "{:?}", m.ids);
+            }
+        }
     }
 
     #[test]

@@ -78,12 +78,93 @@ pub struct Condition {
     pub top_p: Option<f64>,
     /// Maximum output tokens (reasoning included for OpenAI reasoning models).
     pub max_tokens: u32,
-    /// OpenAI reasoning effort (`minimal`, `low`, `medium`, `high`, `none`).
+    /// Reasoning effort: OpenAI `reasoning_effort` (`reasoning.effort` on
+    /// the Responses API), Anthropic `output_config.effort`. Which values a
+    /// model takes is in the catalog.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reasoning_effort: Option<String>,
+    /// OpenAI only: which endpoint, `chat` (Chat Completions, the default)
+    /// or `responses`.
+    #[serde(default, skip_serializing_if = "Api::is_chat")]
+    pub api: Api,
+    /// Anthropic only: extended thinking as the API names it: `adaptive`
+    /// (the model decides), `enabled` (with `thinking_budget`) or
+    /// `disabled`. Left out, the model's own default applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thinking: Option<Thinking>,
+    /// Anthropic only: the thinking budget in tokens for `thinking =
+    /// "enabled"` (at least 1024, below `max_tokens`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thinking_budget: Option<u32>,
+    /// Stream the answer (SSE). Apex also streams on its own when
+    /// `max_tokens` is above what a request can safely wait for
+    /// ([`NON_STREAMING_MAX_TOKENS`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stream: bool,
+    /// Responses API only: let OpenAI store the response (`store: true`);
+    /// Apex sends `store: false` unless this is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<bool>,
 }
 
-const REASONING_EFFORTS: &[&str] = &["none", "minimal", "low", "medium", "high"];
+/// The largest `max_tokens` Apex sends without streaming. Anthropic's SDKs
+/// refuse a non-streaming request whose expected time (an hour per 128,000
+/// output tokens) passes the 10-minute limit: 600 s × 128,000 / 3,600 s.
+pub const NON_STREAMING_MAX_TOKENS: u32 = 21_333;
+
+/// Which OpenAI endpoint a condition is sent to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Api {
+    /// `POST /v1/chat/completions`.
+    #[default]
+    Chat,
+    /// `POST /v1/responses`.
+    Responses,
+}
+
+impl Api {
+    /// Whether this is the default, Chat Completions.
+    pub fn is_chat(&self) -> bool {
+        *self == Self::Chat
+    }
+
+    /// The name used in files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Chat => "chat",
+            Self::Responses => "responses",
+        }
+    }
+}
+
+/// Anthropic's thinking modes, as the API names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Thinking {
+    /// `{"type": "adaptive"}`: the model decides how much to think.
+    Adaptive,
+    /// `{"type": "enabled", "budget_tokens": N}`.
+    Enabled,
+    /// `{"type": "disabled"}`.
+    Disabled,
+}
+
+impl Thinking {
+    /// The API's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Adaptive => "adaptive",
+            Self::Enabled => "enabled",
+            Self::Disabled => "disabled",
+        }
+    }
+}
+
+/// The smallest thinking budget Anthropic accepts.
+pub const MIN_THINKING_BUDGET: u32 = 1024;
+
+const REASONING_EFFORTS: &[&str] = &["none", "minimal", "low", "medium", "high", "xhigh", "max"];
 
 impl Condition {
     /// Checks the parameters that can be judged without knowing the model.
@@ -128,20 +209,89 @@ impl Condition {
                 "`top_p` {p} is out of range; use a value above 0 and at most 1"
             )));
         }
-        if let Some(effort) = &self.reasoning_effort {
-            if self.provider != ProviderKind::OpenAi {
-                return Err(invalid(
-                    "`reasoning_effort` is an OpenAI parameter; remove it for anthropic".into(),
-                ));
+        if let Some(effort) = &self.reasoning_effort
+            && !REASONING_EFFORTS.contains(&effort.as_str())
+        {
+            return Err(invalid(format!(
+                "`reasoning_effort` `{effort}` is not one of {}",
+                REASONING_EFFORTS.join(", ")
+            )));
+        }
+        let anthropic_only = |key: &str| {
+            invalid(format!(
+                "`{key}` is an Anthropic parameter; remove it for {}",
+                self.provider
+            ))
+        };
+        let openai_only = |key: &str| {
+            invalid(format!(
+                "`{key}` is an OpenAI parameter; remove it for {}",
+                self.provider
+            ))
+        };
+        match self.provider {
+            ProviderKind::OpenAi => {
+                if self.thinking.is_some() {
+                    return Err(anthropic_only("thinking"));
+                }
+                if self.thinking_budget.is_some() {
+                    return Err(anthropic_only("thinking_budget"));
+                }
+                if self.store.is_some() && self.api != Api::Responses {
+                    return Err(invalid(
+                        "`store` applies to the Responses API only; add `api = \"responses\"` or remove it".into(),
+                    ));
+                }
             }
-            if !REASONING_EFFORTS.contains(&effort.as_str()) {
-                return Err(invalid(format!(
-                    "`reasoning_effort` `{effort}` is not one of {}",
-                    REASONING_EFFORTS.join(", ")
-                )));
+            ProviderKind::Anthropic => {
+                if !self.api.is_chat() {
+                    return Err(openai_only("api"));
+                }
+                if self.store.is_some() {
+                    return Err(openai_only("store"));
+                }
             }
         }
+        match (self.thinking, self.thinking_budget) {
+            (Some(Thinking::Enabled), None) => {
+                return Err(invalid(
+                    "`thinking = \"enabled\"` needs `thinking_budget` (tokens, at least 1024)"
+                        .into(),
+                ));
+            }
+            (Some(Thinking::Enabled), Some(budget)) => {
+                if budget < MIN_THINKING_BUDGET {
+                    return Err(invalid(format!(
+                        "`thinking_budget` {budget} is below the minimum of {MIN_THINKING_BUDGET}"
+                    )));
+                }
+                if budget >= self.max_tokens {
+                    return Err(invalid(format!(
+                        "`thinking_budget` {budget} must be below `max_tokens` {} (thinking counts toward it); raise max_tokens or lower the budget",
+                        self.max_tokens
+                    )));
+                }
+            }
+            (Some(other), Some(_)) => {
+                return Err(invalid(format!(
+                    "`thinking_budget` goes with `thinking = \"enabled\"`, not `{}`; remove it",
+                    other.as_str()
+                )));
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "`thinking_budget` needs `thinking = \"enabled\"`".into(),
+                ));
+            }
+            _ => {}
+        }
         Ok(())
+    }
+
+    /// Whether requests of this condition are streamed: asked for, or
+    /// needed because `max_tokens` is too large to wait for in one response.
+    pub fn streams(&self) -> bool {
+        self.stream || self.max_tokens > NON_STREAMING_MAX_TOKENS
     }
 
     /// The parameters as canonical JSON (slug excluded): what "the same

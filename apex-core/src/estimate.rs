@@ -281,6 +281,11 @@ mod tests {
             top_p: None,
             max_tokens: 2048,
             reasoning_effort: None,
+            api: Default::default(),
+            thinking: None,
+            thinking_budget: None,
+            stream: false,
+            store: None,
         }
     }
 

@@ -62,13 +62,13 @@ pub mod time;
 pub mod tokens;
 
 pub use catalog::{Catalog, ModelInfo, Prices};
-pub use condition::{Condition, ProviderKind, parse_conditions};
+pub use condition::{Api, Condition, ProviderKind, Thinking, parse_conditions};
 pub use context::{ContextPackage, PackageSources, SourceFile};
 pub use error::{Error, Result};
 pub use plan::{Cell, PackageRef, Plan, PlanOptions};
 pub use provider::{
-    AttemptError, CacheHint, CacheTtl, ErrorClass, Generated, GenerationRequest, PreparedBody,
-    Provider, RateLimitSnapshot, RequestPreview, SharedBody, Usage,
+    AttemptError, CacheControls, CacheHint, CacheTtl, ErrorClass, Generated, GenerationRequest,
+    PreparedBody, Provider, RateLimitSnapshot, RequestPreview, SharedBody, Usage,
 };
 pub use run::{
     AttemptEnd, ErrorRow, GenerationResult, GenerationRow, GenerationStatus, NewRun, RunId,

@@ -61,6 +61,22 @@ pub enum CacheHint {
     On(CacheTtl),
 }
 
+/// Which cache controls an OpenAI model takes beyond `prompt_cache_key`
+/// (from the catalog). Anthropic models always take `cache_control`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CacheControls {
+    /// Automatic prefix caching only (`prompt_cache_key` routes it).
+    #[default]
+    Automatic,
+    /// `prompt_cache_retention: "24h"` keeps the prefix up to a day, at no
+    /// extra price (GPT-5.1 to GPT-5.5, GPT-5, GPT-4.1).
+    Retention,
+    /// Explicit breakpoints (`prompt_cache_breakpoint`) with a TTL of 30
+    /// minutes or 12 hours, writes billed (GPT-5.6 and later).
+    Breakpoints,
+}
+
 /// A request body as sent, with its SHA-256, built once and shared: every
 /// replicate and retry of one (condition, context) sends the same bytes, so
 /// a 128K-token context is serialised and hashed once per group, not once
@@ -117,6 +133,8 @@ pub struct GenerationRequest {
     pub package: Arc<ContextPackage>,
     /// The cache hint.
     pub cache: CacheHint,
+    /// The cache controls the model takes (from the catalog).
+    pub cache_controls: CacheControls,
     /// Sent as the `x-apex-generation` header (run id, generation id and
     /// attempt), so proxies and simulators can tell replicates apart.
     pub trace: Option<String>,

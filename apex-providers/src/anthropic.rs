@@ -1,12 +1,15 @@
 //! Anthropic Messages: `POST {base}/v1/messages`.
 
 use apex_core::provider::{ErrorClass, RateLimitSnapshot};
-use apex_core::{CacheHint, CacheTtl, GenerationRequest, ProviderKind, Usage};
+use apex_core::{CacheHint, CacheTtl, GenerationRequest, ProviderKind, Thinking, Usage};
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderValue};
 use serde::{Deserialize, Serialize};
 
 use crate::key::ApiKey;
-use crate::wire::{ParsedResponse, Wire, body_excerpt, class_for_status};
+use crate::sse::SseEvent;
+use crate::wire::{
+    ParseError, ParsedResponse, StreamState, Wire, body_excerpt, class_for_status, event_json,
+};
 
 /// The `anthropic-version` header value (what the official SDKs send).
 pub const ANTHROPIC_VERSION: &str = "2023-06-01";
@@ -26,6 +29,24 @@ struct MessagesRequest<'a> {
     temperature: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     top_p: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    thinking: Option<ThinkingParam>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    output_config: Option<OutputConfig<'a>>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    stream: bool,
+}
+
+#[derive(Serialize)]
+struct ThinkingParam {
+    r#type: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    budget_tokens: Option<u32>,
+}
+
+#[derive(Serialize)]
+struct OutputConfig<'a> {
+    effort: &'a str,
 }
 
 #[derive(Serialize)]
@@ -66,16 +87,27 @@ struct ContentBlock {
     text: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 struct AnthropicUsage {
+    #[serde(default)]
     input_tokens: u64,
+    #[serde(default)]
     output_tokens: u64,
+    /// Of `output_tokens`, those spent thinking (2026 API).
+    #[serde(default)]
+    output_tokens_details: Option<OutputDetails>,
     #[serde(default)]
     cache_creation_input_tokens: Option<u64>,
     #[serde(default)]
     cache_read_input_tokens: Option<u64>,
     #[serde(default)]
     cache_creation: Option<CacheCreation>,
+}
+
+#[derive(Deserialize)]
+struct OutputDetails {
+    #[serde(default)]
+    thinking_tokens: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -95,6 +127,48 @@ struct ErrorDetail {
     kind: String,
     #[serde(default)]
     message: String,
+}
+
+/// Usage as billed: thinking tokens are part of `output_tokens`.
+fn messages_usage(u: &AnthropicUsage) -> Usage {
+    let write = u.cache_creation_input_tokens.unwrap_or(0);
+    let write_1h = u
+        .cache_creation
+        .as_ref()
+        .and_then(|c| c.ephemeral_1h_input_tokens)
+        .unwrap_or(0)
+        .min(write);
+    Usage {
+        input_tokens: u.input_tokens,
+        cache_write_tokens: write,
+        cache_write_1h_tokens: write_1h,
+        cache_read_tokens: u.cache_read_input_tokens.unwrap_or(0),
+        output_tokens: u.output_tokens,
+        reasoning_tokens: u
+            .output_tokens_details
+            .as_ref()
+            .and_then(|d| d.thinking_tokens)
+            .unwrap_or(0)
+            .min(u.output_tokens),
+    }
+}
+
+/// An error type (body or stream event) as a class.
+fn class_of(kind: &str, message: &str, status: u16) -> ErrorClass {
+    match kind {
+        "overloaded_error" => ErrorClass::Overloaded,
+        "billing_error" => ErrorClass::QuotaExhausted,
+        "authentication_error" => ErrorClass::Authentication,
+        "permission_error" => ErrorClass::PermissionDenied,
+        "not_found_error" => ErrorClass::NotFound,
+        "request_too_large" => ErrorClass::RequestTooLarge,
+        "rate_limit_error" => ErrorClass::RateLimited,
+        "api_error" | "timeout_error" => ErrorClass::ServerError,
+        "invalid_request_error" if message.contains("credit balance is too low") => {
+            ErrorClass::QuotaExhausted
+        }
+        _ => class_for_status(status),
+    }
 }
 
 impl Wire for AnthropicWire {
@@ -156,13 +230,29 @@ impl Wire for AnthropicWire {
             }],
             temperature: c.temperature,
             top_p: c.top_p,
+            thinking: c.thinking.map(|mode| ThinkingParam {
+                r#type: mode.as_str(),
+                budget_tokens: (mode == Thinking::Enabled)
+                    .then_some(c.thinking_budget)
+                    .flatten(),
+            }),
+            output_config: c
+                .reasoning_effort
+                .as_deref()
+                .map(|effort| OutputConfig { effort }),
+            stream: c.streams(),
         };
         serde_json::to_vec(&body).expect("a request always serializes")
     }
 
-    fn parse(body: &[u8]) -> Result<ParsedResponse, String> {
-        let r: MessagesResponse = serde_json::from_slice(body)
-            .map_err(|e| format!("unexpected messages body ({e}): {}", body_excerpt(body)))?;
+    fn parse(body: &[u8]) -> Result<ParsedResponse, ParseError> {
+        let r: MessagesResponse = serde_json::from_slice(body).map_err(|e| {
+            (
+                ErrorClass::Decode,
+                format!("unexpected messages body ({e}): {}", body_excerpt(body)),
+            )
+        })?;
+        // Thinking blocks are not the answer; their tokens are in usage.
         let text = r
             .content
             .iter()
@@ -170,27 +260,99 @@ impl Wire for AnthropicWire {
             .filter_map(|b| b.text.as_deref())
             .collect::<Vec<_>>()
             .join("");
-        let write = r.usage.cache_creation_input_tokens.unwrap_or(0);
-        let write_1h = r
-            .usage
-            .cache_creation
-            .and_then(|c| c.ephemeral_1h_input_tokens)
-            .unwrap_or(0)
-            .min(write);
         Ok(ParsedResponse {
             text,
-            usage: Usage {
-                input_tokens: r.usage.input_tokens,
-                cache_write_tokens: write,
-                cache_write_1h_tokens: write_1h,
-                cache_read_tokens: r.usage.cache_read_input_tokens.unwrap_or(0),
-                output_tokens: r.usage.output_tokens,
-                reasoning_tokens: 0,
-            },
+            usage: messages_usage(&r.usage),
             finish_reason: r.stop_reason,
             model: r.model,
             id: r.id,
         })
+    }
+
+    /// `message_start` (input usage), `content_block_delta` (text and
+    /// thinking), `message_delta` (stop reason, output usage),
+    /// `message_stop`; `ping`; an `error` event even after a 200.
+    fn stream_event(state: &mut StreamState, event: &SseEvent) -> Result<(), ParseError> {
+        let value = event_json(event)?;
+        let kind = value
+            .get("type")
+            .and_then(|v| v.as_str())
+            .or(event.name.as_deref())
+            .unwrap_or("");
+        let usage_of = |v: &serde_json::Value| -> Result<AnthropicUsage, ParseError> {
+            serde_json::from_value(v.clone()).map_err(|e| {
+                (
+                    ErrorClass::Decode,
+                    format!("unexpected usage in a messages stream ({e})"),
+                )
+            })
+        };
+        match kind {
+            "message_start" => {
+                let message = value.get("message").cloned().unwrap_or_default();
+                state.id = message
+                    .get("id")
+                    .and_then(|v| v.as_str())
+                    .map(str::to_owned);
+                state.model = message
+                    .get("model")
+                    .and_then(|v| v.as_str())
+                    .map(str::to_owned);
+                if let Some(usage) = message.get("usage") {
+                    let usage = messages_usage(&usage_of(usage)?);
+                    state.usage.input_tokens = usage.input_tokens;
+                    state.usage.cache_write_tokens = usage.cache_write_tokens;
+                    state.usage.cache_write_1h_tokens = usage.cache_write_1h_tokens;
+                    state.usage.cache_read_tokens = usage.cache_read_tokens;
+                    state.usage.output_tokens = usage.output_tokens;
+                }
+            }
+            "content_block_delta" => {
+                if value.pointer("/delta/type").and_then(|v| v.as_str()) == Some("text_delta")
+                    && let Some(text) = value.pointer("/delta/text").and_then(|v| v.as_str())
+                {
+                    state.text.push_str(text);
+                }
+            }
+            "message_delta" => {
+                if let Some(reason) = value.pointer("/delta/stop_reason").and_then(|v| v.as_str()) {
+                    state.finish_reason = Some(reason.to_owned());
+                }
+                if let Some(usage) = value.get("usage") {
+                    // Counts here are cumulative: the output side is final,
+                    // and an input-side field, when present, replaces the
+                    // one from `message_start`.
+                    let raw = usage_of(usage)?;
+                    state.usage.output_tokens = raw.output_tokens;
+                    state.usage.reasoning_tokens = raw
+                        .output_tokens_details
+                        .as_ref()
+                        .and_then(|d| d.thinking_tokens)
+                        .unwrap_or(0)
+                        .min(raw.output_tokens);
+                    if usage.get("input_tokens").is_some() {
+                        let whole = messages_usage(&raw);
+                        state.usage.input_tokens = whole.input_tokens;
+                        state.usage.cache_write_tokens = whole.cache_write_tokens;
+                        state.usage.cache_write_1h_tokens = whole.cache_write_1h_tokens;
+                        state.usage.cache_read_tokens = whole.cache_read_tokens;
+                    }
+                    state.has_usage = true;
+                }
+            }
+            "message_stop" => state.complete = true,
+            "error" => {
+                let error = value.get("error").cloned().unwrap_or_default();
+                let error_kind = error.get("type").and_then(|v| v.as_str()).unwrap_or("");
+                let message = error.get("message").and_then(|v| v.as_str()).unwrap_or("");
+                return Err((
+                    class_of(error_kind, message, 500),
+                    format!("{error_kind}: {message} (in the stream)"),
+                ));
+            }
+            _ => {}
+        }
+        Ok(())
     }
 
     fn classify(status: u16, body: &[u8]) -> (ErrorClass, String) {
@@ -198,19 +360,7 @@ impl Wire for AnthropicWire {
             return (class_for_status(status), body_excerpt(body));
         };
         let e = parsed.error;
-        let class = match e.kind.as_str() {
-            "overloaded_error" => ErrorClass::Overloaded,
-            "billing_error" => ErrorClass::QuotaExhausted,
-            "authentication_error" => ErrorClass::Authentication,
-            "permission_error" => ErrorClass::PermissionDenied,
-            "not_found_error" => ErrorClass::NotFound,
-            "request_too_large" => ErrorClass::RequestTooLarge,
-            "rate_limit_error" => ErrorClass::RateLimited,
-            "invalid_request_error" if e.message.contains("credit balance is too low") => {
-                ErrorClass::QuotaExhausted
-            }
-            _ => class_for_status(status),
-        };
+        let class = class_of(&e.kind, &e.message, status);
         (class, format!("{}: {}", e.kind, e.message))
     }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 use apex_core::context::sha256_hex;
 use apex_core::provider::ErrorClass;
 use apex_core::{
-    AttemptError, Generated, GenerationRequest, Provider, ProviderKind, RequestPreview,
+    Api, AttemptError, Generated, GenerationRequest, Provider, ProviderKind, RequestPreview,
 };
 use async_trait::async_trait;
 
@@ -15,7 +15,9 @@ use crate::anthropic::AnthropicWire;
 use crate::error::ProviderError;
 use crate::key::ApiKey;
 use crate::openai::OpenAiWire;
-use crate::wire::Wire;
+use crate::responses::ResponsesWire;
+use crate::sse::SseParser;
+use crate::wire::{ParsedResponse, StreamState, Wire};
 
 /// Where and how to reach a provider.
 #[derive(Debug, Clone)]
@@ -26,8 +28,13 @@ pub struct ProviderConfig {
     pub api_key: Option<ApiKey>,
     /// TCP + TLS connect timeout.
     pub connect_timeout: Duration,
-    /// Whole-request timeout (long outputs take minutes).
+    /// Whole-request timeout of a request answered in one body.
     pub request_timeout: Duration,
+    /// Whole-request timeout of a streamed request (`None`: as long as the
+    /// stream keeps talking; long outputs take many minutes).
+    pub stream_timeout: Option<Duration>,
+    /// Longest silence within a stream before it is abandoned and retried.
+    pub stream_idle_timeout: Duration,
 }
 
 impl ProviderConfig {
@@ -51,6 +58,8 @@ impl ProviderConfig {
             api_key: ApiKey::from_env(kind.api_key_env()),
             connect_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(600),
+            stream_timeout: None,
+            stream_idle_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -60,11 +69,16 @@ pub struct HttpProvider<W: Wire> {
     client: reqwest::Client,
     url: String,
     key: Option<ApiKey>,
+    request_timeout: Duration,
+    stream_timeout: Option<Duration>,
+    stream_idle_timeout: Duration,
     wire: PhantomData<W>,
 }
 
-/// OpenAI Chat Completions.
-pub type OpenAiProvider = HttpProvider<OpenAiWire>;
+/// OpenAI Chat Completions only (see [`OpenAiProvider`] for both endpoints).
+pub type ChatProvider = HttpProvider<OpenAiWire>;
+/// OpenAI Responses only.
+pub type ResponsesProvider = HttpProvider<ResponsesWire>;
 /// Anthropic Messages.
 pub type AnthropicProvider = HttpProvider<AnthropicWire>;
 
@@ -90,15 +104,22 @@ impl<W: Wire> HttpProvider<W> {
         }
         let client = reqwest::Client::builder()
             .connect_timeout(config.connect_timeout)
-            .timeout(config.request_timeout)
             .tcp_keepalive(Duration::from_secs(30))
             .build()?;
-        Ok(Self {
+        Ok(Self::with_client(client, &config))
+    }
+
+    /// Shares a client (its connections and TLS roots) with another wire.
+    fn with_client(client: reqwest::Client, config: &ProviderConfig) -> Self {
+        Self {
             client,
-            url: W::endpoint(base),
-            key: config.api_key,
+            url: W::endpoint(config.base_url.trim()),
+            key: config.api_key.clone(),
+            request_timeout: config.request_timeout,
+            stream_timeout: config.stream_timeout,
+            stream_idle_timeout: config.stream_idle_timeout,
             wire: PhantomData,
-        })
+        }
     }
 
     /// Whether a key is configured.
@@ -161,7 +182,13 @@ impl<W: Wire> Provider for HttpProvider<W> {
         if let Some(trace) = &request.trace {
             builder = builder.header("x-apex-generation", trace);
         }
-        tracing::debug!(url = %self.url, request_hash = %request_hash, trace = request.trace.as_deref().unwrap_or(""), "sending request");
+        let streamed = request.condition.streams();
+        builder = match (streamed, self.stream_timeout) {
+            (false, _) => builder.timeout(self.request_timeout),
+            (true, Some(limit)) => builder.timeout(limit),
+            (true, None) => builder,
+        };
+        tracing::debug!(url = %self.url, request_hash = %request_hash, trace = request.trace.as_deref().unwrap_or(""), streamed, "sending request");
         let response = builder.send().await.map_err(|e| {
             let error = self.transport_error(&e);
             tracing::debug!(url = %self.url, %error, "request failed without a response");
@@ -169,35 +196,37 @@ impl<W: Wire> Provider for HttpProvider<W> {
         })?;
         let status = response.status().as_u16();
         let headers = response.headers().clone();
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|e| self.transport_error(&e))?;
         let request_id = headers
             .get(W::REQUEST_ID_HEADER)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
         let rate_limits = W::rate_limits(&headers);
+        let failed = |(class, message): (ErrorClass, String)| AttemptError {
+            class,
+            message: key.scrub(&message),
+            http_status: Some(status),
+            retry_after: None,
+            request_id: request_id.clone(),
+            rate_limits,
+            server_refuses_retry: false,
+        };
+        let is_event_stream = headers
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        if status == 200 && is_event_stream {
+            let parsed = self.read_stream(response).await.map_err(&failed)?;
+            tracing::debug!(url = %self.url, status, request_id = request_id.as_deref().unwrap_or(""), ?rate_limits, "stream completed");
+            return Ok(self.generated(request, parsed, request_id, request_hash, rate_limits));
+        }
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| self.transport_error(&e))?;
         tracing::debug!(url = %self.url, status, request_id = request_id.as_deref().unwrap_or(""), bytes = bytes.len(), ?rate_limits, "response received");
         if status == 200 {
-            let parsed = W::parse(&bytes).map_err(|message| AttemptError {
-                class: ErrorClass::Decode,
-                message: key.scrub(&message),
-                http_status: Some(status),
-                retry_after: None,
-                request_id: request_id.clone(),
-                rate_limits,
-                server_refuses_retry: false,
-            })?;
-            return Ok(Generated {
-                text: parsed.text,
-                usage: parsed.usage,
-                finish_reason: parsed.finish_reason,
-                request_id: request_id.or(parsed.id),
-                model_snapshot: parsed.model,
-                request_hash,
-                rate_limits,
-            });
+            let parsed = W::parse(&bytes).map_err(&failed)?;
+            return Ok(self.generated(request, parsed, request_id, request_hash, rate_limits));
         }
         let (class, message) = W::classify(status, &bytes);
         let server_refuses_retry = headers
@@ -213,5 +242,115 @@ impl<W: Wire> Provider for HttpProvider<W> {
             rate_limits,
             server_refuses_retry,
         })
+    }
+}
+
+impl<W: Wire> HttpProvider<W> {
+    /// Reads an event stream to its end: each chunk must come within the
+    /// idle timeout; a stream that stops before its final event is a
+    /// transport failure (retried), never half an answer.
+    async fn read_stream(
+        &self,
+        mut response: reqwest::Response,
+    ) -> Result<ParsedResponse, (ErrorClass, String)> {
+        let mut parser = SseParser::default();
+        let mut state = StreamState::default();
+        loop {
+            let chunk = match tokio::time::timeout(self.stream_idle_timeout, response.chunk()).await
+            {
+                Err(_) => {
+                    return Err((
+                        ErrorClass::Timeout,
+                        format!(
+                            "the stream sent nothing for {:.1} s (idle timeout)",
+                            self.stream_idle_timeout.as_secs_f64()
+                        ),
+                    ));
+                }
+                Ok(Err(e)) => {
+                    let error = self.transport_error(&e);
+                    return Err((error.class, format!("the stream broke: {}", error.message)));
+                }
+                Ok(Ok(chunk)) => chunk,
+            };
+            let Some(chunk) = chunk else {
+                if let Some(event) = parser.finish() {
+                    W::stream_event(&mut state, &event)?;
+                }
+                return state.finish();
+            };
+            for event in parser.feed(&chunk).map_err(|m| (ErrorClass::Decode, m))? {
+                W::stream_event(&mut state, &event)?;
+            }
+            if state.complete {
+                // Everything after the final event is ignored.
+                return state.finish();
+            }
+        }
+    }
+
+    fn generated(
+        &self,
+        request: &GenerationRequest,
+        parsed: ParsedResponse,
+        request_id: Option<String>,
+        request_hash: String,
+        rate_limits: apex_core::RateLimitSnapshot,
+    ) -> Generated {
+        let mut usage = parsed.usage;
+        W::complete_usage(request, &mut usage);
+        Generated {
+            text: parsed.text,
+            usage,
+            finish_reason: parsed.finish_reason,
+            request_id: request_id.or(parsed.id),
+            model_snapshot: parsed.model,
+            request_hash,
+            rate_limits,
+        }
+    }
+}
+
+/// OpenAI: Chat Completions or Responses, as each condition's `api` says.
+/// One client serves both endpoints.
+#[derive(Debug)]
+pub struct OpenAiProvider {
+    chat: ChatProvider,
+    responses: ResponsesProvider,
+}
+
+impl OpenAiProvider {
+    /// Builds a client for a configuration.
+    pub fn new(config: ProviderConfig) -> Result<Self, ProviderError> {
+        let chat = ChatProvider::new(config.clone())?;
+        let responses = ResponsesProvider::with_client(chat.client.clone(), &config);
+        Ok(Self { chat, responses })
+    }
+
+    /// Whether a key is configured.
+    pub fn has_key(&self) -> bool {
+        self.chat.has_key()
+    }
+
+    fn route(&self, request: &GenerationRequest) -> &dyn Provider {
+        match request.condition.api {
+            Api::Chat => &self.chat,
+            Api::Responses => &self.responses,
+        }
+    }
+}
+
+#[async_trait]
+impl Provider for OpenAiProvider {
+    fn kind(&self) -> ProviderKind {
+        ProviderKind::OpenAi
+    }
+
+    fn preview(&self, request: &GenerationRequest) -> RequestPreview {
+        self.route(request).preview(request)
+    }
+
+    async fn generate(&self, request: &GenerationRequest) -> Result<Generated, AttemptError> {
+        self.route(request).generate(request).await
     }
 }

@@ -3,10 +3,12 @@
 //!
 //! # Overview
 //!
-//! - [`HttpProvider`]: the one send path, generic over a [`Wire`] format;
-//!   [`OpenAiProvider`] (Chat Completions) and [`AnthropicProvider`]
-//!   (Messages) are its two instances. Building a request and parsing a
-//!   response are pure functions of the wire format.
+//! - [`HttpProvider`]: the one send path, generic over a [`Wire`] format:
+//!   [`ChatProvider`] (Chat Completions), [`ResponsesProvider`] (Responses)
+//!   and [`AnthropicProvider`] (Messages). [`OpenAiProvider`] sends each
+//!   condition to the endpoint its `api` names. Building a request and
+//!   parsing a response (a body or a stream of [`sse`] events) are pure
+//!   functions of the wire format.
 //! - [`ProviderConfig`]: base URL, key and timeouts, read from the official
 //!   SDKs' environment variables by [`ProviderConfig::from_env`].
 //! - [`ApiKey`]: a key that cannot be printed.
@@ -26,16 +28,20 @@
 //!     api_key: Some(ApiKey::new("sk-ant-example")),
 //!     connect_timeout: std::time::Duration::from_secs(1),
 //!     request_timeout: std::time::Duration::from_secs(5),
+//!     stream_timeout: None,
+//!     stream_idle_timeout: std::time::Duration::from_secs(5),
 //! })?;
 //! let condition = Condition {
 //!     slug: "c".into(), provider: ProviderKind::Anthropic, model: "claude-sonnet-4-5".into(),
-//!     temperature: Some(0.7), top_p: None, max_tokens: 64, reasoning_effort: None,
+//!     temperature: Some(0.7), top_p: None, max_tokens: 64, reasoning_effort: None, api: Default::default(), thinking: None,
+//!     thinking_budget: None, stream: false, store: None,
 //! };
 //! let package = ContextPackage::new("ctx-01", None, "A document.".into(), "Summarise it.".into())?;
 //! let request = GenerationRequest {
 //!     condition: Arc::new(condition),
 //!     package: Arc::new(package),
 //!     cache: CacheHint::On(CacheTtl::FiveMinutes),
+//!     cache_controls: Default::default(),
 //!     trace: None,
 //!     body: SharedBody::default(),
 //! };
@@ -51,18 +57,24 @@ pub mod headers;
 mod http;
 mod key;
 mod openai;
+mod responses;
 #[cfg(feature = "simulator")]
 pub mod simulator;
+pub mod sse;
 mod wire;
 
 use std::sync::Arc;
 
 pub use anthropic::{ANTHROPIC_VERSION, AnthropicWire};
 pub use error::ProviderError;
-pub use http::{AnthropicProvider, HttpProvider, OpenAiProvider, ProviderConfig};
+pub use http::{
+    AnthropicProvider, ChatProvider, HttpProvider, OpenAiProvider, ProviderConfig,
+    ResponsesProvider,
+};
 pub use key::ApiKey;
 pub use openai::{OpenAiWire, prompt_cache_key};
-pub use wire::{ParsedResponse, Wire};
+pub use responses::ResponsesWire;
+pub use wire::{ParseError, ParsedResponse, StreamState, Wire};
 
 use apex_core::{Provider, ProviderKind};
 

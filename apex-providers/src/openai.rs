@@ -1,12 +1,15 @@
 //! OpenAI Chat Completions: `POST {base}/chat/completions`.
 
 use apex_core::provider::{ErrorClass, RateLimitSnapshot};
-use apex_core::{CacheHint, GenerationRequest, ProviderKind, Usage};
+use apex_core::{CacheControls, CacheHint, CacheTtl, GenerationRequest, ProviderKind, Usage};
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue};
 use serde::{Deserialize, Serialize};
 
 use crate::key::ApiKey;
-use crate::wire::{ParsedResponse, Wire, body_excerpt, class_for_status};
+use crate::sse::SseEvent;
+use crate::wire::{
+    ParseError, ParsedResponse, StreamState, Wire, body_excerpt, class_for_status, event_json,
+};
 
 /// The OpenAI wire format.
 #[derive(Debug, Clone, Copy, Default)]
@@ -27,6 +30,84 @@ struct ChatRequest<'a> {
     reasoning_effort: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     prompt_cache_key: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prompt_cache_retention: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prompt_cache_options: Option<CacheOptions>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    stream: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream_options: Option<StreamOptions>,
+}
+
+#[derive(Serialize)]
+struct StreamOptions {
+    include_usage: bool,
+}
+
+/// `prompt_cache_options`: explicit mode, so only Apex's breakpoint (after
+/// the context) is written, not an implicit one after the instruction.
+#[derive(Serialize)]
+pub(crate) struct CacheOptions {
+    pub(crate) mode: &'static str,
+}
+
+/// `prompt_cache_breakpoint` on the content part that ends the context.
+#[derive(Serialize)]
+pub(crate) struct Breakpoint {
+    pub(crate) mode: &'static str,
+    pub(crate) ttl: &'static str,
+}
+
+/// The OpenAI cache parameters for a request: key, retention, options and
+/// the breakpoint to put after the context. Shared by both endpoints.
+pub(crate) struct CacheParams {
+    pub(crate) key: Option<String>,
+    pub(crate) retention: Option<&'static str>,
+    pub(crate) options: Option<CacheOptions>,
+    pub(crate) breakpoint: Option<Breakpoint>,
+}
+
+impl CacheParams {
+    pub(crate) fn of(request: &GenerationRequest) -> Self {
+        let CacheHint::On(ttl) = request.cache else {
+            return Self {
+                key: None,
+                retention: None,
+                options: None,
+                breakpoint: None,
+            };
+        };
+        let key = Some(prompt_cache_key(request.package.version()));
+        match request.cache_controls {
+            CacheControls::Automatic => Self {
+                key,
+                retention: None,
+                options: None,
+                breakpoint: None,
+            },
+            // Same price as in-memory, and a follower held back by pacing
+            // for more than a few minutes still finds the prefix.
+            CacheControls::Retention => Self {
+                key,
+                retention: Some("24h"),
+                options: None,
+                breakpoint: None,
+            },
+            CacheControls::Breakpoints => Self {
+                key,
+                retention: None,
+                options: Some(CacheOptions { mode: "explicit" }),
+                breakpoint: Some(Breakpoint {
+                    mode: "explicit",
+                    ttl: match ttl {
+                        CacheTtl::FiveMinutes => "30m",
+                        CacheTtl::OneHour => "12h",
+                    },
+                }),
+            },
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -46,6 +127,8 @@ enum Content<'a> {
 struct TextPart<'a> {
     r#type: &'static str,
     text: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prompt_cache_breakpoint: Option<Breakpoint>,
 }
 
 #[derive(Deserialize)]
@@ -70,7 +153,7 @@ struct ChoiceMessage {
 }
 
 #[derive(Deserialize)]
-struct ChatUsage {
+pub(crate) struct ChatUsage {
     prompt_tokens: u64,
     completion_tokens: u64,
     #[serde(default)]
@@ -83,6 +166,9 @@ struct ChatUsage {
 struct PromptDetails {
     #[serde(default)]
     cached_tokens: Option<u64>,
+    /// GPT-5.6 and later: input written to the cache (billed).
+    #[serde(default)]
+    cache_write_tokens: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -104,6 +190,64 @@ struct ErrorDetail {
     kind: Option<String>,
     #[serde(default)]
     code: Option<serde_json::Value>,
+}
+
+/// Normalised usage from Chat Completions' counts: `prompt_tokens` holds
+/// the cached and written tokens.
+fn chat_usage(u: &ChatUsage) -> Usage {
+    let details = u.prompt_tokens_details.as_ref();
+    let read = details.and_then(|d| d.cached_tokens).unwrap_or(0);
+    let write = details.and_then(|d| d.cache_write_tokens).unwrap_or(0);
+    let reasoning = u
+        .completion_tokens_details
+        .as_ref()
+        .and_then(|d| d.reasoning_tokens)
+        .unwrap_or(0);
+    split_input(u.prompt_tokens, read, write, u.completion_tokens, reasoning)
+}
+
+/// Usage from OpenAI's totals, whose input includes the cached and written
+/// tokens and whose output includes reasoning (both endpoints).
+pub(crate) fn split_input(input: u64, read: u64, write: u64, output: u64, reasoning: u64) -> Usage {
+    let read = read.min(input);
+    let write = write.min(input - read);
+    Usage {
+        input_tokens: input - read - write,
+        cache_write_tokens: write,
+        cache_write_1h_tokens: 0,
+        cache_read_tokens: read,
+        output_tokens: output,
+        reasoning_tokens: reasoning.min(output),
+    }
+}
+
+/// A write asked for with the 12-hour TTL is billed at that price: usage
+/// does not say which TTL a write had, the request does.
+pub(crate) fn long_ttl_writes(request: &GenerationRequest, usage: &mut Usage) {
+    if request.cache == CacheHint::On(CacheTtl::OneHour)
+        && request.cache_controls == CacheControls::Breakpoints
+    {
+        usage.cache_write_1h_tokens = usage.cache_write_tokens;
+    }
+}
+
+/// An error object inside a stream (`{"message", "type", "code"}`).
+pub(crate) fn stream_error(error: &serde_json::Value) -> ParseError {
+    let text = |k: &str| error.get(k).and_then(|v| v.as_str()).unwrap_or("");
+    let (kind, code, message) = (text("type"), text("code"), text("message"));
+    let class = match (kind, code) {
+        (_, "rate_limit_exceeded") | ("rate_limit_error", _) => ErrorClass::RateLimited,
+        (_, "insufficient_quota") | ("insufficient_quota", _) => ErrorClass::QuotaExhausted,
+        ("invalid_request_error", _) => ErrorClass::InvalidRequest,
+        _ => ErrorClass::ServerError,
+    };
+    let label = [kind, code]
+        .iter()
+        .filter(|s| !s.is_empty())
+        .copied()
+        .collect::<Vec<_>>()
+        .join("/");
+    (class, format!("{label}: {message} (in the stream)"))
 }
 
 /// The `prompt_cache_key` for a context: derived from its content version,
@@ -133,6 +277,7 @@ impl Wire for OpenAiWire {
     fn body(request: &GenerationRequest) -> Vec<u8> {
         let c = &request.condition;
         let p = &request.package;
+        let cache = CacheParams::of(request);
         let mut messages = Vec::with_capacity(2);
         if let Some(system) = p.system() {
             messages.push(Message {
@@ -141,20 +286,23 @@ impl Wire for OpenAiWire {
             });
         }
         // Context first, instruction last: the shared prefix (system +
-        // context) is what OpenAI's automatic cache can reuse.
+        // context) is what OpenAI's cache can reuse.
         messages.push(Message {
             role: "user",
             content: Content::Parts(vec![
                 TextPart {
                     r#type: "text",
                     text: p.context(),
+                    prompt_cache_breakpoint: cache.breakpoint,
                 },
                 TextPart {
                     r#type: "text",
                     text: p.prompt(),
+                    prompt_cache_breakpoint: None,
                 },
             ]),
         });
+        let stream = c.streams();
         let body = ChatRequest {
             model: &c.model,
             messages,
@@ -162,33 +310,29 @@ impl Wire for OpenAiWire {
             temperature: c.temperature,
             top_p: c.top_p,
             reasoning_effort: c.reasoning_effort.as_deref(),
-            prompt_cache_key: match request.cache {
-                CacheHint::On(_) => Some(prompt_cache_key(p.version())),
-                CacheHint::Off => None,
-            },
+            prompt_cache_key: cache.key,
+            prompt_cache_retention: cache.retention,
+            prompt_cache_options: cache.options,
+            stream,
+            stream_options: stream.then_some(StreamOptions {
+                include_usage: true,
+            }),
         };
         serde_json::to_vec(&body).expect("a request always serializes")
     }
 
-    fn parse(body: &[u8]) -> Result<ParsedResponse, String> {
+    fn parse(body: &[u8]) -> Result<ParsedResponse, ParseError> {
         let r: ChatResponse = serde_json::from_slice(body).map_err(|e| {
-            format!(
-                "unexpected chat completion body ({e}): {}",
-                body_excerpt(body)
+            (
+                ErrorClass::Decode,
+                format!(
+                    "unexpected chat completion body ({e}): {}",
+                    body_excerpt(body)
+                ),
             )
         })?;
         let choice = r.choices.into_iter().next();
-        let cached = r
-            .usage
-            .prompt_tokens_details
-            .and_then(|d| d.cached_tokens)
-            .unwrap_or(0)
-            .min(r.usage.prompt_tokens);
-        let reasoning = r
-            .usage
-            .completion_tokens_details
-            .and_then(|d| d.reasoning_tokens)
-            .unwrap_or(0);
+        let usage = chat_usage(&r.usage);
         let (text, finish_reason) = match choice {
             Some(c) => (
                 c.message.content.or(c.message.refusal).unwrap_or_default(),
@@ -198,18 +342,56 @@ impl Wire for OpenAiWire {
         };
         Ok(ParsedResponse {
             text,
-            usage: Usage {
-                input_tokens: r.usage.prompt_tokens - cached,
-                cache_write_tokens: 0,
-                cache_write_1h_tokens: 0,
-                cache_read_tokens: cached,
-                output_tokens: r.usage.completion_tokens,
-                reasoning_tokens: reasoning.min(r.usage.completion_tokens),
-            },
+            usage,
             finish_reason,
             model: r.model,
             id: r.id,
         })
+    }
+
+    /// `chat.completion.chunk` events, a usage chunk (`choices: []`) and
+    /// `[DONE]`; an error arrives as `{"error": …}`.
+    fn stream_event(state: &mut StreamState, event: &SseEvent) -> Result<(), ParseError> {
+        if event.data.trim() == "[DONE]" {
+            state.complete = true;
+            return Ok(());
+        }
+        let value = event_json(event)?;
+        if let Some(error) = value.get("error") {
+            return Err(stream_error(error));
+        }
+        if state.id.is_none() {
+            state.id = value.get("id").and_then(|v| v.as_str()).map(str::to_owned);
+            state.model = value
+                .get("model")
+                .and_then(|v| v.as_str())
+                .map(str::to_owned);
+        }
+        if let Some(choice) = value.pointer("/choices/0") {
+            for field in ["/delta/content", "/delta/refusal"] {
+                if let Some(text) = choice.pointer(field).and_then(|v| v.as_str()) {
+                    state.text.push_str(text);
+                }
+            }
+            if let Some(reason) = choice.get("finish_reason").and_then(|v| v.as_str()) {
+                state.finish_reason = Some(reason.to_owned());
+            }
+        }
+        if let Some(usage) = value.get("usage").filter(|u| !u.is_null()) {
+            let usage: ChatUsage = serde_json::from_value(usage.clone()).map_err(|e| {
+                (
+                    ErrorClass::Decode,
+                    format!("unexpected usage in a chat stream ({e})"),
+                )
+            })?;
+            state.usage = chat_usage(&usage);
+            state.has_usage = true;
+        }
+        Ok(())
+    }
+
+    fn complete_usage(request: &GenerationRequest, usage: &mut Usage) {
+        long_ttl_writes(request, usage);
     }
 
     fn classify(status: u16, body: &[u8]) -> (ErrorClass, String) {

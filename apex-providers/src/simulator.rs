@@ -16,12 +16,12 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use apex_core::context::{estimate_tokens, sha256_hex};
+use apex_core::context::sha256_hex;
 use apex_core::tokens::Tokenizer;
 use apex_core::{Catalog, ProviderKind};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
+use http_body_util::BodyExt;
+use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -31,6 +31,12 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 mod accounting;
+mod answers;
+mod requests;
+
+use answers::Answer;
+pub use requests::SimApi;
+use requests::{Parsed, parse_chat, parse_messages, parse_responses};
 
 pub use accounting::{
     Account, LimitRules, Replenish, SimLimits, TokenCount, parse_limits, published_tiers,
@@ -102,6 +108,13 @@ pub enum Fault {
     },
     /// Close the connection without answering.
     Drop,
+    /// Serve the request, but stop half-way through the answer (a stream
+    /// after half its events, a body after half its bytes) and close the
+    /// connection: the client has paid and holds half an answer.
+    Cut,
+    /// Serve the request, send half the answer, then fall silent (for an
+    /// hour, scaled) without closing: only an idle timeout ends it.
+    Stall,
 }
 
 impl Fault {
@@ -206,7 +219,45 @@ impl State {
     }
 }
 
-type Reply = Response<Full<Bytes>>;
+type Reply = Response<SimBody>;
+
+/// A response body: whole, or fed by a task (a stream, or an answer that is
+/// cut or stalls). An error from the task closes the connection mid-body.
+pub enum SimBody {
+    /// The whole body at once.
+    Full(Option<Bytes>),
+    /// Chunks as the task sends them.
+    Channel(tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>),
+}
+
+impl hyper::body::Body for SimBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        match self.get_mut() {
+            Self::Full(bytes) => std::task::Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Self::Channel(rx) => rx
+                .poll_recv(cx)
+                .map(|chunk| chunk.map(|r| r.map(Frame::data))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self, Self::Full(None))
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match self {
+            Self::Full(Some(b)) => hyper::body::SizeHint::with_exact(b.len() as u64),
+            Self::Full(None) => hyper::body::SizeHint::with_exact(0),
+            Self::Channel(_) => hyper::body::SizeHint::default(),
+        }
+    }
+}
 
 /// A running simulator; dropping it stops the server.
 pub struct Simulator {
@@ -345,15 +396,60 @@ impl Simulator {
 }
 
 fn reply(status: u16, headers: &[(String, String)], body: String) -> Reply {
+    respond(
+        status,
+        "application/json",
+        headers,
+        SimBody::Full(Some(Bytes::from(body))),
+    )
+}
+
+fn respond(status: u16, content_type: &str, headers: &[(String, String)], body: SimBody) -> Reply {
     let mut response = Response::builder()
         .status(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
-        .header("content-type", "application/json");
+        .header("content-type", content_type);
     for (k, v) in headers {
         response = response.header(k.as_str(), v.as_str());
     }
     response
-        .body(Full::new(Bytes::from(body)))
+        .body(body)
         .expect("static response parts are valid")
+}
+
+/// Sends `chunks` through a channel body: one at once, the rest spaced over
+/// `spread`; then, as `fault` says, ends, stalls or breaks the connection.
+fn fed(chunks: Vec<String>, spread: Duration, fault: Option<Fault>, stall: Duration) -> SimBody {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let keep = match fault {
+        Some(Fault::Cut | Fault::Stall) => chunks
+            .len()
+            .div_ceil(2)
+            .min(chunks.len().saturating_sub(1))
+            .max(1),
+        _ => chunks.len(),
+    };
+    let gap = spread / u32::try_from(chunks.len().max(1)).unwrap_or(u32::MAX);
+    tokio::spawn(async move {
+        for (i, chunk) in chunks.into_iter().take(keep).enumerate() {
+            if i > 0 && !gap.is_zero() {
+                tokio::time::sleep(gap).await;
+            }
+            if tx.send(Ok(Bytes::from(chunk))).await.is_err() {
+                return;
+            }
+        }
+        match fault {
+            Some(Fault::Cut) => {
+                let _ = tx.send(Err(std::io::Error::other("simulated cut"))).await;
+            }
+            Some(Fault::Stall) => {
+                tokio::time::sleep(stall).await;
+                let _ = tx.send(Err(std::io::Error::other("simulated stall"))).await;
+            }
+            _ => {}
+        }
+    });
+    SimBody::Channel(rx)
 }
 
 fn error_body(provider: ProviderKind, kind: &str, code: Option<&str>, message: &str) -> String {
@@ -364,283 +460,6 @@ fn error_body(provider: ProviderKind, kind: &str, code: Option<&str>, message: &
         ProviderKind::Anthropic => json!({"type": "error", "error": {"type": kind, "message": message}, "request_id": "req_sim_error"})
             .to_string(),
     }
-}
-
-/// What a valid request asks for, in simulator terms.
-struct Parsed {
-    model: String,
-    max_tokens: u64,
-    prefix_text_tokens: u64,
-    rest_tokens: u64,
-    cache_key: Option<String>,
-    ttl_1h: bool,
-}
-
-/// Text parts of a content value, each with its `cache_control` if any.
-type TextParts = Vec<(String, Option<Value>)>;
-
-/// A rejected request: status, error type, error code, message.
-type Rejection = (u16, &'static str, Option<&'static str>, String);
-
-fn text_of(value: &Value) -> Result<(TextParts, usize), String> {
-    match value {
-        Value::String(s) => Ok((vec![(s.clone(), None)], 0)),
-        Value::Array(blocks) => {
-            let mut out = Vec::new();
-            let mut breakpoints = 0;
-            for block in blocks {
-                let obj = block.as_object().ok_or("content blocks must be objects")?;
-                if obj.get("type").and_then(Value::as_str) != Some("text") {
-                    return Err("only text content blocks are simulated".into());
-                }
-                for key in obj.keys() {
-                    if !matches!(key.as_str(), "type" | "text" | "cache_control") {
-                        return Err(format!(
-                            "content block: {key}: Extra inputs are not permitted"
-                        ));
-                    }
-                }
-                let text = obj
-                    .get("text")
-                    .and_then(Value::as_str)
-                    .ok_or("text block without `text` string")?;
-                let cc = obj.get("cache_control").cloned();
-                if let Some(cc) = &cc {
-                    breakpoints += 1;
-                    let ok_type = cc.get("type").and_then(Value::as_str) == Some("ephemeral");
-                    let ok_ttl = match cc.get("ttl") {
-                        None => true,
-                        Some(t) => matches!(t.as_str(), Some("5m" | "1h")),
-                    };
-                    if !ok_type || !ok_ttl {
-                        return Err("cache_control must be {\"type\": \"ephemeral\", \"ttl\"?: \"5m\"|\"1h\"}".into());
-                    }
-                }
-                out.push((text.to_owned(), cc));
-            }
-            Ok((out, breakpoints))
-        }
-        _ => Err("content must be a string or an array of blocks".into()),
-    }
-}
-
-fn parse_openai(body: &Value, catalog: &Catalog) -> Result<Parsed, Rejection> {
-    let bad = |m: String| (400, "invalid_request_error", None, m);
-    let obj = body
-        .as_object()
-        .ok_or_else(|| bad("body must be a JSON object".into()))?;
-    const KNOWN: &[&str] = &[
-        "model",
-        "messages",
-        "max_completion_tokens",
-        "max_tokens",
-        "temperature",
-        "top_p",
-        "reasoning_effort",
-        "prompt_cache_key",
-        "prompt_cache_retention",
-        "seed",
-        "stream",
-        "stream_options",
-        "user",
-        "metadata",
-        "service_tier",
-        "verbosity",
-        "n",
-        "stop",
-    ];
-    if let Some(key) = obj.keys().find(|k| !KNOWN.contains(&k.as_str())) {
-        return Err(bad(format!(
-            "Unrecognized request argument supplied: {key}"
-        )));
-    }
-    let model = obj
-        .get("model")
-        .and_then(Value::as_str)
-        .ok_or_else(|| bad("you must provide a model parameter".into()))?;
-    let info = catalog.lookup(ProviderKind::OpenAi, model).ok_or_else(|| {
-        (
-            404,
-            "invalid_request_error",
-            Some("model_not_found"),
-            format!("The model `{model}` does not exist or you do not have access to it."),
-        )
-    })?;
-    if info.reasoning && obj.contains_key("max_tokens") {
-        return Err((400, "invalid_request_error", Some("unsupported_parameter"), "Unsupported parameter: 'max_tokens' is not supported with this model. Use 'max_completion_tokens' instead.".into()));
-    }
-    if let Some(t) = obj.get("temperature") {
-        let t = t
-            .as_f64()
-            .ok_or_else(|| bad("temperature must be a number".into()))?;
-        if info.only_default_temperature && t != 1.0 {
-            return Err((
-                400,
-                "invalid_request_error",
-                Some("unsupported_value"),
-                format!(
-                    "Unsupported value: 'temperature' does not support {t} with this model. Only the default (1) value is supported."
-                ),
-            ));
-        }
-    }
-    let max_tokens = obj
-        .get("max_completion_tokens")
-        .or_else(|| obj.get("max_tokens"))
-        .map(|v| {
-            v.as_u64()
-                .filter(|n| *n > 0)
-                .ok_or_else(|| bad("max_completion_tokens must be a positive integer".into()))
-        })
-        .transpose()?
-        .unwrap_or(info.max_output);
-    let messages = obj
-        .get("messages")
-        .and_then(Value::as_array)
-        .ok_or_else(|| bad("messages must be an array".into()))?;
-    if messages.is_empty() {
-        return Err(bad("messages must not be empty".into()));
-    }
-    let mut texts = Vec::new();
-    for m in messages {
-        let role = m.get("role").and_then(Value::as_str).unwrap_or("");
-        if !matches!(role, "system" | "developer" | "user" | "assistant") {
-            return Err(bad(format!("Invalid value for 'role': '{role}'")));
-        }
-        let (parts, breakpoints) =
-            text_of(m.get("content").unwrap_or(&Value::Null)).map_err(bad)?;
-        if breakpoints > 0 {
-            return Err(bad(
-                "Unrecognized request argument supplied: cache_control".into()
-            ));
-        }
-        texts.extend(parts.into_iter().map(|(t, _)| t));
-    }
-    // The cacheable prefix is everything but the final part (the instruction).
-    let (last, prefix) = texts.split_last().expect("messages are non-empty");
-    let prefix_tokens: u64 = prefix.iter().map(|t| Tokenizer::O200k.count(t)).sum();
-    let key_material = format!(
-        "{model}\u{0}{}\u{0}{}",
-        obj.get("prompt_cache_key")
-            .and_then(Value::as_str)
-            .unwrap_or(""),
-        prefix.join("\u{0}")
-    );
-    Ok(Parsed {
-        model: model.to_owned(),
-        max_tokens,
-        prefix_text_tokens: prefix_tokens,
-        rest_tokens: Tokenizer::O200k.count(last),
-        cache_key: (prefix_tokens >= info.min_cacheable_tokens.max(1024))
-            .then(|| sha256_hex(key_material.as_bytes())),
-        ttl_1h: false,
-    })
-}
-
-fn parse_anthropic(body: &Value, catalog: &Catalog) -> Result<Parsed, Rejection> {
-    let bad = |m: String| (400, "invalid_request_error", None, m);
-    let obj = body
-        .as_object()
-        .ok_or_else(|| bad("body must be a JSON object".into()))?;
-    const KNOWN: &[&str] = &[
-        "model",
-        "max_tokens",
-        "messages",
-        "system",
-        "temperature",
-        "top_p",
-        "top_k",
-        "stop_sequences",
-        "stream",
-        "metadata",
-        "service_tier",
-        "thinking",
-        "cache_control",
-    ];
-    if let Some(key) = obj.keys().find(|k| !KNOWN.contains(&k.as_str())) {
-        return Err(bad(format!("{key}: Extra inputs are not permitted")));
-    }
-    let model = obj
-        .get("model")
-        .and_then(Value::as_str)
-        .ok_or_else(|| bad("model: Field required".into()))?;
-    let info = catalog
-        .lookup(ProviderKind::Anthropic, model)
-        .ok_or_else(|| (404, "not_found_error", None, format!("model: {model}")))?;
-    let max_tokens = obj
-        .get("max_tokens")
-        .ok_or_else(|| bad("max_tokens: Field required".into()))?
-        .as_u64()
-        .ok_or_else(|| bad("max_tokens: Input should be a valid integer".into()))?;
-    if let Some(t) = obj.get("temperature") {
-        let t = t
-            .as_f64()
-            .ok_or_else(|| bad("temperature: Input should be a valid number".into()))?;
-        if !(0.0..=1.0).contains(&t) {
-            return Err(bad("temperature: range: 0..1".into()));
-        }
-        if info.rejects_temperature_with_top_p && obj.contains_key("top_p") {
-            return Err(bad("`temperature` and `top_p` cannot both be specified for this model. Please use only one.".into()));
-        }
-    }
-    let mut parts: TextParts = Vec::new();
-    let mut breakpoints = 0;
-    if let Some(system) = obj.get("system") {
-        let (p, b) = text_of(system).map_err(|e| bad(format!("system: {e}")))?;
-        parts.extend(p);
-        breakpoints += b;
-    }
-    let messages = obj
-        .get("messages")
-        .and_then(Value::as_array)
-        .ok_or_else(|| bad("messages: Field required".into()))?;
-    if messages.is_empty() {
-        return Err(bad("messages: at least one message is required".into()));
-    }
-    for m in messages {
-        let role = m.get("role").and_then(Value::as_str).unwrap_or("");
-        if !matches!(role, "user" | "assistant") {
-            return Err(bad(format!("messages: Unexpected role \"{role}\"")));
-        }
-        let (p, b) = text_of(m.get("content").unwrap_or(&Value::Null))
-            .map_err(|e| bad(format!("messages: {e}")))?;
-        parts.extend(p);
-        breakpoints += b;
-    }
-    if breakpoints > 4 {
-        return Err(bad(
-            "A maximum of 4 blocks with cache_control may be provided.".into(),
-        ));
-    }
-    // The cached prefix ends at the last breakpoint.
-    let last_breakpoint = parts.iter().rposition(|(_, cc)| cc.is_some());
-    let (prefix, rest) = match last_breakpoint {
-        Some(i) => parts.split_at(i + 1),
-        None => parts.split_at(0),
-    };
-    let prefix_tokens: u64 = prefix.iter().map(|(t, _)| estimate_tokens(t)).sum();
-    let rest_tokens: u64 = rest.iter().map(|(t, _)| estimate_tokens(t)).sum();
-    let ttl_1h = prefix
-        .iter()
-        .filter_map(|(_, cc)| cc.as_ref())
-        .any(|cc| cc.get("ttl").and_then(Value::as_str) == Some("1h"));
-    let key_material = format!(
-        "{model}\u{0}{}",
-        prefix
-            .iter()
-            .map(|(t, _)| t.as_str())
-            .collect::<Vec<_>>()
-            .join("\u{0}")
-    );
-    Ok(Parsed {
-        model: model.to_owned(),
-        max_tokens,
-        prefix_text_tokens: prefix_tokens,
-        rest_tokens,
-        cache_key: (last_breakpoint.is_some() && prefix_tokens >= info.min_cacheable_tokens)
-            .then(|| sha256_hex(key_material.as_bytes())),
-        ttl_1h,
-    })
 }
 
 fn warm_o200k(value: &Value) {
@@ -664,18 +483,20 @@ fn go_duration(d: Duration) -> String {
 }
 
 async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Reply, DropConnection> {
-    let provider = match (req.method().as_str(), req.uri().path()) {
-        ("POST", "/v1/chat/completions") => ProviderKind::OpenAi,
-        ("POST", "/v1/messages") => ProviderKind::Anthropic,
-        _ => {
-            return Ok(reply(
-                404,
-                &[],
-                json!({"error": {"message": "unknown path", "type": "invalid_request_error"}})
-                    .to_string(),
-            ));
-        }
+    let Some(api) = SimApi::route(req.method().as_str(), req.uri().path()) else {
+        let message = format!(
+            "Invalid URL ({} {}): the simulator serves POST /v1/chat/completions, /v1/responses and /v1/messages",
+            req.method(),
+            req.uri().path()
+        );
+        return Ok(reply(
+            404,
+            &[],
+            json!({"error": {"message": message, "type": "invalid_request_error", "param": null, "code": null}})
+                .to_string(),
+        ));
     };
+    let provider = api.provider();
     let header = |name: &str| {
         req.headers()
             .get(name)
@@ -683,11 +504,11 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Repl
             .map(str::to_owned)
     };
     let trace = header("x-apex-generation");
+    let bearer = header("authorization").and_then(|v| v.strip_prefix("Bearer ").map(str::to_owned));
+    // Anthropic's SDKs (2.0 and later) may send the key as a bearer token.
     let presented = match provider {
-        ProviderKind::OpenAi => {
-            header("authorization").and_then(|v| v.strip_prefix("Bearer ").map(str::to_owned))
-        }
-        ProviderKind::Anthropic => header("x-api-key"),
+        ProviderKind::OpenAi => bearer,
+        ProviderKind::Anthropic => header("x-api-key").or(bearer),
     };
     let has_version = header("anthropic-version").is_some();
     // A request counts from its arrival, before its body is read, as the
@@ -791,12 +612,13 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Repl
             .faults
             .iter()
             .position(|(m, _)| m.as_deref().is_none_or(|m| m == model_name));
+        let mut answer_fault = None;
         if let Some(i) = fault_index {
             let (_, fault) = s.faults.remove(i).expect("index from position");
-            return match fault {
+            match fault {
                 Fault::Drop => {
                     record(&mut s, 0, 0, 0);
-                    Err(DropConnection)
+                    return Err(DropConnection);
                 }
                 Fault::Respond {
                     status,
@@ -804,9 +626,10 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Repl
                     body,
                 } => {
                     record(&mut s, status, 0, 0);
-                    Ok(reply(status, &headers, body))
+                    return Ok(reply(status, &headers, body));
                 }
-            };
+                cut_or_stall => answer_fault = Some(cut_or_stall),
+            }
         }
         if s.config.fault_rate > 0.0 && s.next_random() < s.config.fault_rate {
             let (status, kind, message) = match (provider, s.next_random() < 0.5) {
@@ -831,9 +654,10 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Repl
             ));
         }
         let catalog = s.catalog.clone();
-        let parsed = match provider {
-            ProviderKind::OpenAi => parse_openai(&body, &catalog),
-            ProviderKind::Anthropic => parse_anthropic(&body, &catalog),
+        let parsed = match api {
+            SimApi::Chat => parse_chat(&body, &catalog),
+            SimApi::Responses => parse_responses(&body, &catalog),
+            SimApi::Messages => parse_messages(&body, &catalog),
         };
         let parsed = match parsed {
             Ok(p) => p,
@@ -875,19 +699,19 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Repl
             .cache_key
             .as_ref()
             .is_some_and(|k| s.cache.get(k).is_some_and(|exp| *exp > now));
-        let (cache_read, cache_write, uncached) = match (&parsed.cache_key, hit, provider) {
-            (Some(_), true, ProviderKind::OpenAi) => {
-                let cached = parsed.prefix_text_tokens / 128 * 128;
-                (cached, 0, total_input - cached)
-            }
-            (Some(_), true, ProviderKind::Anthropic) => {
-                (parsed.prefix_text_tokens, 0, parsed.rest_tokens)
-            }
-            (Some(_), false, ProviderKind::Anthropic) => {
-                (0, parsed.prefix_text_tokens, parsed.rest_tokens)
-            }
-            _ => (0, 0, total_input),
-        };
+        // OpenAI's automatic cache serves 128-token blocks of the prefix and
+        // reports no writes; explicit breakpoints (and Anthropic) serve and
+        // write the prefix exactly.
+        let (cache_read, cache_write, uncached) =
+            match (&parsed.cache_key, hit, parsed.reports_writes) {
+                (Some(_), true, false) => {
+                    let cached = parsed.prefix_text_tokens / 128 * 128;
+                    (cached, 0, total_input - cached)
+                }
+                (Some(_), true, true) => (parsed.prefix_text_tokens, 0, parsed.rest_tokens),
+                (Some(_), false, true) => (0, parsed.prefix_text_tokens, parsed.rest_tokens),
+                _ => (0, 0, total_input),
+            };
         // Per-minute limits, charged at arrival like the real services, by
         // the simulator's own accounting (`accounting`), not Apex's.
         let limits = s.limits_for(provider, &parsed.model);
@@ -1019,8 +843,13 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Repl
             .last()
             .cloned()
             .unwrap_or_else(|| parsed.model.clone());
-        let ttl = s.scaled(Duration::from_secs(if parsed.ttl_1h { 3600 } else { 300 }));
+        let ttl = s.scaled(parsed.ttl);
+        let first_byte =
+            s.scaled(s.config.base_latency + s.config.per_input_token.mul_f64(uncached as f64));
         Accepted {
+            api,
+            first_byte,
+            answer_fault,
             finish_length: parsed.max_tokens < u64::from(s.config.output_tokens),
             parsed,
             output,
@@ -1035,13 +864,14 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Repl
             key,
             charge_id,
             charged: [1, charge_in, charge_out],
-            reasoning: info.reasoning,
         }
     };
     let Accepted {
+        api,
         parsed,
         output,
         latency,
+        first_byte,
         id,
         snapshot,
         ttl,
@@ -1052,14 +882,20 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Repl
         key,
         charge_id,
         charged,
-        reasoning,
         finish_length,
+        answer_fault,
     } = decision;
-    tokio::time::sleep(latency).await;
+    // A stream's headers come after the input is read; its text over the
+    // output time. A body comes whole after both.
+    tokio::time::sleep(if parsed.stream { first_byte } else { latency }).await;
 
-    let text = std::iter::repeat_n("word ", output as usize).collect::<String>();
+    let text = std::iter::repeat_n("word ", output as usize)
+        .collect::<String>()
+        .trim_end()
+        .to_owned();
     let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
-    // The entry becomes usable only now that the writing request completed.
+    // The entry becomes usable only now that the writing request has begun
+    // answering.
     if let Some(k) = &parsed.cache_key {
         let expires = Instant::now() + ttl;
         s.cache.insert(k.clone(), expires);
@@ -1076,46 +912,22 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Repl
     if let Some(last) = s.log.back_mut() {
         last.charged = settled;
     }
-    let body = match key.0 {
-        ProviderKind::OpenAi => {
-            let reasoning_tokens = if reasoning { output / 2 } else { 0 };
-            json!({
-                "id": format!("chatcmpl-sim{id}"),
-                "object": "chat.completion",
-                "created": jiff::Timestamp::now().as_second(),
-                "model": snapshot,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text.trim_end(), "refusal": null},
-                             "finish_reason": if finish_length { "length" } else { "stop" }}],
-                "usage": {
-                    "prompt_tokens": uncached + cache_read,
-                    "completion_tokens": output,
-                    "total_tokens": uncached + cache_read + output,
-                    "prompt_tokens_details": {"cached_tokens": cache_read, "audio_tokens": 0},
-                    "completion_tokens_details": {"reasoning_tokens": reasoning_tokens, "audio_tokens": 0,
-                                                  "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}
-                }
-            })
-        }
-        ProviderKind::Anthropic => json!({
-            "id": format!("msg_sim{id}"),
-            "type": "message",
-            "role": "assistant",
-            "model": snapshot,
-            "content": [{"type": "text", "text": text.trim_end()}],
-            "stop_reason": if finish_length { "max_tokens" } else { "end_turn" },
-            "stop_sequence": null,
-            "usage": {
-                "input_tokens": uncached,
-                "cache_creation_input_tokens": cache_write,
-                "cache_read_input_tokens": cache_read,
-                "cache_creation": {
-                    "ephemeral_5m_input_tokens": if parsed.ttl_1h { 0 } else { cache_write },
-                    "ephemeral_1h_input_tokens": if parsed.ttl_1h { cache_write } else { 0 }
-                },
-                "output_tokens": output,
-                "service_tier": "standard"
-            }
-        }),
+    let stall = s.scaled(Duration::from_secs(3600));
+    drop(s);
+    let answer = Answer {
+        api,
+        id,
+        model: snapshot,
+        text,
+        reasoning: if parsed.thinks { output / 2 } else { 0 },
+        uncached,
+        cache_read,
+        cache_write,
+        ttl_1h: parsed.ttl_1h,
+        reports_writes: parsed.reports_writes,
+        output,
+        truncated: finish_length,
+        store: parsed.store,
     };
     let mut headers = headers;
     let id_header = match key.0 {
@@ -1123,15 +935,37 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Repl
         ProviderKind::Anthropic => "request-id",
     };
     headers.push((id_header.into(), format!("req_sim{id}")));
-    drop(s);
-    Ok(reply(200, &headers, body.to_string()))
+    if parsed.stream {
+        let spread = latency.saturating_sub(first_byte);
+        let body = fed(answer.events(), spread, answer_fault, stall);
+        headers.push(("cache-control".into(), "no-cache".into()));
+        return Ok(respond(
+            200,
+            "text/event-stream; charset=utf-8",
+            &headers,
+            body,
+        ));
+    }
+    let body = answer.body().to_string();
+    if answer_fault.is_some() {
+        // Half a body, then a cut (or a stall): a 200 the client cannot use.
+        let bytes = body.into_bytes();
+        let half = String::from_utf8_lossy(&bytes[..bytes.len() / 2]).into_owned();
+        let rest = String::from_utf8_lossy(&bytes[bytes.len() / 2..]).into_owned();
+        let body = fed(vec![half, rest], Duration::ZERO, answer_fault, stall);
+        return Ok(respond(200, "application/json", &headers, body));
+    }
+    Ok(reply(200, &headers, body))
 }
 
 /// A request that passed every check, waiting for its simulated latency.
 struct Accepted {
+    api: SimApi,
     parsed: Parsed,
     output: u64,
     latency: Duration,
+    first_byte: Duration,
+    answer_fault: Option<Fault>,
     id: u64,
     snapshot: String,
     ttl: Duration,
@@ -1143,7 +977,6 @@ struct Accepted {
     /// The account's id of the charge, and what it charged at arrival.
     charge_id: u64,
     charged: [u64; 3],
-    reasoning: bool,
     finish_length: bool,
 }
 

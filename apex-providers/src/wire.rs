@@ -5,6 +5,7 @@ use apex_core::{GenerationRequest, ProviderKind, Usage};
 use reqwest::header::HeaderMap;
 
 use crate::key::ApiKey;
+use crate::sse::SseEvent;
 
 /// A parsed success body.
 #[derive(Debug, Clone, PartialEq)]
@@ -21,6 +22,55 @@ pub struct ParsedResponse {
     pub id: Option<String>,
 }
 
+/// A failed parse: a 200 whose body is not the API's success JSON
+/// ([`ErrorClass::Decode`]), or one that reports a failure in its own terms
+/// (a Responses `status: "failed"`, an error event inside a stream).
+pub type ParseError = (ErrorClass, String);
+
+/// What a stream has said so far.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StreamState {
+    /// Visible text, deltas appended.
+    pub text: String,
+    /// Usage as reported (the input side early, the output side at the end).
+    pub usage: Usage,
+    /// Finish or stop reason.
+    pub finish_reason: Option<String>,
+    /// Model snapshot that answered.
+    pub model: Option<String>,
+    /// Body-level id.
+    pub id: Option<String>,
+    /// The final event arrived: only then is the answer whole.
+    pub complete: bool,
+    /// Usage arrived (a stream that ends without it cannot be priced).
+    pub has_usage: bool,
+}
+
+impl StreamState {
+    /// The whole answer, once the stream has completed.
+    pub fn finish(self) -> Result<ParsedResponse, ParseError> {
+        if !self.complete {
+            return Err((
+                ErrorClass::Transport,
+                "the stream ended before its final event (cut off); the partial answer is discarded".into(),
+            ));
+        }
+        if !self.has_usage {
+            return Err((
+                ErrorClass::Decode,
+                "the stream ended without usage; the answer cannot be priced".into(),
+            ));
+        }
+        Ok(ParsedResponse {
+            text: self.text,
+            usage: self.usage,
+            finish_reason: self.finish_reason,
+            model: self.model,
+            id: self.id,
+        })
+    }
+}
+
 /// One provider's request building and response parsing: pure functions,
 /// so they are tested without a network.
 pub trait Wire: Send + Sync + 'static {
@@ -32,14 +82,45 @@ pub trait Wire: Send + Sync + 'static {
     fn endpoint(base_url: &str) -> String;
     /// Auth and version headers.
     fn headers(key: &ApiKey) -> HeaderMap;
-    /// The exact JSON body.
+    /// The exact JSON body (asking for a stream when the condition streams).
     fn body(request: &GenerationRequest) -> Vec<u8>;
     /// Parses a 200 body.
-    fn parse(body: &[u8]) -> Result<ParsedResponse, String>;
+    fn parse(body: &[u8]) -> Result<ParsedResponse, ParseError>;
+    /// Takes one event of a streamed answer.
+    fn stream_event(state: &mut StreamState, event: &SseEvent) -> Result<(), ParseError>;
     /// Classifies a non-200 response and extracts its message.
     fn classify(status: u16, body: &[u8]) -> (ErrorClass, String);
     /// Rate-limit headers.
     fn rate_limits(headers: &HeaderMap) -> RateLimitSnapshot;
+    /// Completes usage with what only the request knows (which TTL a cache
+    /// write was asked for).
+    fn complete_usage(_request: &GenerationRequest, _usage: &mut Usage) {}
+}
+
+/// A stream event's JSON, or a decode error naming the event.
+pub fn event_json(event: &SseEvent) -> Result<serde_json::Value, ParseError> {
+    serde_json::from_str(&event.data).map_err(|e| {
+        (
+            ErrorClass::Decode,
+            format!(
+                "a stream event{} is not JSON ({e}): {}",
+                event
+                    .name
+                    .as_deref()
+                    .map(|n| format!(" `{n}`"))
+                    .unwrap_or_default(),
+                body_excerpt(event.data.as_bytes())
+            ),
+        )
+    })
+}
+
+/// A JSON integer field, 0 when absent.
+pub fn count(value: &serde_json::Value, pointer: &str) -> u64 {
+    value
+        .pointer(pointer)
+        .and_then(serde_json::Value::as_u64)
+        .unwrap_or(0)
 }
 
 /// Classes shared by both APIs, by status alone.

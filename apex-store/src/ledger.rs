@@ -11,8 +11,7 @@ use apex_core::store::{ConditionInfo, ConditionUsage, PacingShare};
 use apex_core::time::now_rfc3339;
 use apex_core::{
     Claim, Condition, ContextPackage, Error, ErrorRow, GenerationRow, IngestReport, NewRun,
-    PackageRef, Plan, ProviderKind, RegisterReport, RunId, RunInfo, RunState, StatusCounts, Usage,
-    WorkItem,
+    PackageRef, Plan, RegisterReport, RunId, RunInfo, RunState, StatusCounts, Usage, WorkItem,
 };
 
 use crate::sql::{Record, Statement, params};
@@ -84,18 +83,22 @@ static CONDITIONS_WITH_RUNS: Statement = Statement::new(
 );
 
 fn condition_from(r: &Record) -> CoreResult<Condition> {
-    let provider = r.text("provider")?;
-    Ok(Condition {
-        slug: r.text("slug")?,
-        provider: ProviderKind::parse(&provider).ok_or_else(|| {
-            Error::Corrupt(format!("unknown provider `{provider}` in the ledger"))
-        })?,
-        model: r.text("model")?,
-        temperature: r.opt_f64("temperature")?,
-        top_p: r.opt_f64("top_p")?,
-        max_tokens: r.u32("max_tokens")?,
-        reasoning_effort: r.opt_text("reasoning_effort")?,
-    })
+    // The canonical JSON holds every parameter (the columns only the common
+    // ones, for SQL readers); the slug is its own column.
+    let slug = r.text("slug")?;
+    let params = r.text("params_json")?;
+    let corrupt = |problem: String| {
+        Error::Corrupt(format!(
+            "condition `{slug}` in the ledger: {problem}; register it again from its conditions file"
+        ))
+    };
+    let mut value: serde_json::Value =
+        serde_json::from_str(&params).map_err(|e| corrupt(e.to_string()))?;
+    let map = value
+        .as_object_mut()
+        .ok_or_else(|| corrupt("params_json is not an object".into()))?;
+    map.insert("slug".into(), serde_json::Value::String(slug.clone()));
+    serde_json::from_value(value).map_err(|e| corrupt(e.to_string()))
 }
 
 pub(crate) async fn register_conditions(

@@ -475,6 +475,7 @@ impl Driver<'_> {
             condition: attempt.condition,
             package,
             cache: attempt.cache,
+            cache_controls: attempt.cache_controls,
             trace: Some(format!("{}/{id}/{}", self.run_id, attempt.attempt)),
             body: attempt.body,
         };

@@ -10,7 +10,7 @@ use crate::condition::Condition;
 use crate::error::Error;
 use crate::limiter::{Admission, Charge, LimitTable, RateLimiter, bucket_key};
 use crate::plan::PackageRef;
-use crate::provider::{AttemptError, CacheHint, Generated, SharedBody};
+use crate::provider::{AttemptError, CacheControls, CacheHint, Generated, SharedBody};
 use crate::run::{AttemptEnd, GenerationResult, RunState, StatusCounts, WorkItem};
 use crate::tokens::Tokenizer;
 
@@ -62,6 +62,8 @@ pub struct Attempt {
     pub version: String,
     /// The cache hint to send.
     pub cache: CacheHint,
+    /// The cache controls the model takes.
+    pub cache_controls: CacheControls,
     /// The body, shared by every attempt of the group.
     pub body: SharedBody,
 }
@@ -743,6 +745,11 @@ impl Dispatcher {
             } else {
                 CacheHint::Off
             },
+            cache_controls: self
+                .catalog
+                .lookup(group.condition.provider, &group.condition.model)
+                .map(|m| m.cache_controls)
+                .unwrap_or_default(),
             body: group.body.clone(),
         }
     }

@@ -6,7 +6,7 @@ use crate::condition::{Condition, ProviderKind};
 use crate::error::{Error, Result};
 use crate::limiter::{Charge, LimitTable, RateLimiter, bucket_key};
 use crate::plan::PackageRef;
-use crate::provider::CacheTtl;
+use crate::provider::{CacheControls, CacheTtl};
 use crate::tokens::Tokenizer;
 
 /// How an attempt meets the prompt cache.
@@ -79,7 +79,16 @@ pub fn choose_ttl(
         .filter_map(|(limit, per)| limit.map(|l| followers.saturating_mul(*per).div_ceil(l.max(1))))
         .max()
         .unwrap_or(0);
-    if windows.saturating_mul(60) > 150 {
+    // Followers must come within the short TTL, with room to spare: 5
+    // minutes on Anthropic, 30 minutes on OpenAI's breakpoint models.
+    let short_ttl_secs = match catalog
+        .lookup(condition.provider, &condition.model)
+        .map(|m| m.cache_controls)
+    {
+        Some(CacheControls::Breakpoints) if condition.provider == ProviderKind::OpenAi => 1800,
+        _ => 300,
+    };
+    if windows.saturating_mul(60) > short_ttl_secs / 2 {
         CacheTtl::OneHour
     } else {
         CacheTtl::FiveMinutes

@@ -30,6 +30,11 @@ fn condition(slug: &str) -> Condition {
         top_p: None,
         max_tokens: 100,
         reasoning_effort: None,
+        api: Default::default(),
+        thinking: None,
+        thinking_budget: None,
+        stream: false,
+        store: None,
     }
 }
 

@@ -17,6 +17,11 @@ pub(crate) fn request(provider: ProviderKind, model: &str, cache: CacheHint) -> 
         top_p: None,
         max_tokens: 64,
         reasoning_effort: None,
+        api: Default::default(),
+        thinking: None,
+        thinking_budget: None,
+        stream: false,
+        store: None,
     };
     // ~1.5K tokens of context: above every model's minimum cacheable prefix.
     let context = "The harbour log records tides and storms. ".repeat(150);
@@ -31,6 +36,7 @@ pub(crate) fn request(provider: ProviderKind, model: &str, cache: CacheHint) -> 
         condition: Arc::new(condition),
         package: Arc::new(package),
         cache,
+        cache_controls: Default::default(),
         trace: None,
         body: apex_core::SharedBody::default(),
     }

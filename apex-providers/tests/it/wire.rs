@@ -105,6 +105,7 @@ fn usage_is_normalised() {
     assert!(
         OpenAiWire::parse(b"<html>bad gateway</html>")
             .unwrap_err()
+            .1
             .contains("bad gateway")
     );
 }

@@ -15,6 +15,11 @@ pub(crate) fn condition(slug: &str, provider: ProviderKind, model: &str) -> Cond
         top_p: None,
         max_tokens: 256,
         reasoning_effort: None,
+        api: Default::default(),
+        thinking: None,
+        thinking_budget: None,
+        stream: false,
+        store: None,
     }
 }
 
