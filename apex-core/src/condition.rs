@@ -459,6 +459,98 @@ max_tokens = 2048
     }
 
     #[test]
+    fn current_parameters_parse_and_are_checked() {
+        let text = r#"
+[[condition]]
+slug = "r"
+provider = "openai"
+model = "gpt-6.2-sol"
+api = "responses"
+reasoning_effort = "xhigh"
+store = true
+stream = true
+max_tokens = 4096
+
+[[condition]]
+slug = "t"
+provider = "anthropic"
+model = "claude-sonnet-4-5"
+thinking = "enabled"
+thinking_budget = 2048
+max_tokens = 30000
+"#;
+        let c = parse_conditions(text).unwrap();
+        assert_eq!(
+            (c[0].api, c[0].store, c[0].stream),
+            (Api::Responses, Some(true), true)
+        );
+        assert!(c[0].params_json().contains("\"api\":\"responses\""));
+        assert_eq!(c[1].thinking, Some(Thinking::Enabled));
+        assert!(
+            c[1].streams(),
+            "30000 max_tokens streams without being asked"
+        );
+        // Defaults are left out of the identity, so older conditions keep theirs.
+        let plain = parse_conditions(GOOD).unwrap();
+        assert!(!plain[0].params_json().contains("api") && !plain[0].streams());
+        for (from, to, needle) in [
+            (
+                "thinking_budget = 2048",
+                "thinking_budget = 512",
+                "below the minimum of 1024",
+            ),
+            (
+                "thinking_budget = 2048",
+                "thinking_budget = 40000",
+                "must be below `max_tokens`",
+            ),
+            ("thinking_budget = 2048\n", "", "needs `thinking_budget`"),
+            (
+                "thinking = \"enabled\"",
+                "thinking = \"adaptive\"",
+                "goes with `thinking = \"enabled\"`",
+            ),
+            (
+                "thinking = \"enabled\"",
+                "thinking = \"sometimes\"",
+                "unknown variant `sometimes`",
+            ),
+            (
+                "api = \"responses\"",
+                "api = \"completions\"",
+                "unknown variant `completions`",
+            ),
+            (
+                "provider = \"anthropic\"",
+                "provider = \"openai\"",
+                "`thinking` is an Anthropic parameter",
+            ),
+            (
+                "reasoning_effort = \"xhigh\"",
+                "reasoning_effort = \"extreme\"",
+                "is not one of",
+            ),
+            (
+                "api = \"responses\"\n",
+                "",
+                "`store` applies to the Responses API only",
+            ),
+        ] {
+            let err = parse_conditions(&text.replacen(from, to, 1))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{from} -> {to}: {err}");
+        }
+        let err = parse_conditions(&text.replace(
+            "thinking = \"enabled\"\nthinking_budget = 2048\n",
+            "api = \"responses\"\n",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("`api` is an OpenAI parameter"), "{err}");
+    }
+
+    #[test]
     fn difference_names_the_parameter() {
         let conditions = parse_conditions(GOOD).unwrap();
         let mut changed = conditions[0].clone();

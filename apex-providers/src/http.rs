@@ -219,10 +219,12 @@ impl<W: Wire> Provider for HttpProvider<W> {
             tracing::debug!(url = %self.url, status, request_id = request_id.as_deref().unwrap_or(""), ?rate_limits, "stream completed");
             return Ok(self.generated(request, parsed, request_id, request_hash, rate_limits));
         }
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|e| self.transport_error(&e))?;
+        let bytes = response.bytes().await.map_err(|e| AttemptError {
+            // The status arrived; the body broke off after it.
+            http_status: Some(status),
+            request_id: request_id.clone(),
+            ..self.transport_error(&e)
+        })?;
         tracing::debug!(url = %self.url, status, request_id = request_id.as_deref().unwrap_or(""), bytes = bytes.len(), ?rate_limits, "response received");
         if status == 200 {
             let parsed = W::parse(&bytes).map_err(&failed)?;

@@ -158,10 +158,37 @@ mod fuzz {
         ]
     }
 
+    const STREAM: &str = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"m\",\"model\":\"x\",\"usage\":{\"input_tokens\":3,\"output_tokens\":1}}}\n\nevent: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hi\"}}\n\ndata: {\"type\":\"response.completed\",\"response\":{\"status\":\"completed\",\"usage\":{\"input_tokens\":3,\"output_tokens\":1},\"output\":[]}}\n\ndata: {\"choices\":[{\"delta\":{\"content\":\"Hi\"},\"finish_reason\":\"stop\"}],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1}}\n\nevent: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":1}}\n\ndata: [DONE]\n\n";
+
     proptest! {
+        /// Streams: the SSE parser over bytes cut anywhere, and every event
+        /// it yields through each API's stream reader.
+        #[test]
+        fn streams(bytes in prop_oneof![near(STREAM), proptest::collection::vec(any::<u8>(), 0..600)], cut in 1usize..64) {
+            let mut parser = crate::sse::SseParser::default();
+            let mut states = [crate::StreamState::default(), crate::StreamState::default(), crate::StreamState::default()];
+            let mut events = Vec::new();
+            for chunk in bytes.chunks(cut) {
+                match parser.feed(chunk) {
+                    Ok(more) => events.extend(more),
+                    Err(_) => break,
+                }
+            }
+            events.extend(parser.finish());
+            for event in &events {
+                let _ = OpenAiWire::stream_event(&mut states[0], event);
+                let _ = crate::ResponsesWire::stream_event(&mut states[1], event);
+                let _ = AnthropicWire::stream_event(&mut states[2], event);
+            }
+            for state in states {
+                let _ = state.finish();
+            }
+        }
+
         #[test]
         fn response_bodies(bytes in body(), status in 100u16..600) {
             let _ = OpenAiWire::parse(&bytes);
+            let _ = crate::ResponsesWire::parse(&bytes);
             let _ = AnthropicWire::parse(&bytes);
             let _ = OpenAiWire::classify(status, &bytes);
             let _ = AnthropicWire::classify(status, &bytes);

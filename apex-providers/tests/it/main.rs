@@ -1,6 +1,7 @@
 //! apex-providers integration tests: wire formats as pure functions, and the
 //! HTTP clients against the loopback simulator.
 
+mod current;
 mod live;
 mod wire;
 
