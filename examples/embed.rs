@@ -9,13 +9,15 @@ const CONDITIONS: &str = r#"
 [[condition]]
 slug = "sonnet"
 provider = "anthropic"
-model = "claude-sonnet-4-5"
+model = "claude-sonnet-5-5"
+thinking = "disabled"
 max_tokens = 256
 
 [[condition]]
 slug = "gpt"
 provider = "openai"
-model = "gpt-4o"
+model = "gpt-6-luna"
+reasoning_effort = "none"
 max_tokens = 256
 "#;
 

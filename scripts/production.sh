@@ -8,6 +8,11 @@
 #
 # Against the real APIs, run the same apex commands without the simulator,
 # with OPENAI_API_KEY and ANTHROPIC_API_KEY set and without --time-scale.
+#
+# scripts/production.sh [seed|current]: the seed's four conditions
+# (examples/production/conditions.toml; two of its models are retired or
+# retiring, so the run passes --allow-retired), or this month's equivalents
+# (examples/production/conditions-2026-11.toml).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --locked -q -p apex-cli
@@ -19,10 +24,21 @@ work=$(mktemp -d)
 trap 'stop_simulator; rm -rf "$work"' EXIT
 start_simulator ./target/release/apex sk-sim-local "$work" --time-scale "$scale" --fault-rate 0.05
 
-apex conditions register examples/production/conditions.toml
+case "${1:-seed}" in
+  seed)
+    file=examples/production/conditions.toml
+    slugs=(prod-gpt5 prod-gpt4o prod-sonnet45 prod-opus41)
+    extra=(--allow-retired) ;;
+  current)
+    file=examples/production/conditions-2026-11.toml
+    slugs=(cur-gpt62sol cur-gpt6luna cur-sonnet55 cur-opus55)
+    extra=() ;;
+  *) echo "usage: scripts/production.sh [seed|current]" >&2; exit 2 ;;
+esac
+apex conditions register "$file"
 apex ingest examples/production/contexts
-apex run --condition-slug prod-gpt5 --condition-slug prod-gpt4o \
-  --condition-slug prod-sonnet45 --condition-slug prod-opus41 \
+for slug in "${slugs[@]}"; do extra+=(--condition-slug "$slug"); done
+apex run "${extra[@]}" \
   --replicates 3 --verify-first --time-scale "$scale" \
   --created-by "${USER:-apex}" --notes "Production batch (offline simulator)" | tee "$work/run.out"
 run_id=$(awk '/^run .* started/ {print $2; exit}' "$work/run.out")

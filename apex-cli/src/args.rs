@@ -32,6 +32,23 @@ pub enum Command {
     Estimate(EstimateCmd),
     Cost(CostCmd),
     Export(ExportCmd),
+    Models(ModelsCmd),
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "models")]
+/// List the model catalog: provider, model ids, window, output limit,
+/// prices per million tokens and status today (current, deprecated, retired).
+pub struct ModelsCmd {
+    /// model catalog TOML file laid over the built-in one (as for `run`)
+    #[argh(option)]
+    pub catalog: Option<String>,
+    /// only this provider (openai or anthropic)
+    #[argh(option)]
+    pub provider: Option<String>,
+    /// also list retired models
+    #[argh(switch)]
+    pub all: bool,
 }
 
 #[derive(FromArgs, Debug)]

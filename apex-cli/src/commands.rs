@@ -16,7 +16,7 @@ use apex_store::files::{read_conditions_file, read_packages_under};
 use apex_store::{DEFAULT_DATABASE_URL, open_store};
 
 use crate::UsageError;
-use crate::args::{Cli, Command, ConditionsSub, EstimateCmd, RunCmd, SimulateCmd};
+use crate::args::{Cli, Command, ConditionsSub, EstimateCmd, ModelsCmd, RunCmd, SimulateCmd};
 use crate::exit;
 use crate::progress::RunProgress;
 use crate::report;
@@ -41,11 +41,13 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
         .database_url
         .or_else(|| std::env::var("APEX_DATABASE_URL").ok())
         .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned());
-    if let Command::Simulate(cmd) = cli.command {
-        return simulate(cmd).await;
-    }
+    let command = match cli.command {
+        Command::Simulate(cmd) => return simulate(cmd).await,
+        Command::Models(cmd) => return models(&cmd),
+        other => other,
+    };
     let store = open_store(&url).await?;
-    match cli.command {
+    match command {
         Command::Conditions(c) => match c.command {
             ConditionsSub::Register(r) => register(&*store, Path::new(&r.file)).await,
             ConditionsSub::List(_) => list_conditions(&*store).await,
@@ -54,7 +56,9 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Run(r) => run(store, r).await,
         Command::Status(s) => status(&*store, &s.run_id).await,
         Command::Runs(_) => runs(&*store).await,
-        Command::Simulate(_) => unreachable!("handled before the store opens"),
+        Command::Simulate(_) | Command::Models(_) => {
+            unreachable!("handled before the store opens")
+        }
         Command::Estimate(e) => estimate_cmd(store, e).await,
         Command::Cost(c) => {
             let catalog = load_catalog(c.catalog.as_deref())?;
@@ -95,6 +99,80 @@ async fn register(store: &dyn Store, file: &Path) -> Result<ExitCode> {
     for slug in &report.unchanged {
         println!("unchanged  {slug}");
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `apex models`: the catalog as a table, with each model's status today.
+fn models(cmd: &ModelsCmd) -> Result<ExitCode> {
+    let catalog = load_catalog(cmd.catalog.as_deref())?;
+    let provider = match cmd.provider.as_deref() {
+        None => None,
+        Some(name) => Some(ProviderKind::parse(name).ok_or_else(|| {
+            UsageError(format!(
+                "--provider `{name}` is not a provider; use openai or anthropic"
+            ))
+        })?),
+    };
+    let today = jiff::Timestamp::now().strftime("%Y-%m-%d").to_string();
+    let money = |v: f64| format!("{v}");
+    let tokens = |n: u64| {
+        if n >= 1_000_000 && n % 10_000 == 0 {
+            format!("{}M", n as f64 / 1e6)
+        } else if n % 1000 == 0 {
+            format!("{}K", n / 1000)
+        } else {
+            n.to_string()
+        }
+    };
+    let mut rows = Vec::new();
+    for m in catalog.models() {
+        let status = m.status(&today);
+        if provider.is_some_and(|p| p != m.provider)
+            || (status == apex_core::catalog::Status::Retired && !cmd.all)
+        {
+            continue;
+        }
+        let lifecycle = match (&m.deprecated_on, &m.retires_on) {
+            (_, Some(r)) if status == apex_core::catalog::Status::Retired => format!("retired {r}"),
+            (_, Some(r)) => format!("retires {r}"),
+            (Some(d), None) if status != apex_core::catalog::Status::Current => {
+                format!("since {d}")
+            }
+            _ => String::new(),
+        };
+        rows.push(vec![
+            m.provider.to_string(),
+            m.ids.join(", "),
+            tokens(m.context_window),
+            tokens(m.max_output),
+            money(m.prices.input),
+            format!(
+                "{} / {}",
+                money(m.prices.cache_write_5m),
+                money(m.prices.cache_write_1h)
+            ),
+            money(m.prices.cache_read),
+            money(m.prices.output),
+            money(m.prices.batch_discount),
+            format!("{} {lifecycle}", status.as_str()).trim().to_owned(),
+        ]);
+    }
+    let columns = [
+        "provider",
+        "model",
+        "window",
+        "output",
+        "input $/M",
+        "cache write $/M (short / long TTL)",
+        "cache read $/M",
+        "output $/M",
+        "batch ×",
+        "status",
+    ];
+    print!("{}", render(&columns.map(String::from), &rows));
+    println!(
+        "status as of {today}; sources in the catalog file (apex-core/src/catalog.toml); long-context rates and accepted parameters there too"
+    );
     Ok(ExitCode::SUCCESS)
 }
 

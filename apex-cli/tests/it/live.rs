@@ -143,7 +143,7 @@ impl Live {
     }
 }
 
-const RUN: &[&str] = &["run", "--time-scale", "0.01"];
+const RUN: &[&str] = &["run", "--allow-retired", "--time-scale", "0.01"];
 
 pub(crate) fn args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
     RUN.iter().copied().chain(extra.iter().copied()).collect()

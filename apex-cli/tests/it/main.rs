@@ -5,6 +5,7 @@ mod live;
 mod multi;
 mod pacing;
 mod resilience;
+mod sdks;
 mod stored;
 mod workflow;
 

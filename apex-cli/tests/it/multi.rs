@@ -22,6 +22,7 @@ async fn three_processes(sb: Sandbox) {
     let planned = ok(live
         .apex(&[
             "run",
+            "--allow-retired",
             "--condition-slug",
             "prod-sonnet45",
             "--condition-slug",

@@ -87,6 +87,7 @@ async fn paced_run(rules: LimitRules) -> Paced {
     let out = live
         .apex(&[
             "run",
+            "--allow-retired",
             "--time-scale",
             TIME_SCALE,
             "--condition-slug",
@@ -241,6 +242,7 @@ async fn three_processes_share_the_limits_through_the_ledger() {
     let planned = ok(live
         .apex(&[
             "run",
+            "--allow-retired",
             "--condition-slug",
             "prod-gpt4o",
             "--condition-slug",
@@ -257,6 +259,7 @@ async fn three_processes_share_the_limits_through_the_ledger() {
         .map(|_| {
             live.spawn(&[
                 "run",
+                "--allow-retired",
                 "--time-scale",
                 TIME_SCALE,
                 "--resume",

@@ -9,6 +9,7 @@ use apex_providers::simulator::SimulatorConfig;
 async fn planned(live: &Live, extra: &[&str]) -> String {
     let mut args = vec![
         "run",
+        "--allow-retired",
         "--condition-slug",
         "prod-sonnet45",
         "--replicates",
@@ -200,6 +201,7 @@ async fn huge_durations_scales_and_retry_budgets_saturate() {
     let out = live
         .apex(&[
             "run",
+            "--allow-retired",
             "--condition-slug",
             "prod-sonnet45",
             "--replicates",

@@ -32,6 +32,7 @@ fn register_ingest_dry_run_status_and_seed_sql() {
 
     let out = ok(sb.apex(&[
         "run",
+        "--allow-retired",
         "--condition-slug",
         "prod-sonnet45",
         "--replicates",
@@ -88,6 +89,7 @@ fn limit_and_several_conditions_shape_the_plan() {
     ]));
     let out = ok(sb.apex(&[
         "run",
+        "--allow-retired",
         "--ingest",
         examples().join("contexts").to_str().unwrap(),
         "--condition-slug",
@@ -128,6 +130,7 @@ fn ingest_register_only_stops_after_ingest() {
     ]));
     let out = ok(sb.apex(&[
         "run",
+        "--allow-retired",
         "--condition-slug",
         "prod-gpt5",
         "--ingest",

@@ -1,0 +1,99 @@
+"""Drives `apex simulate` with the official OpenAI and Anthropic Python SDKs,
+as a user's own code would, and parses every answer with the SDKs' own types.
+
+Usage: python check_sdks.py BASE_ADDR KEY  (BASE_ADDR like 127.0.0.1:8080)
+Exits non-zero, naming the failing call, on the first answer the SDKs cannot
+parse or that lacks what Apex relies on (text, usage, cache and reasoning
+counts)."""
+import sys
+
+import anthropic
+import openai
+
+addr, key = sys.argv[1], sys.argv[2]
+context = "The harbour log records tides and storms. " * 200
+failures = []
+
+
+def check(name, condition, detail=""):
+    print(("ok   " if condition else "FAIL ") + name + (f": {detail}" if detail and not condition else ""))
+    if not condition:
+        failures.append(name)
+
+
+oa = openai.OpenAI(base_url=f"http://{addr}/v1", api_key=key, max_retries=0)
+messages = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": [{"type": "text", "text": context}, {"type": "text", "text": "Summarise."}]},
+]
+
+# Chat Completions, whole and streamed (the usage chunk comes last).
+chat = oa.chat.completions.create(model="gpt-4o", messages=messages, max_completion_tokens=32,
+                                  prompt_cache_key="sdk-check")
+check("chat: ChatCompletion parsed", isinstance(chat, openai.types.chat.ChatCompletion))
+check("chat: text", bool(chat.choices[0].message.content))
+check("chat: usage", chat.usage is not None and chat.usage.prompt_tokens > 1000, str(chat.usage))
+again = oa.chat.completions.create(model="gpt-4o", messages=messages, max_completion_tokens=32,
+                                   prompt_cache_key="sdk-check")
+check("chat: cached tokens on the second call", again.usage.prompt_tokens_details.cached_tokens >= 1024,
+      str(again.usage))
+chunks = list(oa.chat.completions.create(model="gpt-4o", messages=messages, max_completion_tokens=32,
+                                         stream=True, stream_options={"include_usage": True}))
+text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+check("chat stream: chunks", len(chunks) > 2, str(len(chunks)))
+check("chat stream: text", text == chat.choices[0].message.content, text[:60])
+check("chat stream: usage chunk", chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 32,
+      str(chunks[-1]))
+
+# Responses, whole and streamed, on a reasoning model with explicit cache
+# breakpoints (GPT-5.6 and later).
+inputs = [{"role": "user", "content": [
+    {"type": "input_text", "text": context, "prompt_cache_breakpoint": {"mode": "explicit", "ttl": "30m"}},
+    {"type": "input_text", "text": "Summarise."}]}]
+resp = oa.responses.create(model="gpt-6.2-sol", instructions="Be brief.", input=inputs, max_output_tokens=64,
+                           reasoning={"effort": "low"}, store=False, prompt_cache_key="sdk-check",
+                           extra_body={"prompt_cache_options": {"mode": "explicit"}})
+check("responses: Response parsed", isinstance(resp, openai.types.responses.Response))
+check("responses: output_text", bool(resp.output_text), repr(resp.output_text))
+check("responses: reasoning tokens", resp.usage.output_tokens_details.reasoning_tokens > 0, str(resp.usage))
+again = oa.responses.create(model="gpt-6.2-sol", instructions="Be brief.", input=inputs, max_output_tokens=64,
+                            reasoning={"effort": "low"}, store=False, prompt_cache_key="sdk-check",
+                            extra_body={"prompt_cache_options": {"mode": "explicit"}})
+check("responses: cached tokens", again.usage.input_tokens_details.cached_tokens > 1000, str(again.usage))
+with oa.responses.stream(model="gpt-6-luna", input="Say something.", max_output_tokens=512,
+                         store=False) as stream:
+    deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+    final = stream.get_final_response()
+check("responses stream: deltas", len(deltas) > 1, str(len(deltas)))
+check("responses stream: final response", final.status in ("completed", "incomplete") and final.usage is not None,
+      str(final.status))
+check("responses stream: text", "".join(deltas) == final.output_text)
+
+# Anthropic Messages, whole and streamed, with the SDK's own auth (a bearer
+# token with SDK 2.0 and later when given auth_token; x-api-key otherwise).
+for label, client in [("x-api-key", anthropic.Anthropic(base_url=f"http://{addr}", api_key=key, max_retries=0)),
+                      ("bearer", anthropic.Anthropic(base_url=f"http://{addr}", auth_token=key, max_retries=0))]:
+    msg = client.messages.create(model="claude-haiku-4-5", max_tokens=32, system="Be brief.",
+                                 messages=[{"role": "user", "content": [
+                                     {"type": "text", "text": context, "cache_control": {"type": "ephemeral"}},
+                                     {"type": "text", "text": "Summarise."}]}])
+    check(f"messages ({label}): Message parsed", isinstance(msg, anthropic.types.Message))
+    check(f"messages ({label}): text", msg.content[-1].type == "text" and bool(msg.content[-1].text))
+    check(f"messages ({label}): usage", msg.usage.input_tokens > 0 and msg.usage.output_tokens == 32,
+          str(msg.usage))
+thinking = anthropic.Anthropic(base_url=f"http://{addr}", api_key=key, max_retries=0).messages.create(
+    model="claude-sonnet-4-5", max_tokens=4096, thinking={"type": "enabled", "budget_tokens": 1024},
+    messages=[{"role": "user", "content": "Think, then answer."}])
+check("messages: thinking block", [b.type for b in thinking.content] == ["thinking", "text"],
+      str([b.type for b in thinking.content]))
+with anthropic.Anthropic(base_url=f"http://{addr}", api_key=key, max_retries=0).messages.stream(
+        model="claude-opus-5-5", max_tokens=256, messages=[{"role": "user", "content": "Hello"}]) as stream:
+    streamed_text = "".join(stream.text_stream)
+    final = stream.get_final_message()
+check("messages stream: text", bool(streamed_text) and streamed_text == final.content[-1].text)
+check("messages stream: usage", final.usage.output_tokens > 0 and final.stop_reason is not None, str(final.usage))
+
+if failures:
+    print(f"{len(failures)} check(s) failed: {', '.join(failures)}")
+    sys.exit(1)
+print("all SDK checks passed")
