@@ -11,6 +11,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The official-SDK test installs the latest openai and anthropic packages
+# into a throwaway venv. Where the package index answers, a failure to
+# install is a failure; where it does not, the test skips and says why.
+if [ -z "${APEX_REQUIRE_SDKS:-}" ]; then
+  if timeout 60 python3 -m pip index versions pip >/dev/null 2>&1; then
+    export APEX_REQUIRE_SDKS=1
+  else
+    echo "scripts/test.sh: no Python package index reachable; the official-SDK test will skip" >&2
+  fi
+fi
+
 if [ -n "${APEX_TEST_PG_URL:-}" ]; then
   APEX_TEST_PG=1 exec cargo test --workspace --locked "$@"
 fi

@@ -116,9 +116,9 @@ fn models(cmd: &ModelsCmd) -> Result<ExitCode> {
     let today = jiff::Timestamp::now().strftime("%Y-%m-%d").to_string();
     let money = |v: f64| format!("{v}");
     let tokens = |n: u64| {
-        if n >= 1_000_000 && n % 10_000 == 0 {
+        if n >= 1_000_000 && n.is_multiple_of(10_000) {
             format!("{}M", n as f64 / 1e6)
-        } else if n % 1000 == 0 {
+        } else if n.is_multiple_of(1000) {
             format!("{}K", n / 1000)
         } else {
             n.to_string()

@@ -74,7 +74,13 @@ fn malformed_and_unknown_key_conditions_files() {
 #[test]
 fn used_slug_cannot_change() {
     let sb = registered();
-    let out = ok(sb.apex(&["run", "--allow-retired", "--condition-slug", "prod-sonnet45", "--dry-run"]));
+    let out = ok(sb.apex(&[
+        "run",
+        "--allow-retired",
+        "--condition-slug",
+        "prod-sonnet45",
+        "--dry-run",
+    ]));
     let run_id = run_id_from(&out);
     let text = fs::read_to_string(examples().join("conditions.toml"))
         .unwrap()

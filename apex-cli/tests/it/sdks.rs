@@ -82,7 +82,14 @@ fn official_sdks_parse_every_answer_of_apex_simulate() {
     let addr_file = dir.path().join("addr");
     let _sim = Child(
         Command::new(env!("CARGO_BIN_EXE_apex"))
-            .args(["simulate", "--api-key", KEY, "--time-scale", "0.01", "--addr-file"])
+            .args([
+                "simulate",
+                "--api-key",
+                KEY,
+                "--time-scale",
+                "0.01",
+                "--addr-file",
+            ])
             .arg(&addr_file)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -96,7 +103,10 @@ fn official_sdks_parse_every_answer_of_apex_simulate() {
         {
             break addr.trim().to_owned();
         }
-        assert!(started.elapsed() < Duration::from_secs(20), "apex simulate did not start");
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "apex simulate did not start"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/check_sdks.py");

@@ -382,7 +382,11 @@ pub(super) fn parse_chat(body: &Value, catalog: &Catalog) -> Result<Parsed, Reje
             "The 'stream_options' parameter is only allowed when 'stream' is enabled.".into(),
         ));
     }
-    openai_cache(&model, obj, &parts, info, max_tokens, (stream, false))
+    openai_cache(&model, obj, &parts, info, max_tokens, (stream, false)).map(|parsed| Parsed {
+        // Effort `none` does not reason.
+        thinks: info.reasoning && effort != Some("none"),
+        ..parsed
+    })
 }
 
 /// `POST /v1/responses`.
@@ -481,7 +485,11 @@ pub(super) fn parse_responses(body: &Value, catalog: &Catalog) -> Result<Parsed,
             .ok_or_else(|| bad("store must be a boolean".into()))?,
     };
     let stream = stream_flag(obj)?;
-    openai_cache(&model, obj, &parts, info, max_tokens, (stream, store))
+    openai_cache(&model, obj, &parts, info, max_tokens, (stream, store)).map(|parsed| Parsed {
+        // Effort `none` does not reason.
+        thinks: info.reasoning && effort != Some("none"),
+        ..parsed
+    })
 }
 
 /// `POST /v1/messages`.

@@ -527,17 +527,19 @@ async fn hand_edited_rows_are_errors_naming_the_cause_not_panics(backend: Backen
     let err = store.run(&run_id).await.unwrap_err().to_string();
     assert!(err.contains("unreadable flags"), "{err}");
 
-    // A column holding another type than the ledger keeps.
-    raw.exec(match backend {
-        Backend::Sqlite => "UPDATE conditions SET max_tokens = 'many'",
-        Backend::Postgres => {
-            "ALTER TABLE conditions DROP CONSTRAINT conditions_max_tokens_check,
-                 ALTER COLUMN max_tokens TYPE TEXT"
-        }
-    })
-    .await;
+    // A condition's canonical parameters (what it is read back from) edited
+    // into something that is not a condition.
+    raw.exec(r#"UPDATE conditions SET params_json = '{"provider":"openai","model":"m","max_tokens":"many"}'"#)
+        .await;
     let err = store.conditions().await.unwrap_err().to_string();
-    assert!(err.contains("max_tokens"), "{err}");
+    assert!(
+        err.contains("expected u32") && err.contains("register it again"),
+        "{err}"
+    );
+    raw.exec("UPDATE conditions SET params_json = '{not json'")
+        .await;
+    let err = store.conditions().await.unwrap_err().to_string();
+    assert!(err.contains("in the ledger"), "{err}");
 }
 
 conformance!(latency_ranks_and_usage_sums_per_condition);
