@@ -440,3 +440,150 @@ async fn postgres_outage_past_its_patience_saves_results_that_a_resume_stores() 
     assert_eq!(pg_count(&url, "success").await, 9);
     assert_each_paid_once(&live);
 }
+
+/// A small tmpfs holding the ledger, so the disk can fill up for real
+/// (SQLite answers `SQLITE_FULL`); unmounted when dropped.
+struct SmallDisk {
+    dir: std::path::PathBuf,
+    filler: std::path::PathBuf,
+}
+
+impl SmallDisk {
+    /// Mounts a 16 MiB tmpfs at `dir`, or says why it cannot (not root, no
+    /// mount permission in this container).
+    fn mount(dir: std::path::PathBuf) -> Result<Self, String> {
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
+            .arg(&dir)
+            .output()
+            .map_err(|e| format!("mount: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "cannot mount a tmpfs (needs root): {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        let filler = dir.join("filler");
+        Ok(Self { dir, filler })
+    }
+
+    /// Fills every free byte.
+    fn fill(&self) {
+        use std::io::Write;
+        let mut file = std::fs::File::create(&self.filler).unwrap();
+        let block = vec![0u8; 64 * 1024];
+        while file.write_all(&block).is_ok() {}
+        let _ = file.write_all(&[0u8; 512]);
+        let _ = file.sync_all();
+    }
+
+    /// Frees the space again.
+    fn free(&self) {
+        std::fs::remove_file(&self.filler).unwrap();
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.dir)
+            .status();
+    }
+}
+
+/// A sandbox whose ledger lives on a small disk of its own (the recovery
+/// file, written to the working directory, does not).
+async fn on_small_disk() -> Option<(Live, SmallDisk)> {
+    let mut sb = crate::Sandbox::new();
+    let disk = match SmallDisk::mount(sb.path("disk")) {
+        Ok(disk) => disk,
+        Err(reason) => {
+            eprintln!("skipped: {reason}");
+            return None;
+        }
+    };
+    sb.url_override = Some(format!("sqlite://{}", disk.dir.join("ledger.db").display()));
+    let live = Live::on(
+        sb,
+        SimulatorConfig {
+            base_latency: std::time::Duration::from_secs(50),
+            output_tokens: 2000,
+            ..SimulatorConfig::default()
+        },
+    )
+    .await;
+    Some((live, disk))
+}
+
+fn count_on(disk: &SmallDisk, status: &str) -> i64 {
+    let conn = rusqlite::Connection::open_with_flags(
+        disk.dir.join("ledger.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    conn.query_row(
+        "SELECT COUNT(*) FROM generations WHERE status = ?1",
+        [status],
+        |r| r.get(0),
+    )
+    .unwrap()
+}
+
+fn spawn_run(live: &Live, extra: &[&str]) -> std::process::Child {
+    let mut argv = args(&["--condition-slug", "prod-sonnet45", "--replicates", "2"]);
+    argv.extend_from_slice(extra);
+    live.spawn(&argv)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_disk_for_a_while_delays_the_run_and_loses_nothing() {
+    let Some((live, disk)) = on_small_disk().await else {
+        return;
+    };
+    let child = spawn_run(&live, &[]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while count_on(&disk, "running") == 0 {
+        assert!(std::time::Instant::now() < deadline, "nothing went out");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    disk.fill();
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    disk.free();
+    let out = finished(child).await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("full"), "the log names the full disk: {err}");
+    assert_eq!(count_on(&disk, "success"), 6, "{err}");
+    assert_each_paid_once(&live);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_disk_full_past_its_patience_saves_paid_results_that_a_resume_stores() {
+    let Some((live, disk)) = on_small_disk().await else {
+        return;
+    };
+    let child = spawn_run(&live, &["--ledger-timeout", "1"]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while count_on(&disk, "running") == 0 {
+        assert!(std::time::Instant::now() < deadline, "nothing went out");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    disk.fill();
+    let out = finished(child).await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error: ")).collect();
+    assert_eq!(errors.len(), 1, "{err}");
+    assert!(errors[0].contains("--resume"), "{err}");
+    let run_id = run_id_from(&stdout(&out));
+    let file = live.sb.path(&format!("apex-recovery-{run_id}.jsonl"));
+    assert!(file.exists(), "paid responses were saved: {err}");
+    // Space again: the resume stores what was saved and sends the rest.
+    disk.free();
+    ok(live.apex(&["run", "--resume", &run_id]).await);
+    assert!(!file.exists(), "the recovery file was imported");
+    assert_eq!(count_on(&disk, "success"), 6);
+    assert_each_paid_once(&live);
+}
