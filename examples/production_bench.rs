@@ -244,7 +244,7 @@ async fn main() -> Result<()> {
     let (_stop, rx) = tokio::sync::watch::channel(false);
     let report = executor.execute(&run_id, false, rx).await?;
     ensure!(
-        report.counts.success == plan.cells.len() as u64,
+        report.counts.success == plan.cell_count() as u64,
         "not every generation succeeded: {:?}",
         report.counts
     );

@@ -33,7 +33,7 @@ printf 'ingest  %d contexts x %d tokens: user %.2f s, sys %.2f s, wall %.2f s, p
   "$contexts" "$tokens" "$iu" "$is" "$ie" $((im / 1024))
 read -r u s e m < <(measure "$bin" --log-level warn --database-url "$db" run \
   --condition-slug prod-gpt5 --condition-slug prod-gpt4o --condition-slug prod-sonnet45 \
-  --condition-slug prod-opus41 --replicates "$replicates" --no-rate-limiting --time-scale 0.001)
+  --condition-slug prod-opus41 --allow-retired --replicates "$replicates" --no-rate-limiting --time-scale 0.001)
 n=$(( contexts * 4 * replicates ))
 awk -v n="$n" -v u="$u" -v s="$s" -v e="$e" -v m="$m" 'BEGIN {
   printf "run     %d generations: user %.2f s, sys %.2f s, cpu %.3f s per 100 generations, wall %.2f s, peak RSS %d MiB\n",

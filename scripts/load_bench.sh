@@ -26,7 +26,7 @@ apex conditions register examples/production/conditions.toml >/dev/null
 apex ingest "$work/contexts" >/dev/null
 /usr/bin/time -f "%e %M" -o "$work/time" "$bin" --log-level warn --database-url "$db" run \
   --condition-slug prod-gpt5 --condition-slug prod-gpt4o --condition-slug prod-sonnet45 \
-  --condition-slug prod-opus41 --replicates "$replicates" --concurrency 256 \
+  --condition-slug prod-opus41 --allow-retired --replicates "$replicates" --concurrency 256 \
   --no-rate-limiting --time-scale 0.001 > "$work/run.out" 2> "$work/run.err" &
 run_pid=$!
 : > "$work/queries"

@@ -331,8 +331,8 @@ impl Apex {
             let package = self.store.package(&p.id, &p.version).await?;
             packages.insert(p.id.as_str(), Arc::new(package));
         }
-        let mut previews = Vec::with_capacity(plan.cells.len());
-        for cell in &plan.cells {
+        let mut previews = Vec::with_capacity(plan.cell_count());
+        for cell in plan.cells() {
             let condition = &conditions[cell.condition_slug.as_str()];
             let request = GenerationRequest {
                 condition: Arc::clone(condition),
@@ -352,7 +352,7 @@ impl Apex {
             };
             let preview = providers[&request.condition.provider].preview(&request);
             previews.push(Preview {
-                cell: cell.clone(),
+                cell,
                 estimated_input_tokens: request.package.estimated_input_tokens(),
                 request: preview,
             });

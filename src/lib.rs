@@ -27,7 +27,7 @@
 //! )?).await?;
 //! apex.ingest(&[ContextPackage::new("ctx-01", None, "Text.".into(), "Summarise.".into())?]).await?;
 //! let plan = apex.plan(&Batch::new(["c"]).replicates(2)).await?;
-//! assert_eq!(plan.cells.len(), 2);
+//! assert_eq!(plan.cell_count(), 2);
 //! # Ok(())
 //! # }
 //! ```

@@ -490,12 +490,12 @@ async fn run(store: Arc<dyn Store>, mut cmd: RunCmd) -> Result<ExitCode> {
                 .await?;
                 println!(
                     "run {run_id} planned (dry run): {} generation(s), nothing sent",
-                    plan.cells.len()
+                    plan.cell_count()
                 );
                 println!("see it with: apex status {run_id}");
                 return Ok(ExitCode::SUCCESS);
             }
-            println!("run {run_id} started: {} generation(s)", plan.cells.len());
+            println!("run {run_id} started: {} generation(s)", plan.cell_count());
             (run_id, false, !cmd.no_cache)
         }
     };

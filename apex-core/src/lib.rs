@@ -38,8 +38,8 @@
 //!     o200k_tokens: package.estimated_input_tokens(),
 //! }];
 //! let plan = Plan::build(conditions, packages, PlanOptions { replicates: 3, limit: None })?;
-//! assert_eq!(plan.cells.len(), 3);
-//! assert_eq!(plan.cells[0].replicate_index, 0);
+//! assert_eq!(plan.cell_count(), 3);
+//! assert_eq!(plan.cells().next().unwrap().replicate_index, 0);
 //! # Ok::<(), apex_core::Error>(())
 //! ```
 

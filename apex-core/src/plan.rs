@@ -63,8 +63,9 @@ pub struct Cell {
     pub replicate_index: u32,
 }
 
-/// The cells of a run in context-sequential order: every replicate of
-/// context 1 (for each condition), then context 2, and so on.
+/// A run's conditions × contexts × replicates. Its cells are made as they
+/// are walked ([`Plan::cells`]), never held: a 100,000-generation plan costs
+/// what its conditions and contexts cost.
 #[derive(Debug, Clone)]
 pub struct Plan {
     /// The conditions, in the order given.
@@ -73,8 +74,6 @@ pub struct Plan {
     pub packages: Vec<PackageRef>,
     /// The sizing used.
     pub options: PlanOptions,
-    /// The cells.
-    pub cells: Vec<Cell>,
 }
 
 impl Plan {
@@ -113,27 +112,35 @@ impl Plan {
         if let Some(limit) = options.limit {
             packages.truncate(limit as usize);
         }
-        let mut cells =
-            Vec::with_capacity(packages.len() * conditions.len() * options.replicates as usize);
-        for (context_index, package) in packages.iter().enumerate() {
-            for condition in &conditions {
-                for replicate_index in 0..options.replicates {
-                    cells.push(Cell {
+        Ok(Self {
+            conditions,
+            packages,
+            options,
+        })
+    }
+
+    /// The cells in context-sequential order: every replicate of context 1
+    /// (for each condition), then context 2, and so on.
+    pub fn cells(&self) -> impl Iterator<Item = Cell> + '_ {
+        self.packages
+            .iter()
+            .enumerate()
+            .flat_map(move |(context_index, package)| {
+                self.conditions.iter().flat_map(move |condition| {
+                    (0..self.options.replicates).map(move |replicate_index| Cell {
                         condition_slug: condition.slug.clone(),
                         prompt_id: package.id.clone(),
                         package_version: package.version.clone(),
                         context_index: context_index as u32,
                         replicate_index,
-                    });
-                }
-            }
-        }
-        Ok(Self {
-            conditions,
-            packages,
-            options,
-            cells,
-        })
+                    })
+                })
+            })
+    }
+
+    /// How many cells (generations) the plan holds.
+    pub fn cell_count(&self) -> usize {
+        self.packages.len() * self.conditions.len() * self.options.replicates as usize
     }
 }
 
@@ -180,17 +187,17 @@ mod tests {
             },
         )
         .unwrap();
-        assert_eq!(plan.cells.len(), 2 * 2 * 3);
+        assert_eq!(plan.cell_count(), 2 * 2 * 3);
+        assert_eq!(plan.cells().count(), plan.cell_count());
         let order: Vec<_> = plan
-            .cells
-            .iter()
+            .cells()
             .map(|c| format!("{}/{}/{}", c.prompt_id, c.condition_slug, c.replicate_index))
             .collect();
         assert_eq!(order[0], "ctx-01/a/0");
         assert_eq!(order[2], "ctx-01/a/2");
         assert_eq!(order[3], "ctx-01/b/0");
         assert_eq!(order[6], "ctx-02/a/0");
-        assert!(plan.cells.iter().all(|c| c.prompt_id != "ctx-03"));
+        assert!(plan.cells().all(|c| c.prompt_id != "ctx-03"));
     }
 
     #[test]

@@ -402,7 +402,7 @@ pub(crate) async fn create_run(tx: &mut impl Tx, run: &NewRun, plan: &Plan) -> C
         )
         .await?;
     }
-    for cell in &plan.cells {
+    for cell in plan.cells() {
         tx.execute(
             &GENERATION_INSERT,
             params![

@@ -164,8 +164,14 @@ impl Executor {
                 options.backoff_base,
                 options.time_scale,
             ),
-            claim_batch: u32::try_from((options.concurrency.max(1) * 2).max(conditions.len() * 2))
-                .unwrap_or(u32::MAX),
+            // Groups per claim: about twice --concurrency in jobs (a group
+            // is `replicates` jobs), and at least two per condition.
+            claim_batch: u32::try_from(
+                (options.concurrency.max(1) * 2)
+                    .div_ceil(replicates.max(1))
+                    .max(conditions.len() * 2),
+            )
+            .unwrap_or(u32::MAX),
             claim_interval: self.lease() / 3,
             replicates,
             time_scale: options.time_scale,

@@ -522,8 +522,13 @@ impl Dispatcher {
         if !self.claims.answered_once {
             return true;
         }
+        // Held work stays under one claim's worth of jobs beyond what is in
+        // hand, so memory follows --concurrency, not the run's size.
+        let claim_jobs =
+            (self.config.claim_batch as usize).saturating_mul(self.config.replicates.max(1));
         !matches!(self.verify, VerifyGate::Verifying(_))
             && self.queue.leaders.len() < self.config.concurrency.max(1)
+            && self.jobs.len() < claim_jobs
             && (!self.claims.exhausted || self.now >= self.claims.next_at)
     }
 
