@@ -23,6 +23,11 @@ use super::retry::RetryPolicy;
 use super::work::GenerationId;
 use super::{Progress, ProgressEvent, RunOptions, RunReport};
 
+/// Jobs a claim asks for at least: a claim's cost is a scan of the run's
+/// unfinished rows, so claims small enough to keep memory flat must not be
+/// so small that a long run spends its time claiming (~300 bytes a job).
+const CLAIM_JOBS: usize = 2048;
+
 /// Executes runs against providers, writing every state change to a store.
 pub struct Executor {
     store: Arc<dyn Store>,
@@ -164,10 +169,13 @@ impl Executor {
                 options.backoff_base,
                 options.time_scale,
             ),
-            // Groups per claim: about twice --concurrency in jobs (a group
-            // is `replicates` jobs), and at least two per condition.
+            // Groups per claim, sized in jobs (a group is `replicates`
+            // jobs) so memory does not grow with the replicates: twice
+            // --concurrency, and at least CLAIM_JOBS, since each claim
+            // scans the run's unfinished rows; at least two per condition.
             claim_batch: u32::try_from(
                 (options.concurrency.max(1) * 2)
+                    .max(CLAIM_JOBS)
                     .div_ceil(replicates.max(1))
                     .max(conditions.len() * 2),
             )
