@@ -9,7 +9,7 @@ use crate::catalog::{Catalog, Prices};
 use crate::condition::{Condition, ProviderKind};
 use crate::limiter::{LimitTable, Limits, WINDOW};
 use crate::plan::PackageRef;
-use crate::provider::Usage;
+use crate::provider::{CacheControls, Usage};
 use crate::tokens::Tokenizer;
 
 /// A planned context with its token split under each tokenizer.
@@ -121,16 +121,18 @@ pub fn estimate(
 
 /// What one request is expected to use: `(input, cache write, cache read)`.
 fn expected_input(
-    provider: ProviderKind,
+    (provider, controls): (ProviderKind, CacheControls),
     cache: bool,
     min_cacheable: u64,
     (prefix, rest): (u64, u64),
     follower: bool,
 ) -> (u64, u64, u64) {
     let total = prefix + rest;
+    let exact = provider == ProviderKind::Anthropic || controls == CacheControls::Breakpoints;
     match provider {
-        // cache_control is sent only with caching on.
-        ProviderKind::Anthropic if cache && prefix >= min_cacheable => {
+        // cache_control (and OpenAI's explicit breakpoint, whose writes are
+        // billed) is sent only with caching on; both cache the exact prefix.
+        _ if exact && cache && prefix >= min_cacheable.max(1) => {
             if follower {
                 (rest, 0, prefix)
             } else {
@@ -182,6 +184,7 @@ fn estimate_condition(
     let tokenizer = Tokenizer::for_provider(c.provider);
     let model = catalog.lookup(c.provider, &c.model);
     let min_cacheable = model.map_or(1024, |m| m.min_cacheable_tokens);
+    let controls = model.map(|m| m.cache_controls).unwrap_or_default();
     let max_tokens = u64::from(c.max_tokens);
     let mut usage = Usage::default();
     // Priced per request: a price tier depends on one request's size.
@@ -194,8 +197,13 @@ fn estimate_condition(
         let split = p.split(tokenizer);
         let total = split.0 + split.1;
         for replicate in 0..u64::from(replicates) {
-            let (input, write, read) =
-                expected_input(c.provider, cache, min_cacheable, split, replicate > 0);
+            let (input, write, read) = expected_input(
+                (c.provider, controls),
+                cache,
+                min_cacheable,
+                split,
+                replicate > 0,
+            );
             let one = Usage {
                 input_tokens: input,
                 cache_write_tokens: write,
@@ -336,6 +344,29 @@ mod tests {
         assert_eq!(e.usage.input_tokens, 6 * 100_050 - 4 * cached);
         // TPM 450,000 admits 4 requests of 102,098 per window: 6 requests → 1 extra window.
         assert_eq!(e.least_duration, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn openai_breakpoint_models_bill_the_leaders_write() {
+        let e = &estimate(
+            &Catalog::built_in(),
+            &LimitTable::defaults(),
+            &[condition(ProviderKind::OpenAi, "gpt-6.2-sol")],
+            &[sized(100_010, 40)],
+            3,
+            true,
+        )[0];
+        // The exact prefix: written once at 1.25×, read twice at 0.05×.
+        assert_eq!(
+            (
+                e.usage.input_tokens,
+                e.usage.cache_write_tokens,
+                e.usage.cache_read_tokens
+            ),
+            (120, 100_010, 200_020)
+        );
+        let low = (120.0 * 2.0 + 100_010.0 * 2.5 + 200_020.0 * 0.10) / 1e6;
+        assert!((e.with_cache.unwrap().low - low).abs() < 1e-12);
     }
 
     #[test]
