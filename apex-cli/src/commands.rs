@@ -176,6 +176,31 @@ fn models(cmd: &ModelsCmd) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The parameters beyond the common columns, as the conditions file names
+/// them (`-` for none).
+fn condition_options(c: &Condition) -> String {
+    let mut options = Vec::new();
+    if !c.api.is_chat() {
+        options.push(format!("api={}", c.api.as_str()));
+    }
+    match (c.thinking, c.thinking_budget) {
+        (Some(mode), Some(budget)) => options.push(format!("thinking={}({budget})", mode.as_str())),
+        (Some(mode), None) => options.push(format!("thinking={}", mode.as_str())),
+        _ => {}
+    }
+    if c.stream {
+        options.push("stream".into());
+    }
+    if let Some(store) = c.store {
+        options.push(format!("store={store}"));
+    }
+    if options.is_empty() {
+        "-".into()
+    } else {
+        options.join(" ")
+    }
+}
+
 async fn list_conditions(store: &dyn Store) -> Result<ExitCode> {
     let rows: Vec<Vec<String>> = store
         .conditions()
@@ -184,6 +209,7 @@ async fn list_conditions(store: &dyn Store) -> Result<ExitCode> {
         .map(|info| {
             let c = info.condition;
             let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+            let options = condition_options(&c);
             vec![
                 c.slug,
                 c.provider.to_string(),
@@ -192,6 +218,7 @@ async fn list_conditions(store: &dyn Store) -> Result<ExitCode> {
                 opt(c.top_p.map(|t| t.to_string())),
                 c.max_tokens.to_string(),
                 opt(c.reasoning_effort),
+                options,
                 info.runs.to_string(),
             ]
         })
@@ -204,6 +231,7 @@ async fn list_conditions(store: &dyn Store) -> Result<ExitCode> {
         "top_p",
         "max_tokens",
         "reasoning_effort",
+        "options",
         "runs",
     ];
     print!("{}", render(&columns.map(String::from), &rows));

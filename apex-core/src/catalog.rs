@@ -444,7 +444,7 @@ fn lifecycle_warnings(model: &ModelInfo, condition: &Condition, today: &str) -> 
     if let Some(retires) = &model.retires_on {
         if retires.as_str() <= today {
             warnings.push(Warning(format!(
-                "condition `{slug}`: {} was retired on {retires}; run with --allow-retired, expect 404",
+                "condition `{slug}`: {} was retired on {retires}; sent anyway (--allow-retired): expect 404 from the real API",
                 condition.model
             )));
         } else {

@@ -83,6 +83,18 @@ async fn this_months_conditions_run_with_their_caches_and_thinking() {
     // Cost: billed writes and reads priced per the catalog, reasoning as output.
     let cost = ok(live.apex(&["cost", &run_id]).await);
     assert!(cost.contains("cur-gpt62sol"), "{cost}");
+    // The parameters beyond the common columns are listed, read back whole.
+    let list = ok(live.apex(&["conditions", "list"]).await);
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("cur-gpt62sol") && l.contains("api=responses")),
+        "{list}"
+    );
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("cur-sonnet55") && l.contains("thinking=disabled")),
+        "{list}"
+    );
 }
 
 /// A stream that stalls is abandoned after --stream-idle-timeout (scaled)
