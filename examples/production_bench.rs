@@ -223,7 +223,6 @@ async fn main() -> Result<()> {
             api_key: Some(ApiKey::new("sk-bench")),
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(120),
-            stream_timeout: None,
             stream_idle_timeout: std::time::Duration::from_secs(300),
         };
         providers.insert(kind, apex_providers::build(kind, config)?);

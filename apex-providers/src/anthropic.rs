@@ -8,7 +8,8 @@ use serde::{Deserialize, Serialize};
 use crate::key::ApiKey;
 use crate::sse::SseEvent;
 use crate::wire::{
-    ParseError, ParsedResponse, StreamState, Wire, body_excerpt, class_for_status, event_json,
+    ParseError, ParsedResponse, StreamState, Wire, body_excerpt, class_for_status, decode,
+    event_json,
 };
 
 /// The `anthropic-version` header value (what the official SDKs send).
@@ -246,12 +247,7 @@ impl Wire for AnthropicWire {
     }
 
     fn parse(body: &[u8]) -> Result<ParsedResponse, ParseError> {
-        let r: MessagesResponse = serde_json::from_slice(body).map_err(|e| {
-            (
-                ErrorClass::Decode,
-                format!("unexpected messages body ({e}): {}", body_excerpt(body)),
-            )
-        })?;
+        let r: MessagesResponse = decode(body, "messages")?;
         // Thinking blocks are not the answer; their tokens are in usage.
         let text = r
             .content
@@ -279,32 +275,24 @@ impl Wire for AnthropicWire {
             .and_then(|v| v.as_str())
             .or(event.name.as_deref())
             .unwrap_or("");
-        let usage_of = |v: &serde_json::Value| -> Result<AnthropicUsage, ParseError> {
-            serde_json::from_value(v.clone()).map_err(|e| {
-                (
-                    ErrorClass::Decode,
-                    format!("unexpected usage in a messages stream ({e})"),
-                )
-            })
+        let usage_of = |v: &serde_json::Value| -> Result<Usage, ParseError> {
+            AnthropicUsage::deserialize(v)
+                .map(|u| messages_usage(&u))
+                .map_err(|e| {
+                    (
+                        ErrorClass::Decode,
+                        format!("unexpected usage in a messages stream ({e})"),
+                    )
+                })
         };
         match kind {
             "message_start" => {
-                let message = value.get("message").cloned().unwrap_or_default();
-                state.id = message
-                    .get("id")
-                    .and_then(|v| v.as_str())
-                    .map(str::to_owned);
-                state.model = message
-                    .get("model")
-                    .and_then(|v| v.as_str())
-                    .map(str::to_owned);
+                let message = value.get("message").unwrap_or(&serde_json::Value::Null);
+                let text = |k: &str| message.get(k).and_then(|v| v.as_str()).map(str::to_owned);
+                state.id = text("id");
+                state.model = text("model");
                 if let Some(usage) = message.get("usage") {
-                    let usage = messages_usage(&usage_of(usage)?);
-                    state.usage.input_tokens = usage.input_tokens;
-                    state.usage.cache_write_tokens = usage.cache_write_tokens;
-                    state.usage.cache_write_1h_tokens = usage.cache_write_1h_tokens;
-                    state.usage.cache_read_tokens = usage.cache_read_tokens;
-                    state.usage.output_tokens = usage.output_tokens;
+                    state.usage = usage_of(usage)?;
                 }
             }
             "content_block_delta" => {
@@ -319,23 +307,15 @@ impl Wire for AnthropicWire {
                     state.finish_reason = Some(reason.to_owned());
                 }
                 if let Some(usage) = value.get("usage") {
-                    // Counts here are cumulative: the output side is final,
-                    // and an input-side field, when present, replaces the
-                    // one from `message_start`.
-                    let raw = usage_of(usage)?;
-                    state.usage.output_tokens = raw.output_tokens;
-                    state.usage.reasoning_tokens = raw
-                        .output_tokens_details
-                        .as_ref()
-                        .and_then(|d| d.thinking_tokens)
-                        .unwrap_or(0)
-                        .min(raw.output_tokens);
+                    // Counts here are cumulative: the output side is final;
+                    // the input side replaces `message_start`'s only when
+                    // it is sent again.
+                    let delta = usage_of(usage)?;
                     if usage.get("input_tokens").is_some() {
-                        let whole = messages_usage(&raw);
-                        state.usage.input_tokens = whole.input_tokens;
-                        state.usage.cache_write_tokens = whole.cache_write_tokens;
-                        state.usage.cache_write_1h_tokens = whole.cache_write_1h_tokens;
-                        state.usage.cache_read_tokens = whole.cache_read_tokens;
+                        state.usage = delta;
+                    } else {
+                        state.usage.output_tokens = delta.output_tokens;
+                        state.usage.reasoning_tokens = delta.reasoning_tokens;
                     }
                     state.has_usage = true;
                 }

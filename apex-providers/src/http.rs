@@ -28,11 +28,9 @@ pub struct ProviderConfig {
     pub api_key: Option<ApiKey>,
     /// TCP + TLS connect timeout.
     pub connect_timeout: Duration,
-    /// Whole-request timeout of a request answered in one body.
+    /// Whole-request timeout of a request answered in one body (a streamed
+    /// one has none: long outputs take many minutes).
     pub request_timeout: Duration,
-    /// Whole-request timeout of a streamed request (`None`: as long as the
-    /// stream keeps talking; long outputs take many minutes).
-    pub stream_timeout: Option<Duration>,
     /// Longest silence within a stream before it is abandoned and retried.
     pub stream_idle_timeout: Duration,
 }
@@ -58,7 +56,6 @@ impl ProviderConfig {
             api_key: ApiKey::from_env(kind.api_key_env()),
             connect_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(600),
-            stream_timeout: None,
             stream_idle_timeout: Duration::from_secs(300),
         }
     }
@@ -70,7 +67,6 @@ pub struct HttpProvider<W: Wire> {
     url: String,
     key: Option<ApiKey>,
     request_timeout: Duration,
-    stream_timeout: Option<Duration>,
     stream_idle_timeout: Duration,
     wire: PhantomData<W>,
 }
@@ -116,7 +112,6 @@ impl<W: Wire> HttpProvider<W> {
             url: W::endpoint(config.base_url.trim()),
             key: config.api_key.clone(),
             request_timeout: config.request_timeout,
-            stream_timeout: config.stream_timeout,
             stream_idle_timeout: config.stream_idle_timeout,
             wire: PhantomData,
         }
@@ -183,11 +178,9 @@ impl<W: Wire> Provider for HttpProvider<W> {
             builder = builder.header("x-apex-generation", trace);
         }
         let streamed = request.condition.streams();
-        builder = match (streamed, self.stream_timeout) {
-            (false, _) => builder.timeout(self.request_timeout),
-            (true, Some(limit)) => builder.timeout(limit),
-            (true, None) => builder,
-        };
+        if !streamed {
+            builder = builder.timeout(self.request_timeout);
+        }
         tracing::debug!(url = %self.url, request_hash = %request_hash, trace = request.trace.as_deref().unwrap_or(""), streamed, "sending request");
         let response = builder.send().await.map_err(|e| {
             let error = self.transport_error(&e);

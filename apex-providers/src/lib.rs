@@ -28,7 +28,6 @@
 //!     api_key: Some(ApiKey::new("sk-ant-example")),
 //!     connect_timeout: std::time::Duration::from_secs(1),
 //!     request_timeout: std::time::Duration::from_secs(5),
-//!     stream_timeout: None,
 //!     stream_idle_timeout: std::time::Duration::from_secs(5),
 //! })?;
 //! let condition = Condition {

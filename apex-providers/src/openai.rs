@@ -8,7 +8,8 @@ use serde::{Deserialize, Serialize};
 use crate::key::ApiKey;
 use crate::sse::SseEvent;
 use crate::wire::{
-    ParseError, ParsedResponse, StreamState, Wire, body_excerpt, class_for_status, event_json,
+    ParseError, ParsedResponse, StreamState, Wire, body_excerpt, class_for_status, decode,
+    event_json,
 };
 
 /// The OpenAI wire format.
@@ -231,15 +232,24 @@ pub(crate) fn long_ttl_writes(request: &GenerationRequest, usage: &mut Usage) {
     }
 }
 
-/// An error object inside a stream (`{"message", "type", "code"}`).
-pub(crate) fn stream_error(error: &serde_json::Value) -> ParseError {
-    let text = |k: &str| error.get(k).and_then(|v| v.as_str()).unwrap_or("");
-    let (kind, code, message) = (text("type"), text("code"), text("message"));
-    let class = match (kind, code) {
-        (_, "rate_limit_exceeded") | ("rate_limit_error", _) => ErrorClass::RateLimited,
-        (_, "insufficient_quota") | ("insufficient_quota", _) => ErrorClass::QuotaExhausted,
-        ("invalid_request_error", _) => ErrorClass::InvalidRequest,
-        _ => ErrorClass::ServerError,
+/// An OpenAI error object (`{"message", "type", "code"}`) as a class and a
+/// message: from an error body (`status` is its HTTP status) or from inside
+/// a 200 stream or a failed response (`status` is `None`).
+fn error_detail(status: Option<u16>, kind: &str, code: &str, message: &str) -> ParseError {
+    let class = if kind == "insufficient_quota" || code == "insufficient_quota" {
+        ErrorClass::QuotaExhausted
+    } else if message.contains("Request too large") {
+        ErrorClass::ExceedsRateLimit
+    } else if message.contains("overloaded") || code.contains("overloaded") {
+        ErrorClass::Overloaded
+    } else if let Some(status) = status {
+        class_for_status(status)
+    } else if code == "rate_limit_exceeded" || kind == "rate_limit_error" {
+        ErrorClass::RateLimited
+    } else if kind == "invalid_request_error" {
+        ErrorClass::InvalidRequest
+    } else {
+        ErrorClass::ServerError
     };
     let label = [kind, code]
         .iter()
@@ -247,7 +257,19 @@ pub(crate) fn stream_error(error: &serde_json::Value) -> ParseError {
         .copied()
         .collect::<Vec<_>>()
         .join("/");
-    (class, format!("{label}: {message} (in the stream)"))
+    let message = if label.is_empty() {
+        message.to_owned()
+    } else {
+        format!("{label}: {message}")
+    };
+    (class, message)
+}
+
+/// An error object inside a stream or a failed response.
+pub(crate) fn stream_error(error: &serde_json::Value) -> ParseError {
+    let text = |k: &str| error.get(k).and_then(|v| v.as_str()).unwrap_or("");
+    let (class, message) = error_detail(None, text("type"), text("code"), text("message"));
+    (class, format!("{message} (in the stream)"))
 }
 
 /// The `prompt_cache_key` for a context: derived from its content version,
@@ -322,15 +344,7 @@ impl Wire for OpenAiWire {
     }
 
     fn parse(body: &[u8]) -> Result<ParsedResponse, ParseError> {
-        let r: ChatResponse = serde_json::from_slice(body).map_err(|e| {
-            (
-                ErrorClass::Decode,
-                format!(
-                    "unexpected chat completion body ({e}): {}",
-                    body_excerpt(body)
-                ),
-            )
-        })?;
+        let r: ChatResponse = decode(body, "chat completion")?;
         let choice = r.choices.into_iter().next();
         let usage = chat_usage(&r.usage);
         let (text, finish_reason) = match choice {
@@ -378,7 +392,7 @@ impl Wire for OpenAiWire {
             }
         }
         if let Some(usage) = value.get("usage").filter(|u| !u.is_null()) {
-            let usage: ChatUsage = serde_json::from_value(usage.clone()).map_err(|e| {
+            let usage = ChatUsage::deserialize(usage).map_err(|e| {
                 (
                     ErrorClass::Decode,
                     format!("unexpected usage in a chat stream ({e})"),
@@ -400,30 +414,11 @@ impl Wire for OpenAiWire {
         };
         let e = parsed.error;
         let code = e.code.as_ref().and_then(|c| c.as_str()).unwrap_or("");
-        let kind = e.kind.as_deref().unwrap_or("");
-        let message = e.message.unwrap_or_default();
-        let class = if kind == "insufficient_quota" || code == "insufficient_quota" {
-            ErrorClass::QuotaExhausted
-        } else if status == 429 && message.contains("Request too large") {
-            ErrorClass::ExceedsRateLimit
-        } else if status == 503 && (message.contains("overloaded") || code.contains("overloaded")) {
-            ErrorClass::Overloaded
-        } else {
-            class_for_status(status)
-        };
-        let label = [kind, code]
-            .iter()
-            .filter(|s| !s.is_empty())
-            .copied()
-            .collect::<Vec<_>>()
-            .join("/");
-        (
-            class,
-            if label.is_empty() {
-                message
-            } else {
-                format!("{label}: {message}")
-            },
+        error_detail(
+            Some(status),
+            e.kind.as_deref().unwrap_or(""),
+            code,
+            e.message.as_deref().unwrap_or(""),
         )
     }
 

@@ -12,7 +12,9 @@ use crate::openai::{
     Breakpoint, CacheOptions, CacheParams, OpenAiWire, long_ttl_writes, split_input, stream_error,
 };
 use crate::sse::SseEvent;
-use crate::wire::{ParseError, ParsedResponse, StreamState, Wire, body_excerpt, count, event_json};
+use crate::wire::{
+    ParseError, ParsedResponse, StreamState, Wire, body_excerpt, count, decode, event_json,
+};
 
 /// The Responses wire format (auth, errors and rate-limit headers as Chat
 /// Completions).
@@ -68,8 +70,7 @@ struct InputText<'a> {
 fn parse_response(r: &Value) -> Result<ParsedResponse, ParseError> {
     let status = r.get("status").and_then(Value::as_str).unwrap_or("");
     if status == "failed" {
-        let error = r.get("error").cloned().unwrap_or(Value::Null);
-        return Err(stream_error(&error));
+        return Err(stream_error(r.get("error").unwrap_or(&Value::Null)));
     }
     let Some(usage) = r.get("usage").filter(|u| u.is_object()) else {
         return Err((
@@ -92,12 +93,8 @@ fn parse_response(r: &Value) -> Result<ParsedResponse, ParseError> {
         .into_iter()
         .flatten()
         .filter(|item| item.get("type").and_then(Value::as_str) == Some("message"))
-        .flat_map(|item| {
-            item.get("content")
-                .and_then(Value::as_array)
-                .cloned()
-                .unwrap_or_default()
-        })
+        .filter_map(|item| item.get("content").and_then(Value::as_array))
+        .flatten()
         .filter_map(|part| match part.get("type").and_then(Value::as_str) {
             Some("output_text") => part.get("text").and_then(Value::as_str).map(str::to_owned),
             Some("refusal") => part
@@ -190,13 +187,7 @@ impl Wire for ResponsesWire {
     }
 
     fn parse(body: &[u8]) -> Result<ParsedResponse, ParseError> {
-        let value: Value = serde_json::from_slice(body).map_err(|e| {
-            (
-                ErrorClass::Decode,
-                format!("unexpected response body ({e}): {}", body_excerpt(body)),
-            )
-        })?;
-        parse_response(&value)
+        parse_response(&decode::<Value>(body, "response")?)
     }
 
     /// Typed events (`type` in the data); the answer is whole at
@@ -216,8 +207,7 @@ impl Wire for ResponsesWire {
                 }
             }
             "response.completed" | "response.incomplete" => {
-                let response = value.get("response").cloned().unwrap_or(Value::Null);
-                let whole = parse_response(&response)?;
+                let whole = parse_response(value.get("response").unwrap_or(&Value::Null))?;
                 // The deltas are what arrived; the final object may repeat
                 // them, and then it is the authority.
                 if !whole.text.is_empty() {
@@ -231,11 +221,9 @@ impl Wire for ResponsesWire {
                 state.complete = true;
             }
             "response.failed" => {
-                let error = value
-                    .pointer("/response/error")
-                    .cloned()
-                    .unwrap_or(Value::Null);
-                return Err(stream_error(&error));
+                return Err(stream_error(
+                    value.pointer("/response/error").unwrap_or(&Value::Null),
+                ));
             }
             "error" => return Err(stream_error(value.get("error").unwrap_or(&value))),
             _ => {}

@@ -56,9 +56,11 @@ impl StreamState {
             ));
         }
         if !self.has_usage {
+            // Not a transport fault: a server that ends its streams without
+            // usage does so every time, and each retry is paid for again.
             return Err((
-                ErrorClass::Decode,
-                "the stream ended without usage; the answer cannot be priced".into(),
+                ErrorClass::InvalidRequest,
+                "the stream ended without usage, so the answer cannot be priced; if the server does not send it (stream_options.include_usage), set `stream = false`".into(),
             ));
         }
         Ok(ParsedResponse {
@@ -95,6 +97,17 @@ pub trait Wire: Send + Sync + 'static {
     /// Completes usage with what only the request knows (which TTL a cache
     /// write was asked for).
     fn complete_usage(_request: &GenerationRequest, _usage: &mut Usage) {}
+}
+
+/// A success body as the API's JSON, or a decode error naming `what` with
+/// an excerpt of the body.
+pub fn decode<T: serde::de::DeserializeOwned>(body: &[u8], what: &str) -> Result<T, ParseError> {
+    serde_json::from_slice(body).map_err(|e| {
+        (
+            ErrorClass::Decode,
+            format!("unexpected {what} body ({e}): {}", body_excerpt(body)),
+        )
+    })
 }
 
 /// A stream event's JSON, or a decode error naming the event.
@@ -153,5 +166,32 @@ pub fn body_excerpt(body: &[u8]) -> String {
         "empty body".into()
     } else {
         excerpt.replace('\n', " ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stream_is_whole_only_with_its_final_event_and_usage() {
+        let cut = StreamState::default().finish().unwrap_err();
+        assert_eq!(cut.0, ErrorClass::Transport);
+        assert!(cut.0.is_retryable());
+        // Complete but unpriced: the server will do it again, so no retry.
+        let unpriced = StreamState {
+            complete: true,
+            ..StreamState::default()
+        };
+        let e = unpriced.finish().unwrap_err();
+        assert_eq!(e.0, ErrorClass::InvalidRequest);
+        assert!(!e.0.is_retryable(), "{}", e.1);
+        let whole = StreamState {
+            complete: true,
+            has_usage: true,
+            text: "Hi".into(),
+            ..StreamState::default()
+        };
+        assert_eq!(whole.finish().unwrap().text, "Hi");
     }
 }

@@ -39,7 +39,6 @@ fn config(base_url: String, idle: Duration) -> ProviderConfig {
         api_key: Some(ApiKey::new(KEY)),
         connect_timeout: Duration::from_secs(2),
         request_timeout: Duration::from_secs(10),
-        stream_timeout: None,
         stream_idle_timeout: idle,
     }
 }

@@ -30,7 +30,6 @@ fn config(base_url: String, key: &str) -> ProviderConfig {
         api_key: Some(ApiKey::new(key)),
         connect_timeout: Duration::from_secs(2),
         request_timeout: Duration::from_secs(10),
-        stream_timeout: None,
         stream_idle_timeout: std::time::Duration::from_secs(300),
     }
 }
