@@ -225,7 +225,7 @@ fn openai_cache(
     obj: &serde_json::Map<String, Value>,
     parts: &[Part],
     info: &ModelInfo,
-    max_tokens: u64,
+    (max_tokens, effort): (u64, Option<&str>),
     (stream, store): (bool, bool),
 ) -> Result<Parsed, Rejection> {
     if parts.is_empty() {
@@ -287,7 +287,8 @@ fn openai_cache(
         ttl_1h: false,
         reports_writes: info.cache_controls == CacheControls::Breakpoints,
         stream,
-        thinks: info.reasoning,
+        // Effort `none` does not reason.
+        thinks: info.reasoning && effort != Some("none"),
         store,
     })
 }
@@ -309,11 +310,24 @@ fn positive(v: Option<&Value>, name: &str) -> Result<Option<u64>, Rejection> {
     .transpose()
 }
 
-/// `POST /v1/chat/completions`.
-pub(super) fn parse_chat(body: &Value, catalog: &Catalog) -> Result<Parsed, Rejection> {
+/// The body as an object whose keys are all `known`; `unknown` words the
+/// API's own rejection of another key.
+fn known_object<'b>(
+    body: &'b Value,
+    known: &[&str],
+    unknown: impl Fn(&str) -> String,
+) -> Result<&'b serde_json::Map<String, Value>, Rejection> {
     let obj = body
         .as_object()
         .ok_or_else(|| bad("body must be a JSON object".into()))?;
+    match obj.keys().find(|k| !known.contains(&k.as_str())) {
+        Some(key) => Err(bad(unknown(key))),
+        None => Ok(obj),
+    }
+}
+
+/// `POST /v1/chat/completions`.
+pub(super) fn parse_chat(body: &Value, catalog: &Catalog) -> Result<Parsed, Rejection> {
     const KNOWN: &[&str] = &[
         "model",
         "messages",
@@ -337,11 +351,9 @@ pub(super) fn parse_chat(body: &Value, catalog: &Catalog) -> Result<Parsed, Reje
         "store",
         "safety_identifier",
     ];
-    if let Some(key) = obj.keys().find(|k| !KNOWN.contains(&k.as_str())) {
-        return Err(bad(format!(
-            "Unrecognized request argument supplied: {key}"
-        )));
-    }
+    let obj = known_object(body, KNOWN, |key| {
+        format!("Unrecognized request argument supplied: {key}")
+    })?;
     let (model, info) = model_of(obj, catalog)?;
     if info.reasoning && obj.contains_key("max_tokens") {
         return Err((400, "invalid_request_error", Some("unsupported_parameter"), "Unsupported parameter: 'max_tokens' is not supported with this model. Use 'max_completion_tokens' instead.".into()));
@@ -382,18 +394,18 @@ pub(super) fn parse_chat(body: &Value, catalog: &Catalog) -> Result<Parsed, Reje
             "The 'stream_options' parameter is only allowed when 'stream' is enabled.".into(),
         ));
     }
-    openai_cache(&model, obj, &parts, info, max_tokens, (stream, false)).map(|parsed| Parsed {
-        // Effort `none` does not reason.
-        thinks: info.reasoning && effort != Some("none"),
-        ..parsed
-    })
+    openai_cache(
+        &model,
+        obj,
+        &parts,
+        info,
+        (max_tokens, effort),
+        (stream, false),
+    )
 }
 
 /// `POST /v1/responses`.
 pub(super) fn parse_responses(body: &Value, catalog: &Catalog) -> Result<Parsed, Rejection> {
-    let obj = body
-        .as_object()
-        .ok_or_else(|| bad("body must be a JSON object".into()))?;
     const KNOWN: &[&str] = &[
         "model",
         "input",
@@ -418,9 +430,7 @@ pub(super) fn parse_responses(body: &Value, catalog: &Catalog) -> Result<Parsed,
         "background",
         "parallel_tool_calls",
     ];
-    if let Some(key) = obj.keys().find(|k| !KNOWN.contains(&k.as_str())) {
-        return Err(bad(format!("Unknown parameter: '{key}'.")));
-    }
+    let obj = known_object(body, KNOWN, |key| format!("Unknown parameter: '{key}'."))?;
     if obj.contains_key("max_completion_tokens") || obj.contains_key("max_tokens") {
         return Err(bad("Unknown parameter: use 'max_output_tokens'.".into()));
     }
@@ -485,18 +495,18 @@ pub(super) fn parse_responses(body: &Value, catalog: &Catalog) -> Result<Parsed,
             .ok_or_else(|| bad("store must be a boolean".into()))?,
     };
     let stream = stream_flag(obj)?;
-    openai_cache(&model, obj, &parts, info, max_tokens, (stream, store)).map(|parsed| Parsed {
-        // Effort `none` does not reason.
-        thinks: info.reasoning && effort != Some("none"),
-        ..parsed
-    })
+    openai_cache(
+        &model,
+        obj,
+        &parts,
+        info,
+        (max_tokens, effort),
+        (stream, store),
+    )
 }
 
 /// `POST /v1/messages`.
 pub(super) fn parse_messages(body: &Value, catalog: &Catalog) -> Result<Parsed, Rejection> {
-    let obj = body
-        .as_object()
-        .ok_or_else(|| bad("body must be a JSON object".into()))?;
     const KNOWN: &[&str] = &[
         "model",
         "max_tokens",
@@ -513,9 +523,9 @@ pub(super) fn parse_messages(body: &Value, catalog: &Catalog) -> Result<Parsed, 
         "output_config",
         "cache_control",
     ];
-    if let Some(key) = obj.keys().find(|k| !KNOWN.contains(&k.as_str())) {
-        return Err(bad(format!("{key}: Extra inputs are not permitted")));
-    }
+    let obj = known_object(body, KNOWN, |key| {
+        format!("{key}: Extra inputs are not permitted")
+    })?;
     let model = obj
         .get("model")
         .and_then(Value::as_str)
