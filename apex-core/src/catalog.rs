@@ -101,9 +101,10 @@ pub struct ModelInfo {
     /// Highest temperature accepted.
     #[serde(default)]
     pub max_temperature: Option<f64>,
-    /// Only the default temperature (1) is accepted (GPT-5).
-    #[serde(default)]
-    pub only_default_temperature: bool,
+    /// The older spelling of `sampling = "default-temperature"`, still read
+    /// from catalog files; folded into `sampling` when a catalog is loaded.
+    #[serde(default, skip_serializing)]
+    only_default_temperature: bool,
     /// `temperature` and `top_p` cannot be sent together (Sonnet 4.5).
     #[serde(default)]
     pub rejects_temperature_with_top_p: bool,
@@ -143,17 +144,36 @@ pub struct ModelInfo {
     pub prices: Prices,
 }
 
-/// Which sampling parameters a model takes.
+/// Which sampling parameters a model takes. The defaults (1 for both)
+/// are always accepted; the rules are about other values.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Sampling {
     /// `temperature` and `top_p` as the provider's ranges allow.
     #[default]
     Any,
-    /// Any non-default value is refused with a 400.
+    /// A temperature other than 1 is refused with a 400 (GPT-5); `top_p`
+    /// is taken.
+    DefaultTemperature,
+    /// Any non-default `temperature` or `top_p` is refused with a 400.
     Rejected,
-    /// Accepted only with reasoning effort `none` (OpenAI's newer models).
+    /// Non-default values only with reasoning effort `none` (OpenAI's newer
+    /// models).
     EffortNone,
+}
+
+impl Sampling {
+    /// Whether the server refuses `value` for `name` (`temperature` or
+    /// `top_p`) at this reasoning effort.
+    pub fn refuses(self, name: &str, value: f64, effort: Option<&str>) -> bool {
+        value != 1.0
+            && match self {
+                Self::Any => false,
+                Self::DefaultTemperature => name == "temperature",
+                Self::Rejected => true,
+                Self::EffortNone => effort != Some("none"),
+            }
+    }
 }
 
 /// Where a model is in its life on a given day.
@@ -179,6 +199,15 @@ impl Status {
 }
 
 impl ModelInfo {
+    /// One spelling per rule: the older `only_default_temperature` becomes
+    /// its `sampling` value.
+    fn normalised(mut self) -> Self {
+        if std::mem::take(&mut self.only_default_temperature) && self.sampling == Sampling::Any {
+            self.sampling = Sampling::DefaultTemperature;
+        }
+        self
+    }
+
     /// Current, deprecated or retired on `today` (YYYY-MM-DD).
     pub fn status(&self, today: &str) -> Status {
         if self.retires_on.as_deref().is_some_and(|d| d <= today) {
@@ -216,7 +245,9 @@ impl Catalog {
     /// The built-in catalog.
     pub fn built_in() -> Self {
         let file: CatalogFile = toml::from_str(BUILT_IN).expect("the built-in catalog is valid");
-        Self { models: file.model }
+        Self {
+            models: file.model.into_iter().map(ModelInfo::normalised).collect(),
+        }
     }
 
     /// The built-in catalog with a user file's entries laid over it: an entry
@@ -225,7 +256,7 @@ impl Catalog {
         let file: CatalogFile = toml::from_str(text)
             .map_err(|e| Error::CatalogFile(e.message().trim().replace('\n', " ")))?;
         let mut catalog = Self::built_in();
-        for model in file.model {
+        for model in file.model.into_iter().map(ModelInfo::normalised) {
             catalog
                 .models
                 .retain(|m| !m.ids.iter().any(|id| model.ids.contains(id)));
@@ -324,12 +355,6 @@ pub fn preflight(
 
 /// The parameters the model rejects, with the fix.
 fn check_parameters(model: &ModelInfo, condition: &Condition) -> std::result::Result<(), String> {
-    if model.only_default_temperature && condition.temperature.is_some_and(|t| t != 1.0) {
-        return Err(format!(
-            "{} accepts only the default temperature (1); remove `temperature` from the condition and register it under a new slug",
-            condition.model
-        ));
-    }
     if let (Some(t), Some(max)) = (condition.temperature, model.max_temperature)
         && t > max
     {
@@ -394,36 +419,35 @@ fn check_parameters(model: &ModelInfo, condition: &Condition) -> std::result::Re
 /// Sampling parameters against what the model takes (and against thinking,
 /// which Anthropic does not combine with a changed temperature).
 fn check_sampling(model: &ModelInfo, condition: &Condition) -> std::result::Result<(), String> {
-    let sampled: Vec<&str> = [
-        condition.temperature.is_some().then_some("temperature"),
-        condition.top_p.is_some().then_some("top_p"),
+    let effort = condition.reasoning_effort.as_deref();
+    let refused: Vec<&str> = [
+        ("temperature", condition.temperature),
+        ("top_p", condition.top_p),
     ]
     .into_iter()
-    .flatten()
+    .filter(|(name, value)| value.is_some_and(|v| model.sampling.refuses(name, v, effort)))
+    .map(|(name, _)| name)
     .collect();
-    let Some(first) = sampled.first() else {
-        return Ok(());
-    };
-    let names = sampled
-        .iter()
-        .map(|n| format!("`{n}`"))
-        .collect::<Vec<_>>()
-        .join(" and ");
-    match model.sampling {
-        Sampling::Any => {}
-        Sampling::Rejected => {
-            return Err(format!(
-                "{} accepts only the default sampling and answers 400 to `{first}`; remove {names} from the condition and register it under a new slug",
+    if let Some(first) = refused.first() {
+        let names = refused
+            .iter()
+            .map(|n| format!("`{n}`"))
+            .collect::<Vec<_>>()
+            .join(" and ");
+        return Err(match model.sampling {
+            Sampling::DefaultTemperature => format!(
+                "{} accepts only the default temperature (1); remove `temperature` from the condition and register it under a new slug",
                 condition.model
-            ));
-        }
-        Sampling::EffortNone if condition.reasoning_effort.as_deref() != Some("none") => {
-            return Err(format!(
+            ),
+            Sampling::EffortNone => format!(
                 "{} accepts {names} only with reasoning_effort `none`; set `reasoning_effort = \"none\"` or remove {names}",
                 condition.model
-            ));
-        }
-        Sampling::EffortNone => {}
+            ),
+            Sampling::Any | Sampling::Rejected => format!(
+                "{} accepts only the default sampling and answers 400 to `{first}`; remove {names} from the condition and register it under a new slug",
+                condition.model
+            ),
+        });
     }
     if condition.provider == ProviderKind::Anthropic
         && model.thinks(condition)
@@ -691,6 +715,9 @@ mod tests {
             err.contains("only the default sampling") && err.contains("remove `temperature`"),
             "{err}"
         );
+        // The default value is what the server assumes anyway: accepted.
+        c.temperature = Some(1.0);
+        assert!(check(&c).is_ok());
         c.temperature = None;
         assert!(check(&c).is_ok());
         c.thinking = Some(Thinking::Enabled);
@@ -761,6 +788,37 @@ mod tests {
                 assert!(m.thinking.is_empty(), "{:?}", m.ids);
             }
         }
+    }
+
+    #[test]
+    fn the_older_temperature_rule_in_a_file_is_still_a_rule() {
+        let text = r#"
+[[model]]
+provider = "openai"
+ids = ["my-reasoner"]
+context_window = 128000
+max_output = 16384
+only_default_temperature = true
+source = "overlay"
+[model.prices]
+input = 1.0
+cache_write_5m = 1.0
+cache_write_1h = 1.0
+cache_read = 0.5
+output = 4.0
+batch_discount = 0.5
+"#;
+        let catalog = Catalog::with_overrides(text).unwrap();
+        let m = catalog.lookup(ProviderKind::OpenAi, "my-reasoner").unwrap();
+        assert_eq!(m.sampling, Sampling::DefaultTemperature);
+        let mut c = condition(ProviderKind::OpenAi, "my-reasoner", Some(0.7));
+        let err = preflight(&catalog, &c, &[package(10)], "2026-11-29", false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("only the default temperature"), "{err}");
+        c.temperature = None;
+        c.top_p = Some(0.5);
+        assert!(preflight(&catalog, &c, &[package(10)], "2026-11-29", false).is_ok());
     }
 
     #[test]

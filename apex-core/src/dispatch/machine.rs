@@ -750,11 +750,7 @@ impl Dispatcher {
             } else {
                 CacheHint::Off
             },
-            cache_controls: self
-                .catalog
-                .lookup(group.condition.provider, &group.condition.model)
-                .map(|m| m.cache_controls)
-                .unwrap_or_default(),
+            cache_controls: group.cache_controls,
             body: group.body.clone(),
         }
     }
@@ -885,6 +881,11 @@ impl Dispatcher {
                     p,
                 )
             });
+        let cache_controls = self
+            .catalog
+            .lookup(condition.provider, &condition.model)
+            .map(|m| m.cache_controls)
+            .unwrap_or_default();
         let id = GroupId(self.next_group);
         self.next_group += 1;
         self.groups.insert(
@@ -894,6 +895,7 @@ impl Dispatcher {
                 prompt_id: leader.prompt_id.clone(),
                 version: leader.package_version.clone(),
                 ttl,
+                cache_controls,
                 phase: GroupPhase::Queued,
                 leader: leader.generation_id,
                 waiting: Vec::new(),

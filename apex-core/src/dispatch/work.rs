@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use crate::condition::Condition;
 use crate::limiter::Reservation;
-use crate::provider::{CacheTtl, SharedBody};
+use crate::provider::{CacheControls, CacheTtl, SharedBody};
 use crate::run::WorkItem;
 
 use super::retry::{Budget, Verdict};
@@ -41,6 +41,8 @@ pub(crate) struct Group {
     pub prompt_id: String,
     pub version: String,
     pub ttl: CacheTtl,
+    /// The model's cache controls, looked up once for the group.
+    pub cache_controls: CacheControls,
     pub phase: GroupPhase,
     pub leader: GenerationId,
     pub waiting: Vec<GenerationId>,

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use apex_core::catalog::{ModelInfo, Sampling};
+use apex_core::catalog::ModelInfo;
 use apex_core::context::{estimate_tokens, sha256_hex};
 use apex_core::tokens::Tokenizer;
 use apex_core::{CacheControls, Catalog, ProviderKind, Thinking};
@@ -188,10 +188,7 @@ fn check_openai_parameters(
         let v = v
             .as_f64()
             .ok_or_else(|| bad(format!("{name} must be a number")))?;
-        let default_only = info.only_default_temperature
-            || info.sampling == Sampling::Rejected
-            || (info.sampling == Sampling::EffortNone && effort != Some("none"));
-        if default_only && v != 1.0 {
+        if info.sampling.refuses(name, v, effort) {
             return Err(unsupported_value(format!(
                 "Unsupported value: '{name}' does not support {v} with this model. Only the default (1) value is supported."
             )));
@@ -615,7 +612,7 @@ pub(super) fn parse_messages(body: &Value, catalog: &Catalog) -> Result<Parsed, 
         if name == "temperature" && !(0.0..=1.0).contains(&v) {
             return Err(bad("temperature: range: 0..1".into()));
         }
-        if info.sampling == Sampling::Rejected {
+        if info.sampling.refuses(name, v, None) {
             return Err(bad(format!(
                 "{name}: sampling parameters are not supported for model {model}; remove `{name}`"
             )));
