@@ -62,6 +62,19 @@ impl Live {
             .unwrap()
     }
 
+    /// The outputs of processes started with [`Live::spawn`], waited for off
+    /// the async runtime.
+    pub(crate) async fn outputs(children: Vec<std::process::Child>) -> Vec<Output> {
+        tokio::task::spawn_blocking(move || {
+            children
+                .into_iter()
+                .map(|c| c.wait_with_output().unwrap())
+                .collect()
+        })
+        .await
+        .unwrap()
+    }
+
     /// Generations in `status`, read straight from the SQLite file (readable
     /// while another process writes; 0 before the ledger exists).
     pub(crate) fn count_in_file(&self, status: &str) -> i64 {

@@ -50,14 +50,7 @@ async fn three_processes(sb: Sandbox) {
             ]))
         })
         .collect();
-    let outputs = tokio::task::spawn_blocking(move || {
-        children
-            .into_iter()
-            .map(|c| c.wait_with_output().unwrap())
-            .collect::<Vec<_>>()
-    })
-    .await
-    .unwrap();
+    let outputs = Live::outputs(children).await;
     for o in &outputs {
         assert!(
             o.status.success(),

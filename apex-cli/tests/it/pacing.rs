@@ -271,14 +271,7 @@ async fn three_processes_share_the_limits_through_the_ledger() {
             ])
         })
         .collect();
-    let outputs = tokio::task::spawn_blocking(move || {
-        children
-            .into_iter()
-            .map(|c| c.wait_with_output().unwrap())
-            .collect::<Vec<_>>()
-    })
-    .await
-    .unwrap();
+    let outputs = Live::outputs(children).await;
     let logs: String = outputs.iter().map(stderr).collect();
     for o in &outputs {
         assert!(o.status.success(), "{}", stderr(o));

@@ -23,16 +23,7 @@ async fn a_garbled_200_is_retried_like_a_dropped_connection() {
                 body: body.to_owned(),
             },
         );
-        let out = ok(live
-            .apex(&args(&[
-                "--condition-slug",
-                slug,
-                "--limit",
-                "1",
-                "--replicates",
-                "1",
-            ]))
-            .await);
+        let out = ok(live.run_one(slug, &[]).await);
         let run_id = run_id_from(&out);
         let rows = live
             .column(&format!(
@@ -396,9 +387,7 @@ async fn outage_run(latency: u64, extra: &[&str]) -> (Live, String, std::process
 }
 
 async fn finished(child: std::process::Child) -> std::process::Output {
-    tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
-        .await
-        .unwrap()
+    Live::outputs(vec![child]).await.remove(0)
 }
 
 #[tokio::test(flavor = "multi_thread")]

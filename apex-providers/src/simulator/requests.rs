@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use apex_core::catalog::ModelInfo;
-use apex_core::context::{estimate_tokens, sha256_hex};
+use apex_core::context::estimate_tokens;
 use apex_core::tokens::Tokenizer;
 use apex_core::{CacheControls, Catalog, ProviderKind, Thinking};
 use serde_json::Value;
@@ -151,6 +151,22 @@ fn parts_of(value: &Value, kinds: &[&str], extra: &[&str]) -> Result<Vec<Part>, 
     }
 }
 
+/// A cache entry's key: the model, the route key (OpenAI's
+/// `prompt_cache_key`) and the prefix, hashed piece by piece rather than
+/// joined into one more copy of a prefix that may be half a megabyte.
+fn cache_key(model: &str, route: &str, prefix: &[Part]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    for piece in [model, route]
+        .into_iter()
+        .chain(prefix.iter().map(|p| p.text.as_str()))
+    {
+        hash.update(piece.as_bytes());
+        hash.update([0]);
+    }
+    apex_core::context::hex(&hash.finalize())
+}
+
 fn model_of<'c>(
     obj: &serde_json::Map<String, Value>,
     catalog: &'c Catalog,
@@ -262,24 +278,17 @@ fn openai_cache(
         // In-memory: "typically 5 to 10 minutes of inactivity".
         _ => Duration::from_secs(300),
     };
-    let key_material = format!(
-        "{model}\u{0}{}\u{0}{}",
-        obj.get("prompt_cache_key")
-            .and_then(Value::as_str)
-            .unwrap_or(""),
-        prefix
-            .iter()
-            .map(|p| p.text.as_str())
-            .collect::<Vec<_>>()
-            .join("\u{0}")
-    );
+    let route = obj
+        .get("prompt_cache_key")
+        .and_then(Value::as_str)
+        .unwrap_or("");
     Ok(Parsed {
         model: model.to_owned(),
         max_tokens,
         prefix_text_tokens: prefix_tokens,
         rest_tokens,
         cache_key: (prefix_tokens >= info.min_cacheable_tokens.max(1024))
-            .then(|| sha256_hex(key_material.as_bytes())),
+            .then(|| cache_key(model, route, prefix)),
         ttl,
         ttl_1h: false,
         reports_writes: info.cache_controls == CacheControls::Breakpoints,
@@ -672,21 +681,13 @@ pub(super) fn parse_messages(body: &Value, catalog: &Catalog) -> Result<Parsed, 
         .iter()
         .filter_map(|p| p.cache_control.as_ref())
         .any(|cc| cc.get("ttl").and_then(Value::as_str) == Some("1h"));
-    let key_material = format!(
-        "{model}\u{0}{}",
-        prefix
-            .iter()
-            .map(|p| p.text.as_str())
-            .collect::<Vec<_>>()
-            .join("\u{0}")
-    );
     Ok(Parsed {
         model: model.to_owned(),
         max_tokens,
         prefix_text_tokens: prefix_tokens,
         rest_tokens,
         cache_key: (last_breakpoint.is_some() && prefix_tokens >= info.min_cacheable_tokens)
-            .then(|| sha256_hex(key_material.as_bytes())),
+            .then(|| cache_key(model, "", prefix)),
         ttl: Duration::from_secs(if ttl_1h { 3600 } else { 300 }),
         ttl_1h,
         reports_writes: true,

@@ -43,6 +43,14 @@ fn config(base_url: String, idle: Duration) -> ProviderConfig {
     }
 }
 
+/// Both providers' clients against the simulator.
+fn clients(sim: &Simulator, idle: Duration) -> (OpenAiProvider, AnthropicProvider) {
+    (
+        OpenAiProvider::new(config(sim.openai_base_url(), idle)).unwrap(),
+        AnthropicProvider::new(config(sim.anthropic_base_url(), idle)).unwrap(),
+    )
+}
+
 /// A request for `model` with no sampling parameters, the condition
 /// changed by `edit`, and the model's cache controls from the catalog.
 fn current(
@@ -186,7 +194,7 @@ fn thinking_and_effort_reach_the_messages_body() {
 #[tokio::test]
 async fn responses_api_plain_cached_and_reasoning() {
     let sim = sim().await;
-    let p = OpenAiProvider::new(config(sim.openai_base_url(), Duration::from_secs(5))).unwrap();
+    let (p, _) = clients(&sim, Duration::from_secs(5));
     let req = current(ProviderKind::OpenAi, "gpt-6.2-sol", FIVE_MIN, |c| {
         c.api = Api::Responses;
         c.reasoning_effort = Some("low".into());
@@ -243,10 +251,7 @@ async fn responses_api_plain_cached_and_reasoning() {
 #[tokio::test]
 async fn streamed_answers_equal_whole_ones() {
     let sim = sim().await;
-    let openai =
-        OpenAiProvider::new(config(sim.openai_base_url(), Duration::from_secs(5))).unwrap();
-    let anthropic =
-        AnthropicProvider::new(config(sim.anthropic_base_url(), Duration::from_secs(5))).unwrap();
+    let (openai, anthropic) = clients(&sim, Duration::from_secs(5));
     let cases: Vec<(&dyn Provider, ProviderKind, &str, Api)> = vec![
         (&openai, ProviderKind::OpenAi, "gpt-4o", Api::Chat),
         (&openai, ProviderKind::OpenAi, "gpt-6-luna", Api::Responses),
@@ -287,11 +292,7 @@ async fn streamed_answers_equal_whole_ones() {
 #[tokio::test]
 async fn cut_and_stalled_answers_are_retryable_failures() {
     let sim = sim().await;
-    let openai =
-        OpenAiProvider::new(config(sim.openai_base_url(), Duration::from_millis(300))).unwrap();
-    let anthropic =
-        AnthropicProvider::new(config(sim.anthropic_base_url(), Duration::from_millis(300)))
-            .unwrap();
+    let (openai, anthropic) = clients(&sim, Duration::from_millis(300));
     let cases: Vec<(&dyn Provider, ProviderKind, &str, Api)> = vec![
         (&openai, ProviderKind::OpenAi, "gpt-4o", Api::Chat),
         (&openai, ProviderKind::OpenAi, "gpt-6.2-sol", Api::Responses),
@@ -331,8 +332,7 @@ async fn cut_and_stalled_answers_are_retryable_failures() {
 #[tokio::test]
 async fn anthropic_thinking_is_billed_as_output_and_counted() {
     let sim = sim().await;
-    let p =
-        AnthropicProvider::new(config(sim.anthropic_base_url(), Duration::from_secs(5))).unwrap();
+    let (_, p) = clients(&sim, Duration::from_secs(5));
     let budget = current(
         ProviderKind::Anthropic,
         "claude-sonnet-4-5",
