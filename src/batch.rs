@@ -321,10 +321,18 @@ impl Apex {
     /// them: (cell, URL, body bytes, SHA-256 of the body, body).
     pub async fn previews(&self, plan: &Plan, cache: bool) -> Result<Vec<Preview>> {
         let providers = self.providers_for(&plan.conditions, false)?;
-        let conditions: HashMap<&str, Arc<Condition>> = plan
+        // Each condition with its model's cache controls, looked up once.
+        let conditions: HashMap<&str, (Arc<Condition>, apex_core::CacheControls)> = plan
             .conditions
             .iter()
-            .map(|c| (c.slug.as_str(), Arc::new(c.clone())))
+            .map(|c| {
+                let controls = self
+                    .catalog
+                    .lookup(c.provider, &c.model)
+                    .map(|m| m.cache_controls)
+                    .unwrap_or_default();
+                (c.slug.as_str(), (Arc::new(c.clone()), controls))
+            })
             .collect();
         let mut packages: HashMap<&str, Arc<ContextPackage>> = HashMap::new();
         for p in &plan.packages {
@@ -333,7 +341,7 @@ impl Apex {
         }
         let mut previews = Vec::with_capacity(plan.cell_count());
         for cell in plan.cells() {
-            let condition = &conditions[cell.condition_slug.as_str()];
+            let (condition, cache_controls) = &conditions[cell.condition_slug.as_str()];
             let request = GenerationRequest {
                 condition: Arc::clone(condition),
                 package: Arc::clone(&packages[cell.prompt_id.as_str()]),
@@ -342,11 +350,7 @@ impl Apex {
                 } else {
                     CacheHint::Off
                 },
-                cache_controls: self
-                    .catalog
-                    .lookup(condition.provider, &condition.model)
-                    .map(|m| m.cache_controls)
-                    .unwrap_or_default(),
+                cache_controls: *cache_controls,
                 trace: None,
                 body: apex_core::SharedBody::default(),
             };

@@ -9,7 +9,7 @@ use crate::catalog::{Catalog, Prices};
 use crate::condition::{Condition, ProviderKind};
 use crate::limiter::{LimitTable, Limits, WINDOW};
 use crate::plan::PackageRef;
-use crate::provider::{CacheControls, Usage};
+use crate::provider::{CacheControls, CacheTtl, Usage};
 use crate::tokens::Tokenizer;
 
 /// A planned context with its token split under each tokenizer.
@@ -196,6 +196,16 @@ fn estimate_condition(
     for p in packages {
         let split = p.split(tokenizer);
         let total = split.0 + split.1;
+        // Writes at the TTL the run will ask for (1 hour / 12 hours when
+        // the limits hold followers back), priced as such.
+        let long_ttl = cache
+            && crate::dispatch::pacing::choose_ttl(
+                catalog,
+                limits,
+                c,
+                replicates as usize,
+                &p.package,
+            ) == CacheTtl::OneHour;
         for replicate in 0..u64::from(replicates) {
             let (input, write, read) = expected_input(
                 (c.provider, controls),
@@ -207,6 +217,7 @@ fn estimate_condition(
             let one = Usage {
                 input_tokens: input,
                 cache_write_tokens: write,
+                cache_write_1h_tokens: if long_ttl { write } else { 0 },
                 cache_read_tokens: read,
                 ..Usage::default()
             };
@@ -222,6 +233,7 @@ fn estimate_condition(
             }
             usage.input_tokens += input;
             usage.cache_write_tokens += write;
+            usage.cache_write_1h_tokens += one.cache_write_1h_tokens;
             usage.cache_read_tokens += read;
             charges.push(match c.provider {
                 ProviderKind::Anthropic => (input + write, max_tokens),
@@ -366,6 +378,28 @@ mod tests {
             (120, 100_010, 200_020)
         );
         let low = (120.0 * 2.0 + 100_010.0 * 2.5 + 200_020.0 * 0.10) / 1e6;
+        assert!((e.with_cache.unwrap().low - low).abs() < 1e-12);
+    }
+
+    #[test]
+    fn writes_are_priced_at_the_ttl_the_run_will_ask_for() {
+        // At 1,000 OTPM a context's two followers (2,048 max tokens each)
+        // wait minutes for the output budget, longer than half of 5
+        // minutes: the leader writes with the 1-hour TTL, at 2× input.
+        let limits = LimitTable::with_file(
+            "[anthropic.\"claude-sonnet-4-5\"]\nrpm = 1000\nitpm = 1000000\notpm = 1000\n",
+        )
+        .unwrap();
+        let e = &estimate(
+            &Catalog::built_in(),
+            &limits,
+            &[condition(ProviderKind::Anthropic, "claude-sonnet-4-5")],
+            &[sized(128_000, 50)],
+            3,
+            true,
+        )[0];
+        assert_eq!(e.usage.cache_write_1h_tokens, 128_000);
+        let low = (150.0 * 3.0 + 128_000.0 * 6.0 + 256_000.0 * 0.30) / 1e6;
         assert!((e.with_cache.unwrap().low - low).abs() < 1e-12);
     }
 

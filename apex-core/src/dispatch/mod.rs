@@ -33,7 +33,7 @@
 
 mod driver;
 mod machine;
-mod pacing;
+pub(crate) mod pacing;
 mod retry;
 mod work;
 
