@@ -418,7 +418,7 @@ fn respond(status: u16, content_type: &str, headers: &[(String, String)], body: 
 
 /// Sends `chunks` through a channel body: one at once, the rest spaced over
 /// `spread`; then, as `fault` says, ends, stalls or breaks the connection.
-fn fed(chunks: Vec<String>, spread: Duration, fault: Option<Fault>, stall: Duration) -> SimBody {
+fn fed(chunks: Vec<Bytes>, spread: Duration, fault: Option<Fault>, stall: Duration) -> SimBody {
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     let keep = match fault {
         Some(Fault::Cut | Fault::Stall) => chunks
@@ -434,7 +434,7 @@ fn fed(chunks: Vec<String>, spread: Duration, fault: Option<Fault>, stall: Durat
             if i > 0 && !gap.is_zero() {
                 tokio::time::sleep(gap).await;
             }
-            if tx.send(Ok(Bytes::from(chunk))).await.is_err() {
+            if tx.send(Ok(chunk)).await.is_err() {
                 return;
             }
         }
@@ -443,8 +443,13 @@ fn fed(chunks: Vec<String>, spread: Duration, fault: Option<Fault>, stall: Durat
                 let _ = tx.send(Err(std::io::Error::other("simulated cut"))).await;
             }
             Some(Fault::Stall) => {
-                tokio::time::sleep(stall).await;
-                let _ = tx.send(Err(std::io::Error::other("simulated stall"))).await;
+                // Silent until the stall ends or the client gives up.
+                tokio::select! {
+                    () = tokio::time::sleep(stall) => {
+                        let _ = tx.send(Err(std::io::Error::other("simulated stall"))).await;
+                    }
+                    () = tx.closed() => {}
+                }
             }
             _ => {}
         }
@@ -937,7 +942,8 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Repl
     headers.push((id_header.into(), format!("req_sim{id}")));
     if parsed.stream {
         let spread = latency.saturating_sub(first_byte);
-        let body = fed(answer.events(), spread, answer_fault, stall);
+        let events = answer.events().into_iter().map(Bytes::from).collect();
+        let body = fed(events, spread, answer_fault, stall);
         headers.push(("cache-control".into(), "no-cache".into()));
         return Ok(respond(
             200,
@@ -949,10 +955,9 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Repl
     let body = answer.body().to_string();
     if answer_fault.is_some() {
         // Half a body, then a cut (or a stall): a 200 the client cannot use.
-        let bytes = body.into_bytes();
-        let half = String::from_utf8_lossy(&bytes[..bytes.len() / 2]).into_owned();
-        let rest = String::from_utf8_lossy(&bytes[bytes.len() / 2..]).into_owned();
-        let body = fed(vec![half, rest], Duration::ZERO, answer_fault, stall);
+        let mut whole = Bytes::from(body);
+        let half = whole.split_to(whole.len() / 2);
+        let body = fed(vec![half, whole], Duration::ZERO, answer_fault, stall);
         return Ok(respond(200, "application/json", &headers, body));
     }
     Ok(reply(200, &headers, body))
