@@ -92,6 +92,7 @@ fn limiter(c: &mut Criterion) {
                 tpm: None,
                 itpm: Some(u64::MAX / 4),
                 otpm: Some(u64::MAX / 4),
+                ..Limits::default()
             };
             limiter.configure("k", ProviderKind::Anthropic, limits);
             let now = std::time::Instant::now();

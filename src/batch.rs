@@ -4,7 +4,9 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use apex_core::executor::{Executor, Progress, ProgressEvent, RunOptions, RunReport};
+use apex_core::executor::{
+    BatchExecutor, Executor, Progress, ProgressEvent, RunOptions, RunReport,
+};
 use apex_core::limiter::LimitTable;
 use apex_core::{
     CacheHint, CacheTtl, Catalog, Condition, ContextPackage, Error, GenerationRequest,
@@ -353,6 +355,7 @@ impl Apex {
                 cache_controls: *cache_controls,
                 trace: None,
                 body: apex_core::SharedBody::default(),
+                in_batch: false,
             };
             let preview = providers[&request.condition.provider].preview(&request);
             previews.push(Preview {
@@ -375,10 +378,14 @@ impl Apex {
         progress: Arc<dyn Progress>,
         stop: watch::Receiver<bool>,
     ) -> Result<RunReport> {
-        let conditions = self.store.run_conditions(run_id).await?;
-        let providers = self.providers_for(&conditions, true)?;
-        self.import_recovered(run_id).await?;
-        self.release_dead_local_claims(run_id).await?;
+        let in_flight = self.store.open_batches(run_id).await?.len();
+        if in_flight > 0 {
+            // Sending their items one by one would pay for them twice.
+            return Err(Error::Preflight(format!(
+                "run {run_id} has {in_flight} provider batch(es) in flight; resume it with --batch (it re-attaches to them) or cancel them first with `apex cancel {run_id}`"
+            )));
+        }
+        let providers = self.prepare_execution(run_id).await?;
         let executor = Executor::new(
             Arc::clone(&self.store),
             providers,
@@ -397,6 +404,20 @@ impl Apex {
             }
             report => report,
         }
+    }
+
+    /// Before an execution: the run's providers (keys checked), the results
+    /// an earlier execution saved in a recovery file stored, and the claims
+    /// of this machine's dead processes taken back.
+    async fn prepare_execution(
+        &self,
+        run_id: &RunId,
+    ) -> Result<HashMap<ProviderKind, Arc<dyn Provider>>> {
+        let conditions = self.store.run_conditions(run_id).await?;
+        let providers = self.providers_for(&conditions, true)?;
+        self.import_recovered(run_id).await?;
+        self.release_dead_local_claims(run_id).await?;
+        Ok(providers)
     }
 
     /// Appends paid results the ledger could not take to the run's recovery
@@ -465,6 +486,50 @@ impl Apex {
             .map_err(|e| Error::store_msg(format!("cannot rename {}: {e}", path.display())))?;
         tracing::info!(file = %done.display(), responses = stored, "stored the responses an earlier execution saved");
         Ok(())
+    }
+
+    /// Executes a recorded run's remaining generations through the
+    /// providers' Batch APIs (`apex run --batch`), in a leader wave and a
+    /// follower wave per (condition, context) so followers read the cache
+    /// their leader wrote, at the batch price. Batches still in flight from
+    /// an earlier execution are re-attached to, never submitted again. A
+    /// stop leaves the batches running at the provider.
+    pub async fn execute_batch(
+        &self,
+        run_id: &RunId,
+        options: RunOptions,
+        retry_errors: bool,
+        progress: Arc<dyn Progress>,
+        stop: watch::Receiver<bool>,
+    ) -> Result<RunReport> {
+        let providers = self.prepare_execution(run_id).await?;
+        BatchExecutor::new(
+            Arc::clone(&self.store),
+            providers,
+            Arc::clone(&self.catalog),
+            options,
+            progress,
+        )
+        .execute(run_id, retry_errors, stop)
+        .await
+    }
+
+    /// Cancels a run's provider batches still in flight (`apex cancel`);
+    /// how many. Their processed items are stored, and the rest set back to
+    /// `pending`, by the next `--batch` execution of the run.
+    pub async fn cancel_batches(&self, run_id: &RunId) -> Result<usize> {
+        self.store.run(run_id).await?;
+        let conditions = self.store.run_conditions(run_id).await?;
+        let providers = self.providers_for(&conditions, true)?;
+        BatchExecutor::new(
+            Arc::clone(&self.store),
+            providers,
+            Arc::clone(&self.catalog),
+            RunOptions::default(),
+            Arc::new(apex_core::executor::NoProgress),
+        )
+        .cancel(run_id)
+        .await
     }
 
     /// Plans, records and executes a batch: `apex run` in one call.

@@ -691,6 +691,28 @@ impl Store for FailingEnd {
     async fn query_read_only(&self, sql: &str) -> apex::core::Result<apex::core::QueryResult> {
         self.inner.query_read_only(sql).await
     }
+    async fn record_batch(
+        &self,
+        batch: &apex::core::batches::BatchRecord,
+    ) -> apex::core::Result<()> {
+        self.inner.record_batch(batch).await
+    }
+    async fn update_batch(
+        &self,
+        batch_key: &str,
+        provider_batch_id: Option<&str>,
+        state: apex::core::batches::BatchState,
+    ) -> apex::core::Result<()> {
+        self.inner
+            .update_batch(batch_key, provider_batch_id, state)
+            .await
+    }
+    async fn open_batches(
+        &self,
+        run_id: &RunId,
+    ) -> apex::core::Result<Vec<apex::core::batches::BatchRecord>> {
+        self.inner.open_batches(run_id).await
+    }
 }
 
 #[tokio::test(start_paused = true)]

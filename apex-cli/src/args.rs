@@ -33,6 +33,18 @@ pub enum Command {
     Cost(CostCmd),
     Export(ExportCmd),
     Models(ModelsCmd),
+    Cancel(CancelCmd),
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "cancel")]
+/// Cancel a run's provider batches still in flight (runs started with
+/// --batch). Processed items are kept; `apex run --resume RUN_ID` stores them
+/// and sends the rest again.
+pub struct CancelCmd {
+    #[argh(positional)]
+    /// the run id
+    pub run_id: String,
 }
 
 #[derive(FromArgs, Debug)]
@@ -106,6 +118,11 @@ pub struct RunCmd {
     /// send one real request per condition before the rest of the batch
     #[argh(switch)]
     pub verify_first: bool,
+    /// send through the providers' Batch APIs at half price: a leader batch
+    /// writes each context's cache, then a follower batch reads it (hours,
+    /// not minutes; Ctrl-C leaves the batches running)
+    #[argh(switch)]
+    pub batch: bool,
     /// run conditions whose model is past its retirement date (refused
     /// otherwise: every request would fail)
     #[argh(switch)]
@@ -221,6 +238,21 @@ pub struct SimulateCmd {
     /// share of requests (0 to 1) answered with a transient 500/503/529 (default 0)
     #[argh(option, default = "0.0")]
     pub fault_rate: f64,
+    /// seconds a batch takes from creation to its end, before scaling
+    /// (default 600)
+    #[argh(option, default = "600.0")]
+    pub batch_time: f64,
+    /// share of batches (0 to 1) that expire with half their items
+    /// unprocessed (default 0)
+    #[argh(option, default = "0.0")]
+    pub batch_expire_rate: f64,
+    /// most requests per batch, for both APIs (default: 100,000 Anthropic,
+    /// 50,000 OpenAI); larger batches are refused with 413
+    #[argh(option)]
+    pub batch_max_requests: Option<usize>,
+    /// the per-model limit (OpenAI) on tokens enqueued in batches (default: none)
+    #[argh(option)]
+    pub batch_queue_tokens: Option<u64>,
     /// write the listening address to this file once bound
     #[argh(option)]
     pub addr_file: Option<String>,

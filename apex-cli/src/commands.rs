@@ -60,6 +60,7 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
             unreachable!("handled before the store opens")
         }
         Command::Estimate(e) => estimate_cmd(store, e).await,
+        Command::Cancel(c) => cancel(store, &c.run_id).await,
         Command::Cost(c) => {
             let catalog = load_catalog(c.catalog.as_deref())?;
             report::cost(&*store, &catalog, &RunId::parse(&c.run_id)?).await?;
@@ -273,6 +274,11 @@ fn check_run_flags(cmd: &RunCmd) -> Result<()> {
     if cmd.register_only && cmd.ingest.is_none() {
         return usage("--register-only needs --ingest DIR");
     }
+    if cmd.batch && cmd.verify_first {
+        return usage(
+            "--verify-first sends single requests before the batch; with --batch the leader batch stops a failing condition before its followers go: drop one of them",
+        );
+    }
     if cmd.retry_errors && cmd.resume.is_none() {
         return usage("--retry-errors needs --resume RUN_ID");
     }
@@ -387,6 +393,7 @@ fn run_options(cmd: &RunCmd, cache: bool, limits: LimitTable) -> RunOptions {
 #[derive(Debug, Default, serde::Deserialize, serde::Serialize)]
 #[serde(default)]
 struct RecordedOptions {
+    batch: bool,
     max_retries: Option<u32>,
     no_cache: bool,
     no_rate_limiting: bool,
@@ -421,6 +428,7 @@ async fn restore_options(store: &dyn Store, cmd: &mut RunCmd, run_id: &RunId) ->
     })?;
     cmd.max_retries = cmd.max_retries.or(recorded.max_retries);
     cmd.no_cache |= recorded.no_cache;
+    cmd.batch |= recorded.batch;
     cmd.no_rate_limiting |= recorded.no_rate_limiting;
     cmd.limits = cmd.limits.take().or(recorded.limits);
     cmd.workers = cmd.workers.or(recorded.workers);
@@ -432,6 +440,7 @@ async fn restore_options(store: &dyn Store, cmd: &mut RunCmd, run_id: &RunId) ->
     cmd.stream_idle_timeout = cmd.stream_idle_timeout.or(recorded.stream_idle_timeout);
     cmd.ledger_timeout = cmd.ledger_timeout.or(recorded.ledger_timeout);
     let now = RecordedOptions {
+        batch: cmd.batch,
         max_retries: cmd.max_retries,
         no_cache: cmd.no_cache,
         no_rate_limiting: cmd.no_rate_limiting,
@@ -531,11 +540,16 @@ async fn run(store: Arc<dyn Store>, mut cmd: RunCmd) -> Result<ExitCode> {
     let progress = Arc::new(RunProgress::new(std::time::Duration::from_secs(10)));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let (ledger, interrupted_run) = (Arc::clone(&store), run_id.clone());
+    let batch_mode = cmd.batch;
     tokio::spawn(async move {
         if tokio::signal::ctrl_c().await.is_ok() {
-            tracing::warn!(
-                "interrupted: finishing the requests in flight; press Ctrl-C again to exit at once"
-            );
+            if batch_mode {
+                tracing::warn!("interrupted: the batches keep running at the provider");
+            } else {
+                tracing::warn!(
+                    "interrupted: finishing the requests in flight; press Ctrl-C again to exit at once"
+                );
+            }
             let _ = stop_tx.send(true);
             if tokio::signal::ctrl_c().await.is_ok() {
                 // One write, so `apex runs` tells the truth; bounded, since
@@ -555,9 +569,13 @@ async fn run(store: Arc<dyn Store>, mut cmd: RunCmd) -> Result<ExitCode> {
             }
         }
     });
-    let report = apex
-        .execute(&run_id, options, include_errors, progress.clone(), stop_rx)
-        .await;
+    let report = if cmd.batch {
+        apex.execute_batch(&run_id, options, include_errors, progress.clone(), stop_rx)
+            .await
+    } else {
+        apex.execute(&run_id, options, include_errors, progress.clone(), stop_rx)
+            .await
+    };
     progress.finish();
     let report = report?;
     println!();
@@ -565,13 +583,21 @@ async fn run(store: Arc<dyn Store>, mut cmd: RunCmd) -> Result<ExitCode> {
     for (slug, reason) in &report.stopped {
         eprintln!("error: condition `{slug}` stopped: {reason}");
     }
-    let code = if report.verify_failed || !report.stopped.is_empty() {
+    let code = if let Some(reason) = &report.cancelled {
+        eprintln!("error: {reason}");
+        exit::RUN_STOPPED
+    } else if report.verify_failed || !report.stopped.is_empty() {
         if report.verify_failed {
             eprintln!(
                 "error: --verify-first failed; nothing else was sent. Fix the cause, then: apex run --resume {run_id}"
             );
         }
         exit::RUN_STOPPED
+    } else if report.interrupted && cmd.batch {
+        eprintln!(
+            "interrupted; the run's batches keep running at the provider. Collect them and finish the run with: apex run --resume {run_id} (or cancel them: apex cancel {run_id})"
+        );
+        exit::INTERRUPTED
     } else if report.interrupted {
         eprintln!("interrupted; finish the run with: apex run --resume {run_id}");
         exit::INTERRUPTED
@@ -645,6 +671,20 @@ async fn simulate(cmd: SimulateCmd) -> Result<ExitCode> {
     if !(0.0..=1.0).contains(&cmd.fault_rate) {
         return Err(UsageError("--fault-rate must be between 0 and 1".into()).into());
     }
+    if !(0.0..=1.0).contains(&cmd.batch_expire_rate) {
+        return Err(UsageError("--batch-expire-rate must be between 0 and 1".into()).into());
+    }
+    if !(cmd.batch_time.is_finite() && cmd.batch_time >= 0.0) {
+        return Err(
+            UsageError("--batch-time must be a number of seconds, 0 or more".into()).into(),
+        );
+    }
+    if cmd.batch_max_requests == Some(0) || cmd.batch_queue_tokens == Some(0) {
+        return Err(UsageError(
+            "--batch-max-requests and --batch-queue-tokens must be at least 1".into(),
+        )
+        .into());
+    }
     let addr: std::net::SocketAddr = cmd.listen.parse().map_err(|_| {
         UsageError(format!(
             "--listen `{}` is not an address like 127.0.0.1:8080",
@@ -706,6 +746,10 @@ async fn simulate(cmd: SimulateCmd) -> Result<ExitCode> {
         base_latency: std::time::Duration::from_millis(cmd.latency_ms),
         output_tokens: cmd.output_tokens,
         fault_rate: cmd.fault_rate,
+        batch_time: std::time::Duration::from_secs_f64(cmd.batch_time),
+        batch_expire_rate: cmd.batch_expire_rate,
+        batch_max_requests: cmd.batch_max_requests,
+        batch_queue_tokens: cmd.batch_queue_tokens,
         // Nothing reads the log of a standalone simulator: keep none.
         request_log: 0,
         ..SimulatorConfig::default()
@@ -721,6 +765,21 @@ async fn simulate(cmd: SimulateCmd) -> Result<ExitCode> {
     tokio::signal::ctrl_c()
         .await
         .context("waiting for Ctrl-C")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `apex cancel RUN_ID`.
+async fn cancel(store: Arc<dyn Store>, run_id: &str) -> Result<ExitCode> {
+    let run_id = RunId::parse(run_id)?;
+    let apex = Apex::new(store);
+    let n = apex.cancel_batches(&run_id).await?;
+    if n == 0 {
+        println!("run {run_id} has no batches in flight; nothing to cancel");
+    } else {
+        println!(
+            "asked the provider to cancel {n} batch(es) of run {run_id}; `apex run --resume {run_id}` stores what they processed and sends the rest again"
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -119,6 +119,24 @@ impl Progress for RunProgress {
                     tracing::info!("{}", self.line(&t));
                 }
             }
+            ProgressEvent::Waiting {
+                batches,
+                processed,
+                total,
+            } => {
+                let waiting = format!(
+                    "waiting on {batches} batch(es): {processed}/{total} processed by the provider"
+                );
+                if let Some(bar) = &self.bar {
+                    bar.set_message(format!("{}; {waiting}", t.summary()));
+                    return;
+                }
+                let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+                if last.elapsed() >= self.every {
+                    *last = Instant::now();
+                    tracing::info!("{}; {waiting}", self.line(&t));
+                }
+            }
             ProgressEvent::Retrying { .. } | ProgressEvent::ConditionStopped { .. } => {}
         }
     }

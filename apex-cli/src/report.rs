@@ -105,6 +105,7 @@ pub async fn print_estimate(
             range(e.without_cache),
             saving,
             range(e.batch),
+            range(e.batch_two_waves),
             format!("{:.0}s", e.least_duration.as_secs_f64()),
         ]);
     }
@@ -118,19 +119,29 @@ pub async fn print_estimate(
         "cost (cached)",
         "cost (no cache)",
         "saving",
-        "batch price",
+        "batch (one wave)",
+        "batch (two waves)",
         "least duration",
     ];
     println!(
         "estimate ({replicates} replicate(s); cost ranges run from no output to max_tokens on every request):"
     );
     print!("{}", render(&columns.map(String::from), &rows));
+    let sum = |f: fn(&ConditionEstimate) -> Option<apex_core::estimate::CostRange>| {
+        estimates
+            .iter()
+            .filter_map(f)
+            .fold((0.0, 0.0), |(l, h), r| (l + r.low, h + r.high))
+    };
+    let (batch_low, batch_high) = sum(|e| e.batch_two_waves);
     println!(
-        "total: {}–{} with caching, {}–{} without; least duration {:.0}s plus request latencies",
+        "total: {}–{} with caching, {}–{} without, {}–{} in batches of two waves (--batch); least duration {:.0}s plus request latencies (synchronous; batches take minutes to hours)",
         usd(low),
         usd(high),
         usd(base_low),
         usd(base_high),
+        usd(batch_low),
+        usd(batch_high),
         estimates
             .iter()
             .map(|e| e.least_duration.as_secs_f64())
@@ -195,6 +206,16 @@ pub async fn cost(store: &dyn Store, catalog: &Catalog, run_id: &RunId) -> Resul
             .into());
         }
     };
+    let batch_run = run.flags.get("batch") == Some(&serde_json::Value::Bool(true));
+    // The estimate of what this run did: in two waves of batches, or
+    // synchronously with caching.
+    let expected = |e: &ConditionEstimate| {
+        if batch_run {
+            e.batch_two_waves
+        } else {
+            e.with_cache
+        }
+    };
     let sized = sized(store, &refs).await?;
     let estimates = estimate(
         catalog,
@@ -217,9 +238,11 @@ pub async fn cost(store: &dyn Store, catalog: &Catalog, run_id: &RunId) -> Resul
                 "-".into(),
                 "-".into(),
                 "-".into(),
+                "-".into(),
+                "-".into(),
                 usd(0.0),
                 "-".into(),
-                range(e.with_cache),
+                range(expected(e)),
             ]);
             continue;
         };
@@ -228,6 +251,8 @@ pub async fn cost(store: &dyn Store, catalog: &Catalog, run_id: &RunId) -> Resul
                 c.slug.clone(),
                 r.generations.to_string(),
                 "no prices".into(),
+                "".into(),
+                "".into(),
                 "".into(),
                 "".into(),
                 "".into(),
@@ -255,10 +280,19 @@ pub async fn cost(store: &dyn Store, catalog: &Catalog, run_id: &RunId) -> Resul
         let reasoning_cost = reasoning * prices.output / m;
         let visible = (output - reasoning) * prices.output / m;
         let actual = r.cost_usd;
+        let synchronous = uncached + writes + reads + reasoning_cost + visible;
+        let batch_price = synchronous * prices.batch_discount;
+        // Caching's saving against the same run's own price list: a batch
+        // run is compared at batch prices.
+        let discount = if batch_run {
+            prices.batch_discount
+        } else {
+            1.0
+        };
         let without_caching =
-            (input + write + read) * prices.input / m + output * prices.output / m;
+            ((input + write + read) * prices.input / m + output * prices.output / m) * discount;
         total += actual;
-        let fits = e.with_cache.is_some_and(|range| range.contains(actual));
+        let fits = expected(e).is_some_and(|range| range.contains(actual));
         table.push(vec![
             c.slug.clone(),
             r.generations.to_string(),
@@ -267,6 +301,8 @@ pub async fn cost(store: &dyn Store, catalog: &Catalog, run_id: &RunId) -> Resul
             usd(reads),
             usd(reasoning_cost),
             usd(visible),
+            usd(synchronous),
+            usd(batch_price),
             usd(actual),
             format!(
                 "{} ({:.0}%)",
@@ -275,7 +311,7 @@ pub async fn cost(store: &dyn Store, catalog: &Catalog, run_id: &RunId) -> Resul
             ),
             format!(
                 "{}{}",
-                range(e.with_cache),
+                range(expected(e)),
                 if fits { "" } else { " (outside)" }
             ),
         ]);
@@ -288,11 +324,16 @@ pub async fn cost(store: &dyn Store, catalog: &Catalog, run_id: &RunId) -> Resul
         "cache reads",
         "reasoning",
         "visible output",
+        "synchronous price",
+        "batch price",
         "total",
         "saved by caching",
         "estimate",
     ];
-    println!("run {run_id}: cost of successful generations");
+    println!(
+        "run {run_id}: cost of successful generations{} (the parts at synchronous prices; the batch price of the same usage beside them)",
+        if batch_run { ", sent in batches" } else { "" }
+    );
     print!("{}", render(&columns.map(String::from), &table));
     println!("total {}", usd(total));
     Ok(())

@@ -69,9 +69,13 @@ pub struct ConditionEstimate {
     pub with_cache: Option<CostRange>,
     /// Cost if nothing were cached.
     pub without_cache: Option<CostRange>,
-    /// The Batch APIs' price for the same requests (no caching assumed:
-    /// caching inside a batch is best-effort).
+    /// The Batch APIs' price for the same requests sent in one batch: its
+    /// items do not read each other's cache writes, so nothing is cached.
     pub batch: Option<CostRange>,
+    /// The Batch APIs' price in two waves (`apex run --batch`): per context
+    /// a leader writing the longest cache the model offers, then the other
+    /// replicates reading it.
+    pub batch_two_waves: Option<CostRange>,
     /// Least time the per-minute limits allow (output reserved at
     /// `max_tokens`, as the providers count it), request latency excluded.
     pub least_duration: Duration,
@@ -191,6 +195,7 @@ fn estimate_condition(
     let prices = model.map(|m| &m.prices);
     let mut with_cache = prices.map(|_| CostRange::default());
     let mut without_cache = with_cache;
+    let mut two_waves = with_cache;
     // Per request, what the limits count (output at max_tokens).
     let mut charges: Vec<(u64, u64)> = Vec::new();
     for p in packages {
@@ -225,7 +230,25 @@ fn estimate_condition(
                 input_tokens: total,
                 ..Usage::default()
             };
-            for (range, u) in [(&mut with_cache, one), (&mut without_cache, plain)] {
+            // Two waves of batches: the leader writes the long cache (the
+            // gap until its followers is a batch's processing time). An
+            // in-memory cache (5 to 10 minutes) rarely outlives a batch, so
+            // models with only that are expected to read nothing.
+            let in_memory_only =
+                c.provider == ProviderKind::OpenAi && controls == CacheControls::Automatic;
+            let waved = if cache && replicates > 1 && !in_memory_only {
+                Usage {
+                    cache_write_1h_tokens: write,
+                    ..one
+                }
+            } else {
+                plain
+            };
+            for (range, u) in [
+                (&mut with_cache, one),
+                (&mut without_cache, plain),
+                (&mut two_waves, waved),
+            ] {
                 if let (Some(r), Some(c)) = (range.as_mut(), cost(prices, &u, max_tokens)) {
                     r.low += c.low;
                     r.high += c.high;
@@ -242,13 +265,13 @@ fn estimate_condition(
         }
     }
     let requests = charges.len() as u64;
-    let batch = without_cache.map(|range| {
-        let discount = prices.map_or(1.0, |p| p.batch_discount);
-        CostRange {
-            low: range.low * discount,
-            high: range.high * discount,
-        }
-    });
+    let discount = prices.map_or(1.0, |p| p.batch_discount);
+    let at_batch_price = |range: CostRange| CostRange {
+        low: range.low * discount,
+        high: range.high * discount,
+    };
+    let batch = without_cache.map(at_batch_price);
+    let batch_two_waves = two_waves.map(at_batch_price);
     ConditionEstimate {
         slug: c.slug.clone(),
         model: c.model.clone(),
@@ -266,6 +289,7 @@ fn estimate_condition(
         with_cache,
         without_cache,
         batch,
+        batch_two_waves,
         least_duration: least_duration(
             limits.lookup(catalog, c.provider, &c.model),
             c.provider,

@@ -43,6 +43,7 @@
 //! # Ok::<(), apex_core::Error>(())
 //! ```
 
+pub mod batches;
 pub mod catalog;
 pub mod condition;
 pub mod context;

@@ -55,6 +55,10 @@ pub struct Limits {
     pub itpm: Option<u64>,
     /// Anthropic output tokens per minute.
     pub otpm: Option<u64>,
+    /// OpenAI's per-model limit on tokens enqueued in batches (`apex run
+    /// --batch`); learned from a refused batch when not given.
+    #[serde(default)]
+    pub batch_queue_tokens: Option<u64>,
 }
 
 impl Limits {
@@ -167,6 +171,9 @@ pub fn parse_limits_file(text: &str) -> Result<Vec<(ProviderKind, String, Limits
                 ProviderKind::Anthropic if limits.tpm.is_some() => {
                     Some("Anthropic limits are rpm, itpm and otpm; tpm is OpenAI's")
                 }
+                ProviderKind::Anthropic if limits.batch_queue_tokens.is_some() => Some(
+                    "batch_queue_tokens is OpenAI's per-model limit; Anthropic limits batches by requests, not tokens",
+                ),
                 _ => None,
             };
             if let Some(problem) = wrong {
@@ -174,7 +181,15 @@ pub fn parse_limits_file(text: &str) -> Result<Vec<(ProviderKind, String, Limits
                     "[{provider}.\"{model}\"]: {problem}"
                 )));
             }
-            if [limits.rpm, limits.tpm, limits.itpm, limits.otpm].contains(&Some(0)) {
+            if [
+                limits.rpm,
+                limits.tpm,
+                limits.itpm,
+                limits.otpm,
+                limits.batch_queue_tokens,
+            ]
+            .contains(&Some(0))
+            {
                 return Err(Error::LimitsFile(format!(
                     "[{provider}.\"{model}\"]: a limit of 0 admits nothing; leave it out to mean no limit"
                 )));
@@ -980,7 +995,7 @@ mod tests {
             rpm: Some(rpm),
             itpm: Some(itpm),
             otpm: Some(otpm),
-            tpm: None,
+            ..Limits::default()
         }
     }
 
@@ -1382,8 +1397,7 @@ mod tests {
             Limits {
                 rpm: Some(500),
                 tpm: Some(30_000),
-                itpm: None,
-                otpm: None,
+                ..Limits::default()
             },
             ProviderKind::OpenAi,
         );
@@ -1433,6 +1447,14 @@ mod tests {
             table.lookup(&catalog, ProviderKind::OpenAi, "gpt-5").tpm,
             Some(500_000)
         );
+        let queued =
+            LimitTable::with_file("[openai.\"gpt-5\"]\nbatch_queue_tokens = 1500000\n").unwrap();
+        assert_eq!(
+            queued
+                .cap(&catalog, ProviderKind::OpenAi, "gpt-5")
+                .batch_queue_tokens,
+            Some(1_500_000)
+        );
         for (bad, needle) in [
             (
                 "[openai.\"gpt-5\"]\nitpm = 5\n",
@@ -1440,6 +1462,14 @@ mod tests {
             ),
             ("[anthropic.\"x\"]\ntpm = 5\n", "tpm is OpenAI's"),
             ("[openai.\"gpt-5\"]\nrpm = 0\n", "admits nothing"),
+            (
+                "[openai.\"gpt-5\"]\nbatch_queue_tokens = 0\n",
+                "admits nothing",
+            ),
+            (
+                "[anthropic.\"x\"]\nbatch_queue_tokens = 5\n",
+                "OpenAI's per-model limit",
+            ),
             ("[google.\"x\"]\nrpm = 1\n", "unknown field `google`"),
         ] {
             let err = LimitTable::with_file(bad).unwrap_err().to_string();

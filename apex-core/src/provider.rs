@@ -141,6 +141,16 @@ pub struct GenerationRequest {
     /// The body, shared with the other requests of the same (condition,
     /// context, cache hint); `SharedBody::default()` for a one-off.
     pub body: SharedBody,
+    /// An item of a provider batch: never streamed (a batch answers whole).
+    pub in_batch: bool,
+}
+
+impl GenerationRequest {
+    /// Whether this request is sent as a stream: its condition streams and
+    /// it is not a batch item.
+    pub fn streams(&self) -> bool {
+        self.condition.streams() && !self.in_batch
+    }
 }
 
 /// One bucket of a provider's rate-limit headers.
@@ -333,6 +343,11 @@ pub trait Provider: Send + Sync {
     /// do not retry: the scheduler owns retries, so each attempt is counted
     /// and passes the rate limiter.
     async fn generate(&self, request: &GenerationRequest) -> Result<Generated, AttemptError>;
+
+    /// The provider's Batch API, if it has one (`apex run --batch`).
+    fn batches(&self) -> Option<&dyn crate::batches::BatchApi> {
+        None
+    }
 }
 
 #[cfg(test)]

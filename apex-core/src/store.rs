@@ -5,6 +5,7 @@ use std::fmt;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+use crate::batches::{BatchRecord, BatchState};
 use crate::condition::Condition;
 use crate::context::ContextPackage;
 use crate::error::Result;
@@ -249,6 +250,24 @@ pub trait Store: Send + Sync {
         after: i64,
         limit: u32,
     ) -> Result<Vec<GenerationRow>>;
+
+    /// Records a provider batch before it is submitted: the batch, its
+    /// items, and each item's attempt as begun (`running`), in one
+    /// transaction.
+    async fn record_batch(&self, batch: &BatchRecord) -> Result<()>;
+
+    /// Moves a recorded batch on: the provider's id once submitted (kept
+    /// when `None`), and its state.
+    async fn update_batch(
+        &self,
+        batch_key: &str,
+        provider_batch_id: Option<&str>,
+        state: BatchState,
+    ) -> Result<()>;
+
+    /// The run's batches still open (`intent` or `submitted`), oldest
+    /// first, with their items.
+    async fn open_batches(&self, run_id: &RunId) -> Result<Vec<BatchRecord>>;
 
     /// Runs one read-only statement; a statement that would write is refused
     /// with [`crate::Error::ReadOnly`]. The `apex_audition` schema is available.

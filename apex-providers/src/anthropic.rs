@@ -241,7 +241,7 @@ impl Wire for AnthropicWire {
                 .reasoning_effort
                 .as_deref()
                 .map(|effort| OutputConfig { effort }),
-            stream: c.streams(),
+            stream: request.streams(),
         };
         serde_json::to_vec(&body).expect("a request always serializes")
     }

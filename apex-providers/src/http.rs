@@ -68,6 +68,9 @@ pub struct HttpProvider<W: Wire> {
     key: Option<ApiKey>,
     request_timeout: Duration,
     stream_idle_timeout: Duration,
+    /// Anthropic's Message Batches (OpenAI's Batch API is on
+    /// [`OpenAiProvider`], which serves both of its endpoints).
+    batch_api: Option<crate::batches::AnthropicBatches>,
     wire: PhantomData<W>,
 }
 
@@ -108,11 +111,20 @@ impl<W: Wire> HttpProvider<W> {
     /// Shares a client (its connections and TLS roots) with another wire.
     fn with_client(client: reqwest::Client, config: &ProviderConfig) -> Self {
         Self {
-            client,
+            client: client.clone(),
             url: W::endpoint(config.base_url.trim()),
             key: config.api_key.clone(),
             request_timeout: config.request_timeout,
             stream_idle_timeout: config.stream_idle_timeout,
+            batch_api: (W::KIND == ProviderKind::Anthropic).then(|| {
+                crate::batches::AnthropicBatches {
+                    endpoint: crate::batches::Endpoint {
+                        client: client.clone(),
+                        base: config.base_url.trim().to_owned(),
+                        key: config.api_key.clone(),
+                    },
+                }
+            }),
             wire: PhantomData,
         }
     }
@@ -158,6 +170,12 @@ impl<W: Wire> Provider for HttpProvider<W> {
         }
     }
 
+    fn batches(&self) -> Option<&dyn apex_core::batches::BatchApi> {
+        self.batch_api
+            .as_ref()
+            .map(|b| b as &dyn apex_core::batches::BatchApi)
+    }
+
     async fn generate(&self, request: &GenerationRequest) -> Result<Generated, AttemptError> {
         let Some(key) = &self.key else {
             return Err(AttemptError::new(
@@ -177,7 +195,7 @@ impl<W: Wire> Provider for HttpProvider<W> {
         if let Some(trace) = &request.trace {
             builder = builder.header("x-apex-generation", trace);
         }
-        let streamed = request.condition.streams();
+        let streamed = request.streams();
         if !streamed {
             builder = builder.timeout(self.request_timeout);
         }
@@ -292,16 +310,10 @@ impl<W: Wire> HttpProvider<W> {
         request_hash: String,
         rate_limits: apex_core::RateLimitSnapshot,
     ) -> Generated {
-        let mut usage = parsed.usage;
-        W::complete_usage(request, &mut usage);
         Generated {
-            text: parsed.text,
-            usage,
-            finish_reason: parsed.finish_reason,
-            request_id: request_id.or(parsed.id),
-            model_snapshot: parsed.model,
             request_hash,
             rate_limits,
+            ..crate::wire::generated::<W>(request, parsed, request_id)
         }
     }
 }
@@ -312,6 +324,7 @@ impl<W: Wire> HttpProvider<W> {
 pub struct OpenAiProvider {
     chat: ChatProvider,
     responses: ResponsesProvider,
+    batch_api: crate::batches::OpenAiBatches,
 }
 
 impl OpenAiProvider {
@@ -319,7 +332,18 @@ impl OpenAiProvider {
     pub fn new(config: ProviderConfig) -> Result<Self, ProviderError> {
         let chat = ChatProvider::new(config.clone())?;
         let responses = ResponsesProvider::with_client(chat.client.clone(), &config);
-        Ok(Self { chat, responses })
+        let batch_api = crate::batches::OpenAiBatches {
+            endpoint: crate::batches::Endpoint {
+                client: chat.client.clone(),
+                base: config.base_url.trim().to_owned(),
+                key: config.api_key.clone(),
+            },
+        };
+        Ok(Self {
+            chat,
+            responses,
+            batch_api,
+        })
     }
 
     /// Whether a key is configured.
@@ -347,5 +371,9 @@ impl Provider for OpenAiProvider {
 
     async fn generate(&self, request: &GenerationRequest) -> Result<Generated, AttemptError> {
         self.route(request).generate(request).await
+    }
+
+    fn batches(&self) -> Option<&dyn apex_core::batches::BatchApi> {
+        Some(&self.batch_api)
     }
 }

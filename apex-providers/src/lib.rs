@@ -43,6 +43,7 @@
 //!     cache_controls: Default::default(),
 //!     trace: None,
 //!     body: SharedBody::default(),
+//!     in_batch: false,
 //! };
 //! let preview = provider.preview(&request);
 //! assert_eq!(preview.url, "http://127.0.0.1:9/v1/messages");
@@ -51,6 +52,7 @@
 //! ```
 
 mod anthropic;
+pub mod batches;
 mod error;
 pub mod headers;
 mod http;

@@ -324,7 +324,7 @@ impl Wire for OpenAiWire {
                 },
             ]),
         });
-        let stream = c.streams();
+        let stream = request.streams();
         let body = ChatRequest {
             model: &c.model,
             messages,

@@ -181,7 +181,7 @@ impl Wire for ResponsesWire {
             prompt_cache_retention: cache.retention,
             prompt_cache_options: cache.options,
             store: c.store.unwrap_or(false),
-            stream: c.streams(),
+            stream: request.streams(),
         };
         serde_json::to_vec(&body).expect("a request always serializes")
     }

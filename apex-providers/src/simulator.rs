@@ -1,6 +1,6 @@
 //! A loopback server that speaks both wire formats, for tests, examples and
-//! benchmarks: `POST /v1/chat/completions` (OpenAI) and `POST /v1/messages`
-//! (Anthropic).
+//! benchmarks: `POST /v1/chat/completions` and `/v1/responses` (OpenAI),
+//! `POST /v1/messages` (Anthropic), and both Batch APIs (`batches`).
 //!
 //! It checks auth and the request schema, answers with the real error bodies,
 //! counts tokens (OpenAI exactly with `o200k_base`; Anthropic at four bytes
@@ -32,9 +32,11 @@ use tokio::time::Instant;
 
 mod accounting;
 mod answers;
+mod batches;
 mod requests;
 
 use answers::Answer;
+pub use batches::BatchLogEntry;
 pub use requests::SimApi;
 use requests::{Parsed, parse_chat, parse_messages, parse_responses};
 
@@ -74,6 +76,20 @@ pub struct SimulatorConfig {
     /// remembers (each holds its parsed body): a long-lived simulator keeps
     /// bounded memory.
     pub request_log: usize,
+    /// How long a batch takes from creation to its end, before scaling.
+    pub batch_time: Duration,
+    /// Share of batches (0..1) that expire with the later half of their
+    /// items unprocessed.
+    pub batch_expire_rate: f64,
+    /// Share of batch items (0..1) that end `errored` with a server error.
+    pub batch_error_rate: f64,
+    /// Most requests per batch (default: Anthropic 100,000, OpenAI 50,000).
+    pub batch_max_requests: Option<usize>,
+    /// Most bytes per batch (default: Anthropic 256 MB, OpenAI 200 MB).
+    pub batch_max_bytes: Option<usize>,
+    /// OpenAI's per-model limit on tokens enqueued in batches in progress
+    /// (none by default).
+    pub batch_queue_tokens: Option<u64>,
 }
 
 impl Default for SimulatorConfig {
@@ -90,6 +106,12 @@ impl Default for SimulatorConfig {
             openai_rules: LimitRules::of(ProviderKind::OpenAi),
             anthropic_rules: LimitRules::of(ProviderKind::Anthropic),
             request_log: 4096,
+            batch_time: Duration::from_secs(600),
+            batch_expire_rate: 0.0,
+            batch_error_rate: 0.0,
+            batch_max_requests: None,
+            batch_max_bytes: None,
+            batch_queue_tokens: None,
         }
     }
 }
@@ -187,6 +209,7 @@ struct State {
     log: VecDeque<RequestRecord>,
     next_id: u64,
     rng: u64,
+    batches: batches::Batches,
 }
 
 impl State {
@@ -314,6 +337,7 @@ impl Simulator {
             log: VecDeque::new(),
             next_id: 1,
             rng: 0x2545_F491_4F6C_DD1D,
+            batches: batches::Batches::default(),
         }));
         let shared = Arc::clone(&state);
         let task = tokio::spawn(async move {
@@ -388,6 +412,11 @@ impl Simulator {
     /// [`SimulatorConfig::request_log`] of them.
     pub fn requests(&self) -> Vec<RequestRecord> {
         self.lock().log.iter().cloned().collect()
+    }
+
+    /// The batches received so far (both Batch APIs), oldest first.
+    pub fn batches(&self) -> Vec<BatchLogEntry> {
+        self.lock().batches.log.clone()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -467,6 +496,109 @@ fn error_body(provider: ProviderKind, kind: &str, code: Option<&str>, message: &
     }
 }
 
+/// The key a request presents: OpenAI's bearer token; Anthropic's
+/// `x-api-key`, or a bearer token (its SDKs 2.0 and later may send one).
+fn presented_key(provider: ProviderKind, headers: &hyper::HeaderMap) -> Option<String> {
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let bearer = header("authorization").and_then(|v| v.strip_prefix("Bearer ").map(str::to_owned));
+    match provider {
+        ProviderKind::OpenAi => bearer,
+        ProviderKind::Anthropic => header("x-api-key").or(bearer),
+    }
+}
+
+/// Whether a presented key is accepted (the configured one, or any
+/// non-empty key when none is configured); the 401 body when not, echoing a
+/// masked form of the key as the real services do.
+fn check_key(
+    provider: ProviderKind,
+    expected: Option<&str>,
+    presented: Option<&str>,
+) -> Result<(), String> {
+    let ok = match (presented, expected) {
+        (Some(p), Some(e)) => p == e,
+        (Some(p), None) => !p.is_empty(),
+        (None, _) => false,
+    };
+    if ok {
+        return Ok(());
+    }
+    let shown = presented.map_or_else(String::new, |k| {
+        let head: String = k.chars().take(7).collect();
+        let tail: String = k
+            .chars()
+            .rev()
+            .take(4)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        format!("{head}***{tail}")
+    });
+    Err(match provider {
+        ProviderKind::OpenAi => error_body(
+            provider,
+            "invalid_request_error",
+            Some("invalid_api_key"),
+            &format!(
+                "Incorrect API key provided: {shown}. You can find your API key at https://platform.openai.com/account/api-keys."
+            ),
+        ),
+        ProviderKind::Anthropic => {
+            error_body(provider, "authentication_error", None, "invalid x-api-key")
+        }
+    })
+}
+
+/// A request body checked as its endpoint checks it: schema, the model's
+/// rules, and input plus `max_tokens` within the model's window.
+fn validate(api: SimApi, body: &Value, catalog: &Catalog) -> Result<Parsed, requests::Rejection> {
+    let parsed = match api {
+        SimApi::Chat => parse_chat(body, catalog),
+        SimApi::Responses => parse_responses(body, catalog),
+        SimApi::Messages => parse_messages(body, catalog),
+    }?;
+    let info = catalog
+        .lookup(api.provider(), &parsed.model)
+        .expect("parse checked the model");
+    let total_input = parsed.prefix_text_tokens + parsed.rest_tokens;
+    if total_input + parsed.max_tokens > info.context_window {
+        let message = format!(
+            "prompt is too long: {total_input} tokens + {} max tokens > {} maximum",
+            parsed.max_tokens, info.context_window
+        );
+        return Err((
+            400,
+            "invalid_request_error",
+            Some("context_length_exceeded"),
+            message,
+        ));
+    }
+    Ok(parsed)
+}
+
+/// (cache read, cache write, uncached) input of a request that hit the
+/// cache or not. OpenAI's automatic cache serves 128-token blocks of the
+/// prefix and reports no writes; explicit breakpoints (and Anthropic)
+/// serve and write the prefix exactly.
+fn cache_usage(parsed: &Parsed, hit: bool) -> (u64, u64, u64) {
+    let total_input = parsed.prefix_text_tokens + parsed.rest_tokens;
+    match (&parsed.cache_key, hit, parsed.reports_writes) {
+        (Some(_), true, false) => {
+            let cached = parsed.prefix_text_tokens / 128 * 128;
+            (cached, 0, total_input - cached)
+        }
+        (Some(_), true, true) => (parsed.prefix_text_tokens, 0, parsed.rest_tokens),
+        (Some(_), false, true) => (0, parsed.prefix_text_tokens, parsed.rest_tokens),
+        _ => (0, 0, total_input),
+    }
+}
+
 fn warm_o200k(value: &Value) {
     match value {
         Value::String(s) if s.len() >= 4096 => {
@@ -488,6 +620,9 @@ fn go_duration(d: Duration) -> String {
 }
 
 async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Reply, DropConnection> {
+    if let Some(provider) = batches::route(req.uri().path()) {
+        return Ok(batches::handle(state, provider, req).await);
+    }
     let Some(api) = SimApi::route(req.method().as_str(), req.uri().path()) else {
         let message = format!(
             "Invalid URL ({} {}): the simulator serves POST /v1/chat/completions, /v1/responses and /v1/messages",
@@ -509,12 +644,7 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Repl
             .map(str::to_owned)
     };
     let trace = header("x-apex-generation");
-    let bearer = header("authorization").and_then(|v| v.strip_prefix("Bearer ").map(str::to_owned));
-    // Anthropic's SDKs (2.0 and later) may send the key as a bearer token.
-    let presented = match provider {
-        ProviderKind::OpenAi => bearer,
-        ProviderKind::Anthropic => header("x-api-key").or(bearer),
-    };
+    let presented = presented_key(provider, req.headers());
     let has_version = header("anthropic-version").is_some();
     // A request counts from its arrival, before its body is read, as the
     // real services count it.
@@ -564,40 +694,8 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Repl
 
     let decision = {
         let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
-        let expected = s.config.api_key.clone();
-        let auth_ok = match (&presented, &expected) {
-            (Some(p), Some(e)) => p == e,
-            (Some(p), None) => !p.is_empty(),
-            (None, _) => false,
-        };
-        if !auth_ok {
+        if let Err(body) = check_key(provider, s.config.api_key.as_deref(), presented.as_deref()) {
             record(&mut s, 401, 0, 0);
-            // Like the real service, echo a masked form of the key presented.
-            let shown = presented.as_deref().map_or_else(String::new, |k| {
-                let head: String = k.chars().take(7).collect();
-                let tail: String = k
-                    .chars()
-                    .rev()
-                    .take(4)
-                    .collect::<Vec<_>>()
-                    .into_iter()
-                    .rev()
-                    .collect();
-                format!("{head}***{tail}")
-            });
-            let body = match provider {
-                ProviderKind::OpenAi => error_body(
-                    provider,
-                    "invalid_request_error",
-                    Some("invalid_api_key"),
-                    &format!(
-                        "Incorrect API key provided: {shown}. You can find your API key at https://platform.openai.com/account/api-keys."
-                    ),
-                ),
-                ProviderKind::Anthropic => {
-                    error_body(provider, "authentication_error", None, "invalid x-api-key")
-                }
-            };
             return Ok(reply(401, &[], body));
         }
         if provider == ProviderKind::Anthropic && !has_version {
@@ -659,12 +757,7 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Repl
             ));
         }
         let catalog = s.catalog.clone();
-        let parsed = match api {
-            SimApi::Chat => parse_chat(&body, &catalog),
-            SimApi::Responses => parse_responses(&body, &catalog),
-            SimApi::Messages => parse_messages(&body, &catalog),
-        };
-        let parsed = match parsed {
+        let parsed = match validate(api, &body, &catalog) {
             Ok(p) => p,
             Err((status, kind, code, message)) => {
                 record(&mut s, status, 0, 0);
@@ -679,23 +772,6 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Repl
             .lookup(provider, &parsed.model)
             .expect("parse checked the model");
         let total_input = parsed.prefix_text_tokens + parsed.rest_tokens;
-        if total_input + parsed.max_tokens > info.context_window {
-            record(&mut s, 400, 0, 0);
-            let message = format!(
-                "prompt is too long: {total_input} tokens + {} max tokens > {} maximum",
-                parsed.max_tokens, info.context_window
-            );
-            return Ok(reply(
-                400,
-                &[],
-                error_body(
-                    provider,
-                    "invalid_request_error",
-                    Some("context_length_exceeded"),
-                    &message,
-                ),
-            ));
-        }
         // Cache: hit if an entry written by a *completed* request is alive.
         // Limits are charged at arrival (entries may come in a little out
         // of order, so expired ones are dropped wherever they are).
@@ -704,19 +780,7 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Repl
             .cache_key
             .as_ref()
             .is_some_and(|k| s.cache.get(k).is_some_and(|exp| *exp > now));
-        // OpenAI's automatic cache serves 128-token blocks of the prefix and
-        // reports no writes; explicit breakpoints (and Anthropic) serve and
-        // write the prefix exactly.
-        let (cache_read, cache_write, uncached) =
-            match (&parsed.cache_key, hit, parsed.reports_writes) {
-                (Some(_), true, false) => {
-                    let cached = parsed.prefix_text_tokens / 128 * 128;
-                    (cached, 0, total_input - cached)
-                }
-                (Some(_), true, true) => (parsed.prefix_text_tokens, 0, parsed.rest_tokens),
-                (Some(_), false, true) => (0, parsed.prefix_text_tokens, parsed.rest_tokens),
-                _ => (0, 0, total_input),
-            };
+        let (cache_read, cache_write, uncached) = cache_usage(&parsed, hit);
         // Per-minute limits, charged at arrival like the real services, by
         // the simulator's own accounting (`accounting`), not Apex's.
         let limits = s.limits_for(provider, &parsed.model);

@@ -99,6 +99,31 @@ pub trait Wire: Send + Sync + 'static {
     fn complete_usage(_request: &GenerationRequest, _usage: &mut Usage) {}
 }
 
+/// A parsed answer as the outcome of a request: usage completed with what
+/// only the request knows, the header's request id preferred to the body's,
+/// the request's body hash.
+pub fn generated<W: Wire>(
+    request: &GenerationRequest,
+    parsed: ParsedResponse,
+    request_id: Option<String>,
+) -> apex_core::Generated {
+    let mut usage = parsed.usage;
+    W::complete_usage(request, &mut usage);
+    apex_core::Generated {
+        text: parsed.text,
+        usage,
+        finish_reason: parsed.finish_reason,
+        request_id: request_id.or(parsed.id),
+        model_snapshot: parsed.model,
+        request_hash: request
+            .body
+            .get_or_build(|| W::body(request))
+            .sha256
+            .clone(),
+        rate_limits: RateLimitSnapshot::default(),
+    }
+}
+
 /// A success body as the API's JSON, or a decode error naming `what` with
 /// an excerpt of the body.
 pub fn decode<T: serde::de::DeserializeOwned>(body: &[u8], what: &str) -> Result<T, ParseError> {

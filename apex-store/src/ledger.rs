@@ -6,12 +6,14 @@
 
 use std::collections::HashMap;
 
+use apex_core::batches::{BatchItemRecord, BatchRecord, BatchState, Wave};
 use apex_core::run::AttemptEnd;
 use apex_core::store::{ConditionInfo, ConditionUsage, PacingShare};
 use apex_core::time::now_rfc3339;
 use apex_core::{
     Claim, Condition, ContextPackage, Error, ErrorRow, GenerationRow, IngestReport, NewRun,
-    PackageRef, Plan, RegisterReport, RunId, RunInfo, RunState, StatusCounts, Usage, WorkItem,
+    PackageRef, Plan, ProviderKind, RegisterReport, RunId, RunInfo, RunState, StatusCounts, Usage,
+    WorkItem,
 };
 
 use crate::sql::{Record, Statement, params};
@@ -1076,4 +1078,134 @@ pub(crate) async fn run_packages(
         .iter()
         .map(|r| Ok((r.text("prompt_id")?, r.text("package_version")?)))
         .collect()
+}
+
+// ------------------------------------------------------------------- batches
+
+static BATCH_INSERT: Statement = Statement::new(
+    "INSERT INTO apex_audition.batches (batch_key, run_id, provider, model, wave,
+         provider_batch_id, state, item_count, created_at)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+);
+static BATCH_ITEM_INSERT: Statement = Statement::new(
+    "INSERT INTO apex_audition.batch_items (batch_key, generation_id, attempt, custom_id)
+     VALUES (?1, ?2, ?3, ?4)",
+);
+static BATCH_UPDATE: Statement = Statement::new(
+    "UPDATE apex_audition.batches SET state = ?2,
+         provider_batch_id = COALESCE(?3, provider_batch_id),
+         submitted_at = CASE WHEN ?2 = 'submitted' THEN ?4 ELSE submitted_at END,
+         ended_at = CASE WHEN ?2 IN ('ended', 'cancelled', 'failed') THEN ?4 ELSE ended_at END
+     WHERE batch_key = ?1",
+);
+static OPEN_BATCHES: Statement = Statement::new(
+    "SELECT batch_key, run_id, provider, model, wave, provider_batch_id, state,
+            created_at, submitted_at
+     FROM apex_audition.batches
+     WHERE run_id = ?1 AND state IN ('intent', 'submitted')
+     ORDER BY created_at, batch_key",
+);
+static BATCH_ITEMS: Statement = Statement::new(
+    "SELECT i.generation_id, i.attempt, i.custom_id, g.condition_slug, g.prompt_id,
+            g.package_version
+     FROM apex_audition.batch_items i
+     JOIN apex_audition.generations g ON g.generation_id = i.generation_id
+     WHERE i.batch_key = ?1 ORDER BY i.generation_id",
+);
+
+pub(crate) async fn record_batch(tx: &mut impl Tx, batch: &BatchRecord) -> CoreResult<()> {
+    tx.execute(
+        &BATCH_INSERT,
+        params![
+            &batch.batch_key,
+            batch.run_id.as_str(),
+            batch.provider.as_str(),
+            &batch.model,
+            batch.wave.as_str(),
+            &batch.provider_batch_id,
+            batch.state.as_str(),
+            batch.items.len() as u64,
+            &batch.created_at
+        ],
+    )
+    .await?;
+    for item in &batch.items {
+        tx.execute(
+            &BATCH_ITEM_INSERT,
+            params![
+                &batch.batch_key,
+                item.generation_id,
+                item.attempt,
+                &item.custom_id
+            ],
+        )
+        .await?;
+        begin_attempt(tx, item.generation_id, item.attempt, None).await?;
+    }
+    Ok(())
+}
+
+pub(crate) async fn update_batch(
+    tx: &mut impl Tx,
+    batch_key: &str,
+    provider_batch_id: Option<&str>,
+    state: BatchState,
+) -> CoreResult<()> {
+    let now = now_rfc3339();
+    let n = tx
+        .execute(
+            &BATCH_UPDATE,
+            params![batch_key, state.as_str(), provider_batch_id, &now],
+        )
+        .await?;
+    if n == 0 {
+        return Err(Error::store_msg(format!(
+            "no batch `{batch_key}` in the ledger"
+        )));
+    }
+    Ok(())
+}
+
+pub(crate) async fn open_batches(tx: &mut impl Tx, run_id: &RunId) -> CoreResult<Vec<BatchRecord>> {
+    let rows = tx.query(&OPEN_BATCHES, params![run_id.as_str()]).await?;
+    let mut batches = Vec::with_capacity(rows.len());
+    for r in rows {
+        let bad = |what: &str, value: String| {
+            Error::store_msg(format!(
+                "the ledger holds an unknown batch {what} `{value}`"
+            ))
+        };
+        let provider = r.text("provider")?;
+        let wave = r.text("wave")?;
+        let state = r.text("state")?;
+        let batch_key = r.text("batch_key")?;
+        let items = tx
+            .query(&BATCH_ITEMS, params![&batch_key])
+            .await?
+            .iter()
+            .map(|i| {
+                Ok(BatchItemRecord {
+                    generation_id: i.i64("generation_id")?,
+                    attempt: i.u32("attempt")?,
+                    custom_id: i.text("custom_id")?,
+                    condition_slug: i.text("condition_slug")?,
+                    prompt_id: i.text("prompt_id")?,
+                    package_version: i.text("package_version")?,
+                })
+            })
+            .collect::<CoreResult<_>>()?;
+        batches.push(BatchRecord {
+            batch_key,
+            run_id: run_id.clone(),
+            provider: ProviderKind::parse(&provider).ok_or_else(|| bad("provider", provider))?,
+            model: r.text("model")?,
+            wave: Wave::parse(&wave).ok_or_else(|| bad("wave", wave))?,
+            provider_batch_id: r.opt_text("provider_batch_id")?,
+            state: BatchState::parse(&state).ok_or_else(|| bad("state", state))?,
+            created_at: r.text("created_at")?,
+            submitted_at: r.opt_text("submitted_at")?,
+            items,
+        });
+    }
+    Ok(batches)
 }

@@ -1,6 +1,7 @@
 //! apex-cli integration tests: the real `apex` binary, driven as a user would.
 
 mod bad_input;
+mod batch;
 mod current;
 mod live;
 mod multi;

@@ -256,6 +256,7 @@ impl Executor {
             verify_failed: summary.verify_failed,
             interrupted: summary.interrupted,
             rate_limited: summary.rate_limited,
+            cancelled: None,
         })
     }
 }
@@ -492,6 +493,7 @@ impl Driver<'_> {
             cache_controls: attempt.cache_controls,
             trace: Some(format!("{}/{id}/{}", self.run_id, attempt.attempt)),
             body: attempt.body,
+            in_batch: false,
         };
         self.spawn(Task::Generation(id), async move {
             let started = tokio::time::Instant::now();

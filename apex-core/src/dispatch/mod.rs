@@ -31,6 +31,7 @@
 //! [`Store`]: crate::store::Store
 //! [`Provider`]: crate::provider::Provider
 
+pub mod batches;
 mod driver;
 mod machine;
 pub(crate) mod pacing;
@@ -45,6 +46,7 @@ use std::time::Duration;
 use crate::limiter::LimitTable;
 use crate::run::StatusCounts;
 
+pub use batches::BatchExecutor;
 pub use driver::Executor;
 pub use machine::{
     Action, Attempt, DispatchConfig, Dispatcher, Event, ReservationBook, Summary, Task,
@@ -138,6 +140,15 @@ pub enum ProgressEvent {
         /// The wait before the next attempt.
         delay: Duration,
     },
+    /// Batch mode: waiting on provider batches (sent after each poll).
+    Waiting {
+        /// Batches still processing.
+        batches: u32,
+        /// Their items processed so far, as the providers report.
+        processed: u64,
+        /// Their items.
+        total: u64,
+    },
     /// A condition stopped; its remaining generations stay `pending`.
     ConditionStopped {
         /// Its slug.
@@ -174,4 +185,7 @@ pub struct RunReport {
     pub interrupted: bool,
     /// Responses with status 429 received.
     pub rate_limited: u64,
+    /// Batch mode: a batch was cancelled (`apex cancel`, or the provider's
+    /// console), and why the run stopped.
+    pub cancelled: Option<String>,
 }

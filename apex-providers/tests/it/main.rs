@@ -40,6 +40,7 @@ pub(crate) fn request(provider: ProviderKind, model: &str, cache: CacheHint) -> 
         cache_controls: Default::default(),
         trace: None,
         body: apex_core::SharedBody::default(),
+        in_batch: false,
     }
 }
 

@@ -1,6 +1,7 @@
 //! The PostgreSQL backend: the same `apex_audition` schema and semantics as
 //! SQLite, over a pool of tokio-postgres connections.
 
+use apex_core::batches::{BatchRecord, BatchState};
 use apex_core::run::AttemptEnd;
 use apex_core::store::{ConditionInfo, ConditionUsage, PacingShare};
 use apex_core::time::now_rfc3339;
@@ -30,6 +31,7 @@ const MIGRATIONS: &[(&str, &str)] = &[
     ("workers", include_str!("0003_workers.sql")),
     ("o200k_split", include_str!("0004_o200k_split.sql")),
     ("pacing", include_str!("0005_pacing.sql")),
+    ("batches", include_str!("0006_batches.sql")),
 ];
 
 type CoreResult<T> = apex_core::Result<T>;
@@ -540,6 +542,28 @@ impl Store for PostgresStore {
         on_connection!(self, |tx| ledger::generations_page(
             tx, run_id, after, limit
         ))
+    }
+
+    async fn record_batch(&self, batch: &BatchRecord) -> CoreResult<()> {
+        in_transaction!(self, |tx| ledger::record_batch(tx, batch))
+    }
+
+    async fn update_batch(
+        &self,
+        batch_key: &str,
+        provider_batch_id: Option<&str>,
+        state: BatchState,
+    ) -> CoreResult<()> {
+        in_transaction!(self, |tx| ledger::update_batch(
+            tx,
+            batch_key,
+            provider_batch_id,
+            state
+        ))
+    }
+
+    async fn open_batches(&self, run_id: &RunId) -> CoreResult<Vec<BatchRecord>> {
+        in_transaction!(self, |tx| ledger::open_batches(tx, run_id))
     }
 
     async fn query_read_only(&self, sql: &str) -> CoreResult<QueryResult> {

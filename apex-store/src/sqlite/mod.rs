@@ -4,6 +4,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use apex_core::batches::{BatchRecord, BatchState};
 use apex_core::run::AttemptEnd;
 use apex_core::store::{ConditionInfo, ConditionUsage, PacingShare};
 use apex_core::{
@@ -25,6 +26,7 @@ const MIGRATIONS: &[(&str, &str)] = &[
     ("workers", include_str!("0003_workers.sql")),
     ("o200k_split", include_str!("0004_o200k_split.sql")),
     ("pacing", include_str!("0005_pacing.sql")),
+    ("batches", include_str!("0006_batches.sql")),
 ];
 
 /// How long a statement waits for another writer's lock by default.
@@ -677,6 +679,29 @@ impl Store for SqliteStore {
     ) -> CoreResult<Vec<GenerationRow>> {
         let run_id = run_id.clone();
         self.on_connection(move |tx| run_now(ledger::generations_page(tx, &run_id, after, limit)))
+            .await
+    }
+
+    async fn record_batch(&self, batch: &BatchRecord) -> CoreResult<()> {
+        let batch = batch.clone();
+        self.transaction(move |tx| run_now(ledger::record_batch(tx, &batch)))
+            .await
+    }
+
+    async fn update_batch(
+        &self,
+        batch_key: &str,
+        provider_batch_id: Option<&str>,
+        state: BatchState,
+    ) -> CoreResult<()> {
+        let (key, id) = (batch_key.to_owned(), provider_batch_id.map(str::to_owned));
+        self.transaction(move |tx| run_now(ledger::update_batch(tx, &key, id.as_deref(), state)))
+            .await
+    }
+
+    async fn open_batches(&self, run_id: &RunId) -> CoreResult<Vec<BatchRecord>> {
+        let run_id = run_id.clone();
+        self.on_connection(move |tx| run_now(ledger::open_batches(tx, &run_id)))
             .await
     }
 

@@ -658,3 +658,80 @@ async fn pacing_is_shared_among_live_members(backend: Backend) {
         .unwrap();
     assert_eq!((a[0].members, a[0].others), (1, [0; 3]), "b is stale");
 }
+
+conformance!(batches_are_recorded_before_submission_and_found_again);
+async fn batches_are_recorded_before_submission_and_found_again(backend: Backend) {
+    use apex_core::batches::{BatchItemRecord, BatchRecord, BatchState, Wave, custom_id};
+    let (store, run_id) = seeded(backend, 2).await;
+    let items = unfinished(&*store, &run_id).await;
+    let leaders: Vec<_> = items.iter().filter(|i| i.replicate_index == 0).collect();
+    let record = BatchRecord {
+        batch_key: "01930000-0000-7000-8000-000000000001".into(),
+        run_id: run_id.clone(),
+        provider: ProviderKind::Anthropic,
+        model: "claude-sonnet-4-5".into(),
+        wave: Wave::Leader,
+        provider_batch_id: None,
+        state: BatchState::Intent,
+        created_at: apex_core::time::now_rfc3339(),
+        submitted_at: None,
+        items: leaders
+            .iter()
+            .map(|i| BatchItemRecord {
+                generation_id: i.generation_id,
+                attempt: 1,
+                custom_id: custom_id(i.generation_id, 1),
+                condition_slug: String::new(),
+                prompt_id: String::new(),
+                package_version: String::new(),
+            })
+            .collect(),
+    };
+    store.record_batch(&record).await.unwrap();
+    // The intent is open, its items are running with their attempt begun,
+    // and what it holds is read back with each item's cell.
+    let open = store.open_batches(&run_id).await.unwrap();
+    assert_eq!(open.len(), 1);
+    assert_eq!(open[0].state, BatchState::Intent);
+    assert_eq!(open[0].wave, Wave::Leader);
+    assert_eq!(open[0].items.len(), leaders.len());
+    for (item, leader) in open[0].items.iter().zip(&leaders) {
+        assert_eq!(item.generation_id, leader.generation_id);
+        assert_eq!(item.condition_slug, "c1");
+        assert_eq!(item.prompt_id, leader.prompt_id);
+        assert_eq!(item.package_version, leader.package_version);
+    }
+    let counts = store.run(&run_id).await.unwrap().counts;
+    assert_eq!((counts.running, counts.pending), (2, 2));
+    store
+        .update_batch(&record.batch_key, Some("msgbatch_1"), BatchState::Submitted)
+        .await
+        .unwrap();
+    let open = store.open_batches(&run_id).await.unwrap();
+    assert_eq!(open[0].provider_batch_id.as_deref(), Some("msgbatch_1"));
+    assert!(open[0].submitted_at.is_some());
+    // Ending keeps the provider's id; an ended batch is no longer open.
+    store
+        .update_batch(&record.batch_key, None, BatchState::Ended)
+        .await
+        .unwrap();
+    assert!(store.open_batches(&run_id).await.unwrap().is_empty());
+    let ids = store
+        .query_read_only("SELECT provider_batch_id, state, item_count FROM apex_audition.batches")
+        .await
+        .unwrap();
+    assert_eq!(
+        ids.rows,
+        vec![vec![
+            SqlValue::Text("msgbatch_1".into()),
+            SqlValue::Text("ended".into()),
+            SqlValue::Integer(2)
+        ]]
+    );
+    assert!(
+        store
+            .update_batch("no-such-batch", None, BatchState::Ended)
+            .await
+            .is_err()
+    );
+}

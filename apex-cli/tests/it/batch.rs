@@ -1,0 +1,451 @@
+//! `apex run --batch`: both Batch APIs of the simulator, in two waves.
+
+use std::time::Duration;
+
+use apex_providers::simulator::SimulatorConfig;
+
+use crate::live::{Live, args};
+use crate::{ok, run_id_from, stderr, stdout};
+
+/// A simulator whose batches take `secs` of its time to end.
+async fn live(secs: u64, config: SimulatorConfig) -> Live {
+    Live::with(SimulatorConfig {
+        batch_time: Duration::from_secs(secs),
+        ..config
+    })
+    .await
+}
+
+fn slugs<'a>(slugs: &[&'a str], extra: &[&'a str]) -> Vec<&'a str> {
+    let mut argv = vec!["--batch"];
+    for s in slugs {
+        argv.extend(["--condition-slug", s]);
+    }
+    argv.extend_from_slice(extra);
+    args(&argv)
+}
+
+/// Rows of the ledger file, read while another process may write.
+fn rows(live: &Live, query: &str) -> Vec<Vec<String>> {
+    let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY;
+    let Ok(conn) = rusqlite::Connection::open_with_flags(live.sb.db_path(), flags) else {
+        return Vec::new();
+    };
+    let Ok(mut statement) = conn.prepare(query) else {
+        return Vec::new();
+    };
+    let n = statement.column_count();
+    statement
+        .query_map([], |r| {
+            (0..n)
+                .map(|i| {
+                    let v: rusqlite::types::Value = r.get(i)?;
+                    Ok(match v {
+                        rusqlite::types::Value::Null => "NULL".into(),
+                        rusqlite::types::Value::Integer(i) => i.to_string(),
+                        rusqlite::types::Value::Real(f) => f.to_string(),
+                        rusqlite::types::Value::Text(t) => t,
+                        rusqlite::types::Value::Blob(_) => "blob".into(),
+                    })
+                })
+                .collect()
+        })
+        .map(|rows| rows.filter_map(Result::ok).collect())
+        .unwrap_or_default()
+}
+
+fn submitted(live: &Live) -> usize {
+    rows(
+        live,
+        "SELECT batch_key FROM batches WHERE state = 'submitted'",
+    )
+    .len()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_waves_for_both_providers_read_the_leaders_cache_at_the_batch_price() {
+    let live = live(60, SimulatorConfig::default()).await;
+    let out = live
+        .apex(&slugs(
+            &["prod-gpt5", "prod-gpt4o", "prod-sonnet45", "prod-opus41"],
+            &["--replicates", "3"],
+        ))
+        .await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let run_id = run_id_from(&stdout(&out));
+    // Nothing went synchronously; per model one leader batch (a request
+    // per context), then one follower batch (the other replicates).
+    assert!(live.sim.requests().is_empty());
+    let batches = live.sim.batches();
+    let mut sizes: Vec<usize> = batches.iter().map(|b| b.requests).collect();
+    sizes.sort_unstable();
+    assert_eq!(sizes, vec![3, 3, 3, 3, 6, 6, 6, 6], "{batches:?}");
+    // Leaders wrote (Anthropic for an hour), followers read, every one.
+    let by_role = rows(
+        &live,
+        &format!(
+            "SELECT condition_slug, replicate_index > 0, SUM(cache_hit), COUNT(*),
+                    SUM(cache_write_tokens), SUM(cache_write_1h_tokens), SUM(status = 'success')
+             FROM generations WHERE run_id = '{run_id}'
+             GROUP BY 1, 2 ORDER BY 1, 2"
+        ),
+    );
+    assert_eq!(by_role.len(), 8, "{by_role:?}");
+    for row in &by_role {
+        let (slug, follower, hits, n) = (&row[0], row[1] == "1", &row[2], &row[3]);
+        assert_eq!(row[6], *n, "all succeed: {row:?}");
+        if follower {
+            assert_eq!(hits, n, "every follower of {slug} read the cache: {row:?}");
+        } else {
+            assert_eq!(hits, "0", "{row:?}");
+            if slug.contains("sonnet") || slug.contains("opus") {
+                assert_ne!(row[4], "0", "{row:?}");
+                assert_eq!(row[4], row[5], "leaders write the 1-hour cache: {row:?}");
+            }
+        }
+    }
+    // Each generation is priced at half its synchronous price.
+    let catalog = apex::core::Catalog::built_in();
+    let priced = rows(
+        &live,
+        &format!(
+            "SELECT c.provider, c.model, g.input_tokens, g.cache_write_tokens, g.cache_write_1h_tokens,
+                    g.cache_read_tokens, g.output_tokens, g.reasoning_tokens, g.cost_usd
+             FROM generations g JOIN conditions c ON c.slug = g.condition_slug
+             WHERE g.run_id = '{run_id}'"
+        ),
+    );
+    assert_eq!(priced.len(), 36);
+    for row in priced {
+        let n = |i: usize| row[i].parse::<u64>().unwrap();
+        let usage = apex::core::Usage {
+            input_tokens: n(2),
+            cache_write_tokens: n(3),
+            cache_write_1h_tokens: n(4),
+            cache_read_tokens: n(5),
+            output_tokens: n(6),
+            reasoning_tokens: n(7),
+        };
+        let provider = apex::core::ProviderKind::parse(&row[0]).unwrap();
+        let prices = catalog.lookup(provider, &row[1]).unwrap().prices;
+        let stored: f64 = row[8].parse().unwrap();
+        let synchronous = prices.cost(&usage);
+        assert!(
+            (stored - synchronous / 2.0).abs() < 1e-9,
+            "{row:?}: {stored} vs {synchronous}"
+        );
+    }
+    // Every batch and item is in the ledger, ended.
+    let recorded = rows(
+        &live,
+        &format!(
+            "SELECT state, wave, COUNT(*) FROM batches WHERE run_id = '{run_id}' GROUP BY 1, 2 ORDER BY 2"
+        ),
+    );
+    assert_eq!(
+        recorded,
+        vec![
+            vec!["ended".to_owned(), "follower".into(), "4".into()],
+            vec!["ended".to_owned(), "leader".into(), "4".into()]
+        ]
+    );
+    let cost = ok(live.apex(&["cost", &run_id]).await);
+    assert!(cost.contains("batch price"), "{cost}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_run_re_attaches_to_its_batches_on_resume() {
+    // Batches take 6 s here: long enough to kill the run while it waits.
+    let live = live(600, SimulatorConfig::default()).await;
+    let child = live.spawn(&slugs(
+        &["prod-gpt5", "prod-sonnet45"],
+        &["--replicates", "2"],
+    ));
+    live.wait_for("the leader batches", |l| submitted(l) == 2)
+        .await;
+    let status = std::process::Command::new("kill")
+        .args(["-KILL", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = Live::outputs(vec![child]).await.remove(0);
+    let run_id = run_id_from(&stdout(&out));
+    assert_eq!(live.sim.batches().len(), 2);
+    let out = live.apex(&["run", "--resume", &run_id]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    // The leaders were collected from the batches the killed process
+    // submitted; only the followers went as new batches.
+    let batches = live.sim.batches();
+    assert_eq!(
+        batches.iter().map(|b| b.requests).collect::<Vec<_>>(),
+        vec![3, 3, 3, 3],
+        "{batches:?}"
+    );
+    let generations = rows(
+        &live,
+        &format!(
+            "SELECT replicate_index, status, attempts, cache_hit FROM generations
+             WHERE run_id = '{run_id}' ORDER BY generation_id"
+        ),
+    );
+    assert_eq!(generations.len(), 12);
+    for g in &generations {
+        assert_eq!((g[1].as_str(), g[2].as_str()), ("success", "1"), "{g:?}");
+        assert_eq!(g[3], if g[0] == "0" { "0" } else { "1" }, "{g:?}");
+    }
+    let successes = rows(
+        &live,
+        "SELECT COUNT(*) FROM attempts WHERE outcome = 'success'",
+    );
+    assert_eq!(successes, vec![vec!["12".to_owned()]], "stored once each");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn expired_items_go_into_a_later_batch_and_succeed() {
+    // Every batch expires with its later half unprocessed.
+    let live = live(
+        30,
+        SimulatorConfig {
+            batch_expire_rate: 1.0,
+            ..SimulatorConfig::default()
+        },
+    )
+    .await;
+    let out = live
+        .apex(&slugs(
+            &["prod-gpt5", "prod-sonnet45"],
+            &["--replicates", "2", "--max-retries", "5"],
+        ))
+        .await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let run_id = run_id_from(&stdout(&out));
+    let done = rows(
+        &live,
+        &format!(
+            "SELECT COUNT(*) FROM generations WHERE run_id = '{run_id}' AND status = 'success'"
+        ),
+    );
+    assert_eq!(done, vec![vec!["12".to_owned()]]);
+    let expired = rows(
+        &live,
+        "SELECT COUNT(*) FROM attempts WHERE error_class = 'timeout' AND error_message LIKE '%expired%'",
+    );
+    let expired: usize = expired[0][0].parse().unwrap();
+    assert!(expired >= 2, "{expired}");
+    assert!(live.sim.batches().len() > 4);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn apex_cancel_cancels_the_batches_in_flight_and_resume_finishes() {
+    let live = live(300, SimulatorConfig::default()).await;
+    let child = live.spawn(&slugs(&["prod-opus41"], &["--replicates", "2"]));
+    live.wait_for("the leader batch", |l| submitted(l) == 1)
+        .await;
+    let run_id = rows(&live, "SELECT run_id FROM runs")[0][0].clone();
+    let cancelled = ok(live.apex(&["cancel", &run_id]).await);
+    assert!(cancelled.contains("cancel 1 batch"), "{cancelled}");
+    let out = Live::outputs(vec![child]).await.remove(0);
+    assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
+    assert!(stderr(&out).contains("was cancelled"), "{}", stderr(&out));
+    // Nothing was processed, nothing billed: all pending again.
+    let pending = rows(
+        &live,
+        &format!("SELECT status, COUNT(*) FROM generations WHERE run_id = '{run_id}' GROUP BY 1"),
+    );
+    assert_eq!(pending, vec![vec!["pending".to_owned(), "6".into()]]);
+    let again = ok(live.apex(&["cancel", &run_id]).await);
+    assert!(again.contains("nothing to cancel"), "{again}");
+    let out = live.apex(&["run", "--resume", &run_id]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let done = rows(
+        &live,
+        &format!(
+            "SELECT COUNT(*) FROM generations WHERE run_id = '{run_id}' AND status = 'success'"
+        ),
+    );
+    assert_eq!(done, vec![vec!["6".to_owned()]]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_refused_as_too_large_is_split() {
+    let live = live(
+        30,
+        SimulatorConfig {
+            batch_max_requests: Some(2),
+            ..SimulatorConfig::default()
+        },
+    )
+    .await;
+    let out = live
+        .apex(&slugs(
+            &["prod-gpt4o", "prod-sonnet45"],
+            &["--replicates", "3"],
+        ))
+        .await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let run_id = run_id_from(&stdout(&out));
+    let batches = live.sim.batches();
+    assert!(batches.iter().all(|b| b.requests <= 2), "{batches:?}");
+    assert_eq!(batches.iter().map(|b| b.requests).sum::<usize>(), 18);
+    let refused = rows(
+        &live,
+        &format!("SELECT COUNT(*) FROM batches WHERE run_id = '{run_id}' AND state = 'failed'"),
+    );
+    let refused: usize = refused[0][0].parse().unwrap();
+    assert!(refused >= 2, "{refused}");
+    let hits = rows(
+        &live,
+        &format!(
+            "SELECT SUM(status = 'success'), SUM(cache_hit) FROM generations WHERE run_id = '{run_id}'"
+        ),
+    );
+    assert_eq!(hits, vec![vec!["18".to_owned(), "12".into()]]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn openais_enqueued_token_limit_is_learned_and_kept() {
+    // Room for two of the example contexts (~1,700 tokens each) at once.
+    let live = live(
+        30,
+        SimulatorConfig {
+            batch_queue_tokens: Some(4000),
+            ..SimulatorConfig::default()
+        },
+    )
+    .await;
+    let out = live
+        .apex(&slugs(&["prod-gpt5"], &["--replicates", "2"]))
+        .await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let batches = live.sim.batches();
+    // The first (all three leaders) failed as a whole; after that no batch
+    // went over the limit.
+    assert!(!batches[0].accepted, "{batches:?}");
+    assert!(
+        batches[1..].iter().all(|b| b.accepted && b.requests <= 2),
+        "{batches:?}"
+    );
+    let run_id = run_id_from(&stdout(&out));
+    let done = rows(
+        &live,
+        &format!(
+            "SELECT COUNT(*) FROM generations WHERE run_id = '{run_id}' AND status = 'success'"
+        ),
+    );
+    assert_eq!(done, vec![vec!["6".to_owned()]]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_submitted_just_before_a_crash_is_found_not_sent_again() {
+    use apex::core::batches::{BatchItemRecord, BatchRecord, BatchState, Wave, custom_id};
+    use apex::core::{CacheHint, CacheTtl, GenerationRequest, ProviderKind, Store};
+    use std::sync::Arc;
+
+    let live = live(30, SimulatorConfig::default()).await;
+    let planned = ok(live
+        .apex(&slugs(
+            &["prod-gpt5", "prod-sonnet45"],
+            &["--replicates", "2", "--dry-run"],
+        ))
+        .await);
+    let run_id = apex::core::RunId::parse(
+        planned
+            .lines()
+            .find_map(|l| l.strip_prefix("run ")?.split_whitespace().next())
+            .unwrap(),
+    )
+    .unwrap();
+    // What a process that died between submitting and recording the
+    // provider's id leaves: an intent in the ledger, a batch at the provider.
+    let store = apex::store::SqliteStore::open(&live.sb.db_path()).unwrap();
+    let claim = store
+        .claim_work(&run_id, "test", u32::MAX, &apex::core::time::now_rfc3339())
+        .await
+        .unwrap();
+    let catalog = apex::core::Catalog::built_in();
+    for (slug, kind) in [
+        ("prod-gpt5", ProviderKind::OpenAi),
+        ("prod-sonnet45", ProviderKind::Anthropic),
+    ] {
+        let condition = Arc::new(store.condition(slug).await.unwrap());
+        let leaders: Vec<_> = claim
+            .items
+            .iter()
+            .filter(|i| i.condition_slug == slug && i.replicate_index == 0)
+            .collect();
+        let key = uuid::Uuid::now_v7().hyphenated().to_string();
+        let record = BatchRecord {
+            batch_key: key.clone(),
+            run_id: run_id.clone(),
+            provider: kind,
+            model: condition.model.clone(),
+            wave: Wave::Leader,
+            provider_batch_id: None,
+            state: BatchState::Intent,
+            created_at: apex::core::time::now_rfc3339(),
+            submitted_at: None,
+            items: leaders
+                .iter()
+                .map(|i| BatchItemRecord {
+                    generation_id: i.generation_id,
+                    attempt: 1,
+                    custom_id: custom_id(i.generation_id, 1),
+                    condition_slug: slug.into(),
+                    prompt_id: i.prompt_id.clone(),
+                    package_version: i.package_version.clone(),
+                })
+                .collect(),
+        };
+        store.record_batch(&record).await.unwrap();
+        let mut requests = Vec::new();
+        for i in &leaders {
+            let package = store
+                .package(&i.prompt_id, &i.package_version)
+                .await
+                .unwrap();
+            requests.push((
+                custom_id(i.generation_id, 1),
+                GenerationRequest {
+                    condition: Arc::clone(&condition),
+                    package: Arc::new(package),
+                    cache: CacheHint::On(CacheTtl::OneHour),
+                    cache_controls: catalog
+                        .lookup(kind, &condition.model)
+                        .unwrap()
+                        .cache_controls,
+                    trace: None,
+                    body: Default::default(),
+                    in_batch: true,
+                },
+            ));
+        }
+        let provider = apex_providers::build(kind, live.sim.provider_config(kind)).unwrap();
+        provider
+            .batches()
+            .unwrap()
+            .submit(&key, &requests)
+            .await
+            .unwrap();
+    }
+    store.release_claims(&run_id, "test").await.unwrap();
+    drop(store);
+    assert_eq!(live.sim.batches().len(), 2);
+    let out = live.apex(&["run", "--resume", run_id.as_str()]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stderr(&out).contains("found a batch submitted before a crash"));
+    // Found at the provider and collected: only the followers went since.
+    let sizes: Vec<usize> = live.sim.batches().iter().map(|b| b.requests).collect();
+    assert_eq!(sizes, vec![3, 3, 3, 3]);
+    let generations = rows(
+        &live,
+        &format!(
+            "SELECT status, attempts, cache_hit, replicate_index FROM generations
+             WHERE run_id = '{run_id}'"
+        ),
+    );
+    assert_eq!(generations.len(), 12);
+    for g in generations {
+        assert_eq!((g[0].as_str(), g[1].as_str()), ("success", "1"), "{g:?}");
+        assert_eq!(g[2] == "1", g[3] == "1", "followers hit: {g:?}");
+    }
+}
