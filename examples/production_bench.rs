@@ -15,7 +15,12 @@
 //! simulator agrees with Apex), `count+30` and `count-30` (30% more or
 //! fewer input tokens than billed, sliding window), `bucket` (billed count,
 //! token bucket, rounded headers) and `file` (`real`, with the tier table
-//! also given to Apex as a limits file).
+//! also given to Apex as a limits file). MODE `batch` sends the matrix
+//! through the simulator's Batch APIs instead (`apex run --batch`; each
+//! batch takes the simulator's default 600 s of its time) and reports, per
+//! condition, the wall time against the two waves' processing time, the
+//! follower cache hits, and the cost against the two-wave minimum, the same
+//! run sent synchronously with caching, and a naive single batch.
 //!
 //! Contexts are 120,000 tokens under OpenAI's o200k_base (a little more by
 //! Apex's four-bytes-per-token estimate used for Claude), not 128,000:
@@ -116,7 +121,7 @@ async fn main() -> Result<()> {
             round_remaining: false,
         };
         Ok(match mode.as_str() {
-            "real" | "file" => LimitRules::of(provider),
+            "real" | "file" | "batch" => LimitRules::of(provider),
             "exact" => window(TokenCount::Billed),
             "count+30" => window(TokenCount::Factor(1.3)),
             "count-30" => window(TokenCount::Factor(0.7)),
@@ -126,7 +131,7 @@ async fn main() -> Result<()> {
                 round_remaining: true,
             },
             other => anyhow::bail!(
-                "MODE `{other}` is not real, exact, count+30, count-30, bucket or file"
+                "MODE `{other}` is not real, exact, count+30, count-30, bucket, file or batch"
             ),
         })
     };
@@ -214,6 +219,7 @@ async fn main() -> Result<()> {
         .await?;
 
     let mut providers: HashMap<ProviderKind, Arc<dyn Provider>> = HashMap::new();
+    let mut batch_providers: HashMap<ProviderKind, Arc<dyn Provider>> = HashMap::new();
     for (kind, base) in [
         (ProviderKind::OpenAi, sim.openai_base_url()),
         (ProviderKind::Anthropic, sim.anthropic_base_url()),
@@ -225,7 +231,8 @@ async fn main() -> Result<()> {
             request_timeout: Duration::from_secs(120),
             stream_idle_timeout: std::time::Duration::from_secs(300),
         };
-        providers.insert(kind, apex_providers::build(kind, config)?);
+        providers.insert(kind, apex_providers::build(kind, config.clone())?);
+        batch_providers.insert(kind, apex_providers::build(kind, config)?);
     }
     let options = RunOptions {
         concurrency: 32,
@@ -241,6 +248,32 @@ async fn main() -> Result<()> {
         Arc::new(NoProgress),
     );
     let (_stop, rx) = tokio::sync::watch::channel(false);
+    if mode == "batch" {
+        drop(executor);
+        let started = std::time::Instant::now();
+        let report = apex::core::executor::BatchExecutor::new(
+            store.clone() as Arc<dyn Store>,
+            batch_providers,
+            Arc::clone(&catalog),
+            RunOptions {
+                time_scale: scale,
+                ..RunOptions::default()
+            },
+            Arc::new(NoProgress),
+        )
+        .execute(&run_id, false, rx)
+        .await?;
+        let wall = started.elapsed().as_secs_f64() / scale;
+        ensure!(
+            report.counts.success == plan.cell_count() as u64,
+            "not every generation succeeded: {:?}",
+            report.counts
+        );
+        batch_report(&*store, &catalog, &conditions, &plan, &run_id, wall, &sim).await?;
+        drop(store);
+        std::fs::remove_dir_all(&dir)?;
+        return Ok(());
+    }
     let report = executor.execute(&run_id, false, rx).await?;
     ensure!(
         report.counts.success == plan.cell_count() as u64,
@@ -376,5 +409,127 @@ async fn main() -> Result<()> {
     }
     drop(store);
     std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+/// MODE `batch`: per condition, wall time against the two waves' processing
+/// time, follower cache hits against (R−1)/R, and cost against the two-wave
+/// minimum (per context one leader at batch rates writing the cache the
+/// gap needs, R−1 followers reading it), the same run sent synchronously
+/// with caching (Apex's estimate at the output produced), and one naive
+/// batch (nothing cached).
+async fn batch_report(
+    store: &dyn Store,
+    catalog: &Catalog,
+    conditions: &[apex::core::Condition],
+    plan: &Plan,
+    run_id: &RunId,
+    wall: f64,
+    sim: &Simulator,
+) -> Result<()> {
+    let waves = 2.0 * 600.0;
+    let batches = sim.batches();
+    println!(
+        "{} generations in {} batches; wall {wall:.0} s (real-time equivalent) against the two waves' processing time {waves:.0} s: ratio {:.3}\n",
+        plan.cell_count(),
+        batches.len(),
+        wall / waves
+    );
+    let mut sized = Vec::new();
+    for p in &plan.packages {
+        let package = store.package(&p.id, &p.version).await?;
+        sized.push(apex::core::estimate::SizedPackage {
+            package: p.clone(),
+            o200k: apex::core::tokens::Tokenizer::O200k.split(&package),
+            estimate: apex::core::tokens::Tokenizer::Estimate.split(&package),
+        });
+    }
+    let estimates = apex::core::estimate::estimate(
+        catalog,
+        &LimitTable::none(),
+        conditions,
+        &sized,
+        REPLICATES,
+        true,
+    );
+    println!(
+        "{:<14} {:>11} {:>10} {:>10} {:>6} {:>10} {:>6} {:>10} {:>6}",
+        "condition",
+        "cache_hits",
+        "cost_usd",
+        "2wave_min",
+        "ratio",
+        "sync_usd",
+        "ratio",
+        "naive_usd",
+        "ratio"
+    );
+    let (mut all_cost, mut all_sync) = (0.0, 0.0);
+    for (c, e) in conditions.iter().zip(&estimates) {
+        let rows = store
+            .query_read_only(&format!(
+                "SELECT prompt_id, input_tokens, cache_write_tokens, cache_read_tokens, output_tokens, cost_usd, cache_hit, replicate_index
+                 FROM apex_audition.generations WHERE run_id = '{run_id}' AND condition_slug = '{}'",
+                c.slug
+            ))
+            .await?
+            .rows;
+        let prices = catalog
+            .lookup(c.provider, &c.model)
+            .map(|m| m.prices)
+            .context("model prices")?;
+        let mut by_context: HashMap<String, Vec<&Vec<SqlValue>>> = HashMap::new();
+        for r in &rows {
+            by_context.entry(r[0].to_string()).or_default().push(r);
+        }
+        let mut least = 0.0;
+        for group in by_context.values() {
+            let prefix = group
+                .iter()
+                .map(|r| num(&r[2]) + num(&r[3]))
+                .fold(0.0, f64::max);
+            for r in group {
+                let total = num(&r[1]) + num(&r[2]) + num(&r[3]);
+                let leader = num(&r[7]) == 0.0;
+                // Anthropic's leader writes for an hour; OpenAI's writes
+                // (24-hour retention, or none) are billed as input.
+                let prefix_price = match (leader, c.provider) {
+                    (true, ProviderKind::Anthropic) => prices.cache_write_1h,
+                    (true, ProviderKind::OpenAi) => prices.input,
+                    (false, _) => prices.cache_read,
+                };
+                least += (prefix * prefix_price
+                    + (total - prefix) * prices.input
+                    + num(&r[4]) * prices.output)
+                    / 1e6;
+            }
+        }
+        least *= prices.batch_discount;
+        let output: f64 = rows.iter().map(|r| num(&r[4])).sum();
+        let output_cost = output * prices.output / 1e6;
+        let sync = e.with_cache.map_or(0.0, |r| r.low) + output_cost;
+        let naive = e.batch.map_or(0.0, |r| r.low) + output_cost * prices.batch_discount;
+        let cost: f64 = rows.iter().map(|r| num(&r[5])).sum();
+        let hits = rows.iter().filter(|r| num(&r[6]) > 0.0).count();
+        all_cost += cost;
+        all_sync += sync;
+        println!(
+            "{:<14} {:>5}/{:<5} {:>10.4} {:>10.4} {:>6.3} {:>10.4} {:>6.3} {:>10.4} {:>6.3}",
+            c.slug,
+            hits,
+            rows.len() * (REPLICATES as usize - 1) / REPLICATES as usize,
+            cost,
+            least,
+            cost / least,
+            sync,
+            cost / sync,
+            naive,
+            cost / naive
+        );
+    }
+    println!(
+        "\nall four: {all_cost:.4} USD in batches, {:.3} of the same run sent synchronously with caching ({all_sync:.4} USD)",
+        all_cost / all_sync
+    );
     Ok(())
 }

@@ -55,7 +55,7 @@ use super::{Progress, ProgressEvent, RunOptions, RunReport};
 /// after every poll up to [`POLL_MAX`].
 pub const POLL_FIRST: Duration = Duration::from_secs(5);
 /// Longest wait between polls (times `--time-scale`).
-pub const POLL_MAX: Duration = Duration::from_secs(60);
+pub const POLL_MAX: Duration = Duration::from_secs(30);
 
 /// How long a leader's cache lives in batch mode: the longest the model
 /// offers (`None`: writes are free, so followers always go after leaders).
