@@ -7,6 +7,8 @@
 //! cargo run --release --example production_bench              # 0.01, 21, 120000, real
 //! ```
 //!
+//! With `APEX_BENCH_KEEP=1` the ledger is kept and its path printed.
+//!
 //! MODE is how the simulator's limiters count and replenish, against Apex
 //! learning the limits from headers with no limits file: `real` (as the
 //! services do: OpenAI counts characters / 4 plus `max_tokens` in a sliding
@@ -271,7 +273,7 @@ async fn main() -> Result<()> {
         );
         batch_report(&*store, &catalog, &conditions, &plan, &run_id, wall, &sim).await?;
         drop(store);
-        std::fs::remove_dir_all(&dir)?;
+        finish(&dir, &run_id)?;
         return Ok(());
     }
     let report = executor.execute(&run_id, false, rx).await?;
@@ -408,7 +410,20 @@ async fn main() -> Result<()> {
         );
     }
     drop(store);
-    std::fs::remove_dir_all(&dir)?;
+    finish(&dir, &run_id)
+}
+
+/// Removes the bench's ledger, or keeps it with `APEX_BENCH_KEEP=1` (for
+/// `apex report` of the full matrix) and says where.
+fn finish(dir: &std::path::Path, run_id: &RunId) -> Result<()> {
+    if std::env::var("APEX_BENCH_KEEP").as_deref() == Ok("1") {
+        println!(
+            "\nledger kept: apex --database-url sqlite://{} report {run_id}",
+            dir.join("ledger.db").display()
+        );
+        return Ok(());
+    }
+    std::fs::remove_dir_all(dir)?;
     Ok(())
 }
 

@@ -3,7 +3,7 @@
 # contexts x 3 replicates) on the embedded SQLite ledger ./apex.db, sent over
 # real HTTP to Apex's local simulator of both APIs (prompt cache, rate-limit
 # headers and 5% transient faults that Apex retries), ending with the status
-# tables and the cost report. Nothing leaves the machine and no API key is
+# tables, the cost report and the path of the run's HTML report. Nothing leaves the machine and no API key is
 # needed.
 #
 # Against the real APIs, run the same apex commands without the simulator,
@@ -52,3 +52,5 @@ apex run "${extra[@]}" \
 run_id=$(awk '/^run .* started/ {print $2; exit}' "$work/run.out")
 echo
 apex cost "$run_id"
+echo
+apex report "$run_id"

@@ -22,6 +22,21 @@ if [ -z "${APEX_REQUIRE_SDKS:-}" ]; then
   fi
 fi
 
+# The report test renders `apex report` in Debian's headless Chromium;
+# installed here where missing (as root), then required.
+if [ -z "${APEX_REQUIRE_CHROMIUM:-}" ]; then
+  if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "scripts/test.sh: installing Debian's chromium for the report test" >&2
+    (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1 ||
+      { apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1; }) || true
+  fi
+  if command -v chromium >/dev/null 2>&1; then
+    export APEX_REQUIRE_CHROMIUM=1
+  else
+    echo "scripts/test.sh: no chromium (it could not be installed here); the browser test of apex report will skip" >&2
+  fi
+fi
+
 if [ -n "${APEX_TEST_PG_URL:-}" ]; then
   APEX_TEST_PG=1 exec cargo test --workspace --locked "$@"
 fi

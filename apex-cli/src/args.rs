@@ -34,6 +34,23 @@ pub enum Command {
     Export(ExportCmd),
     Models(ModelsCmd),
     Cancel(CancelCmd),
+    Report(ReportCmd),
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "report")]
+/// Write one self-contained HTML file showing runs: overview, charts and every
+/// output side by side (works on a run still in progress).
+pub struct ReportCmd {
+    #[argh(positional)]
+    /// the run id(s), shown side by side
+    pub run_ids: Vec<String>,
+    /// the file to write (default apex-report-RUN_ID.html)
+    #[argh(option)]
+    pub output: Option<String>,
+    /// model catalog TOML file (as for `run`)
+    #[argh(option)]
+    pub catalog: Option<String>,
 }
 
 #[derive(FromArgs, Debug)]

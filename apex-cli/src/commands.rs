@@ -16,7 +16,9 @@ use apex_store::files::{read_conditions_file, read_packages_under};
 use apex_store::{DEFAULT_DATABASE_URL, open_store};
 
 use crate::UsageError;
-use crate::args::{Cli, Command, ConditionsSub, EstimateCmd, ModelsCmd, RunCmd, SimulateCmd};
+use crate::args::{
+    Cli, Command, ConditionsSub, EstimateCmd, ModelsCmd, ReportCmd, RunCmd, SimulateCmd,
+};
 use crate::exit;
 use crate::progress::RunProgress;
 use crate::report;
@@ -61,6 +63,7 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Command::Estimate(e) => estimate_cmd(store, e).await,
         Command::Cancel(c) => cancel(store, &c.run_id).await,
+        Command::Report(r) => html_report(&*store, r).await,
         Command::Cost(c) => {
             let catalog = load_catalog(c.catalog.as_deref())?;
             report::cost(&*store, &catalog, &RunId::parse(&c.run_id)?).await?;
@@ -134,7 +137,7 @@ fn models(cmd: &ModelsCmd) -> Result<ExitCode> {
             continue;
         }
         let lifecycle = match (&m.deprecated_on, &m.retires_on) {
-            (_, Some(r)) if status == apex_core::catalog::Status::Retired => format!("retired {r}"),
+            (_, Some(r)) if status == apex_core::catalog::Status::Retired => format!("on {r}"),
             (_, Some(r)) => format!("retires {r}"),
             (Some(d), None) if status != apex_core::catalog::Status::Current => {
                 format!("since {d}")
@@ -765,6 +768,39 @@ async fn simulate(cmd: SimulateCmd) -> Result<ExitCode> {
     tokio::signal::ctrl_c()
         .await
         .context("waiting for Ctrl-C")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `apex report RUN_ID...`.
+async fn html_report(store: &dyn Store, cmd: ReportCmd) -> Result<ExitCode> {
+    if cmd.run_ids.is_empty() {
+        return Err(UsageError(
+            "give the run id(s) to report: apex report RUN_ID [RUN_ID ...]".into(),
+        )
+        .into());
+    }
+    let run_ids = cmd
+        .run_ids
+        .iter()
+        .map(|id| RunId::parse(id))
+        .collect::<apex_core::Result<Vec<_>>>()?;
+    let catalog = load_catalog(cmd.catalog.as_deref())?;
+    let html = crate::html::report(store, &catalog, &LimitTable::defaults(), &run_ids).await?;
+    let path = cmd
+        .output
+        .unwrap_or_else(|| format!("apex-report-{}.html", run_ids[0]));
+    // Written whole to a temporary file, then renamed: never half a report.
+    let partial = format!("{path}.partial");
+    std::fs::write(&partial, html.as_bytes())
+        .and_then(|()| std::fs::rename(&partial, &path))
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&partial);
+            UsageError(format!("cannot write the report to `{path}`: {e}"))
+        })?;
+    println!(
+        "report written to {path} ({} KB)",
+        html.len().div_ceil(1024)
+    );
     Ok(ExitCode::SUCCESS)
 }
 

@@ -152,15 +152,15 @@ pub async fn print_estimate(
     Ok(estimates)
 }
 
-/// `apex cost RUN_ID`.
-pub async fn cost(store: &dyn Store, catalog: &Catalog, run_id: &RunId) -> Result<()> {
-    let run = store.run(run_id).await?;
-    let conditions = store.run_conditions(run_id).await?;
-    let usage = store.usage_by_condition(run_id).await?;
-    let by_slug: HashMap<&str, &ConditionUsage> = usage
-        .iter()
-        .map(|u| (u.condition_slug.as_str(), u))
-        .collect();
+/// Apex's estimate of a recorded run: its conditions over the package
+/// versions it sent, with the caching it recorded.
+pub async fn run_estimates(
+    store: &dyn Store,
+    catalog: &Catalog,
+    run: &apex_core::RunInfo,
+    conditions: &[Condition],
+) -> Result<Vec<ConditionEstimate>> {
+    let run_id = &run.run_id;
     // The packages this run sent, for the estimate beside the actual.
     let versions = store.run_packages(run_id).await?;
     let current: HashMap<(String, String), PackageRef> = store
@@ -208,6 +208,26 @@ pub async fn cost(store: &dyn Store, catalog: &Catalog, run_id: &RunId) -> Resul
             .into());
         }
     };
+    let sized = sized(store, &refs).await?;
+    Ok(estimate(
+        catalog,
+        &LimitTable::none(),
+        conditions,
+        &sized,
+        run.replicates,
+        cache,
+    ))
+}
+
+/// `apex cost RUN_ID`.
+pub async fn cost(store: &dyn Store, catalog: &Catalog, run_id: &RunId) -> Result<()> {
+    let run = store.run(run_id).await?;
+    let conditions = store.run_conditions(run_id).await?;
+    let usage = store.usage_by_condition(run_id).await?;
+    let by_slug: HashMap<&str, &ConditionUsage> = usage
+        .iter()
+        .map(|u| (u.condition_slug.as_str(), u))
+        .collect();
     let batch_run = run.flags.get("batch") == Some(&serde_json::Value::Bool(true));
     // The estimate of what this run did: in two waves of batches, or
     // synchronously with caching.
@@ -218,15 +238,7 @@ pub async fn cost(store: &dyn Store, catalog: &Catalog, run_id: &RunId) -> Resul
             e.with_cache
         }
     };
-    let sized = sized(store, &refs).await?;
-    let estimates = estimate(
-        catalog,
-        &LimitTable::none(),
-        &conditions,
-        &sized,
-        run.replicates,
-        cache,
-    );
+    let estimates = run_estimates(store, catalog, &run, &conditions).await?;
 
     let mut table = Vec::new();
     let mut total = 0.0;

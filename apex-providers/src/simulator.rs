@@ -210,6 +210,8 @@ struct State {
     next_id: u64,
     rng: u64,
     batches: batches::Batches,
+    /// `http://ADDR`, for the absolute URLs some answers carry.
+    base_url: String,
 }
 
 impl State {
@@ -338,6 +340,7 @@ impl Simulator {
             next_id: 1,
             rng: 0x2545_F491_4F6C_DD1D,
             batches: batches::Batches::default(),
+            base_url: format!("http://{addr}"),
         }));
         let shared = Arc::clone(&state);
         let task = tokio::spawn(async move {

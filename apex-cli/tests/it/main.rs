@@ -6,6 +6,7 @@ mod current;
 mod live;
 mod multi;
 mod pacing;
+mod report;
 mod resilience;
 mod sdks;
 mod stored;

@@ -88,6 +88,8 @@ fn official_sdks_parse_every_answer_of_apex_simulate() {
                 KEY,
                 "--time-scale",
                 "0.01",
+                "--batch-time",
+                "30",
                 "--addr-file",
             ])
             .arg(&addr_file)

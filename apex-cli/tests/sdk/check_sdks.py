@@ -5,7 +5,9 @@ Usage: python check_sdks.py BASE_ADDR KEY  (BASE_ADDR like 127.0.0.1:8080)
 Exits non-zero, naming the failing call, on the first answer the SDKs cannot
 parse or that lacks what Apex relies on (text, usage, cache and reasoning
 counts)."""
+import json
 import sys
+import time
 
 import anthropic
 import openai
@@ -92,6 +94,62 @@ with anthropic.Anthropic(base_url=f"http://{addr}", api_key=key, max_retries=0).
     final = stream.get_final_message()
 check("messages stream: text", bool(streamed_text) and streamed_text == final.content[-1].text)
 check("messages stream: usage", final.usage.output_tokens > 0 and final.stop_reason is not None, str(final.usage))
+
+# Both Batch APIs: a JSONL file uploaded as the SDK sends it, a batch
+# created, polled, its output file read; a Message Batch created, polled and
+# its results streamed; a cancellation each.
+def wait(retrieve, ended):
+    deadline = time.time() + 60
+    batch = retrieve()
+    while not ended(batch) and time.time() < deadline:
+        time.sleep(0.1)
+        batch = retrieve()
+    return batch
+
+
+lines = "".join(json.dumps({"custom_id": f"req-{i}", "method": "POST", "url": "/v1/chat/completions",
+                            "body": {"model": "gpt-4o", "messages": messages, "max_completion_tokens": 16,
+                                     "prompt_cache_key": "sdk-batch"}}) + "\n" for i in range(2))
+upload = oa.files.create(file=("batch.jsonl", lines.encode()), purpose="batch")
+check("batch: FileObject parsed", isinstance(upload, openai.types.FileObject) and upload.purpose == "batch")
+created = oa.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h",
+                            metadata={"apex_batch": "sdk-check"})
+check("batch: Batch parsed", isinstance(created, openai.types.Batch) and created.metadata["apex_batch"] == "sdk-check")
+done = wait(lambda: oa.batches.retrieve(created.id), lambda b: b.status in ("completed", "failed", "expired", "cancelled"))
+check("batch: completed", done.status == "completed" and done.request_counts.completed == 2, str(done))
+output = [json.loads(line) for line in oa.files.content(done.output_file_id).text.splitlines() if line.strip()]
+check("batch: a line per request", sorted(r["custom_id"] for r in output) == ["req-0", "req-1"], str(output)[:200])
+completion = openai.types.chat.ChatCompletion.model_validate(output[0]["response"]["body"])
+check("batch: body is a ChatCompletion", bool(completion.choices[0].message.content) and completion.usage is not None)
+check("batch: listed", any(b.id == created.id for b in oa.batches.list(limit=10).data))
+another = oa.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
+cancelled = oa.batches.cancel(another.id)
+check("batch: cancelling", cancelled.status in ("cancelling", "cancelled"), cancelled.status)
+cancelled = wait(lambda: oa.batches.retrieve(another.id), lambda b: b.status == "cancelled")
+check("batch: cancelled", cancelled.status == "cancelled", cancelled.status)
+
+ac = anthropic.Anthropic(base_url=f"http://{addr}", api_key=key, max_retries=0)
+requests = [{"custom_id": f"req-{i}", "params": {"model": "claude-haiku-4-5", "max_tokens": 16, "messages": [
+    {"role": "user", "content": [{"type": "text", "text": context, "cache_control": {"type": "ephemeral", "ttl": "1h"}},
+                                 {"type": "text", "text": "Summarise."}]}]}} for i in range(2)]
+message_batch = ac.messages.batches.create(requests=requests)
+check("message batch: MessageBatch parsed", isinstance(message_batch, anthropic.types.messages.MessageBatch))
+ended = wait(lambda: ac.messages.batches.retrieve(message_batch.id), lambda b: b.processing_status == "ended")
+check("message batch: ended", ended.processing_status == "ended" and ended.request_counts.succeeded == 2, str(ended))
+results = list(ac.messages.batches.results(message_batch.id))
+check("message batch: results", sorted(r.custom_id for r in results) == ["req-0", "req-1"]
+      and all(r.result.type == "succeeded" and isinstance(r.result.message, anthropic.types.Message) for r in results),
+      str(results)[:300])
+check("message batch: one batch writes, none reads its own writes",
+      all(r.result.message.usage.cache_read_input_tokens == 0 for r in results), str(results)[:300])
+later = ac.messages.batches.create(requests=requests[:1])
+later = wait(lambda: ac.messages.batches.retrieve(later.id), lambda b: b.processing_status == "ended")
+read = list(ac.messages.batches.results(later.id))[0].result.message.usage
+check("message batch: a later batch reads the cache", read.cache_read_input_tokens > 1000, str(read))
+to_cancel = ac.messages.batches.create(requests=requests)
+check("message batch: canceling", ac.messages.batches.cancel(to_cancel.id).processing_status in ("canceling", "ended"))
+gone = wait(lambda: ac.messages.batches.retrieve(to_cancel.id), lambda b: b.processing_status == "ended")
+check("message batch: canceled", gone.request_counts.canceled == 2, str(gone.request_counts))
 
 if failures:
     print(f"{len(failures)} check(s) failed: {', '.join(failures)}")

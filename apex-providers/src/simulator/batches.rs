@@ -306,7 +306,7 @@ async fn create_anthropic(state: &Arc<Mutex<State>>, body: &Bytes) -> Reply {
         return reply;
     }
     let batch = new_batch(&mut s, provider, "/v1/messages", items);
-    let object = anthropic_object(&batch);
+    let object = anthropic_object(&batch, &s.base_url);
     s.batches.log.push(BatchLogEntry {
         provider,
         id: batch.id.clone(),
@@ -678,10 +678,10 @@ fn counts(batch: &SimBatch) -> (u64, u64, u64, u64, u64) {
     (processing, ok, errored, canceled, expired)
 }
 
-fn anthropic_object(batch: &SimBatch) -> Value {
+fn anthropic_object(batch: &SimBatch, base_url: &str) -> Value {
     let (processing, ok, errored, canceled, expired) = counts(batch);
     let ended = batch.results.is_some();
-    let results_url = ended.then(|| format!("/v1/messages/batches/{}/results", batch.id));
+    let results_url = ended.then(|| format!("{base_url}/v1/messages/batches/{}/results", batch.id));
     let cancel_initiated = batch
         .cancelled_at
         .map(|_| jiff::Timestamp::now().to_string());
@@ -744,9 +744,9 @@ fn openai_object(batch: &SimBatch) -> Value {
     })
 }
 
-fn object(batch: &SimBatch) -> Value {
+fn object(batch: &SimBatch, base_url: &str) -> Value {
     match batch.provider {
-        ProviderKind::Anthropic => anthropic_object(batch),
+        ProviderKind::Anthropic => anthropic_object(batch, base_url),
         ProviderKind::OpenAi => openai_object(batch),
     }
 }
@@ -755,7 +755,7 @@ fn retrieve(state: &Arc<Mutex<State>>, provider: ProviderKind, id: &str) -> Repl
     let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
     settle(&mut s, id, Instant::now());
     match s.batches.batches.get(id).filter(|b| b.provider == provider) {
-        Some(batch) => reply(200, &[], object(batch).to_string()),
+        Some(batch) => reply(200, &[], object(batch, &s.base_url).to_string()),
         None => not_found(provider, &format!("batch {id}")),
     }
 }
@@ -778,7 +778,7 @@ fn list(state: &Arc<Mutex<State>>, provider: ProviderKind, query: &str) -> Reply
         .filter_map(|id| s.batches.batches.get(id))
         .filter(|b| b.provider == provider)
         .take(limit)
-        .map(object)
+        .map(|b| object(b, &s.base_url))
         .collect();
     let first = data.first().map(|b| b["id"].clone());
     let last = data.last().map(|b| b["id"].clone());
@@ -810,7 +810,7 @@ fn cancel(state: &Arc<Mutex<State>>, provider: ProviderKind, id: &str) -> Reply 
     }
     let object = {
         let batch = &s.batches.batches[id];
-        object(batch)
+        object(batch, &s.base_url)
     };
     reply(200, &[], object.to_string())
 }
