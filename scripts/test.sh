@@ -22,20 +22,25 @@ if [ -z "${APEX_REQUIRE_SDKS:-}" ]; then
   fi
 fi
 
-# The report test renders `apex report` in Debian's headless Chromium;
-# installed here where missing (as root), then required.
-if [ -z "${APEX_REQUIRE_CHROMIUM:-}" ]; then
-  if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-    echo "scripts/test.sh: installing Debian's chromium for the report test" >&2
-    (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1 ||
-      { apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1; }) || true
+# require_tool COMMAND PACKAGE VARIABLE WHAT: installs Debian's PACKAGE where
+# COMMAND is missing (as root), then sets VARIABLE=1 so the test that needs it
+# fails rather than skips; where it cannot be had, the test skips and says so.
+require_tool() {
+  local command=$1 package=$2 variable=$3 what=$4
+  [ -n "${!variable:-}" ] && return
+  if ! command -v "$command" >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "scripts/test.sh: installing Debian's $package for $what" >&2
+    (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$package" >/dev/null 2>&1 ||
+      { apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$package" >/dev/null 2>&1; }) || true
   fi
-  if command -v chromium >/dev/null 2>&1; then
-    export APEX_REQUIRE_CHROMIUM=1
+  if command -v "$command" >/dev/null 2>&1; then
+    export "$variable=1"
   else
-    echo "scripts/test.sh: no chromium (it could not be installed here); the browser test of apex report will skip" >&2
+    echo "scripts/test.sh: no $command (it could not be installed here); $what will skip" >&2
   fi
-fi
+}
+require_tool chromium chromium APEX_REQUIRE_CHROMIUM "the browser test of apex report"
+require_tool tmux tmux APEX_REQUIRE_TMUX "the live-view test in a terminal"
 
 if [ -n "${APEX_TEST_PG_URL:-}" ]; then
   APEX_TEST_PG=1 exec cargo test --workspace --locked "$@"

@@ -540,7 +540,11 @@ async fn run(store: Arc<dyn Store>, mut cmd: RunCmd) -> Result<ExitCode> {
         }
     };
     let options = run_options(&cmd, cache, limits);
-    let progress = Arc::new(RunProgress::new(std::time::Duration::from_secs(10)));
+    let totals = remaining_per_condition(&*store, &run_id, include_errors).await?;
+    let progress = Arc::new(RunProgress::new(
+        std::time::Duration::from_secs(10),
+        &totals,
+    ));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let (ledger, interrupted_run) = (Arc::clone(&store), run_id.clone());
     let batch_mode = cmd.batch;
@@ -614,6 +618,45 @@ async fn run(store: Arc<dyn Store>, mut cmd: RunCmd) -> Result<ExitCode> {
         0
     };
     Ok(ExitCode::from(code))
+}
+
+/// What an execution has left per condition, in plan order: the lines of
+/// the live view.
+async fn remaining_per_condition(
+    store: &dyn Store,
+    run_id: &RunId,
+    include_errors: bool,
+) -> Result<Vec<(String, u64)>> {
+    let statuses = if include_errors {
+        "'pending', 'running', 'error'"
+    } else {
+        "'pending', 'running'"
+    };
+    let counts = store
+        .query_read_only(&format!(
+            "SELECT condition_slug, COUNT(*) AS n FROM apex_audition.generations
+             WHERE run_id = '{run_id}' AND status IN ({statuses}) GROUP BY condition_slug"
+        ))
+        .await?;
+    let by_slug: std::collections::HashMap<String, u64> = counts
+        .rows
+        .iter()
+        .filter_map(|r| match (&r[0], &r[1]) {
+            (apex_core::SqlValue::Text(slug), apex_core::SqlValue::Integer(n)) => {
+                Some((slug.clone(), *n as u64))
+            }
+            _ => None,
+        })
+        .collect();
+    Ok(store
+        .run_conditions(run_id)
+        .await?
+        .into_iter()
+        .map(|c| {
+            let n = by_slug.get(&c.slug).copied().unwrap_or(0);
+            (c.slug, n)
+        })
+        .collect())
 }
 
 /// Logs each request a dry run would send: URL, size and hash at INFO, the

@@ -405,7 +405,10 @@ fn charts(run: &RunData, catalog: &Catalog, limits: &LimitTable) -> String {
     let window = 60.0f64.min(span);
     // Requests and tokens per minute per model, over a sliding 60 s window
     // (what the limits count), against each model's limits.
-    let mut models: BTreeMap<String, (ProviderKind, Vec<f64>, Vec<(f64, f64)>)> = BTreeMap::new();
+    // Per model: its provider, its attempts' start times, and (finish time,
+    // tokens) of its successes.
+    type Demand = (ProviderKind, Vec<f64>, Vec<(f64, f64)>);
+    let mut models: BTreeMap<String, Demand> = BTreeMap::new();
     for a in &run.attempts {
         let Some(g) = slug_of.get(&a.generation_id) else {
             continue;

@@ -190,6 +190,8 @@ pub struct BatchItemRecord {
     pub prompt_id: String,
     /// The package version (filled when read back).
     pub package_version: String,
+    /// The replicate (filled when read back).
+    pub replicate_index: u32,
 }
 
 /// A provider batch as the ledger records it.

@@ -1107,7 +1107,7 @@ static OPEN_BATCHES: Statement = Statement::new(
 );
 static BATCH_ITEMS: Statement = Statement::new(
     "SELECT i.generation_id, i.attempt, i.custom_id, g.condition_slug, g.prompt_id,
-            g.package_version
+            g.package_version, g.replicate_index
      FROM apex_audition.batch_items i
      JOIN apex_audition.generations g ON g.generation_id = i.generation_id
      WHERE i.batch_key = ?1 ORDER BY i.generation_id",
@@ -1191,6 +1191,7 @@ pub(crate) async fn open_batches(tx: &mut impl Tx, run_id: &RunId) -> CoreResult
                     condition_slug: i.text("condition_slug")?,
                     prompt_id: i.text("prompt_id")?,
                     package_version: i.text("package_version")?,
+                    replicate_index: i.u32("replicate_index")?,
                 })
             })
             .collect::<CoreResult<_>>()?;

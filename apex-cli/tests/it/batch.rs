@@ -393,6 +393,7 @@ async fn a_batch_submitted_just_before_a_crash_is_found_not_sent_again() {
                     condition_slug: slug.into(),
                     prompt_id: i.prompt_id.clone(),
                     package_version: i.package_version.clone(),
+                    replicate_index: i.replicate_index,
                 })
                 .collect(),
         };

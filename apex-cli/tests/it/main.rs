@@ -10,6 +10,7 @@ mod report;
 mod resilience;
 mod sdks;
 mod stored;
+mod view;
 mod workflow;
 
 use std::path::{Path, PathBuf};

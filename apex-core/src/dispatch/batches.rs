@@ -595,7 +595,14 @@ impl Execution<'_> {
             last: true,
         };
         self.store().end_attempt(id, out.attempt, &end).await?;
-        self.notify_finished(&out.item.condition_slug, None);
+        self.notify_finished(
+            (
+                &out.item.condition_slug,
+                &out.item.prompt_id,
+                out.item.replicate_index,
+            ),
+            None,
+        );
         Ok(())
     }
 
@@ -626,6 +633,7 @@ impl Execution<'_> {
                     condition_slug: o.item.condition_slug.clone(),
                     prompt_id: o.item.prompt_id.clone(),
                     package_version: o.item.package_version.clone(),
+                    replicate_index: o.item.replicate_index,
                 })
                 .collect(),
         };
@@ -698,7 +706,14 @@ impl Execution<'_> {
                     self.store()
                         .end_attempt(out.item.generation_id, out.attempt, &end)
                         .await?;
-                    self.notify_finished(&out.item.condition_slug, None);
+                    self.notify_finished(
+                        (
+                            &out.item.condition_slug,
+                            &out.item.prompt_id,
+                            out.item.replicate_index,
+                        ),
+                        None,
+                    );
                 }
                 Ok(Submitted::No)
             }
@@ -733,9 +748,15 @@ impl Execution<'_> {
         self.stopped.push((slug.to_owned(), reason));
     }
 
-    fn notify_finished(&self, slug: &str, success: Option<(&Generated, Option<f64>)>) {
+    fn notify_finished(
+        &self,
+        (slug, prompt_id, replicate_index): (&str, &str, u32),
+        success: Option<(&Generated, Option<f64>)>,
+    ) {
         self.executor.progress.event(&ProgressEvent::Finished {
             condition: slug.to_owned(),
+            prompt_id: prompt_id.to_owned(),
+            replicate_index,
             success: success.is_some(),
             cache_hit: success.is_some_and(|(g, _)| g.usage.cache_hit()),
             cost_usd: success.and_then(|(_, c)| c),
@@ -966,7 +987,10 @@ impl Execution<'_> {
                         },
                     );
                 }
-                self.notify_finished(slug, Some((&generated, cost)));
+                self.notify_finished(
+                    (slug, &item.prompt_id, item.replicate_index),
+                    Some((&generated, cost)),
+                );
             }
             Err(error) if cancelled && error.class == ErrorClass::Conflict => {
                 // Cancelled before it was processed: back to pending,
@@ -991,7 +1015,7 @@ impl Execution<'_> {
                 };
                 self.store().end_attempt(id, attempt, &end).await?;
                 if last {
-                    self.notify_finished(slug, None);
+                    self.notify_finished((slug, &item.prompt_id, item.replicate_index), None);
                 } else {
                     // Pending again: a later batch sends it.
                     self.store()
@@ -1003,9 +1027,10 @@ impl Execution<'_> {
                         self.executor.progress.event(&ProgressEvent::Retrying {
                             condition: slug.clone(),
                             prompt_id: item.prompt_id.clone(),
-                            replicate_index: 0,
+                            replicate_index: item.replicate_index,
                             attempt,
                             error: error.to_string(),
+                            http_status: error.http_status,
                             delay: Duration::ZERO,
                         });
                     }

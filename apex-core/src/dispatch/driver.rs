@@ -132,6 +132,7 @@ impl Executor {
             stop_open: true,
             storing: HashMap::new(),
             unstored: Vec::new(),
+            next_pacing_report: now(),
         };
         let summary = driver.run().await;
         let unstored = std::mem::take(&mut driver.unstored);
@@ -278,7 +279,12 @@ struct Driver<'a> {
     storing: HashMap<GenerationId, (u32, AttemptEnd)>,
     /// Paid results the ledger never took.
     unstored: Vec<UnstoredResult>,
+    /// When the display next hears how each model is paced.
+    next_pacing_report: Instant,
 }
+
+/// How often a display hears how each model is paced.
+const PACING_REPORT_EVERY: Duration = Duration::from_secs(1);
 
 impl Driver<'_> {
     async fn run(&mut self) -> Summary {
@@ -286,8 +292,12 @@ impl Driver<'_> {
             self.machine.handle(Event::StopRequested, now());
         }
         loop {
+            if now() >= self.next_pacing_report {
+                self.report_pacing();
+            }
             while let Some(action) = self.machine.poll_action(now()) {
                 if let Some(summary) = self.perform(action).await {
+                    self.report_pacing();
                     return summary;
                 }
             }
@@ -326,6 +336,14 @@ impl Driver<'_> {
                     self.machine.handle(Event::StopRequested, now());
                 }
             }
+        }
+    }
+
+    /// Tells the display how each model is paced now.
+    fn report_pacing(&mut self) {
+        self.next_pacing_report = now() + PACING_REPORT_EVERY;
+        for report in self.machine.pacing_report(now()) {
+            self.executor.progress.event(&report);
         }
     }
 

@@ -366,6 +366,25 @@ impl Dispatcher {
         self.in_flight
     }
 
+    /// How each condition's model is paced now, for displays.
+    pub fn pacing_report(&self, now: Instant) -> Vec<ProgressEvent> {
+        let mut keys: Vec<(&String, &String)> = self.bucket_keys.iter().collect();
+        keys.sort();
+        keys.into_iter()
+            .map(|(slug, key)| ProgressEvent::Pacing {
+                condition: slug.clone(),
+                key: key.clone(),
+                window: self.limiter.usage(key, now).unwrap_or_default(),
+                limits: self
+                    .limiter
+                    .pacing(key)
+                    .map(|p| p.limits)
+                    .unwrap_or_default(),
+                window_length: self.limiter.window(),
+            })
+            .collect()
+    }
+
     /// The limiter's sums in the current window for a condition's model.
     pub fn window_usage(&self, slug: &str, now: Instant) -> Option<[u64; 3]> {
         self.limiter.usage(self.bucket_keys.get(slug)?, now)
@@ -1095,7 +1114,7 @@ impl Dispatcher {
                 cost_usd,
             } => {
                 self.open_condition(&slug);
-                self.notify_finished(&slug, true, cache_hit, cost_usd);
+                self.notify_finished(&slug, &job.item, true, cache_hit, cost_usd);
                 if job.role == Role::Leader {
                     self.release_followers(job.group, GroupPhase::Warm);
                 }
@@ -1116,7 +1135,9 @@ impl Dispatcher {
         let item = &job.item;
         match verdict {
             Verdict::Retry { delay } => {
-                tracing::info!(condition = %slug, prompt_id = %item.prompt_id, replicate = item.replicate_index, attempt = job.attempt(), %error, delay_ms = delay.as_millis() as u64, "retrying");
+                // Counted on the display; the details are for debugging
+                // (and every attempt is a row in the ledger).
+                tracing::debug!(condition = %slug, prompt_id = %item.prompt_id, replicate = item.replicate_index, attempt = job.attempt(), %error, delay_ms = delay.as_millis() as u64, "retrying");
                 self.outbox
                     .push_back(Action::Notify(ProgressEvent::Retrying {
                         condition: slug.to_owned(),
@@ -1124,6 +1145,7 @@ impl Dispatcher {
                         replicate_index: item.replicate_index,
                         attempt: job.attempt(),
                         error: error.to_string(),
+                        http_status: error.http_status,
                         delay,
                     }));
                 let due = crate::time::later(self.now, delay);
@@ -1133,7 +1155,7 @@ impl Dispatcher {
             }
             Verdict::GiveUp | Verdict::Success => {
                 tracing::warn!(condition = %slug, prompt_id = %item.prompt_id, replicate = item.replicate_index, attempt = job.attempt(), %error, "generation failed");
-                self.notify_finished(slug, false, false, None);
+                self.notify_finished(slug, item, false, false, None);
                 if matches!(self.verify, VerifyGate::Verifying(_)) && !self.summary.verify_failed {
                     self.summary.verify_failed = true;
                     self.stopping = true;
@@ -1149,6 +1171,7 @@ impl Dispatcher {
     fn notify_finished(
         &mut self,
         slug: &str,
+        item: &WorkItem,
         success: bool,
         cache_hit: bool,
         cost_usd: Option<f64>,
@@ -1156,6 +1179,8 @@ impl Dispatcher {
         self.outbox
             .push_back(Action::Notify(ProgressEvent::Finished {
                 condition: slug.to_owned(),
+                prompt_id: item.prompt_id.clone(),
+                replicate_index: item.replicate_index,
                 success,
                 cache_hit,
                 cost_usd,

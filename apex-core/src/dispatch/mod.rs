@@ -118,6 +118,10 @@ pub enum ProgressEvent {
     Finished {
         /// Its condition.
         condition: String,
+        /// The context.
+        prompt_id: String,
+        /// The replicate.
+        replicate_index: u32,
         /// Whether it succeeded.
         success: bool,
         /// Whether it read the provider's cache.
@@ -137,8 +141,28 @@ pub enum ProgressEvent {
         attempt: u32,
         /// Why.
         error: String,
+        /// The HTTP status of the failed attempt, if one came (429: a rate
+        /// limit, waited out without spending a retry).
+        http_status: Option<u16>,
         /// The wait before the next attempt.
         delay: Duration,
+    },
+    /// How a condition's model is paced now (sent about once a second by
+    /// the synchronous driver).
+    Pacing {
+        /// The condition.
+        condition: String,
+        /// Its limiter key (`provider/model`; conditions on one model share
+        /// its limits).
+        key: String,
+        /// What Apex counts in the current window: requests, input (OpenAI:
+        /// all) tokens, output tokens.
+        window: [u64; 3],
+        /// The limits it paces at (learned from the server or capped by the
+        /// limits file), per minute; `None` where none is known.
+        limits: [Option<u64>; 3],
+        /// The window's length (60 s times `--time-scale`).
+        window_length: Duration,
     },
     /// Batch mode: waiting on provider batches (sent after each poll).
     Waiting {

@@ -684,6 +684,7 @@ async fn batches_are_recorded_before_submission_and_found_again(backend: Backend
                 condition_slug: String::new(),
                 prompt_id: String::new(),
                 package_version: String::new(),
+                replicate_index: 0,
             })
             .collect(),
     };
