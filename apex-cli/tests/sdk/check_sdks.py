@@ -130,7 +130,7 @@ check("batch: cancelled", cancelled.status == "cancelled", cancelled.status)
 
 ac = anthropic.Anthropic(base_url=f"http://{addr}", api_key=key, max_retries=0)
 requests = [{"custom_id": f"req-{i}", "params": {"model": "claude-haiku-4-5", "max_tokens": 16, "messages": [
-    {"role": "user", "content": [{"type": "text", "text": context, "cache_control": {"type": "ephemeral", "ttl": "1h"}},
+    {"role": "user", "content": [{"type": "text", "text": context * 4, "cache_control": {"type": "ephemeral", "ttl": "1h"}},
                                  {"type": "text", "text": "Summarise."}]}]}} for i in range(2)]
 message_batch = ac.messages.batches.create(requests=requests)
 check("message batch: MessageBatch parsed", isinstance(message_batch, anthropic.types.messages.MessageBatch))
@@ -140,8 +140,10 @@ results = list(ac.messages.batches.results(message_batch.id))
 check("message batch: results", sorted(r.custom_id for r in results) == ["req-0", "req-1"]
       and all(r.result.type == "succeeded" and isinstance(r.result.message, anthropic.types.Message) for r in results),
       str(results)[:300])
-check("message batch: one batch writes, none reads its own writes",
-      all(r.result.message.usage.cache_read_input_tokens == 0 for r in results), str(results)[:300])
+check("message batch: each item of one batch writes, none reads another's write",
+      all(r.result.message.usage.cache_read_input_tokens == 0
+          and r.result.message.usage.cache_creation.ephemeral_1h_input_tokens > 4096 for r in results),
+      str(results)[:300])
 later = ac.messages.batches.create(requests=requests[:1])
 later = wait(lambda: ac.messages.batches.retrieve(later.id), lambda b: b.processing_status == "ended")
 read = list(ac.messages.batches.results(later.id))[0].result.message.usage
