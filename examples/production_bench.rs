@@ -68,6 +68,26 @@ fn num(v: &SqlValue) -> f64 {
     }
 }
 
+/// Rows `[prompt_id, input, cache write, cache read, …]` grouped by
+/// context, each group with its cacheable prefix (the most any of its rows
+/// wrote or read).
+fn by_context(rows: &[Vec<SqlValue>]) -> Vec<(f64, Vec<&Vec<SqlValue>>)> {
+    let mut groups: HashMap<String, Vec<&Vec<SqlValue>>> = HashMap::new();
+    for r in rows {
+        groups.entry(r[0].to_string()).or_default().push(r);
+    }
+    groups
+        .into_values()
+        .map(|group| {
+            let prefix = group
+                .iter()
+                .map(|r| num(&r[2]) + num(&r[3]))
+                .fold(0.0, f64::max);
+            (prefix, group)
+        })
+        .collect()
+}
+
 /// The least time one limit allows for demand `d` in requests of at most `a`.
 fn limit_floor(d: f64, a: f64, l: f64) -> f64 {
     if l <= 0.0 || d <= 0.0 {
@@ -369,16 +389,8 @@ async fn main() -> Result<()> {
             .lookup(c.provider, &c.model)
             .map(|m| m.prices)
             .context("model prices")?;
-        let mut by_context: HashMap<String, Vec<&Vec<SqlValue>>> = HashMap::new();
-        for r in &rows {
-            by_context.entry(r[0].to_string()).or_default().push(r);
-        }
         let mut min_cost = 0.0;
-        for group in by_context.values() {
-            let prefix = group
-                .iter()
-                .map(|r| num(&r[2]) + num(&r[3]))
-                .fold(0.0, f64::max);
+        for (prefix, group) in by_context(&rows) {
             for (i, r) in group.iter().enumerate() {
                 let total = num(&r[1]) + num(&r[2]) + num(&r[3]);
                 let rest = total - prefix;
@@ -493,16 +505,8 @@ async fn batch_report(
             .lookup(c.provider, &c.model)
             .map(|m| m.prices)
             .context("model prices")?;
-        let mut by_context: HashMap<String, Vec<&Vec<SqlValue>>> = HashMap::new();
-        for r in &rows {
-            by_context.entry(r[0].to_string()).or_default().push(r);
-        }
         let mut least = 0.0;
-        for group in by_context.values() {
-            let prefix = group
-                .iter()
-                .map(|r| num(&r[2]) + num(&r[3]))
-                .fold(0.0, f64::max);
+        for (prefix, group) in by_context(&rows) {
             for r in group {
                 let total = num(&r[1]) + num(&r[2]) + num(&r[3]);
                 let leader = num(&r[7]) == 0.0;

@@ -961,10 +961,6 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Repl
     // output time. A body comes whole after both.
     tokio::time::sleep(if parsed.stream { first_byte } else { latency }).await;
 
-    let text = std::iter::repeat_n("word ", output as usize)
-        .collect::<String>()
-        .trim_end()
-        .to_owned();
     let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
     // The entry becomes usable only now that the writing request has begun
     // answering.
@@ -986,21 +982,13 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Repl
     }
     let stall = s.scaled(Duration::from_secs(3600));
     drop(s);
-    let answer = Answer {
-        api,
-        id,
-        model: snapshot,
-        text,
-        reasoning: if parsed.thinks { output / 2 } else { 0 },
-        uncached,
-        cache_read,
-        cache_write,
-        ttl_1h: parsed.ttl_1h,
-        reports_writes: parsed.reports_writes,
+    let answer = Answer::of(
+        (api, id, snapshot),
+        &parsed,
+        (uncached, cache_read, cache_write),
         output,
-        truncated: finish_length,
-        store: parsed.store,
-    };
+        finish_length,
+    );
     let mut headers = headers;
     let id_header = match key.0 {
         ProviderKind::OpenAi => "x-request-id",

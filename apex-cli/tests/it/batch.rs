@@ -429,7 +429,25 @@ async fn a_batch_submitted_just_before_a_crash_is_found_not_sent_again() {
             .unwrap();
     }
     store.release_claims(&run_id, "test").await.unwrap();
-    drop(store);
+    // Sending the run synchronously now would pay for the leaders twice.
+    let apex = apex::Apex::new(Arc::new(store));
+    let (_keep, stop) = tokio::sync::watch::channel(false);
+    let refused = apex
+        .execute(
+            &run_id,
+            apex::core::executor::RunOptions::default(),
+            false,
+            Arc::new(apex::core::executor::NoProgress),
+            stop,
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains("in flight") && refused.contains("--batch"),
+        "{refused}"
+    );
+    drop(apex);
     assert_eq!(live.sim.batches().len(), 2);
     let out = live.apex(&["run", "--resume", run_id.as_str()]).await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
@@ -449,4 +467,34 @@ async fn a_batch_submitted_just_before_a_crash_is_found_not_sent_again() {
         assert_eq!((g[0].as_str(), g[1].as_str()), ("success", "1"), "{g:?}");
         assert_eq!(g[2] == "1", g[3] == "1", "followers hit: {g:?}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ctrl_c_stops_waiting_and_leaves_the_batches_running() {
+    let live = live(300, SimulatorConfig::default()).await;
+    let child = live.spawn(&slugs(&["prod-gpt4o"], &["--replicates", "2"]));
+    live.wait_for("the leader batch", |l| submitted(l) == 1)
+        .await;
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = Live::outputs(vec![child]).await.remove(0);
+    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("keep running at the provider"), "{err}");
+    let run_id = run_id_from(&stdout(&out));
+    assert!(err.contains(&format!("apex cancel {run_id}")), "{err}");
+    // The batch is still recorded as in flight; a resume goes in batch
+    // mode (the run recorded --batch) and re-attaches to it.
+    assert_eq!(submitted(&live), 1);
+    let out = live.apex(&["run", "--resume", &run_id]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(
+        live.sim.batches().len(),
+        2,
+        "re-attached, then the followers"
+    );
+    assert!(live.sim.requests().is_empty(), "nothing went synchronously");
 }

@@ -26,6 +26,36 @@ pub(super) struct Answer {
 }
 
 impl Answer {
+    /// The answer to a request: `output` tokens of text (half of them
+    /// thinking where the model thinks), with the input split as the cache
+    /// served it.
+    pub fn of(
+        (api, id, model): (SimApi, u64, String),
+        parsed: &super::requests::Parsed,
+        (uncached, cache_read, cache_write): (u64, u64, u64),
+        output: u64,
+        truncated: bool,
+    ) -> Self {
+        Self {
+            api,
+            id,
+            model,
+            text: std::iter::repeat_n("word ", output as usize)
+                .collect::<String>()
+                .trim_end()
+                .to_owned(),
+            reasoning: if parsed.thinks { output / 2 } else { 0 },
+            uncached,
+            cache_read,
+            cache_write,
+            ttl_1h: parsed.ttl_1h,
+            reports_writes: parsed.reports_writes,
+            output,
+            truncated,
+            store: parsed.store,
+        }
+    }
+
     fn chat_usage(&self) -> Value {
         let input = self.uncached + self.cache_read + self.cache_write;
         let mut prompt_details = json!({"cached_tokens": self.cache_read, "audio_tokens": 0});

@@ -579,28 +579,19 @@ fn settle(s: &mut State, id: &str, now: Instant) {
                     let info = catalog.lookup(provider, &parsed.model).expect("validated");
                     let id = s.next_id;
                     s.next_id += 1;
-                    let answer = Answer {
-                        api,
-                        id,
-                        model: info
-                            .ids
-                            .last()
-                            .cloned()
-                            .unwrap_or_else(|| parsed.model.clone()),
-                        text: std::iter::repeat_n("word ", output as usize)
-                            .collect::<String>()
-                            .trim_end()
-                            .to_owned(),
-                        reasoning: if parsed.thinks { output / 2 } else { 0 },
-                        uncached,
-                        cache_read,
-                        cache_write,
-                        ttl_1h: parsed.ttl_1h,
-                        reports_writes: parsed.reports_writes,
+                    let snapshot = info
+                        .ids
+                        .last()
+                        .cloned()
+                        .unwrap_or_else(|| parsed.model.clone());
+                    let truncated = parsed.max_tokens < u64::from(s.config.output_tokens);
+                    let answer = Answer::of(
+                        (api, id, snapshot),
+                        &parsed,
+                        (uncached, cache_read, cache_write),
                         output,
-                        truncated: parsed.max_tokens < u64::from(s.config.output_tokens),
-                        store: parsed.store,
-                    };
+                        truncated,
+                    );
                     ItemOutcome::Succeeded(answer.body())
                 }
             }
