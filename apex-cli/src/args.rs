@@ -263,6 +263,10 @@ pub struct SimulateCmd {
     /// unprocessed (default 0)
     #[argh(option, default = "0.0")]
     pub batch_expire_rate: f64,
+    /// share of batch items (0 to 1) that end errored with a server error
+    /// (default 0)
+    #[argh(option, default = "0.0")]
+    pub batch_error_rate: f64,
     /// most requests per batch, for both APIs (default: 100,000 Anthropic,
     /// 50,000 OpenAI); larger batches are refused with 413
     #[argh(option)]

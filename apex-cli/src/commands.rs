@@ -717,8 +717,12 @@ async fn simulate(cmd: SimulateCmd) -> Result<ExitCode> {
     if !(0.0..=1.0).contains(&cmd.fault_rate) {
         return Err(UsageError("--fault-rate must be between 0 and 1".into()).into());
     }
-    if !(0.0..=1.0).contains(&cmd.batch_expire_rate) {
-        return Err(UsageError("--batch-expire-rate must be between 0 and 1".into()).into());
+    if !(0.0..=1.0).contains(&cmd.batch_expire_rate) || !(0.0..=1.0).contains(&cmd.batch_error_rate)
+    {
+        return Err(UsageError(
+            "--batch-expire-rate and --batch-error-rate must be between 0 and 1".into(),
+        )
+        .into());
     }
     if !(cmd.batch_time.is_finite() && cmd.batch_time >= 0.0) {
         return Err(
@@ -794,6 +798,7 @@ async fn simulate(cmd: SimulateCmd) -> Result<ExitCode> {
         fault_rate: cmd.fault_rate,
         batch_time: std::time::Duration::from_secs_f64(cmd.batch_time),
         batch_expire_rate: cmd.batch_expire_rate,
+        batch_error_rate: cmd.batch_error_rate,
         batch_max_requests: cmd.batch_max_requests,
         batch_queue_tokens: cmd.batch_queue_tokens,
         // Nothing reads the log of a standalone simulator: keep none.

@@ -198,6 +198,15 @@ fn usage_errors_exit_2() {
         ],
         &["--log-level", "loud", "runs"],
         &["frobnicate"],
+        &[
+            "run",
+            "--condition-slug",
+            "prod-gpt5",
+            "--batch",
+            "--verify-first",
+        ],
+        &["report"],
+        &["cancel"],
     ] {
         let out = sb.apex(args);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
@@ -228,6 +237,18 @@ fn simulator_options_are_checked() {
         (
             &["simulate", "--limits", "limits.toml", "--no-limits"],
             "contradict",
+        ),
+        (
+            &["simulate", "--batch-error-rate", "2"],
+            "--batch-error-rate must be between 0 and 1",
+        ),
+        (
+            &["simulate", "--batch-time", "-1"],
+            "--batch-time must be a number of seconds",
+        ),
+        (
+            &["simulate", "--batch-max-requests", "0"],
+            "must be at least 1",
         ),
     ] {
         let out = sb.apex_raw(args);

@@ -201,12 +201,14 @@ async fn a_killed_run_re_attaches_to_its_batches_on_resume() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn expired_items_go_into_a_later_batch_and_succeed() {
-    // Every batch expires with its later half unprocessed.
+async fn expired_and_errored_items_go_into_a_later_batch_and_succeed() {
+    // Every batch expires with its later half unprocessed, and a fifth of
+    // the items processed end errored.
     let live = live(
         30,
         SimulatorConfig {
             batch_expire_rate: 1.0,
+            batch_error_rate: 0.2,
             ..SimulatorConfig::default()
         },
     )
@@ -214,7 +216,7 @@ async fn expired_items_go_into_a_later_batch_and_succeed() {
     let out = live
         .apex(&slugs(
             &["prod-gpt5", "prod-sonnet45"],
-            &["--replicates", "2", "--max-retries", "5"],
+            &["--replicates", "2", "--max-retries", "8"],
         ))
         .await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
@@ -232,6 +234,12 @@ async fn expired_items_go_into_a_later_batch_and_succeed() {
     );
     let expired: usize = expired[0][0].parse().unwrap();
     assert!(expired >= 2, "{expired}");
+    let errored = rows(
+        &live,
+        "SELECT COUNT(*) FROM attempts WHERE error_class = 'server_error'",
+    );
+    let errored: usize = errored[0][0].parse().unwrap();
+    assert!(errored >= 1, "{errored}");
     assert!(live.sim.batches().len() > 4);
 }
 
