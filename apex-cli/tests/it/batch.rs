@@ -494,9 +494,18 @@ async fn ctrl_c_stops_waiting_and_leaves_the_batches_running() {
     assert!(err.contains("keep running at the provider"), "{err}");
     let run_id = run_id_from(&stdout(&out));
     assert!(err.contains(&format!("apex cancel {run_id}")), "{err}");
-    // The batch is still recorded as in flight; a resume goes in batch
-    // mode (the run recorded --batch) and re-attaches to it.
+    // The batch is still recorded as in flight, its items' attempts open;
+    // a resume goes in batch mode (the run recorded --batch) and
+    // re-attaches to it.
     assert_eq!(submitted(&live), 1);
+    assert_eq!(
+        rows(
+            &live,
+            "SELECT COUNT(*) FROM attempts WHERE finished_at IS NULL"
+        ),
+        vec![vec!["3".to_owned()]],
+        "one leader per context"
+    );
     let out = live.apex(&["run", "--resume", &run_id]).await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(
@@ -505,4 +514,33 @@ async fn ctrl_c_stops_waiting_and_leaves_the_batches_running() {
         "re-attached, then the followers"
     );
     assert!(live.sim.requests().is_empty(), "nothing went synchronously");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_process_leaves_another_live_process_its_batches() {
+    let live = live(300, SimulatorConfig::default()).await;
+    let first = live.spawn(&slugs(&["prod-sonnet45"], &["--replicates", "2"]));
+    live.wait_for("the leader batch", |l| submitted(l) == 1)
+        .await;
+    let run_id = rows(&live, "SELECT run_id FROM runs")[0][0].clone();
+    let second = live.apex(&["run", "--resume", &run_id]).await;
+    assert_eq!(second.status.code(), Some(0), "{}", stderr(&second));
+    assert!(
+        stderr(&second).contains("another live process holds the work"),
+        "{}",
+        stderr(&second)
+    );
+    let first = Live::outputs(vec![first]).await.remove(0);
+    assert_eq!(first.status.code(), Some(0), "{}", stderr(&first));
+    // One leader and one follower batch: nothing collected or sent twice.
+    assert_eq!(live.sim.batches().len(), 2, "{:?}", live.sim.batches());
+    let done = rows(
+        &live,
+        &format!(
+            "SELECT COUNT(*), SUM(attempts) FROM generations WHERE run_id = '{run_id}' AND status = 'success'"
+        ),
+    );
+    assert_eq!(done, vec![vec!["6".to_owned(), "6".into()]]);
+    let state = rows(&live, "SELECT state FROM runs");
+    assert_eq!(state, vec![vec!["finished".to_owned()]]);
 }

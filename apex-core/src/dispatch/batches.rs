@@ -215,6 +215,8 @@ struct Execution<'a> {
     /// Submissions in a row that did not reach the provider.
     failed_submissions: u32,
     cancelled: Option<String>,
+    /// Unfinished generations other live processes held at the last claim.
+    others_hold: u64,
     stop: watch::Receiver<bool>,
 }
 
@@ -299,6 +301,7 @@ impl BatchExecutor {
             bodies: HashMap::new(),
             failed_submissions: 0,
             cancelled: None,
+            others_hold: 0,
             stop,
         };
         let outcome = execution.run().await;
@@ -312,14 +315,20 @@ impl BatchExecutor {
                 return Err(error);
             }
         };
-        self.store
-            .release_claims(run_id, &self.options.worker)
-            .await?;
+        if !interrupted {
+            self.store
+                .release_claims(run_id, &self.options.worker)
+                .await?;
+        }
+        // Stopped while batches run: the claims (and the items' open
+        // attempts) stay until a resume takes them back, at once on this
+        // machine, after --claim-timeout elsewhere.
         let counts = self.store.run(run_id).await?.counts;
         let stopped = execution.stopped;
         let summary = Summary {
             stopped: stopped.clone(),
             interrupted: interrupted || execution.cancelled.is_some(),
+            others_hold: execution.others_hold,
             ..Summary::default()
         };
         if let Some(state) = summary.final_state(&counts) {
@@ -362,20 +371,12 @@ impl Execution<'_> {
     /// Waves until nothing is left; `true` when stopped by a request.
     async fn run(&mut self) -> Result<bool> {
         loop {
-            let open = self.store().open_batches(self.run_id).await?;
-            if !open.is_empty() {
-                match self.wait(open).await? {
-                    Waited::Stopped => return Ok(true),
-                    Waited::Ended => {}
-                }
-                if self.cancelled.is_some() {
-                    return Ok(false);
-                }
-                continue;
-            }
             if *self.stop.borrow() {
                 return Ok(true);
             }
+            // Claim first: a process collects only the batches of the work
+            // it holds, so two processes on one run never store (or send
+            // again) each other's items.
             let stale_before = crate::time::rfc3339_ago(
                 self.executor
                     .options
@@ -391,11 +392,42 @@ impl Execution<'_> {
                     &stale_before,
                 )
                 .await?;
+            self.others_hold = claim.held_by_others;
+            let held: HashSet<i64> = claim.items.iter().map(|i| i.generation_id).collect();
+            let (mine, theirs): (Vec<BatchRecord>, Vec<BatchRecord>) = self
+                .store()
+                .open_batches(self.run_id)
+                .await?
+                .into_iter()
+                .partition(|b| b.items.iter().all(|i| held.contains(&i.generation_id)));
+            if !mine.is_empty() {
+                match self.wait(mine).await? {
+                    Waited::Stopped => return Ok(true),
+                    Waited::Ended => {}
+                }
+                if self.cancelled.is_some() {
+                    return Ok(false);
+                }
+                continue;
+            }
+            if !theirs.is_empty() {
+                tracing::warn!(
+                    batches = theirs.len(),
+                    "another live process holds the work of this run's batches in flight; leaving them to it"
+                );
+            }
+            let in_theirs: HashSet<i64> = theirs
+                .iter()
+                .flat_map(|b| b.items.iter().map(|i| i.generation_id))
+                .collect();
             let stopped: HashSet<&str> = self.stopped.iter().map(|(s, _)| s.as_str()).collect();
             let items: Vec<WorkItem> = claim
                 .items
                 .into_iter()
-                .filter(|i| !stopped.contains(i.condition_slug.as_str()))
+                .filter(|i| {
+                    !stopped.contains(i.condition_slug.as_str())
+                        && !in_theirs.contains(&i.generation_id)
+                })
                 .collect();
             if items.is_empty() {
                 return Ok(false);
