@@ -90,6 +90,9 @@ pub struct SimulatorConfig {
     /// OpenAI's per-model limit on tokens enqueued in batches in progress
     /// (none by default).
     pub batch_queue_tokens: Option<u64>,
+    /// The first this many downloads of batch results (Anthropic results,
+    /// OpenAI file contents) answer 500.
+    pub batch_result_failures: u32,
 }
 
 impl Default for SimulatorConfig {
@@ -112,6 +115,7 @@ impl Default for SimulatorConfig {
             batch_max_requests: None,
             batch_max_bytes: None,
             batch_queue_tokens: None,
+            batch_result_failures: 0,
         }
     }
 }

@@ -202,13 +202,14 @@ async fn a_killed_run_re_attaches_to_its_batches_on_resume() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn expired_and_errored_items_go_into_a_later_batch_and_succeed() {
-    // Every batch expires with its later half unprocessed, and a fifth of
-    // the items processed end errored.
+    // Every batch expires with its later half unprocessed, a fifth of the
+    // items processed end errored, and the first results downloads fail.
     let live = live(
         30,
         SimulatorConfig {
             batch_expire_rate: 1.0,
             batch_error_rate: 0.2,
+            batch_result_failures: 3,
             ..SimulatorConfig::default()
         },
     )
@@ -240,6 +241,11 @@ async fn expired_and_errored_items_go_into_a_later_batch_and_succeed() {
     );
     let errored: usize = errored[0][0].parse().unwrap();
     assert!(errored >= 1, "{errored}");
+    assert!(
+        stderr(&out).contains("reading a batch's results failed; trying again"),
+        "{}",
+        stderr(&out)
+    );
     assert!(live.sim.batches().len() > 4);
 }
 

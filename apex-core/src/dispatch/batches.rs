@@ -56,6 +56,9 @@ use super::{Progress, ProgressEvent, RunOptions, RunReport};
 pub const POLL_FIRST: Duration = Duration::from_secs(5);
 /// Longest wait between polls (times `--time-scale`).
 pub const POLL_MAX: Duration = Duration::from_secs(30);
+/// Tries of a results download that fails in passing before the run stops
+/// (a resume reads them again).
+const RESULT_TRIES: u32 = 5;
 
 /// How long a leader's cache lives in batch mode: the longest the model
 /// offers (`None`: writes are free, so followers always go after leaders).
@@ -922,13 +925,25 @@ impl Execution<'_> {
                 .await?;
             requests.insert(item.custom_id.clone(), request);
         }
-        let mut results = match api.results(id, &requests).await {
-            Ok(results) => results,
-            Err(error) => {
-                return Err(Error::Preflight(format!(
-                    "cannot read the results of batch {id}: {error}; `apex run --resume {}` reads them again",
-                    self.run_id
-                )));
+        // A download that fails in passing is tried again; the batch's
+        // results stay at the provider (29-30 days) whatever happens here.
+        let mut delay = self.executor.scaled(POLL_FIRST);
+        let mut tries = 0;
+        let mut results = loop {
+            tries += 1;
+            match api.results(id, &requests).await {
+                Ok(results) => break results,
+                Err(error) if error.is_retryable() && tries <= RESULT_TRIES => {
+                    tracing::warn!(batch = id, %error, "reading a batch's results failed; trying again");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(self.executor.scaled(POLL_MAX));
+                }
+                Err(error) => {
+                    return Err(Error::Preflight(format!(
+                        "cannot read the results of batch {id}: {error}; `apex run --resume {}` reads them again",
+                        self.run_id
+                    )));
+                }
             }
         };
         let started = self

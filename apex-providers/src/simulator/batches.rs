@@ -151,6 +151,25 @@ pub(super) async fn handle(
         return bad_request(provider, "anthropic-version: header is required");
     }
     let segments: Vec<&str> = path.trim_start_matches("/v1/").split('/').collect();
+    let downloads = matches!(
+        segments.as_slice(),
+        ["messages", "batches", _, "results"] | ["files", _, "content"]
+    );
+    if downloads {
+        let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+        if s.config.batch_result_failures > 0 {
+            s.config.batch_result_failures -= 1;
+            let kind = match provider {
+                ProviderKind::OpenAi => "server_error",
+                ProviderKind::Anthropic => "api_error",
+            };
+            return reply(
+                500,
+                &[],
+                error_body(provider, kind, None, "Internal server error"),
+            );
+        }
+    }
     match (provider, &method, segments.as_slice()) {
         (ProviderKind::Anthropic, &Method::POST, ["messages", "batches"]) => {
             create_anthropic(&state, &body).await
