@@ -93,6 +93,9 @@ pub struct SimulatorConfig {
     /// The first this many downloads of batch results (Anthropic results,
     /// OpenAI file contents) answer 500.
     pub batch_result_failures: u32,
+    /// The first this many batches created are created, but the connection
+    /// drops before the answer.
+    pub batch_create_drops: u32,
 }
 
 impl Default for SimulatorConfig {
@@ -116,6 +119,7 @@ impl Default for SimulatorConfig {
             batch_max_bytes: None,
             batch_queue_tokens: None,
             batch_result_failures: 0,
+            batch_create_drops: 0,
         }
     }
 }
@@ -628,7 +632,7 @@ fn go_duration(d: Duration) -> String {
 
 async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Reply, DropConnection> {
     if let Some(provider) = batches::route(req.uri().path()) {
-        return Ok(batches::handle(state, provider, req).await);
+        return batches::handle(state, provider, req).await;
     }
     let Some(api) = SimApi::route(req.method().as_str(), req.uri().path()) else {
         let message = format!(

@@ -465,7 +465,7 @@ async fn a_batch_submitted_just_before_a_crash_is_found_not_sent_again() {
     assert_eq!(live.sim.batches().len(), 2);
     let out = live.apex(&["run", "--resume", run_id.as_str()]).await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert!(stderr(&out).contains("found a batch submitted before a crash"));
+    assert!(stderr(&out).contains("found at the provider a batch recorded but never acknowledged"));
     // Found at the provider and collected: only the followers went since.
     let sizes: Vec<usize> = live.sim.batches().iter().map(|b| b.requests).collect();
     assert_eq!(sizes, vec![3, 3, 3, 3]);
@@ -549,4 +549,38 @@ async fn a_second_process_leaves_another_live_process_its_batches() {
     assert_eq!(done, vec![vec!["6".to_owned(), "6".into()]]);
     let state = rows(&live, "SELECT state FROM runs");
     assert_eq!(state, vec![vec!["finished".to_owned()]]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_created_whose_answer_is_lost_is_found_not_paid_twice() {
+    // The first two batches are created, but their answers never arrive.
+    let live = live(
+        30,
+        SimulatorConfig {
+            batch_create_drops: 2,
+            ..SimulatorConfig::default()
+        },
+    )
+    .await;
+    let out = live
+        .apex(&slugs(
+            &["prod-gpt5", "prod-sonnet45"],
+            &["--replicates", "2"],
+        ))
+        .await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("looking for it at the provider"), "{err}");
+    assert!(err.contains("recorded but never acknowledged"), "{err}");
+    // Found and collected: one leader and one follower batch per model.
+    let sizes: Vec<usize> = live.sim.batches().iter().map(|b| b.requests).collect();
+    assert_eq!(sizes, vec![3, 3, 3, 3]);
+    let run_id = run_id_from(&stdout(&out));
+    let done = rows(
+        &live,
+        &format!(
+            "SELECT COUNT(*), SUM(attempts) FROM generations WHERE run_id = '{run_id}' AND status = 'success'"
+        ),
+    );
+    assert_eq!(done, vec![vec!["12".to_owned(), "12".into()]]);
 }

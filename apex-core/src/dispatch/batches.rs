@@ -49,6 +49,7 @@ use crate::run::{AttemptEnd, GenerationResult, RunId, RunState, WorkItem};
 use crate::store::Store;
 
 use super::machine::Summary;
+use super::retry::{Budget, RetryPolicy, Verdict};
 use super::{Progress, ProgressEvent, RunOptions, RunReport};
 
 /// First wait between polls of a batch (times `--time-scale`); doubled
@@ -205,11 +206,11 @@ struct Execution<'a> {
     run_id: &'a RunId,
     conditions: HashMap<String, ConditionInfo>,
     replicates: u32,
-    /// Failed outcomes per generation in this execution.
-    tries: HashMap<i64, u32>,
+    /// When a failed item goes again (the synchronous runs' policy).
+    retry: RetryPolicy,
+    /// Outcomes per generation in this execution.
+    budgets: HashMap<i64, Budget>,
     warm: HashMap<(String, String), Warmth>,
-    /// When each batch submitted in this execution left.
-    submitted: HashMap<String, Instant>,
     stopped: Vec<(String, String)>,
     /// Learned enqueued-token limits per (provider, model).
     queue_limits: HashMap<(ProviderKind, String), u64>,
@@ -295,9 +296,13 @@ impl BatchExecutor {
             run_id,
             conditions,
             replicates: run.replicates.max(1),
-            tries: HashMap::new(),
+            retry: RetryPolicy::new(
+                self.options.max_retries,
+                self.options.backoff_base,
+                self.options.time_scale,
+            ),
+            budgets: HashMap::new(),
             warm: HashMap::new(),
-            submitted: HashMap::new(),
             stopped: Vec::new(),
             queue_limits: HashMap::new(),
             packages: HashMap::new(),
@@ -596,7 +601,18 @@ impl Execution<'_> {
                 );
             }
             for out in never {
-                self.fail_unsendable(&out, queue_room.unwrap_or(0)).await?;
+                // It can never be sent: larger than the queue alone.
+                let error = AttemptError::new(
+                    ErrorClass::ExceedsRateLimit,
+                    format!(
+                        "the request is larger than the model's enqueued-token limit for batches ({} tokens); run it without --batch",
+                        queue_room.unwrap_or(0)
+                    ),
+                );
+                self.store()
+                    .begin_attempt(out.item.generation_id, out.attempt, None)
+                    .await?;
+                self.fail_for_good(&out, &error).await?;
             }
             let mut queue: VecDeque<Vec<Outgoing>> = batches.into();
             while let Some(batch) = queue.pop_front() {
@@ -614,22 +630,20 @@ impl Execution<'_> {
         Ok(submitted)
     }
 
-    /// An item larger than the model's enqueued-token limit: it can never
-    /// be sent.
-    async fn fail_unsendable(&mut self, out: &Outgoing, limit: u64) -> Result<()> {
-        let id = out.item.generation_id;
-        self.store().begin_attempt(id, out.attempt, None).await?;
+    /// An item that fails for good without a batch result (its attempt
+    /// begun): stored as `error`.
+    async fn fail_for_good(&self, out: &Outgoing, error: &AttemptError) -> Result<()> {
         let end = AttemptEnd::Failed {
-            class: ErrorClass::ExceedsRateLimit,
-            message: format!(
-                "the request is larger than the model's enqueued-token limit for batches ({limit} tokens); run it without --batch"
-            ),
-            http_status: None,
-            provider_request_id: None,
+            class: error.class,
+            message: error.message.clone(),
+            http_status: error.http_status,
+            provider_request_id: error.request_id.clone(),
             latency_ms: 0,
             last: true,
         };
-        self.store().end_attempt(id, out.attempt, &end).await?;
+        self.store()
+            .end_attempt(out.item.generation_id, out.attempt, &end)
+            .await?;
         self.notify_finished(
             (
                 &out.item.condition_slug,
@@ -683,8 +697,6 @@ impl Execution<'_> {
                 self.store()
                     .update_batch(&record.batch_key, Some(&id), BatchState::Submitted)
                     .await?;
-                self.submitted
-                    .insert(record.batch_key.clone(), Instant::now());
                 self.failed_submissions = 0;
                 tracing::info!(
                     batch = %id,
@@ -696,6 +708,22 @@ impl Execution<'_> {
                 Ok(Submitted::Yes)
             }
             Err(error) => {
+                // A refusal (a 4xx) created nothing. Without one (a dropped
+                // connection, a timeout, a 5xx) the batch may exist at the
+                // provider: the intent stays, and waiting finds it there or
+                // gives it up, so nothing is paid for twice.
+                let refused = error.http_status.is_some_and(|s| (400..500).contains(&s));
+                if !refused {
+                    self.failed_submissions += 1;
+                    if self.failed_submissions > self.executor.options.max_retries {
+                        return Err(Error::Preflight(format!(
+                            "{provider} failed {} batch submissions in a row, the last with {error}; `apex run --resume {}` looks for them at the provider and tries again",
+                            self.failed_submissions, self.run_id
+                        )));
+                    }
+                    tracing::warn!(%error, "a batch submission got no answer; looking for it at the provider before sending its items again");
+                    return Ok(Submitted::No);
+                }
                 self.refused(&record).await?;
                 if error.class == ErrorClass::RequestTooLarge && batch.len() > 1 {
                     tracing::info!(model, items = batch.len(), %error, "the provider refused the batch as too large; submitting it in two halves");
@@ -708,13 +736,15 @@ impl Execution<'_> {
                     }
                     return Ok(Submitted::Split(vec![first, second]));
                 }
-                if error.class.is_fatal_for_condition() {
+                if RetryPolicy::stops_condition(&error) {
                     for out in &batch {
                         self.stop_condition(&out.item.condition_slug, &error);
                     }
                     return Ok(Submitted::No);
                 }
                 if error.is_retryable() {
+                    // A 429 on submission: its items go in the next wave,
+                    // after the wait the provider asked for.
                     self.failed_submissions += 1;
                     if self.failed_submissions > self.executor.options.max_retries {
                         return Err(Error::Preflight(format!(
@@ -722,33 +752,17 @@ impl Execution<'_> {
                             self.failed_submissions, self.run_id
                         )));
                     }
-                    let delay = self.executor.scaled(POLL_FIRST);
-                    tracing::warn!(%error, "a batch submission failed; its items go in the next batch");
+                    let delay = error
+                        .retry_after
+                        .unwrap_or_else(|| self.executor.scaled(POLL_FIRST));
+                    tracing::warn!(%error, "a batch submission was refused for now; its items go in the next batch");
                     tokio::time::sleep(delay).await;
                     return Ok(Submitted::No);
                 }
                 // The batch itself is wrong and will stay wrong (e.g. a
                 // single request over the size cap): its items fail.
                 for out in &batch {
-                    let end = AttemptEnd::Failed {
-                        class: error.class,
-                        message: error.message.clone(),
-                        http_status: error.http_status,
-                        provider_request_id: error.request_id.clone(),
-                        latency_ms: 0,
-                        last: true,
-                    };
-                    self.store()
-                        .end_attempt(out.item.generation_id, out.attempt, &end)
-                        .await?;
-                    self.notify_finished(
-                        (
-                            &out.item.condition_slug,
-                            &out.item.prompt_id,
-                            out.item.replicate_index,
-                        ),
-                        None,
-                    );
+                    self.fail_for_good(out, &error).await?;
                 }
                 Ok(Submitted::No)
             }
@@ -811,14 +825,15 @@ impl Execution<'_> {
             for mut batch in open {
                 let api = self.executor.api(batch.provider)?;
                 let Some(id) = batch.provider_batch_id.clone() else {
-                    // An intent from a crash between submitting and
-                    // recording: find it at the provider, or give it up.
+                    // An intent never acknowledged (a crash between
+                    // submitting and recording, or an answer that never
+                    // came): find it at the provider, or give it up.
                     match api
                         .find(&batch.batch_key, &batch.created_at, batch.items.len())
                         .await
                     {
                         Ok(Some(id)) => {
-                            tracing::info!(batch = %id, "found a batch submitted before a crash; re-attaching");
+                            tracing::info!(batch = %id, "found at the provider a batch recorded but never acknowledged; re-attaching");
                             self.store()
                                 .update_batch(&batch.batch_key, Some(&id), BatchState::Submitted)
                                 .await?;
@@ -946,21 +961,17 @@ impl Execution<'_> {
                 }
             }
         };
-        let started = self
-            .submitted
-            .get(&batch.batch_key)
-            .copied()
-            .unwrap_or_else(|| {
-                // Re-attached after a restart: it left when it was recorded.
-                let ago = batch
-                    .submitted_at
-                    .as_deref()
-                    .or(Some(batch.created_at.as_str()))
-                    .and_then(|t| t.parse::<jiff::Timestamp>().ok())
-                    .and_then(|t| jiff::Timestamp::now().duration_since(t).try_into().ok())
-                    .unwrap_or_default();
-                Instant::now().checked_sub(ago).unwrap_or_else(Instant::now)
-            });
+        // When it left, by the ledger (this process's submission or an
+        // earlier one's alike).
+        let ago = batch
+            .submitted_at
+            .as_deref()
+            .unwrap_or(&batch.created_at)
+            .parse::<jiff::Timestamp>()
+            .ok()
+            .and_then(|t| jiff::Timestamp::now().duration_since(t).try_into().ok())
+            .unwrap_or_default();
+        let started = Instant::now().checked_sub(ago).unwrap_or_else(Instant::now);
         let took = started.elapsed();
         let latency_ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX);
         for item in &batch.items {
@@ -1047,14 +1058,14 @@ impl Execution<'_> {
                     .await?;
             }
             Err(error) => {
-                let tries = self.tries.entry(id).or_default();
-                *tries += 1;
-                let fatal = error.class.is_fatal_for_condition();
-                let last =
-                    !fatal && (!error.is_retryable() || *tries > self.executor.options.max_retries);
+                let budget = self.budgets.entry(id).or_default();
+                budget.tries += 1;
+                let fatal = RetryPolicy::stops_condition(&error);
+                // A later batch is the retry, so the policy's delay is moot.
+                let last = !fatal && self.retry.verdict(Err(&error), id, budget) == Verdict::GiveUp;
                 let end = AttemptEnd::Failed {
                     class: error.class,
-                    message: error.message.clone(),
+                    message: self.retry.stored_message(&error),
                     http_status: error.http_status,
                     provider_request_id: error.request_id.clone(),
                     latency_ms,

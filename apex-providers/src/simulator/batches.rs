@@ -28,7 +28,10 @@ use tokio::time::Instant;
 
 use super::answers::Answer;
 use super::requests::SimApi;
-use super::{Reply, State, cache_usage, check_key, error_body, presented_key, reply, validate};
+use super::{
+    DropConnection, Reply, State, cache_usage, check_key, error_body, presented_key, reply,
+    validate,
+};
 
 /// One batch the simulator received, for tests.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,7 +129,26 @@ pub(super) async fn handle(
     state: Arc<Mutex<State>>,
     provider: ProviderKind,
     req: Request<Incoming>,
-) -> Reply {
+) -> Result<Reply, DropConnection> {
+    let creates = req.method() == Method::POST
+        && matches!(
+            req.uri().path().trim_end_matches('/'),
+            "/v1/messages/batches" | "/v1/batches"
+        );
+    let reply = serve(&state, provider, req).await;
+    if creates && reply.status() == 200 {
+        // A batch created whose answer never arrives (a dropped connection
+        // after the work was done): the client must find it, not pay again.
+        let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+        if s.config.batch_create_drops > 0 {
+            s.config.batch_create_drops -= 1;
+            return Err(DropConnection);
+        }
+    }
+    Ok(reply)
+}
+
+async fn serve(state: &Arc<Mutex<State>>, provider: ProviderKind, req: Request<Incoming>) -> Reply {
     let method = req.method().clone();
     let path = req.uri().path().trim_end_matches('/').to_owned();
     let query = req.uri().query().unwrap_or("").to_owned();
@@ -172,21 +194,21 @@ pub(super) async fn handle(
     }
     match (provider, &method, segments.as_slice()) {
         (ProviderKind::Anthropic, &Method::POST, ["messages", "batches"]) => {
-            create_anthropic(&state, &body).await
+            create_anthropic(state, &body).await
         }
         (ProviderKind::Anthropic, &Method::GET, ["messages", "batches"]) => {
-            list(&state, provider, &query)
+            list(state, provider, &query)
         }
         (ProviderKind::Anthropic, &Method::GET, ["messages", "batches", id]) => {
-            retrieve(&state, provider, id)
+            retrieve(state, provider, id)
         }
         (ProviderKind::Anthropic, &Method::POST, ["messages", "batches", id, "cancel"]) => {
-            cancel(&state, provider, id)
+            cancel(state, provider, id)
         }
         (ProviderKind::Anthropic, &Method::GET, ["messages", "batches", id, "results"]) => {
-            anthropic_results(&state, id)
+            anthropic_results(state, id)
         }
-        (ProviderKind::OpenAi, &Method::POST, ["files"]) => upload(&state, &content_type, &body),
+        (ProviderKind::OpenAi, &Method::POST, ["files"]) => upload(state, &content_type, &body),
         (ProviderKind::OpenAi, &Method::GET, ["files", id, "content"]) => {
             let s = state.lock().unwrap_or_else(|p| p.into_inner());
             match s.batches.files.get(*id) {
@@ -199,11 +221,11 @@ pub(super) async fn handle(
                 None => not_found(provider, &format!("file {id}")),
             }
         }
-        (ProviderKind::OpenAi, &Method::POST, ["batches"]) => create_openai(&state, &body).await,
-        (ProviderKind::OpenAi, &Method::GET, ["batches"]) => list(&state, provider, &query),
-        (ProviderKind::OpenAi, &Method::GET, ["batches", id]) => retrieve(&state, provider, id),
+        (ProviderKind::OpenAi, &Method::POST, ["batches"]) => create_openai(state, &body).await,
+        (ProviderKind::OpenAi, &Method::GET, ["batches"]) => list(state, provider, &query),
+        (ProviderKind::OpenAi, &Method::GET, ["batches", id]) => retrieve(state, provider, id),
         (ProviderKind::OpenAi, &Method::POST, ["batches", id, "cancel"]) => {
-            cancel(&state, provider, id)
+            cancel(state, provider, id)
         }
         _ => not_found(provider, &format!("{method} {path}")),
     }
