@@ -14,7 +14,7 @@ use apex_core::{Catalog, Condition, GenerationRow, ProviderKind, RunId, RunInfo,
 use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 
-use crate::report::run_estimates;
+use crate::report::{run_estimates, usd};
 
 /// Colours for series, in order (readable on white, distinct in greyscale
 /// by lightness).
@@ -43,10 +43,6 @@ pub fn escape(text: &str) -> String {
         }
     }
     out
-}
-
-fn usd(v: f64) -> String {
-    format!("${v:.4}")
 }
 
 /// Seconds since the Unix epoch of an RFC 3339 time.

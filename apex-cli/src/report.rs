@@ -13,7 +13,8 @@ use apex_core::{Catalog, Condition, ConditionUsage, PackageRef, RunId, Store};
 use crate::UsageError;
 use crate::table::render;
 
-fn usd(v: f64) -> String {
+/// Dollars to four places (shared by the text and HTML reports).
+pub(crate) fn usd(v: f64) -> String {
     // A difference of two equal sums can come out as -0.00000001.
     let v = if v.abs() < 0.000_05 { 0.0 } else { v };
     format!("${v:.4}")

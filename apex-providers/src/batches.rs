@@ -128,6 +128,14 @@ impl Endpoint {
     }
 }
 
+/// The `id` of an object the API created.
+fn id_of(object: &Value, what: &str) -> Result<String, AttemptError> {
+    object["id"]
+        .as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| decode_error(&format!("{what} (no id)"), object))
+}
+
 fn decode_error(what: &str, e: impl std::fmt::Display) -> AttemptError {
     AttemptError::new(ErrorClass::Decode, format!("unexpected {what} ({e})"))
 }
@@ -238,10 +246,7 @@ impl BatchApi for AnthropicBatches {
             .headers(self.headers()?)
             .body(body);
         let batch = self.endpoint.json::<AnthropicWire>(builder).await?;
-        batch["id"]
-            .as_str()
-            .map(str::to_owned)
-            .ok_or_else(|| decode_error("batch (no id)", &batch))
+        id_of(&batch, "batch")
     }
 
     async fn find(
@@ -521,9 +526,7 @@ impl BatchApi for OpenAiBatches {
             .header(CONTENT_TYPE, content_type)
             .body(form);
         let uploaded = self.endpoint.json::<OpenAiWire>(upload).await?;
-        let file_id = uploaded["id"]
-            .as_str()
-            .ok_or_else(|| decode_error("file (no id)", &uploaded))?;
+        let file_id = id_of(&uploaded, "file")?;
         let create = self
             .endpoint
             .client
@@ -536,10 +539,7 @@ impl BatchApi for OpenAiBatches {
                 "metadata": {"apex_batch": key},
             }));
         let batch = self.endpoint.json::<OpenAiWire>(create).await?;
-        batch["id"]
-            .as_str()
-            .map(str::to_owned)
-            .ok_or_else(|| decode_error("batch (no id)", &batch))
+        id_of(&batch, "batch")
     }
 
     async fn find(

@@ -244,6 +244,26 @@ impl State {
             .unwrap_or_default()
     }
 
+    /// The answer to a request served now: the next id, the snapshot of the
+    /// model that answers, the configured output (cut at `max_tokens`).
+    fn answer(&mut self, api: SimApi, parsed: &Parsed, input: (u64, u64, u64)) -> Answer {
+        let id = self.next_id;
+        self.next_id += 1;
+        let snapshot = self
+            .catalog
+            .lookup(api.provider(), &parsed.model)
+            .and_then(|m| m.ids.last().cloned())
+            .unwrap_or_else(|| parsed.model.clone());
+        let configured = u64::from(self.config.output_tokens);
+        Answer::of(
+            (api, id, snapshot),
+            parsed,
+            input,
+            parsed.max_tokens.min(configured),
+            parsed.max_tokens < configured,
+        )
+    }
+
     fn next_random(&mut self) -> f64 {
         self.rng ^= self.rng << 13;
         self.rng ^= self.rng >> 7;
@@ -767,8 +787,7 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Repl
                 error_body(provider, kind, None, message),
             ));
         }
-        let catalog = s.catalog.clone();
-        let parsed = match validate(api, &body, &catalog) {
+        let parsed = match validate(api, &body, &s.catalog) {
             Ok(p) => p,
             Err((status, kind, code, message)) => {
                 record(&mut s, status, 0, 0);
@@ -779,9 +798,6 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Repl
                 ));
             }
         };
-        let info = catalog
-            .lookup(provider, &parsed.model)
-            .expect("parse checked the model");
         let total_input = parsed.prefix_text_tokens + parsed.rest_tokens;
         // Cache: hit if an entry written by a *completed* request is alive.
         // Limits are charged at arrival (entries may come in a little out
@@ -910,61 +926,41 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Repl
             ));
         }
         let charge_id = charge_id.expect("admitted above");
-        let output = parsed.max_tokens.min(u64::from(s.config.output_tokens));
+        let answer = s.answer(api, &parsed, (uncached, cache_read, cache_write));
         let latency = s.scaled(
             s.config.base_latency
                 + s.config.per_input_token.mul_f64(uncached as f64)
-                + s.config.per_output_token.mul_f64(output as f64),
+                + s.config.per_output_token.mul_f64(answer.output as f64),
         );
-        let id = s.next_id;
-        s.next_id += 1;
-        let snapshot = info
-            .ids
-            .last()
-            .cloned()
-            .unwrap_or_else(|| parsed.model.clone());
         let ttl = s.scaled(parsed.ttl);
         let first_byte =
             s.scaled(s.config.base_latency + s.config.per_input_token.mul_f64(uncached as f64));
         Accepted {
-            api,
             first_byte,
             answer_fault,
-            finish_length: parsed.max_tokens < u64::from(s.config.output_tokens),
             parsed,
-            output,
+            answer,
             latency,
-            id,
-            snapshot,
             ttl,
             headers,
-            cache_read,
-            cache_write,
-            uncached,
             key,
             charge_id,
             charged: [1, charge_in, charge_out],
         }
     };
     let Accepted {
-        api,
         parsed,
-        output,
+        answer,
         latency,
         first_byte,
-        id,
-        snapshot,
         ttl,
         headers,
-        cache_read,
-        cache_write,
-        uncached,
         key,
         charge_id,
         charged,
-        finish_length,
         answer_fault,
     } = decision;
+    let (output, id) = (answer.output, answer.id);
     // A stream's headers come after the input is read; its text over the
     // output time. A body comes whole after both.
     tokio::time::sleep(if parsed.stream { first_byte } else { latency }).await;
@@ -984,19 +980,12 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Repl
     if let Some(account) = s.accounts.get_mut(&key) {
         account.settle(charge_id, charged, settled);
     }
-    record(&mut s, 200, cache_read, cache_write);
+    record(&mut s, 200, answer.cache_read, answer.cache_write);
     if let Some(last) = s.log.back_mut() {
         last.charged = settled;
     }
     let stall = s.scaled(Duration::from_secs(3600));
     drop(s);
-    let answer = Answer::of(
-        (api, id, snapshot),
-        &parsed,
-        (uncached, cache_read, cache_write),
-        output,
-        finish_length,
-    );
     let mut headers = headers;
     let id_header = match key.0 {
         ProviderKind::OpenAi => "x-request-id",
@@ -1028,24 +1017,18 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Repl
 
 /// A request that passed every check, waiting for its simulated latency.
 struct Accepted {
-    api: SimApi,
     parsed: Parsed,
-    output: u64,
+    /// What it will answer (text, usage, ids).
+    answer: Answer,
     latency: Duration,
     first_byte: Duration,
     answer_fault: Option<Fault>,
-    id: u64,
-    snapshot: String,
     ttl: Duration,
     headers: Vec<(String, String)>,
-    cache_read: u64,
-    cache_write: u64,
-    uncached: u64,
     key: (ProviderKind, String),
     /// The account's id of the charge, and what it charged at arrival.
     charge_id: u64,
     charged: [u64; 3],
-    finish_length: bool,
 }
 
 #[cfg(test)]

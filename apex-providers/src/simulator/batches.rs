@@ -26,7 +26,6 @@ use hyper::{Method, Request};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
-use super::answers::Answer;
 use super::requests::SimApi;
 use super::{
     DropConnection, Reply, State, cache_usage, check_key, error_body, presented_key, reply,
@@ -480,11 +479,10 @@ async fn create_openai(state: &Arc<Mutex<State>>, body: &Bytes) -> Reply {
     let mut batch = new_batch(&mut s, provider, &endpoint, items);
     batch.input_file_id = Some(file_id);
     batch.metadata = value["metadata"].clone();
-    let catalog = s.catalog.clone();
     batch.tokens = batch
         .items
         .iter()
-        .filter_map(|(_, b)| validate(api, b, &catalog).ok())
+        .filter_map(|(_, b)| validate(api, b, &s.catalog).ok())
         .map(|p| p.prefix_text_tokens + p.rest_tokens)
         .sum();
     if let Some(limit) = s.config.batch_queue_tokens {
@@ -567,7 +565,6 @@ fn settle(s: &mut State, id: &str, now: Instant) {
     } else {
         items.len()
     };
-    let catalog = s.catalog.clone();
     let mut writes = Vec::new();
     let mut results = Vec::with_capacity(items.len());
     for (index, (custom_id, body)) in items.iter().enumerate() {
@@ -589,7 +586,7 @@ fn settle(s: &mut State, id: &str, now: Instant) {
                     .unwrap_or_default(),
             }
         } else {
-            match validate(api, body, &catalog) {
+            match validate(api, body, &s.catalog) {
                 Err((status, kind, code, message)) => ItemOutcome::Errored {
                     status,
                     body: serde_json::from_str(&error_body(provider, kind, code, &message))
@@ -616,23 +613,7 @@ fn settle(s: &mut State, id: &str, now: Instant) {
                     if let Some(k) = &parsed.cache_key {
                         writes.push((k.clone(), at + s.scaled(parsed.ttl)));
                     }
-                    let output = parsed.max_tokens.min(u64::from(s.config.output_tokens));
-                    let info = catalog.lookup(provider, &parsed.model).expect("validated");
-                    let id = s.next_id;
-                    s.next_id += 1;
-                    let snapshot = info
-                        .ids
-                        .last()
-                        .cloned()
-                        .unwrap_or_else(|| parsed.model.clone());
-                    let truncated = parsed.max_tokens < u64::from(s.config.output_tokens);
-                    let answer = Answer::of(
-                        (api, id, snapshot),
-                        &parsed,
-                        (uncached, cache_read, cache_write),
-                        output,
-                        truncated,
-                    );
+                    let answer = s.answer(api, &parsed, (uncached, cache_read, cache_write));
                     ItemOutcome::Succeeded(answer.body())
                 }
             }
