@@ -14,7 +14,7 @@ use apex_core::{Catalog, Condition, GenerationRow, ProviderKind, RunId, RunInfo,
 use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 
-use crate::report::{run_estimates, usd};
+use crate::report::{is_batch_run, run_estimates, usd};
 
 /// Colours for series, in order (readable on white, distinct in greyscale
 /// by lightness).
@@ -110,7 +110,7 @@ async fn load(store: &dyn Store, catalog: &Catalog, run_id: &RunId) -> Result<Ru
             })
         })
         .collect();
-    let batch = info.flags.get("batch") == Some(&serde_json::Value::Bool(true));
+    let batch = is_batch_run(&info);
     Ok(RunData {
         info,
         conditions,

@@ -153,6 +153,11 @@ pub async fn print_estimate(
     Ok(estimates)
 }
 
+/// Whether a run was started with `--batch` (as its recorded flags say).
+pub fn is_batch_run(run: &apex_core::RunInfo) -> bool {
+    run.flags.get("batch") == Some(&serde_json::Value::Bool(true))
+}
+
 /// Apex's estimate of a recorded run: its conditions over the package
 /// versions it sent, with the caching it recorded.
 pub async fn run_estimates(
@@ -229,7 +234,7 @@ pub async fn cost(store: &dyn Store, catalog: &Catalog, run_id: &RunId) -> Resul
         .iter()
         .map(|u| (u.condition_slug.as_str(), u))
         .collect();
-    let batch_run = run.flags.get("batch") == Some(&serde_json::Value::Bool(true));
+    let batch_run = is_batch_run(&run);
     // The estimate of what this run did: in two waves of batches, or
     // synchronously with caching.
     let expected = |e: &ConditionEstimate| {
