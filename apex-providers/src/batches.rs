@@ -117,14 +117,31 @@ impl Endpoint {
     async fn json<W: Wire>(&self, builder: reqwest::RequestBuilder) -> Result<Value, AttemptError> {
         let bytes = self.call::<W>(builder).await?;
         serde_json::from_slice(&bytes).map_err(|e| {
-            AttemptError::new(
+            self.scrubbed(AttemptError::new(
                 ErrorClass::Decode,
                 format!(
                     "unexpected batch API answer ({e}): {}",
                     body_excerpt(&bytes)
                 ),
-            )
+            ))
         })
+    }
+
+    /// An error whose message can never show the key, whatever a server
+    /// echoed into it (as the synchronous path scrubs its errors).
+    fn scrubbed(&self, mut error: AttemptError) -> AttemptError {
+        if let Some(key) = &self.key {
+            error.message = key.scrub(&error.message);
+        }
+        error
+    }
+
+    /// Item outcomes with their errors scrubbed.
+    fn scrub_results(&self, results: BatchResults) -> BatchResults {
+        results
+            .into_iter()
+            .map(|(id, outcome)| (id, outcome.map_err(|e| self.scrubbed(e))))
+            .collect()
     }
 }
 
@@ -328,7 +345,7 @@ impl BatchApi for AnthropicBatches {
             };
             results.insert(custom_id.to_owned(), outcome);
         }
-        Ok(results)
+        Ok(self.endpoint.scrub_results(results))
     }
 
     async fn cancel(&self, batch_id: &str) -> Result<(), AttemptError> {
@@ -584,7 +601,7 @@ impl BatchApi for OpenAiBatches {
                 }
             }
         }
-        Ok(results)
+        Ok(self.endpoint.scrub_results(results))
     }
 
     async fn cancel(&self, batch_id: &str) -> Result<(), AttemptError> {
@@ -594,5 +611,28 @@ impl BatchApi for OpenAiBatches {
             .post(self.url(&format!("/batches/{batch_id}/cancel")))
             .headers(self.auth()?);
         self.endpoint.call::<OpenAiWire>(builder).await.map(drop)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn item_errors_never_show_the_key() {
+        let endpoint = Endpoint {
+            client: reqwest::Client::new(),
+            base: "http://127.0.0.1:9".into(),
+            key: Some(ApiKey::new("sk-ant-secret-0123456789")),
+        };
+        let echoed = AttemptError::new(
+            ErrorClass::Authentication,
+            "invalid x-api-key sk-ant-secret-0123456789",
+        );
+        let results: BatchResults = [("a".to_owned(), Err(echoed))].into_iter().collect();
+        let scrubbed = endpoint.scrub_results(results);
+        let message = &scrubbed["a"].as_ref().unwrap_err().message;
+        assert!(!message.contains("secret-0123456789"), "{message}");
+        assert!(message.contains("[REDACTED]"), "{message}");
     }
 }
