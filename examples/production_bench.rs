@@ -252,6 +252,7 @@ async fn main() -> Result<()> {
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(120),
             stream_idle_timeout: std::time::Duration::from_secs(300),
+            allow_insecure_http: false,
         };
         providers.insert(kind, apex_providers::build(kind, config.clone())?);
         batch_providers.insert(kind, apex_providers::build(kind, config)?);

@@ -229,6 +229,10 @@ pub enum ErrorClass {
     /// A 200 whose body is cut off or not the API's JSON: a transport fault
     /// like a dropped connection, so it is retried.
     Decode,
+    /// A 3xx: the base URL points elsewhere. Never followed (the key stays
+    /// with its host) nor retried; the condition stops, and the generation
+    /// goes back to `pending` for a resume once the URL is fixed.
+    Redirected,
 }
 
 impl ErrorClass {
@@ -251,8 +255,18 @@ impl ErrorClass {
     pub fn is_fatal_for_condition(self) -> bool {
         matches!(
             self,
-            Self::Authentication | Self::PermissionDenied | Self::NotFound | Self::QuotaExhausted
+            Self::Authentication
+                | Self::PermissionDenied
+                | Self::NotFound
+                | Self::QuotaExhausted
+                | Self::Redirected
         )
+    }
+
+    /// Whether the request never reached the API, so the failure is the
+    /// configuration's, not the generation's: it goes back to `pending`.
+    pub fn hands_back(self) -> bool {
+        self == Self::Redirected
     }
 
     /// The stored name.
@@ -272,6 +286,7 @@ impl ErrorClass {
             Self::QuotaExhausted => "quota_exhausted",
             Self::ExceedsRateLimit => "exceeds_rate_limit",
             Self::Decode => "decode",
+            Self::Redirected => "redirected",
         }
     }
 }
@@ -372,6 +387,7 @@ mod tests {
             QuotaExhausted,
             ExceedsRateLimit,
             Decode,
+            Redirected,
         ];
         for class in all {
             assert!(

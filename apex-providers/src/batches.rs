@@ -76,6 +76,16 @@ impl Endpoint {
         let response = builder.send().await.map_err(|e| scrub(&e))?;
         let status = response.status().as_u16();
         let headers = response.headers().clone();
+        if (300..400).contains(&status) {
+            let error = crate::http::redirect_error(
+                W::KIND,
+                status,
+                &headers,
+                response.url().as_str(),
+                &self.base,
+            );
+            return Err(self.scrubbed(error));
+        }
         let bytes = response.bytes().await.map_err(|e| scrub(&e))?;
         if (200..300).contains(&status) {
             return Ok(bytes);

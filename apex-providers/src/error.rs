@@ -13,6 +13,16 @@ pub enum ProviderError {
         /// The variable it came from.
         var: &'static str,
     },
+    /// Plain `http://` to a host that is not loopback, not allowed.
+    #[error(
+        "{var} is `{url}`: plain http to a host that is not loopback would send the API key in clear text; use https, or set APEX_ALLOW_INSECURE_HTTP=1 to allow it"
+    )]
+    InsecureBaseUrl {
+        /// The URL given.
+        url: String,
+        /// The variable it came from.
+        var: &'static str,
+    },
     /// The HTTP client could not be built (TLS set-up).
     #[error("cannot build the HTTP client: {0}")]
     Client(#[from] reqwest::Error),

@@ -33,6 +33,9 @@ pub struct ProviderConfig {
     pub request_timeout: Duration,
     /// Longest silence within a stream before it is abandoned and retried.
     pub stream_idle_timeout: Duration,
+    /// Send the key over plain `http://` to a host that is not loopback
+    /// (`APEX_ALLOW_INSECURE_HTTP=1`); refused otherwise.
+    pub allow_insecure_http: bool,
 }
 
 impl ProviderConfig {
@@ -57,7 +60,110 @@ impl ProviderConfig {
             connect_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(600),
             stream_idle_timeout: Duration::from_secs(300),
+            allow_insecure_http: insecure_http_allowed(),
         }
+    }
+}
+
+/// The variable that allows keys over plain `http://` to a host that is not
+/// loopback.
+pub const ALLOW_INSECURE_HTTP_ENV: &str = "APEX_ALLOW_INSECURE_HTTP";
+
+/// Whether `APEX_ALLOW_INSECURE_HTTP` is set to `1` or `true`.
+fn insecure_http_allowed() -> bool {
+    std::env::var(ALLOW_INSECURE_HTTP_ENV)
+        .is_ok_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes"))
+}
+
+/// Checks a base URL before any client is built: http(s) only, and plain
+/// `http://` only to loopback (the simulator, a local proxy) unless allowed.
+pub(crate) fn check_base_url(
+    base: &str,
+    kind: ProviderKind,
+    allow_insecure_http: bool,
+) -> Result<reqwest::Url, ProviderError> {
+    let bad = || ProviderError::BadBaseUrl {
+        url: base.to_owned(),
+        var: kind.base_url_env(),
+    };
+    let url = reqwest::Url::parse(base).map_err(|_| bad())?;
+    match url.scheme() {
+        "https" => Ok(url),
+        "http" if allow_insecure_http || is_loopback(&url) => Ok(url),
+        "http" => Err(ProviderError::InsecureBaseUrl {
+            url: base.to_owned(),
+            var: kind.base_url_env(),
+        }),
+        _ => Err(bad()),
+    }
+}
+
+/// `localhost`, `127.0.0.0/8` or `::1`.
+fn is_loopback(url: &reqwest::Url) -> bool {
+    let Some(host) = url.host_str() else {
+        return false;
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+        return ip.is_loopback();
+    }
+    let name = host.trim_end_matches('.').to_ascii_lowercase();
+    name == "localhost" || name.ends_with(".localhost")
+}
+
+/// The one HTTP client every provider uses. Redirects are never followed:
+/// the official SDKs do not follow them, and a followed redirect would carry
+/// the key (`x-api-key`, `x-goog-api-key` are not headers a client knows to
+/// strip) to another host. A 3xx is answered by [`redirect_error`].
+pub(crate) fn client(config: &ProviderConfig) -> Result<reqwest::Client, ProviderError> {
+    Ok(reqwest::Client::builder()
+        .connect_timeout(config.connect_timeout)
+        .tcp_keepalive(Duration::from_secs(30))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()?)
+}
+
+/// The error for a 3xx answer to `requested` (a URL under `base`): not
+/// followed, not retried, naming where it points and the variable to set.
+pub(crate) fn redirect_error(
+    kind: ProviderKind,
+    status: u16,
+    headers: &reqwest::header::HeaderMap,
+    requested: &str,
+    base: &str,
+) -> AttemptError {
+    let location = headers
+        .get(reqwest::header::LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|l| reqwest::Url::parse(requested).ok()?.join(l).ok());
+    let var = kind.base_url_env();
+    let message = match location {
+        Some(to) => {
+            // The path under the base URL, so the advice is a base URL.
+            let tail = requested
+                .strip_prefix(base.trim_end_matches('/'))
+                .unwrap_or("")
+                .split('?')
+                .next()
+                .unwrap_or("");
+            let to = to.as_str();
+            let to_path = to.split('?').next().unwrap_or(to);
+            match to_path.strip_suffix(tail).filter(|_| !tail.is_empty()) {
+                Some(new_base) => format!(
+                    "the base URL {base} redirects (HTTP {status}) to {to}; redirects are not followed, so the key never leaves its host: set {var} to {new_base}"
+                ),
+                None => format!(
+                    "the base URL {base} redirects (HTTP {status}) to {to}; redirects are not followed, so the key never leaves its host: set {var} to the API's own URL"
+                ),
+            }
+        }
+        None => format!(
+            "the base URL {base} answered HTTP {status} (a redirect without a usable Location); redirects are not followed: set {var} to the API's own URL"
+        ),
+    };
+    AttemptError {
+        http_status: Some(status),
+        ..AttemptError::new(ErrorClass::Redirected, message)
     }
 }
 
@@ -65,6 +171,7 @@ impl ProviderConfig {
 pub struct HttpProvider<W: Wire> {
     client: reqwest::Client,
     url: String,
+    base: String,
     key: Option<ApiKey>,
     request_timeout: Duration,
     stream_idle_timeout: Duration,
@@ -94,18 +201,8 @@ impl<W: Wire> std::fmt::Debug for HttpProvider<W> {
 impl<W: Wire> HttpProvider<W> {
     /// Builds a client for a configuration.
     pub fn new(config: ProviderConfig) -> Result<Self, ProviderError> {
-        let base = config.base_url.trim();
-        if !(base.starts_with("http://") || base.starts_with("https://")) {
-            return Err(ProviderError::BadBaseUrl {
-                url: base.to_owned(),
-                var: W::KIND.base_url_env(),
-            });
-        }
-        let client = reqwest::Client::builder()
-            .connect_timeout(config.connect_timeout)
-            .tcp_keepalive(Duration::from_secs(30))
-            .build()?;
-        Ok(Self::with_client(client, &config))
+        check_base_url(config.base_url.trim(), W::KIND, config.allow_insecure_http)?;
+        Ok(Self::with_client(client(&config)?, &config))
     }
 
     /// Shares a client (its connections and TLS roots) with another wire.
@@ -113,6 +210,7 @@ impl<W: Wire> HttpProvider<W> {
         Self {
             client: client.clone(),
             url: W::endpoint(config.base_url.trim()),
+            base: config.base_url.trim().to_owned(),
             key: config.api_key.clone(),
             request_timeout: config.request_timeout,
             stream_idle_timeout: config.stream_idle_timeout,
@@ -207,6 +305,13 @@ impl<W: Wire> Provider for HttpProvider<W> {
         })?;
         let status = response.status().as_u16();
         let headers = response.headers().clone();
+        if (300..400).contains(&status) {
+            let error = redirect_error(W::KIND, status, &headers, &self.url, &self.base);
+            return Err(AttemptError {
+                message: key.scrub(&error.message),
+                ..error
+            });
+        }
         let request_id = headers
             .get(W::REQUEST_ID_HEADER)
             .and_then(|v| v.to_str().ok())

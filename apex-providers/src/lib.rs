@@ -29,6 +29,7 @@
 //!     connect_timeout: std::time::Duration::from_secs(1),
 //!     request_timeout: std::time::Duration::from_secs(5),
 //!     stream_idle_timeout: std::time::Duration::from_secs(5),
+//!     allow_insecure_http: false,
 //! })?;
 //! let condition = Condition {
 //!     slug: "c".into(), provider: ProviderKind::Anthropic, model: "claude-sonnet-4-5".into(),

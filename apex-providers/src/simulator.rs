@@ -96,6 +96,9 @@ pub struct SimulatorConfig {
     /// The first this many batches created are created, but the connection
     /// drops before the answer.
     pub batch_create_drops: u32,
+    /// Answer every request `307 Temporary Redirect` to this origin (same
+    /// path and query), as a moved or misconfigured proxy would.
+    pub redirect_to: Option<String>,
 }
 
 impl Default for SimulatorConfig {
@@ -120,6 +123,7 @@ impl Default for SimulatorConfig {
             batch_queue_tokens: None,
             batch_result_failures: 0,
             batch_create_drops: 0,
+            redirect_to: None,
         }
     }
 }
@@ -220,6 +224,18 @@ struct State {
     batches: batches::Batches,
     /// `http://ADDR`, for the absolute URLs some answers carry.
     base_url: String,
+    /// Every request that arrived (bounded like the request log).
+    arrivals: VecDeque<Arrival>,
+}
+
+/// A request as it arrived, whatever became of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Arrival {
+    /// `METHOD /path?query`.
+    pub request: String,
+    /// The credential headers it carried (`authorization`, `x-api-key`,
+    /// `x-goog-api-key`), by name only.
+    pub credentials: Vec<String>,
 }
 
 impl State {
@@ -369,6 +385,7 @@ impl Simulator {
             rng: 0x2545_F491_4F6C_DD1D,
             batches: batches::Batches::default(),
             base_url: format!("http://{addr}"),
+            arrivals: VecDeque::new(),
         }));
         let shared = Arc::clone(&state);
         let task = tokio::spawn(async move {
@@ -443,6 +460,12 @@ impl Simulator {
     /// [`SimulatorConfig::request_log`] of them.
     pub fn requests(&self) -> Vec<RequestRecord> {
         self.lock().log.iter().cloned().collect()
+    }
+
+    /// Every request that arrived, oldest first (the most recent
+    /// [`SimulatorConfig::request_log`] of them), answered or not.
+    pub fn arrivals(&self) -> Vec<Arrival> {
+        self.lock().arrivals.iter().cloned().collect()
     }
 
     /// The batches received so far (both Batch APIs), oldest first.
@@ -651,6 +674,34 @@ fn go_duration(d: Duration) -> String {
 }
 
 async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Reply, DropConnection> {
+    {
+        let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+        let path = req
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_owned();
+        let credentials = ["authorization", "x-api-key", "x-goog-api-key"]
+            .into_iter()
+            .filter(|h| req.headers().contains_key(*h))
+            .map(str::to_owned)
+            .collect();
+        while s.arrivals.len() >= s.config.request_log.max(1) {
+            s.arrivals.pop_front();
+        }
+        s.arrivals.push_back(Arrival {
+            request: format!("{} {path}", req.method()),
+            credentials,
+        });
+        if let Some(to) = &s.config.redirect_to {
+            let location = format!("{}{path}", to.trim_end_matches('/'));
+            return Ok(reply(
+                307,
+                &[("location".to_owned(), location)],
+                String::new(),
+            ));
+        }
+    }
     if let Some(provider) = batches::route(req.uri().path()) {
         return batches::handle(state, provider, req).await;
     }

@@ -16,7 +16,7 @@ pub(crate) struct Live {
 }
 
 impl Live {
-    async fn new() -> Self {
+    pub(crate) async fn new() -> Self {
         Self::with(SimulatorConfig::default()).await
     }
 
@@ -115,7 +115,7 @@ impl Live {
         self.apex_env(args, self.env()).await
     }
 
-    async fn apex_env(&self, args: &[&str], env: Vec<(&'static str, String)>) -> Output {
+    pub(crate) async fn apex_env(&self, args: &[&str], env: Vec<(&'static str, String)>) -> Output {
         let url = self.sb.url();
         let mut full = vec!["--database-url".to_owned(), url];
         full.extend(args.iter().map(|s| s.to_string()));

@@ -3,6 +3,7 @@
 mod bad_input;
 mod batch;
 mod current;
+mod keys;
 mod live;
 mod multi;
 mod pacing;

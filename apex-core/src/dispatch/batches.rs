@@ -712,7 +712,8 @@ impl Execution<'_> {
                 // connection, a timeout, a 5xx) the batch may exist at the
                 // provider: the intent stays, and waiting finds it there or
                 // gives it up, so nothing is paid for twice.
-                let refused = error.http_status.is_some_and(|s| (400..500).contains(&s));
+                let refused = error.http_status.is_some_and(|s| (400..500).contains(&s))
+                    || error.class.hands_back();
                 if !refused {
                     self.failed_submissions += 1;
                     if self.failed_submissions > self.executor.options.max_retries {
@@ -842,6 +843,12 @@ impl Execution<'_> {
                             still_open.push(batch);
                         }
                         Ok(None) => self.refused(&batch).await?,
+                        Err(error) if !error.is_retryable() => {
+                            return Err(Error::Preflight(format!(
+                                "cannot look for batch {} at the provider: {error}",
+                                batch.batch_key
+                            )));
+                        }
                         Err(error) => {
                             tracing::warn!(%error, "could not list the provider's batches; trying again");
                             still_open.push(batch);

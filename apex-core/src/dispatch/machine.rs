@@ -256,6 +256,9 @@ pub struct Dispatcher {
     splits: HashMap<(String, Tokenizer), (u64, u64)>,
     counting: HashSet<(String, Tokenizer)>,
     queue: ReadyQueue,
+    /// Jobs handed back as `pending` when the dispatch ends (their request
+    /// never reached the API).
+    parked: Vec<GenerationId>,
     verify: VerifyGate,
     claims: Claims,
     next_renew: Instant,
@@ -347,6 +350,7 @@ impl Dispatcher {
             splits: HashMap::new(),
             counting: HashSet::new(),
             queue: ReadyQueue::default(),
+            parked: Vec::new(),
             renewing: false,
             next_share: now,
             sharing: false,
@@ -607,7 +611,9 @@ impl Dispatcher {
     fn begin_handing_back(&mut self) {
         let mut handing_back = HashSet::new();
         if self.summary.failure.is_none() {
-            for (_, id) in std::mem::take(&mut self.queue.retries) {
+            let retries = std::mem::take(&mut self.queue.retries);
+            let parked = std::mem::take(&mut self.parked);
+            for id in retries.into_iter().map(|(_, id)| id).chain(parked) {
                 if let Some(job) = self.jobs.get(&id) {
                     self.outbox.push_back(Action::Store {
                         generation_id: id,
@@ -1107,7 +1113,7 @@ impl Dispatcher {
         };
         let slug = self.groups[&job.group].condition.slug.clone();
         let group = job.group;
-        let retrying = matches!(verdict, Verdict::Retry { .. });
+        let retrying = matches!(verdict, Verdict::Retry { .. } | Verdict::HandBack);
         match *outcome {
             Outcome::Success {
                 cache_hit,
@@ -1151,6 +1157,14 @@ impl Dispatcher {
                 let due = crate::time::later(self.now, delay);
                 job.stage = Stage::Retrying;
                 self.queue.retries.insert((due, item.generation_id));
+                self.jobs.insert(item.generation_id, job);
+            }
+            Verdict::HandBack => {
+                // Its condition is stopped; it goes back to `pending` when
+                // the dispatch ends.
+                tracing::warn!(condition = %slug, prompt_id = %item.prompt_id, replicate = item.replicate_index, %error, "not sent; handed back for a resume");
+                job.stage = Stage::Retrying;
+                self.parked.push(item.generation_id);
                 self.jobs.insert(item.generation_id, job);
             }
             Verdict::GiveUp | Verdict::Success => {

@@ -16,6 +16,9 @@ pub enum Verdict {
     },
     /// It failed for good: stored as `error`.
     GiveUp,
+    /// It never reached the API (the configuration is wrong): not tried
+    /// again now, but handed back as `pending` for a resume.
+    HandBack,
 }
 
 /// What one generation has used of its retry budget in this execution.
@@ -74,6 +77,9 @@ impl RetryPolicy {
         let Err(error) = outcome else {
             return Verdict::Success;
         };
+        if error.class.hands_back() {
+            return Verdict::HandBack;
+        }
         if self.waits_out(error) && budget.waited < Self::FREE_WAITS {
             budget.waited += 1;
         }

@@ -496,6 +496,49 @@ fn a_fatal_error_stops_its_condition_only() {
 }
 
 #[test]
+fn a_redirect_stops_its_condition_and_hands_the_generation_back() {
+    let now = Instant::now();
+    let (mut m, actions) = started(
+        config(8, false),
+        &["a"],
+        plan(&["a"], 2, 2),
+        LimitTable::none(),
+        PREFIX,
+        now,
+    );
+    assert_eq!(begins(&actions), vec![1]);
+    finish(&mut m, 1, Err(error(ErrorClass::Redirected)), now);
+    let end = store_all(&mut m, now);
+    assert!(matches!(m.gate("a"), Some(ConditionGate::Stopped(_))));
+    assert!(begins(&end).is_empty(), "not retried: {end:?}");
+    let stores: Vec<&AttemptEnd> = end
+        .iter()
+        .filter_map(|a| match a {
+            Action::Store {
+                generation_id: 1,
+                end,
+                ..
+            } => Some(end),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        matches!(
+            stores[..],
+            [
+                AttemptEnd::Failed { last: false, .. },
+                AttemptEnd::Abandoned
+            ]
+        ),
+        "its attempt recorded, then the generation handed back as pending: {stores:?}"
+    );
+    let Some(Action::Done(summary)) = end.last() else {
+        panic!("done: {end:?}")
+    };
+    assert_eq!(summary.stopped.len(), 1);
+}
+
+#[test]
 fn a_ledger_failure_stops_new_work() {
     let now = Instant::now();
     let (mut m, actions) = started(

@@ -40,6 +40,7 @@ fn config(base_url: String, idle: Duration) -> ProviderConfig {
         connect_timeout: Duration::from_secs(2),
         request_timeout: Duration::from_secs(10),
         stream_idle_timeout: idle,
+        allow_insecure_http: false,
     }
 }
 

@@ -31,6 +31,7 @@ fn config(base_url: String, key: &str) -> ProviderConfig {
         connect_timeout: Duration::from_secs(2),
         request_timeout: Duration::from_secs(10),
         stream_idle_timeout: std::time::Duration::from_secs(300),
+        allow_insecure_http: false,
     }
 }
 

@@ -3,6 +3,7 @@
 
 mod current;
 mod live;
+mod redirects;
 mod wire;
 
 use std::sync::Arc;
