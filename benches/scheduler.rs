@@ -86,7 +86,7 @@ fn planner(c: &mut Criterion) {
 fn limiter(c: &mut Criterion) {
     c.bench_function("limiter/reserve_settle_1000", |b| {
         b.iter(|| {
-            let limiter = RateLimiter::fixed(1.0);
+            let mut limiter = RateLimiter::fixed(1.0);
             let limits = Limits {
                 rpm: Some(1_000_000),
                 tpm: None,

@@ -1,9 +1,10 @@
-//! Apex as a library: a small batch against the built-in simulator, printed
-//! as it runs. `cargo run --example embed`
+//! Apex as a library: a small run against the built-in simulator, printed
+//! as it runs, once synchronously and once through the providers' Batch
+//! APIs (at half the price), by the same call. `cargo run --example embed`
 use apex::core::executor::{ProgressEvent, RunOptions};
 use apex::core::{ContextPackage, ProviderKind::*, parse_conditions};
 use apex::providers::simulator::{Simulator, SimulatorConfig};
-use apex::{Apex, Batch};
+use apex::{Apex, RunSpec};
 
 const CONDITIONS: &str = r#"
 [[condition]]
@@ -26,6 +27,7 @@ async fn main() -> anyhow::Result<()> {
     // Both APIs, simulated on loopback at 100× real time.
     let config = SimulatorConfig {
         time_scale: 0.01,
+        batch_time: std::time::Duration::from_secs(120),
         ..Default::default()
     };
     let sim = Simulator::start(config, "127.0.0.1:0".parse()?).await?;
@@ -54,16 +56,23 @@ async fn main() -> anyhow::Result<()> {
             println!("{condition}: done, cache hit {cache_hit}");
         }
     });
-    let options = RunOptions {
-        time_scale: 0.01,
-        ..Default::default()
-    };
-    let batch = Batch::new(["sonnet", "gpt"]).replicates(3);
-    let (run_id, report) = apex.run(&batch, options, progress).await?;
-    let cost = apex.store().run(&run_id).await?.cost_usd;
-    println!(
-        "run {run_id}: {} succeeded, {} failed, ${cost:.4}",
-        report.counts.success, report.counts.error
-    );
+    let spec = RunSpec::new(["sonnet", "gpt"]).replicates(3);
+    for batch in [false, true] {
+        let options = RunOptions {
+            time_scale: 0.01,
+            batch,
+            ..Default::default()
+        };
+        // No stop will come: the sender is dropped.
+        let (_, stop) = tokio::sync::watch::channel(false);
+        let (run_id, report) = apex.run(&spec, options, progress.clone(), stop).await?;
+        let cost = apex.store().run(&run_id).await?.cost_usd;
+        println!(
+            "{} run {run_id}: {} succeeded, {} failed, ${cost:.4}",
+            if batch { "batch" } else { "synchronous" },
+            report.counts.success,
+            report.counts.error
+        );
+    }
     Ok(())
 }

@@ -241,7 +241,6 @@ async fn main() -> Result<()> {
         .await?;
 
     let mut providers: HashMap<ProviderKind, Arc<dyn Provider>> = HashMap::new();
-    let mut batch_providers: HashMap<ProviderKind, Arc<dyn Provider>> = HashMap::new();
     for (kind, base) in [
         (ProviderKind::OpenAi, sim.openai_base_url()),
         (ProviderKind::Anthropic, sim.anthropic_base_url()),
@@ -254,13 +253,14 @@ async fn main() -> Result<()> {
             stream_idle_timeout: std::time::Duration::from_secs(300),
             allow_insecure_http: false,
         };
-        providers.insert(kind, apex_providers::build(kind, config.clone())?);
-        batch_providers.insert(kind, apex_providers::build(kind, config)?);
+        providers.insert(kind, apex_providers::build(kind, config)?);
     }
+    let batch = mode == "batch";
     let options = RunOptions {
         concurrency: 32,
         time_scale: scale,
         limits,
+        batch,
         ..RunOptions::default()
     };
     let executor = Executor::new(
@@ -271,21 +271,9 @@ async fn main() -> Result<()> {
         Arc::new(NoProgress),
     );
     let (_stop, rx) = tokio::sync::watch::channel(false);
-    if mode == "batch" {
-        drop(executor);
+    if batch {
         let started = std::time::Instant::now();
-        let report = apex::core::executor::BatchExecutor::new(
-            store.clone() as Arc<dyn Store>,
-            batch_providers,
-            Arc::clone(&catalog),
-            RunOptions {
-                time_scale: scale,
-                ..RunOptions::default()
-            },
-            Arc::new(NoProgress),
-        )
-        .execute(&run_id, false, rx)
-        .await?;
+        let report = executor.execute(&run_id, false, rx).await?;
         let wall = started.elapsed().as_secs_f64() / scale;
         ensure!(
             report.counts.success == plan.cell_count() as u64,

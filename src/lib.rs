@@ -4,8 +4,9 @@
 //! # Overview
 //!
 //! - [`Apex`]: what `apex run` does, as a library: open a ledger by URL,
-//!   register conditions, ingest contexts, plan and preflight a [`Batch`],
-//!   record it, execute it with a progress callback, resume it.
+//!   register conditions, ingest contexts, plan and preflight a
+//!   [`RunSpec`], record it, execute it (synchronously or through the
+//!   providers' Batch APIs) with a progress callback, resume it.
 //! - [`core`] (`apex-core`): the domain model, the `Provider` and `Store`
 //!   traits, the planner and the dispatcher. No I/O.
 //! - [`store`] (`apex-store`): the SQLite and PostgreSQL ledgers and the
@@ -16,7 +17,7 @@
 //! # Example
 //!
 //! ```
-//! use apex::{Apex, Batch};
+//! use apex::{Apex, RunSpec};
 //! use apex::core::{ContextPackage, parse_conditions};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
@@ -26,7 +27,7 @@
 //!     "[[condition]]\nslug = \"c\"\nprovider = \"openai\"\nmodel = \"gpt-4o\"\nmax_tokens = 64\n",
 //! )?).await?;
 //! apex.ingest(&[ContextPackage::new("ctx-01", None, "Text.".into(), "Summarise.".into())?]).await?;
-//! let plan = apex.plan(&Batch::new(["c"]).replicates(2)).await?;
+//! let plan = apex.plan(&RunSpec::new(["c"]).replicates(2)).await?;
 //! assert_eq!(plan.cell_count(), 2);
 //! # Ok(())
 //! # }
@@ -34,10 +35,11 @@
 //!
 //! `examples/embed.rs` runs a small batch against the simulator.
 
-mod batch;
-mod worker;
+mod apex;
+mod spec;
 
+pub use apex::{Apex, Preview, progress};
 pub use apex_core as core;
 pub use apex_providers as providers;
 pub use apex_store as store;
-pub use batch::{Apex, Batch, Preview, progress};
+pub use spec::RunSpec;

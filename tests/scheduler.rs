@@ -680,6 +680,26 @@ impl Store for FailingEnd {
     async fn error_rows(&self, run_id: &RunId) -> apex::core::Result<Vec<apex::core::ErrorRow>> {
         self.inner.error_rows(run_id).await
     }
+    async fn status_counts(
+        &self,
+        run_id: &RunId,
+    ) -> apex::core::Result<Vec<apex::core::StatusRow>> {
+        self.inner.status_counts(run_id).await
+    }
+    async fn remaining_by_condition(
+        &self,
+        run_id: &RunId,
+    ) -> apex::core::Result<Vec<(String, u64)>> {
+        self.inner.remaining_by_condition(run_id).await
+    }
+    async fn attempts_page(
+        &self,
+        run_id: &RunId,
+        after: (i64, u32),
+        limit: u32,
+    ) -> apex::core::Result<Vec<apex::core::AttemptRow>> {
+        self.inner.attempts_page(run_id, after, limit).await
+    }
     async fn generations_page(
         &self,
         run_id: &RunId,
@@ -691,17 +711,14 @@ impl Store for FailingEnd {
     async fn query_read_only(&self, sql: &str) -> apex::core::Result<apex::core::QueryResult> {
         self.inner.query_read_only(sql).await
     }
-    async fn record_batch(
-        &self,
-        batch: &apex::core::batches::BatchRecord,
-    ) -> apex::core::Result<()> {
+    async fn record_batch(&self, batch: &apex::core::run::BatchRecord) -> apex::core::Result<()> {
         self.inner.record_batch(batch).await
     }
     async fn update_batch(
         &self,
         batch_key: &str,
         provider_batch_id: Option<&str>,
-        state: apex::core::batches::BatchState,
+        state: apex::core::run::BatchState,
     ) -> apex::core::Result<()> {
         self.inner
             .update_batch(batch_key, provider_batch_id, state)
@@ -710,7 +727,7 @@ impl Store for FailingEnd {
     async fn open_batches(
         &self,
         run_id: &RunId,
-    ) -> apex::core::Result<Vec<apex::core::batches::BatchRecord>> {
+    ) -> apex::core::Result<Vec<apex::core::run::BatchRecord>> {
         self.inner.open_batches(run_id).await
     }
 }
@@ -981,4 +998,71 @@ async fn a_ledger_edited_by_hand_is_not_retried() {
         started.elapsed()
     );
     assert!(fake.calls().is_empty());
+}
+
+/// Batch mode through the facade, against the simulator's Batch APIs in
+/// real (scaled) time: a stop channel whose sender is dropped means no
+/// stop will come, and waiting on batches still sleeps between polls.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dropped_stop_channel_never_turns_waiting_on_batches_into_a_busy_loop() {
+    use apex::providers::simulator::{Simulator, SimulatorConfig};
+    let sim = Simulator::start(
+        SimulatorConfig {
+            time_scale: 0.01,
+            // 1.2 s a batch here: polls start at 50 ms and double to 300 ms.
+            batch_time: Duration::from_secs(120),
+            ..SimulatorConfig::default()
+        },
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .unwrap();
+    let apex = apex::Apex::open("sqlite::memory:")
+        .await
+        .unwrap()
+        .with_provider(
+            ProviderKind::Anthropic,
+            sim.provider_config(ProviderKind::Anthropic),
+        );
+    apex.register(
+        &apex::core::parse_conditions(
+            "[[condition]]\nslug = \"s\"\nprovider = \"anthropic\"\nmodel = \"claude-sonnet-5-5\"\nthinking = \"disabled\"\nmax_tokens = 64\n",
+        )
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+    for i in 1..=3 {
+        let text = format!("Document {i}. ").repeat(2000);
+        apex.ingest(&[
+            ContextPackage::new(format!("ctx-{i}"), None, text, "Summarise.".into()).unwrap(),
+        ])
+        .await
+        .unwrap();
+    }
+    let (stop_sender, stop) = tokio::sync::watch::channel(false);
+    drop(stop_sender);
+    let options = RunOptions {
+        time_scale: 0.01,
+        batch: true,
+        ..RunOptions::default()
+    };
+    let spec = apex::RunSpec::new(["s"]).replicates(3);
+    let (_, report) = apex
+        .run(&spec, options, Arc::new(NoProgress), stop)
+        .await
+        .unwrap();
+    assert_eq!(report.counts.success, 9, "{report:?}");
+    let polls = sim
+        .arrivals()
+        .iter()
+        .filter(|a| {
+            a.request.starts_with("GET /v1/messages/batches/") && !a.request.ends_with("/results")
+        })
+        .count();
+    // Two waves of 1.2 s, each polled at 50, 100, 200, 300, 300, … ms.
+    assert!(
+        (2..=30).contains(&polls),
+        "{polls} polls of the batches' status"
+    );
 }

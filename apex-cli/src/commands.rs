@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context as _, Result};
-use apex::{Apex, Batch};
+use apex::{Apex, RunSpec};
 use apex_core::executor::RunOptions;
 use apex_core::limiter::LimitTable;
 use apex_core::{Catalog, Condition, Plan, PlanOptions, ProviderKind, RunId, RunInfo, Store};
@@ -23,20 +23,6 @@ use crate::exit;
 use crate::progress::RunProgress;
 use crate::report;
 use crate::table::{render, render_query};
-
-/// The seed's first monitoring query, verbatim but for the run id.
-pub const STATUS_SQL: &str = "SELECT
-  status,
-  COUNT(*) as count,
-  COUNT(*) FILTER (WHERE cache_hit) as cache_hits
-FROM apex_audition.generations
-WHERE run_id = '<run-id>'
-GROUP BY status;";
-
-/// The seed's second monitoring query, verbatim but for the run id.
-pub const ERRORS_SQL: &str = "SELECT prompt_id, replicate_index, error_message
-FROM apex_audition.generations
-WHERE status = 'error' AND run_id = '<run-id>';";
 
 pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
     let url = cli
@@ -373,20 +359,23 @@ fn load_limits(path: Option<&str>, no_rate_limiting: bool) -> Result<LimitTable>
     })?)
 }
 
-/// How this process executes; `limits` are the account's, shared here among
-/// `--workers` processes.
-fn run_options(cmd: &RunCmd, cache: bool, limits: LimitTable) -> RunOptions {
+/// How this process executes: the library's defaults, with what the
+/// command line (or the run's record) sets; `limits` are the account's,
+/// shared here among `--workers` processes.
+fn run_options(cmd: &RunCmd, limits: LimitTable) -> RunOptions {
+    let defaults = RunOptions::default();
+    let secs = std::time::Duration::from_secs;
     RunOptions {
-        concurrency: cmd.concurrency.unwrap_or(16),
-        max_retries: cmd.max_retries.unwrap_or(3),
-        cache,
+        concurrency: cmd.concurrency.unwrap_or(defaults.concurrency),
+        max_retries: cmd.max_retries.unwrap_or(defaults.max_retries),
+        cache: !cmd.no_cache,
         verify_first: cmd.verify_first,
-        time_scale: cmd.time_scale.unwrap_or(1.0),
-        backoff_base: std::time::Duration::from_secs(1),
+        time_scale: cmd.time_scale.unwrap_or(defaults.time_scale),
         limits: limits.shared_by(cmd.workers.unwrap_or(1)),
-        worker: apex::Apex::worker_name(),
-        claim_timeout: std::time::Duration::from_secs(cmd.claim_timeout.unwrap_or(60)),
-        ledger_patience: std::time::Duration::from_secs(cmd.ledger_timeout.unwrap_or(60)),
+        claim_timeout: cmd.claim_timeout.map_or(defaults.claim_timeout, secs),
+        ledger_patience: cmd.ledger_timeout.map_or(defaults.ledger_patience, secs),
+        batch: cmd.batch,
+        ..defaults
     }
 }
 
@@ -497,57 +486,27 @@ async fn run(store: Arc<dyn Store>, mut cmd: RunCmd) -> Result<ExitCode> {
         .with_limits(limits.clone())
         .with_request_timeout(request_timeout)
         .with_stream_idle_timeout(stream_idle_timeout);
-    let (run_id, include_errors, cache) = match &cmd.resume {
-        Some(id) => {
-            let run_id = RunId::parse(id)?;
-            println!("run {run_id} resumed");
-            (run_id, cmd.retry_errors, !cmd.no_cache)
-        }
-        None => {
-            let batch = Batch {
-                conditions: cmd.condition_slug.clone(),
-                replicates: cmd.replicates.unwrap_or(1),
-                limit: cmd.limit,
-                created_by: cmd.created_by.clone(),
-                notes: cmd.notes.clone(),
-                flags: serde_json::to_value(&cmd).context("recording the flags")?,
-                allow_retired: cmd.allow_retired,
-            };
-            let plan = apex.plan(&batch).await?;
-            apex.providers_for(&plan.conditions, !cmd.dry_run)?;
-            let run_id = apex.record(&batch, &plan, cmd.dry_run).await?;
-            if cmd.dry_run {
-                dry_run_log(&apex, &plan, !cmd.no_cache).await?;
-                report::print_estimate(
-                    &*store,
-                    apex.catalog(),
-                    &limits,
-                    &plan.conditions,
-                    &plan.packages,
-                    batch.replicates,
-                    !cmd.no_cache,
-                )
-                .await?;
-                println!(
-                    "run {run_id} planned (dry run): {} generation(s), nothing sent",
-                    plan.cell_count()
-                );
-                println!("see it with: apex status {run_id}");
-                return Ok(ExitCode::SUCCESS);
-            }
-            println!("run {run_id} started: {} generation(s)", plan.cell_count());
-            (run_id, false, !cmd.no_cache)
-        }
+    let resume = cmd.resume.as_deref().map(RunId::parse).transpose()?;
+    let spec = RunSpec {
+        conditions: cmd.condition_slug.clone(),
+        replicates: cmd.replicates.unwrap_or(1),
+        limit: cmd.limit,
+        created_by: cmd.created_by.clone(),
+        notes: cmd.notes.clone(),
+        flags: serde_json::to_value(&cmd).context("recording the flags")?,
+        allow_retired: cmd.allow_retired,
     };
-    let options = run_options(&cmd, cache, limits);
-    let totals = remaining_per_condition(&*store, &run_id, include_errors).await?;
+    if cmd.dry_run {
+        return dry_run(&apex, &spec, &limits, !cmd.no_cache).await;
+    }
+    let options = run_options(&cmd, limits);
     let progress = Arc::new(RunProgress::new(
         std::time::Duration::from_secs(10),
-        &totals,
+        resume.is_some(),
     ));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let (ledger, interrupted_run) = (Arc::clone(&store), run_id.clone());
     let batch_mode = cmd.batch;
+    let (ledger, view) = (Arc::clone(&store), Arc::clone(&progress));
     tokio::spawn(async move {
         if tokio::signal::ctrl_c().await.is_ok() {
             if batch_mode {
@@ -561,13 +520,15 @@ async fn run(store: Arc<dyn Store>, mut cmd: RunCmd) -> Result<ExitCode> {
             if tokio::signal::ctrl_c().await.is_ok() {
                 // One write, so `apex runs` tells the truth; bounded, since
                 // the user asked to leave now.
-                let recorded = tokio::time::timeout(
-                    std::time::Duration::from_secs(2),
-                    ledger.set_run_state(&interrupted_run, apex_core::RunState::Interrupted),
-                )
-                .await;
-                if !matches!(recorded, Ok(Ok(()))) {
-                    eprintln!("warning: could not record the run as interrupted");
+                if let Some(run_id) = view.run_id() {
+                    let recorded = tokio::time::timeout(
+                        std::time::Duration::from_secs(2),
+                        ledger.set_run_state(&run_id, apex_core::RunState::Interrupted),
+                    )
+                    .await;
+                    if !matches!(recorded, Ok(Ok(()))) {
+                        eprintln!("warning: could not record the run as interrupted");
+                    }
                 }
                 eprintln!(
                     "error: interrupted twice; exiting now (generations in flight stay `running` and are sent again by --resume)"
@@ -576,22 +537,35 @@ async fn run(store: Arc<dyn Store>, mut cmd: RunCmd) -> Result<ExitCode> {
             }
         }
     });
-    let report = if cmd.batch {
-        apex.execute_batch(&run_id, options, include_errors, progress.clone(), stop_rx)
+    let outcome = match &resume {
+        Some(run_id) => apex
+            .execute(run_id, options, cmd.retry_errors, progress.clone(), stop_rx)
             .await
-    } else {
-        apex.execute(&run_id, options, include_errors, progress.clone(), stop_rx)
-            .await
+            .map(|report| (run_id.clone(), report)),
+        None => apex.run(&spec, options, progress.clone(), stop_rx).await,
     };
     progress.finish();
-    let report = report?;
+    let (run_id, report) = outcome?;
+    if progress.run_id().is_none() {
+        println!(
+            "run {run_id}: nothing to do ({} success, {} error{})",
+            report.counts.success,
+            report.counts.error,
+            if report.counts.error > 0 {
+                "; --retry-errors sends the errors again"
+            } else {
+                ""
+            }
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
     println!();
     status(&*store, run_id.as_str()).await?;
     for (slug, reason) in &report.stopped {
         eprintln!("error: condition `{slug}` stopped: {reason}");
     }
-    let code = if let Some(reason) = &report.cancelled {
-        eprintln!("error: {reason}");
+    let code = if let Some(reason) = &report.halted {
+        eprintln!("error: {reason} (apex run --resume {run_id})");
         exit::RUN_STOPPED
     } else if report.verify_failed || !report.stopped.is_empty() {
         if report.verify_failed {
@@ -600,9 +574,10 @@ async fn run(store: Arc<dyn Store>, mut cmd: RunCmd) -> Result<ExitCode> {
             );
         }
         exit::RUN_STOPPED
-    } else if report.interrupted && cmd.batch {
+    } else if report.interrupted && report.batches_left > 0 {
         eprintln!(
-            "interrupted; the run's batches keep running at the provider. Collect them and finish the run with: apex run --resume {run_id} (or cancel them: apex cancel {run_id})"
+            "interrupted; the run's {} batch(es) keep running at the provider. Collect them and finish the run with: apex run --resume {run_id} (or cancel them: apex cancel {run_id})",
+            report.batches_left
         );
         exit::INTERRUPTED
     } else if report.interrupted {
@@ -620,43 +595,34 @@ async fn run(store: Arc<dyn Store>, mut cmd: RunCmd) -> Result<ExitCode> {
     Ok(ExitCode::from(code))
 }
 
-/// What an execution has left per condition, in plan order: the lines of
-/// the live view.
-async fn remaining_per_condition(
-    store: &dyn Store,
-    run_id: &RunId,
-    include_errors: bool,
-) -> Result<Vec<(String, u64)>> {
-    let statuses = if include_errors {
-        "'pending', 'running', 'error'"
-    } else {
-        "'pending', 'running'"
-    };
-    let counts = store
-        .query_read_only(&format!(
-            "SELECT condition_slug, COUNT(*) AS n FROM apex_audition.generations
-             WHERE run_id = '{run_id}' AND status IN ({statuses}) GROUP BY condition_slug"
-        ))
-        .await?;
-    let by_slug: std::collections::HashMap<String, u64> = counts
-        .rows
-        .iter()
-        .filter_map(|r| match (&r[0], &r[1]) {
-            (apex_core::SqlValue::Text(slug), apex_core::SqlValue::Integer(n)) => {
-                Some((slug.clone(), *n as u64))
-            }
-            _ => None,
-        })
-        .collect();
-    Ok(store
-        .run_conditions(run_id)
-        .await?
-        .into_iter()
-        .map(|c| {
-            let n = by_slug.get(&c.slug).copied().unwrap_or(0);
-            (c.slug, n)
-        })
-        .collect())
+/// `apex run --dry-run`: plans, checks and records the run (`planned`),
+/// logs each request it would send and prints the estimate; sends nothing.
+async fn dry_run(
+    apex: &Apex,
+    spec: &RunSpec,
+    limits: &LimitTable,
+    cache: bool,
+) -> Result<ExitCode> {
+    let plan = apex.plan(spec).await?;
+    apex.providers_for(&plan.conditions, false)?;
+    let run_id = apex.record(spec, &plan, true).await?;
+    dry_run_log(apex, &plan, cache).await?;
+    report::print_estimate(
+        &**apex.store(),
+        apex.catalog(),
+        limits,
+        &plan.conditions,
+        &plan.packages,
+        spec.replicates,
+        cache,
+    )
+    .await?;
+    println!(
+        "run {run_id} planned (dry run): {} generation(s), nothing sent",
+        plan.cell_count()
+    );
+    println!("see it with: apex status {run_id}");
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Logs each request a dry run would send: URL, size and hash at INFO, the
@@ -886,16 +852,38 @@ async fn status(store: &dyn Store, run_id: &str) -> Result<ExitCode> {
     let run = store.run(&run_id).await?;
     print_run_header(&run);
     println!();
-    let counts = store
-        .query_read_only(&STATUS_SQL.replace("<run-id>", run_id.as_str()))
-        .await?;
-    print!("{}", render_query(&counts));
-    let errors = store
-        .query_read_only(&ERRORS_SQL.replace("<run-id>", run_id.as_str()))
-        .await?;
-    if !errors.rows.is_empty() {
+    // The seed's two monitoring queries, as the ledger answers them.
+    let order = ["pending", "running", "success", "error"];
+    let mut counts = store.status_counts(&run_id).await?;
+    counts.sort_by_key(|r| order.iter().position(|s| *s == r.status));
+    let rows: Vec<Vec<String>> = counts
+        .into_iter()
+        .map(|r| vec![r.status, r.count.to_string(), r.cache_hits.to_string()])
+        .collect();
+    print!(
+        "{}",
+        render(&["status", "count", "cache_hits"].map(String::from), &rows)
+    );
+    let errors = store.error_rows(&run_id).await?;
+    if !errors.is_empty() {
         println!();
-        print!("{}", render_query(&errors));
+        let rows: Vec<Vec<String>> = errors
+            .into_iter()
+            .map(|e| {
+                vec![
+                    e.prompt_id,
+                    e.replicate_index.to_string(),
+                    e.error_message.unwrap_or_else(|| "NULL".into()),
+                ]
+            })
+            .collect();
+        print!(
+            "{}",
+            render(
+                &["prompt_id", "replicate_index", "error_message"].map(String::from),
+                &rows
+            )
+        );
     }
     report::condition_summary(store, &run_id).await?;
     Ok(ExitCode::SUCCESS)

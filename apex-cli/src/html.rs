@@ -10,7 +10,7 @@ use std::fmt::Write as _;
 use anyhow::Result;
 use apex_core::estimate::ConditionEstimate;
 use apex_core::limiter::LimitTable;
-use apex_core::{Catalog, Condition, GenerationRow, ProviderKind, RunId, RunInfo, SqlValue, Store};
+use apex_core::{Catalog, Condition, GenerationRow, ProviderKind, RunId, RunInfo, Store};
 use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 
@@ -82,34 +82,22 @@ async fn load(store: &dyn Store, catalog: &Catalog, run_id: &RunId) -> Result<Ru
         after = last.generation_id;
         generations.extend(page);
     }
-    let attempts = store
-        .query_read_only(&format!(
-            "SELECT a.generation_id, a.started_at, a.finished_at,
-                    COALESCE(CASE WHEN a.outcome = 'error' THEN a.error_class ELSE a.outcome END, 'in flight') AS outcome
-             FROM apex_audition.attempts a
-             JOIN apex_audition.generations g ON g.generation_id = a.generation_id
-             WHERE g.run_id = '{run_id}' ORDER BY a.started_at"
-        ))
-        .await?;
-    let text = |v: &SqlValue| match v {
-        SqlValue::Text(t) => Some(t.clone()),
-        _ => None,
-    };
-    let attempts = attempts
-        .rows
-        .iter()
-        .filter_map(|r| {
+    let mut attempts = Vec::new();
+    let mut after = (0, 0);
+    loop {
+        let page = store.attempts_page(run_id, after, 1000).await?;
+        let Some(last) = page.last() else { break };
+        after = (last.generation_id, last.attempt);
+        attempts.extend(page.into_iter().filter_map(|a| {
             Some(AttemptRow {
-                generation_id: match r[0] {
-                    SqlValue::Integer(i) => i,
-                    _ => return None,
-                },
-                started: seconds(&text(&r[1])?)?,
-                finished: text(&r[2]).and_then(|t| seconds(&t)),
-                outcome: text(&r[3]).unwrap_or_default(),
+                generation_id: a.generation_id,
+                started: seconds(&a.started_at)?,
+                finished: a.finished_at.as_deref().and_then(seconds),
+                outcome: a.outcome,
             })
-        })
-        .collect();
+        }));
+    }
+    attempts.sort_by(|a, b| a.started.total_cmp(&b.started));
     let batch = is_batch_run(&info);
     Ok(RunData {
         info,

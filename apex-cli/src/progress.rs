@@ -198,23 +198,56 @@ impl Board {
 
 /// The live view of a run.
 pub struct RunProgress {
-    started: Instant,
+    started: Mutex<Instant>,
     every: Duration,
+    /// Whether the run was recorded by an earlier command.
+    resumed: bool,
     last: Mutex<Instant>,
     board: Mutex<Board>,
-    /// The run line, then one line per condition, when drawn in place.
-    lines: Option<(ProgressBar, Vec<ProgressBar>)>,
+    /// The run line, then one line per condition, when drawn in place
+    /// (once the run has started).
+    lines: OnceLock<(ProgressBar, Vec<ProgressBar>)>,
+    /// The run, once it has started.
+    run_id: OnceLock<apex_core::RunId>,
 }
 
 impl RunProgress {
-    /// A view of conditions with these totals (in plan order), drawn in
-    /// place on a terminal, logged every `every` otherwise.
-    pub fn new(every: Duration, totals: &[(String, u64)]) -> Self {
-        let mut board = Board::default();
-        for (slug, total) in totals {
-            board.row(slug).total = *total;
+    /// A view drawn in place on a terminal, logged every `every` otherwise,
+    /// from the moment the run starts; `resumed`: the run was recorded
+    /// before.
+    pub fn new(every: Duration, resumed: bool) -> Self {
+        Self {
+            started: Mutex::new(Instant::now()),
+            every,
+            resumed,
+            last: Mutex::new(Instant::now()),
+            board: Mutex::new(Board::default()),
+            lines: OnceLock::new(),
+            run_id: OnceLock::new(),
         }
-        let lines = std::io::stderr().is_terminal().then(|| {
+    }
+
+    /// The run, once it has started.
+    pub fn run_id(&self) -> Option<apex_core::RunId> {
+        self.run_id.get().cloned()
+    }
+
+    /// The run started: says so on stdout (its id is how every other
+    /// command finds it) and sets the lines up, one per condition.
+    fn start(&self, board: &mut Board, run_id: &apex_core::RunId, totals: &[(String, u64)]) {
+        let total: u64 = totals.iter().map(|(_, n)| n).sum();
+        if self.resumed {
+            println!("run {run_id} resumed: {total} generation(s) to do");
+        } else {
+            println!("run {run_id} started: {total} generation(s)");
+        }
+        let _ = self.run_id.set(run_id.clone());
+        *self.started.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        for (slug, n) in totals {
+            board.row(slug).total = *n;
+        }
+        board.total = total;
+        if std::io::stderr().is_terminal() {
             let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
             let style = ProgressStyle::with_template("{msg}").expect("the template is valid");
             let line = |_| {
@@ -225,17 +258,16 @@ impl RunProgress {
             let run = line(());
             let conditions = totals.iter().map(|_| line(())).collect();
             let _ = DISPLAY.set(multi);
-            (run, conditions)
-        });
-        let view = Self {
-            started: Instant::now(),
-            every,
-            last: Mutex::new(Instant::now()),
-            board: Mutex::new(board),
-            lines,
-        };
-        view.redraw(&view.board.lock().unwrap_or_else(|p| p.into_inner()));
-        view
+            let _ = self.lines.set((run, conditions));
+        }
+        self.redraw(board);
+    }
+
+    fn elapsed(&self) -> Duration {
+        self.started
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .elapsed()
     }
 
     fn width(board: &Board) -> usize {
@@ -243,10 +275,10 @@ impl RunProgress {
     }
 
     fn redraw(&self, board: &Board) {
-        let Some((run, conditions)) = &self.lines else {
+        let Some((run, conditions)) = self.lines.get() else {
             return;
         };
-        run.set_message(board.run_line(self.started.elapsed()));
+        run.set_message(board.run_line(self.elapsed()));
         let width = Self::width(board);
         for (bar, slug) in conditions.iter().zip(&board.order) {
             bar.set_message(board.row_line(slug, width));
@@ -255,7 +287,7 @@ impl RunProgress {
 
     /// Logs the view (not a terminal): every `every`, and at the end.
     fn log(&self, board: &Board, force: bool) {
-        if self.lines.is_some() {
+        if self.lines.get().is_some() || self.run_id.get().is_none() {
             return;
         }
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
@@ -263,7 +295,7 @@ impl RunProgress {
             return;
         }
         *last = Instant::now();
-        tracing::info!("{}", board.run_line(self.started.elapsed()));
+        tracing::info!("{}", board.run_line(self.elapsed()));
         let width = Self::width(board);
         for slug in &board.order {
             tracing::info!("{}", board.row_line(slug, width));
@@ -274,7 +306,7 @@ impl RunProgress {
     /// last state where nothing was drawn in place.
     pub fn finish(&self) {
         let board = self.board.lock().unwrap_or_else(|p| p.into_inner());
-        match &self.lines {
+        match self.lines.get() {
             Some((run, conditions)) => {
                 self.redraw(&board);
                 run.finish();
@@ -291,7 +323,9 @@ impl Progress for RunProgress {
     fn event(&self, event: &ProgressEvent) {
         let mut board = self.board.lock().unwrap_or_else(|p| p.into_inner());
         match event {
-            ProgressEvent::Started { total } => board.total = *total,
+            ProgressEvent::Started {
+                run_id, conditions, ..
+            } => self.start(&mut board, run_id, conditions),
             ProgressEvent::Finished {
                 condition,
                 prompt_id,
@@ -394,12 +428,20 @@ mod tests {
         }
     }
 
+    /// A view of a run that has started with these totals.
+    fn started(totals: &[(&str, u64)]) -> RunProgress {
+        let view = RunProgress::new(Duration::from_secs(3600), false);
+        view.event(&ProgressEvent::Started {
+            run_id: apex_core::RunId::generate(),
+            total: totals.iter().map(|(_, n)| n).sum(),
+            conditions: totals.iter().map(|(s, n)| ((*s).to_owned(), *n)).collect(),
+        });
+        view
+    }
+
     #[test]
     fn the_eta_is_the_limits_bound_for_what_remains_per_model() {
-        let view = RunProgress::new(
-            Duration::from_secs(3600),
-            &[("a".into(), 100), ("b".into(), 50)],
-        );
+        let view = started(&[("a", 100), ("b", 50)]);
         // 100 + 50 requests left on one model at 50 RPM: 3 minutes; its
         // tokens (1,000 per request, 100K TPM) allow them in 1.5.
         view.event(&pacing(
@@ -430,7 +472,7 @@ mod tests {
 
     #[test]
     fn retries_are_counted_while_they_wait_and_429s_apart() {
-        let view = RunProgress::new(Duration::from_secs(3600), &[("a".into(), 2)]);
+        let view = started(&[("a", 2)]);
         let retry = |status| ProgressEvent::Retrying {
             condition: "a".into(),
             prompt_id: "ctx".into(),

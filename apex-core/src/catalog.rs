@@ -282,6 +282,13 @@ impl Catalog {
         self.lookup(condition.provider, &condition.model)
             .map(|m| m.prices.cost(usage))
     }
+
+    /// The cost of a response from a provider batch (the batch discount on
+    /// every rate), or `None` for a model the catalog lacks.
+    pub fn batch_cost(&self, condition: &Condition, usage: &Usage) -> Option<f64> {
+        self.lookup(condition.provider, &condition.model)
+            .map(|m| m.prices.cost(usage) * m.prices.batch_discount)
+    }
 }
 
 /// A preflight finding that does not stop the run.

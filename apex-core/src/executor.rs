@@ -2,6 +2,6 @@
 //! the names callers have always used.
 
 pub use crate::dispatch::{
-    BatchExecutor, Executor, NoProgress, Progress, ProgressEvent, RunOptions, RunReport,
-    backoff_delay, check_limits, default_worker,
+    Executor, NoProgress, Progress, ProgressEvent, RunOptions, RunReport, backoff_delay,
+    check_limits,
 };

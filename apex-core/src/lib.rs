@@ -43,7 +43,6 @@
 //! # Ok::<(), apex_core::Error>(())
 //! ```
 
-pub mod batches;
 pub mod catalog;
 pub mod condition;
 pub mod context;
@@ -61,6 +60,7 @@ pub mod store;
 pub mod testing;
 pub mod time;
 pub mod tokens;
+pub mod worker;
 
 pub use catalog::{Catalog, ModelInfo, Prices};
 pub use condition::{Api, Condition, ProviderKind, Thinking, parse_conditions};
@@ -72,8 +72,9 @@ pub use provider::{
     PreparedBody, Provider, RateLimitSnapshot, RequestPreview, SharedBody, Usage,
 };
 pub use run::{
-    AttemptEnd, ErrorRow, GenerationResult, GenerationRow, GenerationStatus, NewRun, RunId,
-    RunInfo, RunState, StatusCounts, UnstoredResult, WorkItem,
+    AfterFailure, AttemptEnd, AttemptRow, ErrorRow, GenerationResult, GenerationRow,
+    GenerationStatus, NewRun, RunId, RunInfo, RunState, StatusCounts, StatusRow, Transport,
+    UnstoredResult, WorkItem,
 };
 pub use store::{
     Claim, ConditionInfo, ConditionUsage, IngestReport, PacingShare, QueryResult, RegisterReport,

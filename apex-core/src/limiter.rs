@@ -20,7 +20,6 @@
 //! counts (see [`RateLimiter::observe`]).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
 use std::time::Duration;
 
 use std::time::Instant;
@@ -497,7 +496,7 @@ pub struct RateLimiter {
     /// Whether other processes share the limits through the ledger: a
     /// model's first answer is then followed by a share before more go.
     shared: bool,
-    state: Mutex<State>,
+    state: State,
 }
 
 /// Buckets of the keys with limits, and pauses of any key: a 429's
@@ -554,10 +553,10 @@ impl RateLimiter {
                 + crate::time::scaled(SAFETY_MARGIN, time_scale).max(LEAST_REAL_MARGIN),
             learns: true,
             shared: false,
-            state: Mutex::new(State {
+            state: State {
                 share: 1,
                 ..State::default()
-            }),
+            },
         }
     }
 
@@ -583,7 +582,7 @@ impl RateLimiter {
     /// What this process counts in its window, per key: what it tells the
     /// other processes.
     pub fn window_usage(&self, now: Instant) -> Vec<(String, [u64; 3])> {
-        let state = self.lock();
+        let state = &self.state;
         let mut usage: Vec<_> = state
             .buckets
             .iter()
@@ -595,7 +594,7 @@ impl RateLimiter {
 
     /// Whether a key waits for a share round (its first answer is in).
     pub fn awaits_share(&self) -> bool {
-        self.lock()
+        self.state
             .buckets
             .values()
             .any(|b| b.knowledge == Knowledge::Answered)
@@ -605,8 +604,8 @@ impl RateLimiter {
     /// it and what the others count. Keys not listed are paced by this
     /// process alone. `None`: the ledger did not answer; keys waiting for
     /// it go on with what is known.
-    pub fn set_members(&self, shares: Option<&[crate::store::PacingShare]>) {
-        let mut state = self.lock();
+    pub fn set_members(&mut self, shares: Option<&[crate::store::PacingShare]>) {
+        let state = &mut self.state;
         for (key, bucket) in &mut state.buckets {
             if let Some(shares) = shares {
                 let share = shares.iter().find(|s| &s.key == key);
@@ -628,20 +627,16 @@ impl RateLimiter {
         self.window
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// This process takes 1/`n` of every limit (`--workers`).
-    pub fn set_share(&self, n: u32) {
-        self.lock().share = u64::from(n.max(1));
+    pub fn set_share(&mut self, n: u32) {
+        self.state.share = u64::from(n.max(1));
     }
 
     /// Declares a key and its caps (before any reservation). A learning
     /// limiter tracks every key; a fixed one only keys with a limit.
-    pub fn configure(&self, key: &str, provider: ProviderKind, caps: Limits) {
+    pub fn configure(&mut self, key: &str, provider: ProviderKind, caps: Limits) {
         let dims = caps.dims(provider);
-        let mut state = self.lock();
+        let state = &mut self.state;
         if !self.learns && dims.iter().all(Option::is_none) {
             state.buckets.remove(key);
             return;
@@ -659,7 +654,7 @@ impl RateLimiter {
     /// Checks that a request could ever be admitted: a charge above a limit
     /// would wait forever, so it is refused.
     pub fn check_fits(&self, key: &str, charge: Charge) -> std::result::Result<(), String> {
-        let state = self.lock();
+        let state = &self.state;
         let Some(bucket) = state.buckets.get(key) else {
             return Ok(());
         };
@@ -689,9 +684,9 @@ impl RateLimiter {
     }
 
     /// Reserves `charge` at `now`, or says when to ask again.
-    pub fn try_reserve(&self, key: &str, charge: Charge, now: Instant) -> Admission {
+    pub fn try_reserve(&mut self, key: &str, charge: Charge, now: Instant) -> Admission {
         let window = self.window;
-        let mut state = self.lock();
+        let state = &mut self.state;
         if let Some(&until) = state.paused_until.get(key) {
             if until > now {
                 return Admission::Wait(until);
@@ -765,8 +760,8 @@ impl RateLimiter {
     /// Ends a reservation: its amounts become what the request really used
     /// (`None`: unknown, it stays counted as reserved). A model's first
     /// request that ended without teaching the limits lets the next go alone.
-    pub fn settle(&self, reservation: &Reservation, actual: Option<Charge>) {
-        let mut state = self.lock();
+    pub fn settle(&mut self, reservation: &Reservation, actual: Option<Charge>) {
+        let state = &mut self.state;
         let Some(bucket) = state.buckets.get_mut(&reservation.key) else {
             return;
         };
@@ -783,8 +778,8 @@ impl RateLimiter {
     /// Moves a reservation's timestamp to when the request actually left:
     /// the ledger write between reserving and sending takes time, and the
     /// server counts from arrival.
-    pub fn mark_sent(&self, reservation: &mut Reservation, at: Instant) {
-        let mut state = self.lock();
+    pub fn mark_sent(&mut self, reservation: &mut Reservation, at: Instant) {
+        let state = &mut self.state;
         if let Some(bucket) = state.buckets.get_mut(&reservation.key)
             && let Some(entry) = bucket.entry_mut(reservation.id)
         {
@@ -795,19 +790,19 @@ impl RateLimiter {
 
     /// Stops admitting requests for a key until `until` (after a 429),
     /// whether or not the key has limits.
-    pub fn pause(&self, key: &str, until: Instant) {
-        let mut state = self.lock();
+    pub fn pause(&mut self, key: &str, until: Instant) {
+        let state = &mut self.state;
         let paused = state.paused_until.entry(key.to_owned()).or_insert(until);
         *paused = (*paused).max(until);
     }
 
     /// A 429: the server counts more than this limiter thought; every
     /// dimension's correction rises by 10%.
-    pub fn rejected(&self, key: &str) {
+    pub fn rejected(&mut self, key: &str) {
         if !self.learns {
             return;
         }
-        let mut state = self.lock();
+        let state = &mut self.state;
         if let Some(bucket) = state.buckets.get_mut(key) {
             for correction in &mut bucket.corrections {
                 correction.tighten();
@@ -830,7 +825,7 @@ impl RateLimiter {
     /// when requests arrive out of send order, so their median is kept. Use
     /// of the key by other processes raises both.
     pub fn observe(
-        &self,
+        &mut self,
         key: &str,
         provider: ProviderKind,
         snapshot: &RateLimitSnapshot,
@@ -842,7 +837,7 @@ impl RateLimiter {
             return;
         }
         let window = self.window;
-        let mut state = self.lock();
+        let state = &mut self.state;
         let share = state.share;
         let bucket = state
             .buckets
@@ -953,7 +948,7 @@ impl RateLimiter {
     /// The sums in the current window (for tests and displays).
     pub fn usage(&self, key: &str, now: Instant) -> Option<[u64; 3]> {
         let window = self.window;
-        let state = self.lock();
+        let state = &self.state;
         let bucket = state.buckets.get(key)?;
         Some(bucket.sums(now, window))
     }
@@ -962,7 +957,7 @@ impl RateLimiter {
     /// output tokens) the limit in use and the correction applied to
     /// Apex's count. `None` for a key not tracked or not known yet.
     pub fn pacing(&self, key: &str) -> Option<Pacing> {
-        let state = self.lock();
+        let state = &self.state;
         let bucket = state.buckets.get(key)?;
         (bucket.knowledge == Knowledge::Known).then(|| Pacing {
             limits: std::array::from_fn(|d| bucket.limit(d, state.share)),
@@ -985,7 +980,7 @@ mod tests {
     use super::*;
 
     fn limiter(limits: Limits, provider: ProviderKind) -> RateLimiter {
-        let l = RateLimiter::fixed(1.0);
+        let mut l = RateLimiter::fixed(1.0);
         l.configure("k", provider, limits);
         l
     }
@@ -1009,7 +1004,7 @@ mod tests {
 
     #[test]
     fn waits_until_the_oldest_entries_expire() {
-        let l = limiter(anthropic(2, 1000, 1000), ProviderKind::Anthropic);
+        let mut l = limiter(anthropic(2, 1000, 1000), ProviderKind::Anthropic);
         let t0 = Instant::now();
         assert!(matches!(
             l.try_reserve("k", charge(100, 10), t0),
@@ -1033,7 +1028,7 @@ mod tests {
 
     #[test]
     fn settle_returns_unused_output_reservation() {
-        let l = limiter(anthropic(100, 100_000, 4096), ProviderKind::Anthropic);
+        let mut l = limiter(anthropic(100, 100_000, 4096), ProviderKind::Anthropic);
         let now = Instant::now();
         let Admission::Granted(r) = l.try_reserve("k", charge(10, 2048), now) else {
             panic!()
@@ -1064,7 +1059,7 @@ mod tests {
         }
     }
 
-    fn granted(l: &RateLimiter, charge: Charge, now: Instant) -> Reservation {
+    fn granted(l: &mut RateLimiter, charge: Charge, now: Instant) -> Reservation {
         match l.try_reserve("k", charge, now) {
             Admission::Granted(r) => r,
             Admission::Wait(until) => panic!("waits {:?}", until - now),
@@ -1073,10 +1068,10 @@ mod tests {
 
     #[test]
     fn the_first_request_goes_alone_and_the_server_sets_the_limits() {
-        let l = RateLimiter::new(1.0);
+        let mut l = RateLimiter::new(1.0);
         l.configure("k", ProviderKind::OpenAi, Limits::default());
         let now = Instant::now();
-        let probe = granted(&l, charge(1, 0), now);
+        let probe = granted(&mut l, charge(1, 0), now);
         let Admission::Wait(until) = l.try_reserve("k", charge(1, 0), now) else {
             panic!("the second request waits for the first's answer")
         };
@@ -1100,8 +1095,8 @@ mod tests {
         l.settle(&probe, Some(charge(1, 0)));
         let pacing = l.pacing("k").unwrap();
         assert_eq!(pacing.limits, [Some(3), Some(40_000_000), None]);
-        granted(&l, charge(1, 0), now);
-        granted(&l, charge(1, 0), now);
+        granted(&mut l, charge(1, 0), now);
+        granted(&mut l, charge(1, 0), now);
         assert!(matches!(
             l.try_reserve("k", charge(1, 0), now),
             Admission::Wait(_)
@@ -1110,10 +1105,10 @@ mod tests {
 
     #[test]
     fn a_first_request_that_fails_lets_the_next_go_alone() {
-        let l = RateLimiter::new(1.0);
+        let mut l = RateLimiter::new(1.0);
         l.configure("k", ProviderKind::OpenAi, Limits::default());
         let now = Instant::now();
-        let probe = granted(&l, charge(1, 0), now);
+        let probe = granted(&mut l, charge(1, 0), now);
         // A 500 without headers teaches nothing.
         l.observe(
             "k",
@@ -1124,7 +1119,7 @@ mod tests {
             now,
         );
         l.settle(&probe, None);
-        let second = granted(&l, charge(1, 0), now);
+        let second = granted(&mut l, charge(1, 0), now);
         assert!(matches!(
             l.try_reserve("k", charge(1, 0), now),
             Admission::Wait(_)
@@ -1141,16 +1136,16 @@ mod tests {
         l.settle(&second, Some(charge(1, 0)));
         assert_eq!(l.pacing("k").unwrap().limits, [None; 3]);
         for _ in 0..100 {
-            granted(&l, charge(1, 0), now);
+            granted(&mut l, charge(1, 0), now);
         }
     }
 
     #[test]
     fn a_limits_file_caps_what_the_server_reports() {
-        let l = RateLimiter::new(1.0);
+        let mut l = RateLimiter::new(1.0);
         l.configure("k", ProviderKind::Anthropic, anthropic(100, 50_000, 8_000));
         let now = Instant::now();
-        let probe = granted(&l, charge(1_000, 100), now);
+        let probe = granted(&mut l, charge(1_000, 100), now);
         l.observe(
             "k",
             ProviderKind::Anthropic,
@@ -1182,10 +1177,10 @@ mod tests {
     #[test]
     fn the_correction_follows_the_servers_count_either_way() {
         for (server_count, allowed, refused) in [(1.3, 75_000, 76_500), (0.7, 140_000, 142_000)] {
-            let l = RateLimiter::new(1.0);
+            let mut l = RateLimiter::new(1.0);
             l.configure("k", ProviderKind::OpenAi, Limits::default());
             let now = Instant::now();
-            let probe = granted(&l, charge(10_000, 0), now);
+            let probe = granted(&mut l, charge(10_000, 0), now);
             let used = (10_000.0 * server_count) as u64;
             let snapshot = RateLimitSnapshot {
                 tokens: Some(LimitBucket {
@@ -1204,17 +1199,17 @@ mod tests {
                 l.try_reserve("k", charge(refused - 10_000, 0), now),
                 Admission::Wait(_)
             ));
-            granted(&l, charge(allowed - 10_000, 0), now);
+            granted(&mut l, charge(allowed - 10_000, 0), now);
         }
     }
 
     #[test]
     fn anthropics_rounding_teaches_only_from_large_amounts() {
-        let l = RateLimiter::new(1.0);
+        let mut l = RateLimiter::new(1.0);
         l.configure("k", ProviderKind::Anthropic, Limits::default());
         let now = Instant::now();
         // 2,000 reported for 1,800 counted: within the rounding, no sample.
-        let probe = granted(&l, charge(1_800, 0), now);
+        let probe = granted(&mut l, charge(1_800, 0), now);
         l.observe(
             "k",
             ProviderKind::Anthropic,
@@ -1225,7 +1220,7 @@ mod tests {
         );
         assert_eq!(l.pacing("k").unwrap().corrections[1], 1.0);
         // 120,000 reported for 100,000: a sample.
-        let big = granted(&l, charge(98_200, 0), now);
+        let big = granted(&mut l, charge(98_200, 0), now);
         l.observe(
             "k",
             ProviderKind::Anthropic,
@@ -1253,22 +1248,22 @@ mod tests {
             ..RateLimitSnapshot::default()
         };
         let t30 = t0 + Duration::from_secs(30);
-        let l2 = RateLimiter::new(1.0);
+        let mut l2 = RateLimiter::new(1.0);
         l2.configure("k", ProviderKind::OpenAi, Limits::default());
         // Two requests 100 ms apart, 30 s after the bucket was last drained.
-        let a = granted(&l2, charge(10_000, 0), t0);
+        let a = granted(&mut l2, charge(10_000, 0), t0);
         // Its answer reported the limit but not what remained.
         let mut limit_only = report(0);
         limit_only.tokens.as_mut().unwrap().remaining = None;
         l2.observe("k", ProviderKind::OpenAi, &limit_only, true, a.at, t0);
         l2.settle(&a, Some(charge(10_000, 0)));
-        let b = granted(&l2, charge(10_000, 0), t30);
+        let b = granted(&mut l2, charge(10_000, 0), t30);
         // Refilled 30,000 of 13,000: full, then 13,000 used.
         l2.observe("k", ProviderKind::OpenAi, &report(47_000), true, b.at, t30);
         // Three more, 100 ms apart, each counted 13,000 by the server.
         for (i, remaining) in [(1u64, 34_000u64), (2, 21_000), (3, 8_000)] {
             let at = t30 + Duration::from_millis(100 * i);
-            let r = granted(&l2, charge(10_000, 0), at);
+            let r = granted(&mut l2, charge(10_000, 0), at);
             l2.observe(
                 "k",
                 ProviderKind::OpenAi,
@@ -1286,10 +1281,10 @@ mod tests {
 
     #[test]
     fn use_by_others_and_429s_tighten_pacing() {
-        let l = RateLimiter::new(1.0);
+        let mut l = RateLimiter::new(1.0);
         l.configure("k", ProviderKind::Anthropic, Limits::default());
         let now = Instant::now();
-        let probe = granted(&l, charge(20_000, 0), now);
+        let probe = granted(&mut l, charge(20_000, 0), now);
         // Another process spent 30,000 of the same key's 100,000.
         l.observe(
             "k",
@@ -1306,7 +1301,7 @@ mod tests {
         let tightened = l.pacing("k").unwrap().corrections[1];
         assert!((tightened - factor * 1.1).abs() < 1e-9, "{tightened}");
         // A fixed limiter learns nothing.
-        let fixed = RateLimiter::fixed(1.0);
+        let mut fixed = RateLimiter::fixed(1.0);
         fixed.configure("k", ProviderKind::Anthropic, anthropic(10, 100_000, 1_000));
         fixed.observe(
             "k",
@@ -1328,7 +1323,7 @@ mod tests {
 
     #[test]
     fn pause_holds_until_retry_after() {
-        let l = limiter(anthropic(100, 100_000, 50_000), ProviderKind::Anthropic);
+        let mut l = limiter(anthropic(100, 100_000, 50_000), ProviderKind::Anthropic);
         let now = Instant::now();
         l.pause("k", now + Duration::from_secs(7));
         assert_eq!(
@@ -1344,7 +1339,7 @@ mod tests {
     #[test]
     fn a_429_pauses_a_model_without_limits() {
         // No bucket: no limits configured (or --no-rate-limiting).
-        for l in [RateLimiter::new(1.0), RateLimiter::fixed(1.0)] {
+        for mut l in [RateLimiter::new(1.0), RateLimiter::fixed(1.0)] {
             let now = Instant::now();
             l.pause("unlimited", now + Duration::from_secs(7));
             assert_eq!(
@@ -1369,7 +1364,7 @@ mod tests {
             ..RateLimitSnapshot::default()
         };
         let now = Instant::now();
-        let off = RateLimiter::fixed(1.0);
+        let mut off = RateLimiter::fixed(1.0);
         off.observe("k", ProviderKind::OpenAi, &snapshot, true, now, now);
         assert_eq!(off.usage("k", now), None, "no bucket learned");
         for _ in 0..5 {
@@ -1379,7 +1374,7 @@ mod tests {
             ));
         }
         // Pacing on, no configured limit: the headers' limit is learned.
-        let on = RateLimiter::new(1.0);
+        let mut on = RateLimiter::new(1.0);
         on.observe("k", ProviderKind::OpenAi, &snapshot, true, now, now);
         assert!(matches!(
             on.try_reserve("k", charge(1, 0), now),

@@ -1,6 +1,7 @@
 //! The `Provider` trait the scheduler calls, and the normalised shapes of
 //! what a provider returns.
 
+use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -146,6 +147,26 @@ pub struct GenerationRequest {
 }
 
 impl GenerationRequest {
+    /// A request of `condition` over `package` with these cache hints: one
+    /// on its own (no trace, its own body, not in a batch). Both transports
+    /// and the previews build their requests from it.
+    pub fn new(
+        condition: Arc<Condition>,
+        package: Arc<ContextPackage>,
+        cache: CacheHint,
+        cache_controls: CacheControls,
+    ) -> Self {
+        Self {
+            condition,
+            package,
+            cache,
+            cache_controls,
+            trace: None,
+            body: SharedBody::default(),
+            in_batch: false,
+        }
+    }
+
     /// Whether this request is sent as a stream: its condition streams and
     /// it is not a batch item.
     pub fn streams(&self) -> bool {
@@ -360,9 +381,86 @@ pub trait Provider: Send + Sync {
     async fn generate(&self, request: &GenerationRequest) -> Result<Generated, AttemptError>;
 
     /// The provider's Batch API, if it has one (`apex run --batch`).
-    fn batches(&self) -> Option<&dyn crate::batches::BatchApi> {
+    fn batches(&self) -> Option<&dyn BatchApi> {
         None
     }
+}
+
+/// A provider's per-batch caps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchCaps {
+    /// Most requests in one batch.
+    pub max_requests: usize,
+    /// Most bytes of one batch's upload.
+    pub max_bytes: usize,
+}
+
+/// What polling a batch says.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchProgress {
+    /// Processing has ended (results, if any, can be read).
+    pub ended: bool,
+    /// Items processed so far.
+    pub processed: u64,
+    /// Items in the batch.
+    pub total: u64,
+    /// The batch was cancelled (by `apex cancel` or in the console).
+    pub cancelled: bool,
+    /// The whole batch failed without processing any item (e.g. OpenAI's
+    /// enqueued-token limit); its items were not billed.
+    pub failure: Option<AttemptError>,
+    /// The per-model enqueued-token limit the failure named, if it did.
+    pub queue_limit: Option<u64>,
+}
+
+/// One item's outcome, by its `custom_id`.
+pub type BatchResults = HashMap<String, Result<Generated, AttemptError>>;
+
+/// A provider's Batch API. Implementations live in `apex-providers`.
+#[async_trait]
+pub trait BatchApi: Send + Sync {
+    /// The per-batch caps (requests and bytes).
+    fn caps(&self) -> BatchCaps;
+
+    /// The bytes one item adds to a batch's upload.
+    fn item_bytes(&self, custom_id: &str, request: &GenerationRequest) -> usize;
+
+    /// Submits one batch; `key` is Apex's id for it (sent as metadata where
+    /// the API takes it). Returns the provider's batch id.
+    async fn submit(
+        &self,
+        key: &str,
+        items: &[(String, GenerationRequest)],
+    ) -> Result<String, AttemptError>;
+
+    /// After a crash between submitting and recording: the provider's id of
+    /// the batch submitted for `key` (created after `since`, RFC 3339, with
+    /// `items` requests), if there is one.
+    async fn find(
+        &self,
+        key: &str,
+        since: &str,
+        items: usize,
+    ) -> Result<Option<String>, AttemptError>;
+
+    /// Where a batch stands.
+    async fn status(&self, batch_id: &str) -> Result<BatchProgress, AttemptError>;
+
+    /// The results of an ended batch, by `custom_id`; `requests` are the
+    /// batch's items (to complete usage the way synchronous answers are).
+    /// An item that expired unprocessed comes back as
+    /// [`ErrorClass::Timeout`](ErrorClass::Timeout), one
+    /// cancelled unprocessed as
+    /// [`ErrorClass::Conflict`](ErrorClass::Conflict).
+    async fn results(
+        &self,
+        batch_id: &str,
+        requests: &HashMap<String, GenerationRequest>,
+    ) -> Result<BatchResults, AttemptError>;
+
+    /// Asks the provider to cancel a batch (items not yet processed end
+    /// `canceled` and are not billed).
+    async fn cancel(&self, batch_id: &str) -> Result<(), AttemptError>;
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::condition::ProviderKind;
 use crate::error::{Error, Result};
 use crate::provider::{ErrorClass, Usage};
 
@@ -182,6 +183,27 @@ pub struct WorkItem {
     pub attempts: u32,
 }
 
+/// How a request was sent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Transport {
+    /// One request, answered at once, at the full price.
+    #[default]
+    Sync,
+    /// An item of a provider batch, at the batch price.
+    Batch,
+}
+
+impl Transport {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sync => "sync",
+            Self::Batch => "batch",
+        }
+    }
+}
+
 /// A successful response, normalised, as stored.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct GenerationResult {
@@ -201,6 +223,9 @@ pub struct GenerationResult {
     pub response_text: String,
     /// Wall time of the successful attempt.
     pub latency_ms: u64,
+    /// How it was sent (and so priced).
+    #[serde(default)]
+    pub transport: Transport,
 }
 
 /// How an attempt ended.
@@ -208,8 +233,7 @@ pub struct GenerationResult {
 pub enum AttemptEnd {
     /// The generation succeeded.
     Success(GenerationResult),
-    /// The attempt failed; `last` says whether the generation is now `error`
-    /// (no retry follows) or stays `running` for another attempt.
+    /// The attempt failed; `then` says what becomes of the generation.
     Failed {
         /// Why it failed.
         class: ErrorClass,
@@ -221,12 +245,25 @@ pub enum AttemptEnd {
         provider_request_id: Option<String>,
         /// Wall time of the attempt.
         latency_ms: u64,
-        /// Whether this was the last attempt.
-        last: bool,
+        /// What becomes of the generation.
+        then: AfterFailure,
     },
     /// The attempt was not answered and will not be: the process is stopping
     /// (the generation goes back to `pending`).
     Abandoned,
+}
+
+/// What becomes of a generation after a failed attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AfterFailure {
+    /// Another attempt follows: it stays `running`.
+    Retry,
+    /// That was its last attempt: it is `error`.
+    Error,
+    /// It never reached the API (a configuration to fix), or its batch was
+    /// cancelled unprocessed: it goes back to `pending` for a resume.
+    Pending,
 }
 
 /// A paid result the ledger could not take: the attempt's end, kept until
@@ -239,6 +276,32 @@ pub struct UnstoredResult {
     pub attempt: u32,
     /// How the attempt ended.
     pub end: AttemptEnd,
+}
+
+/// A row of the seed's first monitoring query: generations by status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusRow {
+    /// The status.
+    pub status: String,
+    /// Generations in it.
+    pub count: u64,
+    /// Of those, the ones that read the provider's cache.
+    pub cache_hits: u64,
+}
+
+/// One attempt as the ledger records it (for the report's timelines).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttemptRow {
+    /// The generation.
+    pub generation_id: i64,
+    /// The attempt number (1-based).
+    pub attempt: u32,
+    /// When it began (RFC 3339).
+    pub started_at: String,
+    /// When it ended, if it has.
+    pub finished_at: Option<String>,
+    /// `success`, `abandoned`, the error class of a failure, or `in flight`.
+    pub outcome: String,
 }
 
 /// A row of the seed's error query.
@@ -311,4 +374,167 @@ pub struct GenerationRow {
     pub started_at: Option<String>,
     /// When it reached `success` or `error`.
     pub finished_at: Option<String>,
+    /// How a success was sent: `sync` or `batch` (`None` before Apex kept
+    /// it).
+    pub transport: Option<String>,
+}
+
+/// Which wave a batch belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Wave {
+    /// One request per (condition, context), writing a long-lived cache.
+    Leader,
+    /// The other replicates, reading what the leaders wrote (and any
+    /// group whose leader already succeeded).
+    Follower,
+    /// No cache to share (caching off, one replicate, or the leader's cache
+    /// went cold): every request on its own, no cache hints.
+    Single,
+}
+
+impl Wave {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Leader => "leader",
+            Self::Follower => "follower",
+            Self::Single => "single",
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "leader" => Self::Leader,
+            "follower" => Self::Follower,
+            "single" => Self::Single,
+            _ => return None,
+        })
+    }
+}
+
+/// Where a recorded batch stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BatchState {
+    /// Recorded, about to be submitted (or a crash came in between).
+    Intent,
+    /// The provider has it.
+    Submitted,
+    /// Ended; its results are stored.
+    Ended,
+    /// Ended by a cancellation; processed items are stored, the rest are
+    /// `pending` again.
+    Cancelled,
+    /// Refused at submission, failed as a whole, or never reached the
+    /// provider: nothing billed; its items are `pending` again.
+    Failed,
+}
+
+impl BatchState {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Intent => "intent",
+            Self::Submitted => "submitted",
+            Self::Ended => "ended",
+            Self::Cancelled => "cancelled",
+            Self::Failed => "failed",
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "intent" => Self::Intent,
+            "submitted" => Self::Submitted,
+            "ended" => Self::Ended,
+            "cancelled" => Self::Cancelled,
+            "failed" => Self::Failed,
+            _ => return None,
+        })
+    }
+
+    /// Still to be waited on.
+    pub fn is_open(self) -> bool {
+        matches!(self, Self::Intent | Self::Submitted)
+    }
+}
+
+/// One item of a recorded batch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchItemRecord {
+    /// The generation.
+    pub generation_id: i64,
+    /// Its attempt number in this batch.
+    pub attempt: u32,
+    /// The id the provider returns its result under.
+    pub custom_id: String,
+    /// The generation's condition (filled when read back).
+    pub condition_slug: String,
+    /// The context package id (filled when read back).
+    pub prompt_id: String,
+    /// The package version (filled when read back).
+    pub package_version: String,
+    /// The replicate (filled when read back).
+    pub replicate_index: u32,
+}
+
+/// A provider batch as the ledger records it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BatchRecord {
+    /// Apex's id for the batch (written before submission).
+    pub batch_key: String,
+    /// The run.
+    pub run_id: RunId,
+    /// The provider.
+    pub provider: ProviderKind,
+    /// The model every item uses.
+    pub model: String,
+    /// Its wave.
+    pub wave: Wave,
+    /// The provider's id, once submitted.
+    pub provider_batch_id: Option<String>,
+    /// Where it stands.
+    pub state: BatchState,
+    /// When the intent was recorded (RFC 3339).
+    pub created_at: String,
+    /// When the provider accepted it (RFC 3339).
+    pub submitted_at: Option<String>,
+    /// Its items.
+    pub items: Vec<BatchItemRecord>,
+}
+
+/// The `custom_id` of a generation's attempt (`^[a-zA-Z0-9_-]{1,64}$`, as
+/// both APIs require).
+pub fn custom_id(generation_id: i64, attempt: u32) -> String {
+    format!("apex-g{generation_id}-a{attempt}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_names_round_trip_and_ids_are_valid_custom_ids() {
+        for wave in [Wave::Leader, Wave::Follower, Wave::Single] {
+            assert_eq!(Wave::parse(wave.as_str()), Some(wave));
+        }
+        for state in [
+            BatchState::Intent,
+            BatchState::Submitted,
+            BatchState::Ended,
+            BatchState::Cancelled,
+            BatchState::Failed,
+        ] {
+            assert_eq!(BatchState::parse(state.as_str()), Some(state));
+        }
+        let id = custom_id(i64::MAX, u32::MAX);
+        assert!(id.len() <= 64);
+        assert!(
+            id.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        );
+    }
 }

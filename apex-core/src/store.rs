@@ -5,13 +5,16 @@ use std::fmt;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use crate::batches::{BatchRecord, BatchState};
 use crate::condition::Condition;
 use crate::context::ContextPackage;
 use crate::error::Result;
 use crate::plan::{PackageRef, Plan};
 use crate::provider::Usage;
-use crate::run::{AttemptEnd, ErrorRow, GenerationRow, NewRun, RunId, RunInfo, RunState, WorkItem};
+use crate::run::{
+    AttemptEnd, AttemptRow, ErrorRow, GenerationRow, NewRun, RunId, RunInfo, RunState, StatusRow,
+    WorkItem,
+};
+use crate::run::{BatchRecord, BatchState};
 
 /// What registering a conditions file changed.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -222,6 +225,23 @@ pub trait Store: Send + Sync {
 
     /// Records how an attempt ended and the generation's resulting status.
     async fn end_attempt(&self, generation_id: i64, attempt: u32, end: &AttemptEnd) -> Result<()>;
+
+    /// A run's generations by status, with cache hits (the seed's first
+    /// query).
+    async fn status_counts(&self, run_id: &RunId) -> Result<Vec<StatusRow>>;
+
+    /// Generations still to do (`pending` or `running`) per condition.
+    async fn remaining_by_condition(&self, run_id: &RunId) -> Result<Vec<(String, u64)>>;
+
+    /// Up to `limit` attempts of a run after `(generation_id, attempt)`, in
+    /// that order: a page of its attempts, so any run reads in bounded
+    /// memory.
+    async fn attempts_page(
+        &self,
+        run_id: &RunId,
+        after: (i64, u32),
+        limit: u32,
+    ) -> Result<Vec<AttemptRow>>;
 
     /// The error rows of a run (the seed's second query).
     async fn error_rows(&self, run_id: &RunId) -> Result<Vec<ErrorRow>>;

@@ -12,18 +12,19 @@
 
 use std::collections::HashMap;
 
-use apex_core::batches::{BatchApi, BatchCaps, BatchProgress, BatchResults, queue_limit_in};
+use apex_core::dispatch::queue_limit_in;
 use apex_core::provider::ErrorClass;
+use apex_core::provider::{BatchApi, BatchCaps, BatchProgress, BatchResults};
 use apex_core::{Api, AttemptError, Generated, GenerationRequest};
 use async_trait::async_trait;
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderValue};
 use serde_json::{Value, json};
 
 use crate::anthropic::AnthropicWire;
-use crate::key::ApiKey;
 use crate::openai::OpenAiWire;
 use crate::responses::ResponsesWire;
-use crate::wire::{Wire, body_excerpt};
+use crate::transport::Endpoint;
+use crate::wire::Wire;
 
 /// Anthropic: at most 100,000 requests or 256 MB per batch.
 pub const ANTHROPIC_CAPS: BatchCaps = BatchCaps {
@@ -35,125 +36,6 @@ pub const OPENAI_CAPS: BatchCaps = BatchCaps {
     max_requests: 50_000,
     max_bytes: 200 << 20,
 };
-
-/// What both clients share: a client, a base URL and a key.
-#[derive(Clone)]
-pub(crate) struct Endpoint {
-    pub client: reqwest::Client,
-    pub base: String,
-    pub key: Option<ApiKey>,
-}
-
-impl std::fmt::Debug for Endpoint {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Endpoint")
-            .field("base", &self.base)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Endpoint {
-    fn key(&self, env: &str) -> Result<&ApiKey, AttemptError> {
-        self.key.as_ref().ok_or_else(|| {
-            AttemptError::new(ErrorClass::Authentication, format!("no API key; set {env}"))
-        })
-    }
-
-    /// Sends one call; its body on a 2xx, else the error classified by `W`.
-    async fn call<W: Wire>(
-        &self,
-        builder: reqwest::RequestBuilder,
-    ) -> Result<bytes::Bytes, AttemptError> {
-        let key = self.key(W::KIND.api_key_env())?;
-        let scrub = |e: &reqwest::Error| {
-            let class = if e.is_timeout() {
-                ErrorClass::Timeout
-            } else {
-                ErrorClass::Transport
-            };
-            AttemptError::new(class, key.scrub(&e.to_string()))
-        };
-        let response = builder.send().await.map_err(|e| scrub(&e))?;
-        let status = response.status().as_u16();
-        let headers = response.headers().clone();
-        if (300..400).contains(&status) {
-            let error = crate::http::redirect_error(
-                W::KIND,
-                status,
-                &headers,
-                response.url().as_str(),
-                &self.base,
-            );
-            return Err(self.scrubbed(error));
-        }
-        let bytes = response.bytes().await.map_err(|e| scrub(&e))?;
-        if (200..300).contains(&status) {
-            return Ok(bytes);
-        }
-        let (class, message) = W::classify(status, &bytes);
-        Err(AttemptError {
-            class,
-            message: key.scrub(&message),
-            http_status: Some(status),
-            retry_after: crate::headers::retry_after(&headers),
-            request_id: headers
-                .get(W::REQUEST_ID_HEADER)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned),
-            rate_limits: W::rate_limits(&headers),
-            server_refuses_retry: false,
-        })
-    }
-
-    /// `GET url` with these headers; the body.
-    async fn get<W: Wire>(
-        &self,
-        url: String,
-        headers: HeaderMap,
-    ) -> Result<bytes::Bytes, AttemptError> {
-        self.call::<W>(self.client.get(url).headers(headers)).await
-    }
-
-    /// `GET url` as JSON.
-    async fn get_json<W: Wire>(
-        &self,
-        url: String,
-        headers: HeaderMap,
-    ) -> Result<Value, AttemptError> {
-        self.json::<W>(self.client.get(url).headers(headers)).await
-    }
-
-    /// Calls and reads the answer as JSON.
-    async fn json<W: Wire>(&self, builder: reqwest::RequestBuilder) -> Result<Value, AttemptError> {
-        let bytes = self.call::<W>(builder).await?;
-        serde_json::from_slice(&bytes).map_err(|e| {
-            self.scrubbed(AttemptError::new(
-                ErrorClass::Decode,
-                format!(
-                    "unexpected batch API answer ({e}): {}",
-                    body_excerpt(&bytes)
-                ),
-            ))
-        })
-    }
-
-    /// An error whose message can never show the key, whatever a server
-    /// echoed into it (as the synchronous path scrubs its errors).
-    fn scrubbed(&self, mut error: AttemptError) -> AttemptError {
-        if let Some(key) = &self.key {
-            error.message = key.scrub(&error.message);
-        }
-        error
-    }
-
-    /// Item outcomes with their errors scrubbed.
-    fn scrub_results(&self, results: BatchResults) -> BatchResults {
-        results
-            .into_iter()
-            .map(|(id, outcome)| (id, outcome.map_err(|e| self.scrubbed(e))))
-            .collect()
-    }
-}
 
 /// The `id` of an object the API created.
 fn id_of(object: &Value, what: &str) -> Result<String, AttemptError> {
@@ -627,6 +509,7 @@ impl BatchApi for OpenAiBatches {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ApiKey;
 
     #[test]
     fn item_errors_never_show_the_key() {

@@ -23,6 +23,16 @@ pub enum ProviderError {
         /// The variable it came from.
         var: &'static str,
     },
+    /// A condition's provider has no key in the environment.
+    #[error("condition `{slug}`: no API key for {provider}; set {var}")]
+    MissingKey {
+        /// The condition.
+        slug: String,
+        /// Its provider.
+        provider: String,
+        /// The variable to set.
+        var: &'static str,
+    },
     /// The HTTP client could not be built (TLS set-up).
     #[error("cannot build the HTTP client: {0}")]
     Client(#[from] reqwest::Error),

@@ -17,155 +17,8 @@ use crate::key::ApiKey;
 use crate::openai::OpenAiWire;
 use crate::responses::ResponsesWire;
 use crate::sse::SseParser;
+use crate::transport::{Endpoint, ProviderConfig, check_base_url, client, redirect_error};
 use crate::wire::{ParsedResponse, StreamState, Wire};
-
-/// Where and how to reach a provider.
-#[derive(Debug, Clone)]
-pub struct ProviderConfig {
-    /// Base URL (`https://api.openai.com/v1`, `https://api.anthropic.com`).
-    pub base_url: String,
-    /// The key; `None` allows dry runs and previews only.
-    pub api_key: Option<ApiKey>,
-    /// TCP + TLS connect timeout.
-    pub connect_timeout: Duration,
-    /// Whole-request timeout of a request answered in one body (a streamed
-    /// one has none: long outputs take many minutes).
-    pub request_timeout: Duration,
-    /// Longest silence within a stream before it is abandoned and retried.
-    pub stream_idle_timeout: Duration,
-    /// Send the key over plain `http://` to a host that is not loopback
-    /// (`APEX_ALLOW_INSECURE_HTTP=1`); refused otherwise.
-    pub allow_insecure_http: bool,
-}
-
-impl ProviderConfig {
-    /// The official default base URL of a provider.
-    pub fn default_base_url(kind: ProviderKind) -> &'static str {
-        match kind {
-            ProviderKind::OpenAi => "https://api.openai.com/v1",
-            ProviderKind::Anthropic => "https://api.anthropic.com",
-        }
-    }
-
-    /// Reads `OPENAI_BASE_URL` / `ANTHROPIC_BASE_URL` and the API key
-    /// variable, the official SDKs' names.
-    pub fn from_env(kind: ProviderKind) -> Self {
-        let base_url = std::env::var(kind.base_url_env())
-            .ok()
-            .filter(|u| !u.trim().is_empty())
-            .unwrap_or_else(|| Self::default_base_url(kind).to_owned());
-        Self {
-            base_url,
-            api_key: ApiKey::from_env(kind.api_key_env()),
-            connect_timeout: Duration::from_secs(10),
-            request_timeout: Duration::from_secs(600),
-            stream_idle_timeout: Duration::from_secs(300),
-            allow_insecure_http: insecure_http_allowed(),
-        }
-    }
-}
-
-/// The variable that allows keys over plain `http://` to a host that is not
-/// loopback.
-pub const ALLOW_INSECURE_HTTP_ENV: &str = "APEX_ALLOW_INSECURE_HTTP";
-
-/// Whether `APEX_ALLOW_INSECURE_HTTP` is set to `1` or `true`.
-fn insecure_http_allowed() -> bool {
-    std::env::var(ALLOW_INSECURE_HTTP_ENV)
-        .is_ok_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes"))
-}
-
-/// Checks a base URL before any client is built: http(s) only, and plain
-/// `http://` only to loopback (the simulator, a local proxy) unless allowed.
-pub(crate) fn check_base_url(
-    base: &str,
-    kind: ProviderKind,
-    allow_insecure_http: bool,
-) -> Result<reqwest::Url, ProviderError> {
-    let bad = || ProviderError::BadBaseUrl {
-        url: base.to_owned(),
-        var: kind.base_url_env(),
-    };
-    let url = reqwest::Url::parse(base).map_err(|_| bad())?;
-    match url.scheme() {
-        "https" => Ok(url),
-        "http" if allow_insecure_http || is_loopback(&url) => Ok(url),
-        "http" => Err(ProviderError::InsecureBaseUrl {
-            url: base.to_owned(),
-            var: kind.base_url_env(),
-        }),
-        _ => Err(bad()),
-    }
-}
-
-/// `localhost`, `127.0.0.0/8` or `::1`.
-fn is_loopback(url: &reqwest::Url) -> bool {
-    let Some(host) = url.host_str() else {
-        return false;
-    };
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
-        return ip.is_loopback();
-    }
-    let name = host.trim_end_matches('.').to_ascii_lowercase();
-    name == "localhost" || name.ends_with(".localhost")
-}
-
-/// The one HTTP client every provider uses. Redirects are never followed:
-/// the official SDKs do not follow them, and a followed redirect would carry
-/// the key (`x-api-key`, `x-goog-api-key` are not headers a client knows to
-/// strip) to another host. A 3xx is answered by [`redirect_error`].
-pub(crate) fn client(config: &ProviderConfig) -> Result<reqwest::Client, ProviderError> {
-    Ok(reqwest::Client::builder()
-        .connect_timeout(config.connect_timeout)
-        .tcp_keepalive(Duration::from_secs(30))
-        .redirect(reqwest::redirect::Policy::none())
-        .build()?)
-}
-
-/// The error for a 3xx answer to `requested` (a URL under `base`): not
-/// followed, not retried, naming where it points and the variable to set.
-pub(crate) fn redirect_error(
-    kind: ProviderKind,
-    status: u16,
-    headers: &reqwest::header::HeaderMap,
-    requested: &str,
-    base: &str,
-) -> AttemptError {
-    let location = headers
-        .get(reqwest::header::LOCATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|l| reqwest::Url::parse(requested).ok()?.join(l).ok());
-    let var = kind.base_url_env();
-    let message = match location {
-        Some(to) => {
-            // The path under the base URL, so the advice is a base URL.
-            let tail = requested
-                .strip_prefix(base.trim_end_matches('/'))
-                .unwrap_or("")
-                .split('?')
-                .next()
-                .unwrap_or("");
-            let to = to.as_str();
-            let to_path = to.split('?').next().unwrap_or(to);
-            match to_path.strip_suffix(tail).filter(|_| !tail.is_empty()) {
-                Some(new_base) => format!(
-                    "the base URL {base} redirects (HTTP {status}) to {to}; redirects are not followed, so the key never leaves its host: set {var} to {new_base}"
-                ),
-                None => format!(
-                    "the base URL {base} redirects (HTTP {status}) to {to}; redirects are not followed, so the key never leaves its host: set {var} to the API's own URL"
-                ),
-            }
-        }
-        None => format!(
-            "the base URL {base} answered HTTP {status} (a redirect without a usable Location); redirects are not followed: set {var} to the API's own URL"
-        ),
-    };
-    AttemptError {
-        http_status: Some(status),
-        ..AttemptError::new(ErrorClass::Redirected, message)
-    }
-}
 
 /// A provider over HTTP, generic over its wire format.
 pub struct HttpProvider<W: Wire> {
@@ -216,7 +69,7 @@ impl<W: Wire> HttpProvider<W> {
             stream_idle_timeout: config.stream_idle_timeout,
             batch_api: (W::KIND == ProviderKind::Anthropic).then(|| {
                 crate::batches::AnthropicBatches {
-                    endpoint: crate::batches::Endpoint {
+                    endpoint: Endpoint {
                         client: client.clone(),
                         base: config.base_url.trim().to_owned(),
                         key: config.api_key.clone(),
@@ -268,10 +121,10 @@ impl<W: Wire> Provider for HttpProvider<W> {
         }
     }
 
-    fn batches(&self) -> Option<&dyn apex_core::batches::BatchApi> {
+    fn batches(&self) -> Option<&dyn apex_core::provider::BatchApi> {
         self.batch_api
             .as_ref()
-            .map(|b| b as &dyn apex_core::batches::BatchApi)
+            .map(|b| b as &dyn apex_core::provider::BatchApi)
     }
 
     async fn generate(&self, request: &GenerationRequest) -> Result<Generated, AttemptError> {
@@ -438,7 +291,7 @@ impl OpenAiProvider {
         let chat = ChatProvider::new(config.clone())?;
         let responses = ResponsesProvider::with_client(chat.client.clone(), &config);
         let batch_api = crate::batches::OpenAiBatches {
-            endpoint: crate::batches::Endpoint {
+            endpoint: Endpoint {
                 client: chat.client.clone(),
                 base: config.base_url.trim().to_owned(),
                 key: config.api_key.clone(),
@@ -478,7 +331,7 @@ impl Provider for OpenAiProvider {
         self.route(request).generate(request).await
     }
 
-    fn batches(&self) -> Option<&dyn apex_core::batches::BatchApi> {
+    fn batches(&self) -> Option<&dyn apex_core::provider::BatchApi> {
         Some(&self.batch_api)
     }
 }

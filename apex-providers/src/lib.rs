@@ -54,6 +54,7 @@
 
 mod anthropic;
 pub mod batches;
+mod clients;
 mod error;
 pub mod headers;
 mod http;
@@ -63,19 +64,19 @@ mod responses;
 #[cfg(feature = "simulator")]
 pub mod simulator;
 pub mod sse;
+mod transport;
 mod wire;
 
 use std::sync::Arc;
 
 pub use anthropic::{ANTHROPIC_VERSION, AnthropicWire};
+pub use clients::Clients;
 pub use error::ProviderError;
-pub use http::{
-    AnthropicProvider, ChatProvider, HttpProvider, OpenAiProvider, ProviderConfig,
-    ResponsesProvider,
-};
+pub use http::{AnthropicProvider, ChatProvider, HttpProvider, OpenAiProvider, ResponsesProvider};
 pub use key::ApiKey;
 pub use openai::{OpenAiWire, prompt_cache_key};
 pub use responses::ResponsesWire;
+pub use transport::{ALLOW_INSECURE_HTTP_ENV, ProviderConfig};
 pub use wire::{ParseError, ParsedResponse, StreamState, Wire};
 
 use apex_core::{Provider, ProviderKind};

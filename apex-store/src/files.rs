@@ -1,9 +1,88 @@
-//! Reading conditions files and context package directories from disk.
+//! The files Apex reads and writes beside the ledger: conditions files,
+//! context package directories, and a run's [`RecoveryFile`].
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use apex_core::{Condition, ContextPackage, Error, PackageSources, Result, SourceFile};
+use apex_core::{
+    Condition, ContextPackage, Error, PackageSources, Result, RunId, SourceFile, Store,
+    UnstoredResult,
+};
+
+/// The paid results of a run that the ledger could not take
+/// (`apex-recovery-RUN_ID.jsonl`, one JSON result per line): written when a
+/// run stops on a failing ledger, stored (never over a success) by the
+/// run's next execution, then renamed `*.jsonl.imported`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecoveryFile {
+    path: PathBuf,
+}
+
+impl RecoveryFile {
+    /// The recovery file of `run_id` in `dir`.
+    pub fn of(dir: &Path, run_id: &RunId) -> Self {
+        Self {
+            path: dir.join(format!("apex-recovery-{run_id}.jsonl")),
+        }
+    }
+
+    /// Where it is.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends results and syncs the file to disk.
+    pub fn append(&self, results: &[UnstoredResult]) -> std::io::Result<()> {
+        use std::io::Write as _;
+        let mut file = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)?;
+        for result in results {
+            serde_json::to_writer(&mut file, result)?;
+            file.write_all(b"\n")?;
+        }
+        file.sync_all()
+    }
+
+    /// Stores the results it holds, if it exists, then renames it
+    /// `*.jsonl.imported`; how many it stored.
+    pub async fn import(&self, store: &dyn Store) -> Result<usize> {
+        let text = match fs::read_to_string(&self.path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => {
+                return Err(Error::store_msg(format!(
+                    "cannot read the recovery file {}: {e}",
+                    self.path.display()
+                )));
+            }
+        };
+        let mut stored = 0;
+        for (number, line) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
+            let result: UnstoredResult = serde_json::from_str(line).map_err(|e| {
+                Error::store_msg(format!(
+                    "recovery file {} line {}: {e}; fix or move the file, then resume again",
+                    self.path.display(),
+                    number + 1
+                ))
+            })?;
+            store
+                .end_attempt(result.generation_id, result.attempt, &result.end)
+                .await?;
+            stored += 1;
+        }
+        let done = self.path.with_extension("jsonl.imported");
+        fs::rename(&self.path, &done)
+            .map_err(|e| Error::store_msg(format!("cannot rename {}: {e}", self.path.display())))?;
+        tracing::info!(file = %done.display(), responses = stored, "stored the responses an earlier execution saved");
+        Ok(stored)
+    }
+}
 
 /// Reads and validates a conditions TOML file.
 pub fn read_conditions_file(path: &Path) -> Result<Vec<Condition>> {

@@ -6,14 +6,14 @@
 
 use std::collections::HashMap;
 
-use apex_core::batches::{BatchItemRecord, BatchRecord, BatchState, Wave};
-use apex_core::run::AttemptEnd;
+use apex_core::run::{AfterFailure, AttemptEnd};
+use apex_core::run::{BatchItemRecord, BatchRecord, BatchState, Wave};
 use apex_core::store::{ConditionInfo, ConditionUsage, PacingShare};
 use apex_core::time::now_rfc3339;
 use apex_core::{
-    Claim, Condition, ContextPackage, Error, ErrorRow, GenerationRow, IngestReport, NewRun,
-    PackageRef, Plan, ProviderKind, RegisterReport, RunId, RunInfo, RunState, StatusCounts, Usage,
-    WorkItem,
+    AttemptRow, Claim, Condition, ContextPackage, Error, ErrorRow, GenerationRow, IngestReport,
+    NewRun, PackageRef, Plan, ProviderKind, RegisterReport, RunId, RunInfo, RunState, StatusCounts,
+    StatusRow, Usage, WorkItem,
 };
 
 use crate::sql::{Record, Statement, params};
@@ -774,7 +774,7 @@ static GENERATION_SUCCESS: Statement = Statement::new(
          cost_usd = ?9, latency_ms = ?10, finish_reason = ?11,
          provider_request_id = ?12, model_snapshot = ?13, request_hash = ?14,
          response_text = ?15, error_class = NULL, error_message = NULL,
-         finished_at = ?16
+         finished_at = ?16, transport = ?17
      WHERE generation_id = ?1 AND status <> 'success'",
 );
 static ATTEMPT_SUCCESS: Statement = Statement::new(
@@ -858,7 +858,8 @@ pub(crate) async fn end_attempt(
                     &r.model_snapshot,
                     &r.request_hash,
                     &r.response_text,
-                    &now
+                    &now,
+                    r.transport.as_str()
                 ],
             )
             .await?;
@@ -880,9 +881,13 @@ pub(crate) async fn end_attempt(
             http_status,
             provider_request_id,
             latency_ms,
-            last,
+            then,
         } => {
-            if *last {
+            if *then == AfterFailure::Pending {
+                tx.execute(&GENERATION_ABANDON, params![generation_id])
+                    .await?;
+            }
+            if *then == AfterFailure::Error {
                 tx.execute(
                     &GENERATION_ERROR,
                     params![
@@ -923,6 +928,30 @@ pub(crate) async fn end_attempt(
 
 // ------------------------------------------------------------------- reports
 
+/// The seed's first monitoring query, verbatim but for the run id.
+static STATUS_COUNTS: Statement = Statement::new(
+    "SELECT
+  status,
+  COUNT(*) as count,
+  COUNT(*) FILTER (WHERE cache_hit) as cache_hits
+FROM apex_audition.generations
+WHERE run_id = ?1
+GROUP BY status",
+);
+static REMAINING_BY_CONDITION: Statement = Statement::new(
+    "SELECT condition_slug, COUNT(*) AS n FROM apex_audition.generations
+     WHERE run_id = ?1 AND status IN ('pending', 'running')
+     GROUP BY condition_slug ORDER BY condition_slug",
+);
+static ATTEMPTS_PAGE: Statement = Statement::new(
+    "SELECT a.generation_id, a.attempt, a.started_at, a.finished_at,
+            COALESCE(CASE WHEN a.outcome = 'error' THEN a.error_class ELSE a.outcome END,
+                     'in flight') AS outcome
+     FROM apex_audition.attempts a
+     JOIN apex_audition.generations g ON g.generation_id = a.generation_id
+     WHERE g.run_id = ?1 AND (a.generation_id > ?2 OR (a.generation_id = ?2 AND a.attempt > ?3))
+     ORDER BY a.generation_id, a.attempt LIMIT ?4",
+);
 static ERROR_ROWS: Statement = Statement::new(
     "SELECT prompt_id, replicate_index, error_message FROM apex_audition.generations
      WHERE status = 'error' AND run_id = ?1 ORDER BY generation_id",
@@ -935,7 +964,7 @@ static GENERATIONS_PAGE: Statement = Statement::new(
             cache_read_tokens, output_tokens, reasoning_tokens, cost_usd,
             latency_ms, finish_reason, provider_request_id, model_snapshot,
             request_hash, response_text, error_class, error_message,
-            created_at, started_at, finished_at
+            created_at, started_at, finished_at, transport
      FROM apex_audition.generations
      WHERE run_id = ?1 AND generation_id > ?2
      ORDER BY generation_id LIMIT ?3",
@@ -1003,6 +1032,7 @@ fn generation_from(r: &Record) -> CoreResult<GenerationRow> {
         created_at: r.text("created_at")?,
         started_at: r.opt_text("started_at")?,
         finished_at: r.opt_text("finished_at")?,
+        transport: r.opt_text("transport")?,
     })
 }
 
@@ -1018,6 +1048,56 @@ pub(crate) async fn error_rows(tx: &mut impl Tx, run_id: &RunId) -> CoreResult<V
             })
         })
         .collect()
+}
+
+pub(crate) async fn status_counts(tx: &mut impl Tx, run_id: &RunId) -> CoreResult<Vec<StatusRow>> {
+    load_run(tx, run_id).await?;
+    tx.query(&STATUS_COUNTS, params![run_id.as_str()])
+        .await?
+        .iter()
+        .map(|r| {
+            Ok(StatusRow {
+                status: r.text("status")?,
+                count: r.u64("count")?,
+                cache_hits: r.u64("cache_hits")?,
+            })
+        })
+        .collect()
+}
+
+pub(crate) async fn remaining_by_condition(
+    tx: &mut impl Tx,
+    run_id: &RunId,
+) -> CoreResult<Vec<(String, u64)>> {
+    tx.query(&REMAINING_BY_CONDITION, params![run_id.as_str()])
+        .await?
+        .iter()
+        .map(|r| Ok((r.text("condition_slug")?, r.u64("n")?)))
+        .collect()
+}
+
+pub(crate) async fn attempts_page(
+    tx: &mut impl Tx,
+    run_id: &RunId,
+    (after_generation, after_attempt): (i64, u32),
+    limit: u32,
+) -> CoreResult<Vec<AttemptRow>> {
+    tx.query(
+        &ATTEMPTS_PAGE,
+        params![run_id.as_str(), after_generation, after_attempt, limit],
+    )
+    .await?
+    .iter()
+    .map(|r| {
+        Ok(AttemptRow {
+            generation_id: r.i64("generation_id")?,
+            attempt: r.u32("attempt")?,
+            started_at: r.text("started_at")?,
+            finished_at: r.opt_text("finished_at")?,
+            outcome: r.text("outcome")?,
+        })
+    })
+    .collect()
 }
 
 pub(crate) async fn generations_page(

@@ -62,6 +62,47 @@ fn submitted(live: &Live) -> usize {
     .len()
 }
 
+/// Asserts the shape every batch run has: per condition, its first request
+/// went alone and synchronously (the leader of the first context), every
+/// other generation went in a batch, each succeeded with one attempt, and
+/// every follower read its leader's cache.
+fn assert_one_probe_then_batches(live: &Live, run_id: &str, conditions: usize, total: usize) {
+    let sync = live.sim.requests();
+    assert_eq!(
+        sync.len(),
+        conditions,
+        "one synchronous probe per condition"
+    );
+    let by_transport = rows(
+        live,
+        &format!(
+            "SELECT transport, replicate_index = 0, COUNT(*), SUM(attempts), SUM(cache_hit)
+             FROM generations WHERE run_id = '{run_id}' AND status = 'success'
+             GROUP BY 1, 2 ORDER BY 1, 2"
+        ),
+    );
+    let count = |transport: &str, leader: bool, column: usize| -> usize {
+        by_transport
+            .iter()
+            .find(|r| r[0] == transport && (r[1] == "1") == leader)
+            .map_or(0, |r| r[column].parse().unwrap())
+    };
+    assert_eq!(count("sync", true, 2), conditions, "{by_transport:?}");
+    assert_eq!(count("sync", false, 2), 0, "{by_transport:?}");
+    let batched = count("batch", true, 2) + count("batch", false, 2);
+    assert_eq!(batched + conditions, total, "{by_transport:?}");
+    assert_eq!(
+        count("batch", true, 3) + count("batch", false, 3) + count("sync", true, 3),
+        total,
+        "one attempt each: {by_transport:?}"
+    );
+    assert_eq!(
+        count("batch", false, 4),
+        count("batch", false, 2),
+        "every follower read the cache: {by_transport:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn two_waves_for_both_providers_read_the_leaders_cache_at_the_batch_price() {
     let live = live(60, SimulatorConfig::default()).await;
@@ -73,14 +114,19 @@ async fn two_waves_for_both_providers_read_the_leaders_cache_at_the_batch_price(
         .await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let run_id = run_id_from(&stdout(&out));
-    // Nothing went synchronously; per model one leader batch (a request
-    // per context), then one follower batch (the other replicates).
-    assert!(live.sim.requests().is_empty());
+    assert_one_probe_then_batches(&live, &run_id, 4, 36);
+    // Per model: the leaders of the other two contexts in a leader batch,
+    // the probe's followers in a follower batch beside it, then the other
+    // followers once the leaders have ended.
     let batches = live.sim.batches();
     let mut sizes: Vec<usize> = batches.iter().map(|b| b.requests).collect();
     sizes.sort_unstable();
-    assert_eq!(sizes, vec![3, 3, 3, 3, 6, 6, 6, 6], "{batches:?}");
-    // Leaders wrote (Anthropic for an hour), followers read, every one.
+    assert_eq!(
+        sizes,
+        vec![2, 2, 2, 2, 2, 2, 2, 2, 4, 4, 4, 4],
+        "{batches:?}"
+    );
+    // Leaders wrote (Anthropic for an hour), followers read.
     let by_role = rows(
         &live,
         &format!(
@@ -104,13 +150,14 @@ async fn two_waves_for_both_providers_read_the_leaders_cache_at_the_batch_price(
             }
         }
     }
-    // Each generation is priced at half its synchronous price.
+    // Each batch item is priced at half its synchronous price; a probe at
+    // the full price.
     let catalog = apex::core::Catalog::built_in();
     let priced = rows(
         &live,
         &format!(
             "SELECT c.provider, c.model, g.input_tokens, g.cache_write_tokens, g.cache_write_1h_tokens,
-                    g.cache_read_tokens, g.output_tokens, g.reasoning_tokens, g.cost_usd
+                    g.cache_read_tokens, g.output_tokens, g.reasoning_tokens, g.cost_usd, g.transport
              FROM generations g JOIN conditions c ON c.slug = g.condition_slug
              WHERE g.run_id = '{run_id}'"
         ),
@@ -130,9 +177,14 @@ async fn two_waves_for_both_providers_read_the_leaders_cache_at_the_batch_price(
         let prices = catalog.lookup(provider, &row[1]).unwrap().prices;
         let stored: f64 = row[8].parse().unwrap();
         let synchronous = prices.cost(&usage);
+        let expected = if row[9] == "batch" {
+            synchronous / 2.0
+        } else {
+            synchronous
+        };
         assert!(
-            (stored - synchronous / 2.0).abs() < 1e-9,
-            "{row:?}: {stored} vs {synchronous}"
+            (stored - expected).abs() < 1e-9,
+            "{row:?}: {stored} vs {expected}"
         );
     }
     // Every batch and item is in the ledger, ended.
@@ -145,7 +197,7 @@ async fn two_waves_for_both_providers_read_the_leaders_cache_at_the_batch_price(
     assert_eq!(
         recorded,
         vec![
-            vec!["ended".to_owned(), "follower".into(), "4".into()],
+            vec!["ended".to_owned(), "follower".into(), "8".into()],
             vec!["ended".to_owned(), "leader".into(), "4".into()]
         ]
     );
@@ -161,7 +213,8 @@ async fn a_killed_run_re_attaches_to_its_batches_on_resume() {
         &["prod-gpt5", "prod-sonnet45"],
         &["--replicates", "2"],
     ));
-    live.wait_for("the leader batches", |l| submitted(l) == 2)
+    // Per model: the leaders of two contexts, and the probe's follower.
+    live.wait_for("the first batches", |l| submitted(l) == 4)
         .await;
     let status = std::process::Command::new("kill")
         .args(["-KILL", &child.id().to_string()])
@@ -170,17 +223,17 @@ async fn a_killed_run_re_attaches_to_its_batches_on_resume() {
     assert!(status.success());
     let out = Live::outputs(vec![child]).await.remove(0);
     let run_id = run_id_from(&stdout(&out));
-    assert_eq!(live.sim.batches().len(), 2);
+    assert_eq!(live.sim.batches().len(), 4);
     let out = live.apex(&["run", "--resume", &run_id]).await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    // The leaders were collected from the batches the killed process
-    // submitted; only the followers went as new batches.
+    // The batches the killed process submitted were collected; only the
+    // other followers went as new batches, and nothing synchronously but
+    // the first run's probes.
     let batches = live.sim.batches();
-    assert_eq!(
-        batches.iter().map(|b| b.requests).collect::<Vec<_>>(),
-        vec![3, 3, 3, 3],
-        "{batches:?}"
-    );
+    let mut sizes: Vec<usize> = batches.iter().map(|b| b.requests).collect();
+    sizes[..4].sort_unstable();
+    assert_eq!(sizes, vec![1, 1, 2, 2, 2, 2], "{batches:?}");
+    assert_eq!(live.sim.requests().len(), 2);
     let generations = rows(
         &live,
         &format!(
@@ -250,38 +303,161 @@ async fn expired_and_errored_items_go_into_a_later_batch_and_succeed() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn apex_cancel_cancels_the_batches_in_flight_and_resume_finishes() {
+async fn apex_cancel_then_one_resume_collects_and_sends_the_rest() {
     let live = live(300, SimulatorConfig::default()).await;
     let child = live.spawn(&slugs(&["prod-opus41"], &["--replicates", "2"]));
-    live.wait_for("the leader batch", |l| submitted(l) == 1)
+    // The leaders of two contexts and the probe's follower, in flight.
+    live.wait_for("the first batches", |l| submitted(l) == 2)
         .await;
-    let run_id = rows(&live, "SELECT run_id FROM runs")[0][0].clone();
-    let cancelled = ok(live.apex(&["cancel", &run_id]).await);
-    assert!(cancelled.contains("cancel 1 batch"), "{cancelled}");
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
     let out = Live::outputs(vec![child]).await.remove(0);
-    assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
-    assert!(stderr(&out).contains("was cancelled"), "{}", stderr(&out));
-    // Nothing was processed, nothing billed: all pending again.
-    let pending = rows(
+    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
+    let run_id = run_id_from(&stdout(&out));
+    let cancelled = ok(live.apex(&["cancel", &run_id]).await);
+    assert!(cancelled.contains("cancel 2 batch"), "{cancelled}");
+    let again = ok(live.apex(&["cancel", &run_id]).await);
+    assert!(
+        again.contains("cancel 2 batch") || again.contains("nothing to cancel"),
+        "{again}"
+    );
+    // One resume: it reads what the cancelled batches processed (nothing
+    // here), sends the rest in new batches, and finishes.
+    let out = live.apex(&["run", "--resume", &run_id]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let done = rows(
         &live,
         &format!("SELECT status, COUNT(*) FROM generations WHERE run_id = '{run_id}' GROUP BY 1"),
     );
-    assert_eq!(pending, vec![vec!["pending".to_owned(), "6".into()]]);
-    let again = ok(live.apex(&["cancel", &run_id]).await);
-    assert!(again.contains("nothing to cancel"), "{again}");
+    assert_eq!(done, vec![vec!["success".to_owned(), "6".into()]]);
+    assert_eq!(
+        rows(
+            &live,
+            &format!(
+                "SELECT state, COUNT(*) FROM batches WHERE run_id = '{run_id}' AND state = 'cancelled' GROUP BY 1"
+            )
+        ),
+        vec![vec!["cancelled".to_owned(), "2".into()]]
+    );
+    // Cancelled unprocessed, so unbilled: each generation paid once.
+    let paid = rows(
+        &live,
+        &format!(
+            "SELECT COUNT(*) FROM attempts a JOIN generations g USING (generation_id)
+             WHERE g.run_id = '{run_id}' AND a.outcome = 'success'"
+        ),
+    );
+    assert_eq!(paid, vec![vec!["6".to_owned()]]);
+    let state = rows(&live, "SELECT state FROM runs");
+    assert_eq!(state, vec![vec!["finished".to_owned()]]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_cancelled_while_its_run_waits_stops_the_run() {
+    let live = live(300, SimulatorConfig::default()).await;
+    let child = live.spawn(&slugs(&["prod-opus41"], &["--replicates", "2"]));
+    live.wait_for("the first batches", |l| submitted(l) == 2)
+        .await;
+    let run_id = rows(&live, "SELECT run_id FROM runs")[0][0].clone();
+    let cancelled = ok(live.apex(&["cancel", &run_id]).await);
+    assert!(cancelled.contains("cancel 2 batch"), "{cancelled}");
+    let out = Live::outputs(vec![child]).await.remove(0);
+    assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("cancelled outside this run"),
+        "{}",
+        stderr(&out)
+    );
+    // Nothing was processed, nothing billed: pending again but the probe.
+    let pending = rows(
+        &live,
+        &format!(
+            "SELECT status, COUNT(*) FROM generations WHERE run_id = '{run_id}' GROUP BY 1 ORDER BY 1"
+        ),
+    );
+    assert_eq!(
+        pending,
+        vec![
+            vec!["pending".to_owned(), "5".into()],
+            vec!["success".to_owned(), "1".into()]
+        ]
+    );
     let out = live.apex(&["run", "--resume", &run_id]).await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+}
+
+/// Submissions the provider refused, per provider, and the batches it
+/// took, in the order submitted.
+fn refusals(live: &Live, run_id: &str) -> Vec<Vec<String>> {
+    rows(
+        live,
+        &format!(
+            "SELECT provider, state, item_count FROM batches WHERE run_id = '{run_id}' ORDER BY created_at, batch_key"
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_refused_for_its_size_is_split_at_the_cap_it_names() {
+    // Anthropic answers 400 "requests: List should have at most 10 items";
+    // an OpenAI batch over the cap fails validation naming it.
+    let live = live(
+        30,
+        SimulatorConfig {
+            batch_max_requests: Some(10),
+            ..SimulatorConfig::default()
+        },
+    )
+    .await;
+    let out = live
+        .apex(&slugs(
+            &["prod-gpt4o", "prod-sonnet45"],
+            &["--replicates", "12", "--no-cache"],
+        ))
+        .await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let run_id = run_id_from(&stdout(&out));
     let done = rows(
         &live,
         &format!(
             "SELECT COUNT(*) FROM generations WHERE run_id = '{run_id}' AND status = 'success'"
         ),
     );
-    assert_eq!(done, vec![vec!["6".to_owned()]]);
+    assert_eq!(done, vec![vec!["72".to_owned()]]);
+    // One refusal per provider, each followed by batches within the cap.
+    let recorded = refusals(&live, &run_id);
+    for provider in ["openai", "anthropic"] {
+        let mine: Vec<_> = recorded.iter().filter(|r| r[0] == provider).collect();
+        let refused = mine.iter().filter(|r| r[1] == "failed").count();
+        assert_eq!(refused, 1, "{provider}: {mine:?}");
+        assert_eq!(mine[0][1], "failed", "{provider}: {mine:?}");
+        assert!(
+            mine[1..]
+                .iter()
+                .all(|r| r[1] == "ended" && r[2].parse::<usize>().unwrap() <= 10),
+            "{provider}: {mine:?}"
+        );
+    }
+    let accepted: usize = live
+        .sim
+        .batches()
+        .iter()
+        .filter(|b| b.accepted)
+        .map(|b| b.requests)
+        .sum();
+    assert_eq!(accepted, 70, "every item but the probes, once");
+    let err = stderr(&out);
+    assert!(
+        err.contains("the provider's most requests per batch"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_batch_refused_as_too_large_is_split() {
+async fn a_batch_refused_as_too_large_is_split_and_its_waves_kept() {
     let live = live(
         30,
         SimulatorConfig {
@@ -299,13 +475,14 @@ async fn a_batch_refused_as_too_large_is_split() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let run_id = run_id_from(&stdout(&out));
     let batches = live.sim.batches();
-    assert!(batches.iter().all(|b| b.requests <= 2), "{batches:?}");
-    assert_eq!(batches.iter().map(|b| b.requests).sum::<usize>(), 18);
-    let refused = rows(
-        &live,
-        &format!("SELECT COUNT(*) FROM batches WHERE run_id = '{run_id}' AND state = 'failed'"),
+    assert!(
+        batches.iter().all(|b| !b.accepted || b.requests <= 2),
+        "{batches:?}"
     );
-    let refused: usize = refused[0][0].parse().unwrap();
+    let refused = refusals(&live, &run_id)
+        .iter()
+        .filter(|r| r[1] == "failed")
+        .count();
     assert!(refused >= 2, "{refused}");
     let hits = rows(
         &live,
@@ -332,11 +509,12 @@ async fn openais_enqueued_token_limit_is_learned_and_kept() {
         .await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let batches = live.sim.batches();
-    // The first (all three leaders) failed as a whole; after that no batch
-    // went over the limit.
-    assert!(!batches[0].accepted, "{batches:?}");
+    // The first leader batch (with the probe's follower queued beside it)
+    // failed as a whole; the limit it named was kept: nothing failed after.
+    let failed: Vec<_> = batches.iter().filter(|b| !b.accepted).collect();
+    assert_eq!(failed.len(), 1, "{batches:?}");
     assert!(
-        batches[1..].iter().all(|b| b.accepted && b.requests <= 2),
+        batches.iter().all(|b| !b.accepted || b.requests <= 2),
         "{batches:?}"
     );
     let run_id = run_id_from(&stdout(&out));
@@ -351,7 +529,7 @@ async fn openais_enqueued_token_limit_is_learned_and_kept() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_batch_submitted_just_before_a_crash_is_found_not_sent_again() {
-    use apex::core::batches::{BatchItemRecord, BatchRecord, BatchState, Wave, custom_id};
+    use apex::core::run::{BatchItemRecord, BatchRecord, BatchState, Wave, custom_id};
     use apex::core::{CacheHint, CacheTtl, GenerationRequest, ProviderKind, Store};
     use std::sync::Arc;
 
@@ -443,36 +621,49 @@ async fn a_batch_submitted_just_before_a_crash_is_found_not_sent_again() {
             .unwrap();
     }
     store.release_claims(&run_id, "test").await.unwrap();
-    // Sending the run synchronously now would pay for the leaders twice.
-    let apex = apex::Apex::new(Arc::new(store));
+    // One engine: a synchronous execution of the run re-attaches to the
+    // batches in flight (the intents are found at the provider, never sent
+    // again), collects the leaders, then sends the followers one by one.
+    let apex = apex::Apex::new(Arc::new(store))
+        .with_provider(
+            ProviderKind::OpenAi,
+            live.sim.provider_config(ProviderKind::OpenAi),
+        )
+        .with_provider(
+            ProviderKind::Anthropic,
+            live.sim.provider_config(ProviderKind::Anthropic),
+        );
     let (_keep, stop) = tokio::sync::watch::channel(false);
-    let refused = apex
+    let report = apex
         .execute(
             &run_id,
-            apex::core::executor::RunOptions::default(),
+            apex::core::executor::RunOptions {
+                time_scale: 0.01,
+                ..Default::default()
+            },
             false,
             Arc::new(apex::core::executor::NoProgress),
             stop,
         )
         .await
-        .unwrap_err()
-        .to_string();
-    assert!(
-        refused.contains("in flight") && refused.contains("--batch"),
-        "{refused}"
-    );
+        .unwrap();
+    assert_eq!(report.counts.success, 12, "{report:?}");
     drop(apex);
-    assert_eq!(live.sim.batches().len(), 2);
-    let out = live.apex(&["run", "--resume", run_id.as_str()]).await;
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert!(stderr(&out).contains("found at the provider a batch recorded but never acknowledged"));
-    // Found at the provider and collected: only the followers went since.
     let sizes: Vec<usize> = live.sim.batches().iter().map(|b| b.requests).collect();
-    assert_eq!(sizes, vec![3, 3, 3, 3]);
+    assert_eq!(sizes, vec![3, 3], "nothing submitted again");
+    assert_eq!(
+        rows(
+            &live,
+            &format!(
+                "SELECT state, provider_batch_id IS NOT NULL FROM batches WHERE run_id = '{run_id}'"
+            )
+        ),
+        vec![vec!["ended".to_owned(), "1".into()]; 2]
+    );
     let generations = rows(
         &live,
         &format!(
-            "SELECT status, attempts, cache_hit, replicate_index FROM generations
+            "SELECT status, attempts, cache_hit, replicate_index, transport FROM generations
              WHERE run_id = '{run_id}'"
         ),
     );
@@ -480,14 +671,17 @@ async fn a_batch_submitted_just_before_a_crash_is_found_not_sent_again() {
     for g in generations {
         assert_eq!((g[0].as_str(), g[1].as_str()), ("success", "1"), "{g:?}");
         assert_eq!(g[2] == "1", g[3] == "1", "followers hit: {g:?}");
+        assert_eq!(g[4], if g[3] == "0" { "batch" } else { "sync" }, "{g:?}");
     }
+    assert_eq!(live.sim.requests().len(), 6, "the followers, synchronously");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn ctrl_c_stops_waiting_and_leaves_the_batches_running() {
     let live = live(300, SimulatorConfig::default()).await;
     let child = live.spawn(&slugs(&["prod-gpt4o"], &["--replicates", "2"]));
-    live.wait_for("the leader batch", |l| submitted(l) == 1)
+    // The leaders of two contexts, and the probe's follower.
+    live.wait_for("the first batches", |l| submitted(l) == 2)
         .await;
     let status = std::process::Command::new("kill")
         .args(["-INT", &child.id().to_string()])
@@ -500,46 +694,51 @@ async fn ctrl_c_stops_waiting_and_leaves_the_batches_running() {
     assert!(err.contains("keep running at the provider"), "{err}");
     let run_id = run_id_from(&stdout(&out));
     assert!(err.contains(&format!("apex cancel {run_id}")), "{err}");
-    // The batch is still recorded as in flight, its items' attempts open;
-    // a resume goes in batch mode (the run recorded --batch) and
-    // re-attaches to it.
-    assert_eq!(submitted(&live), 1);
+    // The batches are still recorded as in flight, their items' attempts
+    // open; a resume goes in batch mode (the run recorded --batch) and
+    // re-attaches to them.
+    assert_eq!(submitted(&live), 2);
     assert_eq!(
         rows(
             &live,
             "SELECT COUNT(*) FROM attempts WHERE finished_at IS NULL"
         ),
         vec![vec!["3".to_owned()]],
-        "one leader per context"
+        "two leaders and a follower in flight"
     );
     let out = live.apex(&["run", "--resume", &run_id]).await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(
         live.sim.batches().len(),
-        2,
-        "re-attached, then the followers"
+        3,
+        "re-attached, then the other followers"
     );
-    assert!(live.sim.requests().is_empty(), "nothing went synchronously");
+    assert_eq!(
+        live.sim.requests().len(),
+        1,
+        "only the first run's probe went alone"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_second_process_leaves_another_live_process_its_batches() {
     let live = live(300, SimulatorConfig::default()).await;
     let first = live.spawn(&slugs(&["prod-sonnet45"], &["--replicates", "2"]));
-    live.wait_for("the leader batch", |l| submitted(l) == 1)
+    live.wait_for("the first batches", |l| submitted(l) == 2)
         .await;
     let run_id = rows(&live, "SELECT run_id FROM runs")[0][0].clone();
     let second = live.apex(&["run", "--resume", &run_id]).await;
     assert_eq!(second.status.code(), Some(0), "{}", stderr(&second));
     assert!(
-        stderr(&second).contains("another live process holds the work"),
+        stderr(&second).contains("another live process holds the work of this batch"),
         "{}",
         stderr(&second)
     );
     let first = Live::outputs(vec![first]).await.remove(0);
     assert_eq!(first.status.code(), Some(0), "{}", stderr(&first));
-    // One leader and one follower batch: nothing collected or sent twice.
-    assert_eq!(live.sim.batches().len(), 2, "{:?}", live.sim.batches());
+    // The leaders' and the probe follower's batches, then the other
+    // followers': nothing collected or sent twice.
+    assert_eq!(live.sim.batches().len(), 3, "{:?}", live.sim.batches());
     let done = rows(
         &live,
         &format!(
@@ -572,10 +771,12 @@ async fn a_batch_created_whose_answer_is_lost_is_found_not_paid_twice() {
     let err = stderr(&out);
     assert!(err.contains("looking for it at the provider"), "{err}");
     assert!(err.contains("recorded but never acknowledged"), "{err}");
-    // Found and collected: one leader and one follower batch per model.
-    let sizes: Vec<usize> = live.sim.batches().iter().map(|b| b.requests).collect();
-    assert_eq!(sizes, vec![3, 3, 3, 3]);
+    // Found and collected, never sent again.
     let run_id = run_id_from(&stdout(&out));
+    assert_one_probe_then_batches(&live, &run_id, 2, 12);
+    let mut sizes: Vec<usize> = live.sim.batches().iter().map(|b| b.requests).collect();
+    sizes.sort_unstable();
+    assert_eq!(sizes, vec![1, 1, 2, 2, 2, 2]);
     let done = rows(
         &live,
         &format!(

@@ -1,6 +1,10 @@
 //! The async driver: performs the dispatcher's actions against a [`Store`]
-//! and [`Provider`]s and feeds their results back as events. The only place
-//! with a runtime, a `select!` and a `JoinSet`.
+//! and [`Provider`]s and feeds their results back as events, for both
+//! transports: what they share (claiming, storing, patience with the ledger,
+//! the results it could not take, stopping, progress, closing the run) is
+//! here with the synchronous send; the batch actions are performed by
+//! [`batch_driver`](super::batch_driver). The only place with a runtime, a
+//! `select!` and a `JoinSet`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,14 +17,17 @@ use crate::catalog::Catalog;
 use crate::condition::ProviderKind;
 use crate::context::ContextPackage;
 use crate::error::{Error, Result};
-use crate::provider::{GenerationRequest, Provider};
+use crate::provider::Provider;
 use crate::run::{AttemptEnd, RunId, RunState, UnstoredResult};
 use crate::store::Store;
 use crate::tokens::Tokenizer;
 
-use super::machine::{Action, Attempt, DispatchConfig, Dispatcher, Event, Summary, Task};
+use super::batch_driver::BatchIo;
+use super::machine::Dispatcher;
+use super::patience::patiently;
+use super::protocol::{Action, Attempt, BatchTransport, DispatchConfig, Event, Summary, Task};
 use super::retry::RetryPolicy;
-use super::work::GenerationId;
+use super::work::{BatchRef, GenerationId};
 use super::{Progress, ProgressEvent, RunOptions, RunReport};
 
 /// Jobs a claim asks for at least: a claim's cost is a scan of the run's
@@ -45,42 +52,6 @@ const PACKAGE_CACHE_BYTES: usize = 8 << 20;
 /// The clock the dispatcher runs on: tokio's, so paused-time tests drive it.
 fn now() -> Instant {
     tokio::time::Instant::now().into_std()
-}
-
-/// Runs a ledger operation, retrying a failing ledger (a restarting
-/// server, a lock held by another writer, a full disk being cleared) with
-/// backoff from 100 ms to 2 s for up to `patience`. Answers that are not
-/// failures of the ledger itself (a claim taken over) return at once.
-async fn patiently<T, F, Fut>(patience: Duration, what: &str, mut op: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T>>,
-{
-    let started = tokio::time::Instant::now();
-    let mut wait = Duration::from_millis(100);
-    let mut warned = false;
-    loop {
-        match op().await {
-            Err(error @ Error::Store { .. }) if started.elapsed() < patience => {
-                if !warned {
-                    tracing::warn!(%error, "the ledger failed {what}; retrying for up to {}s", patience.as_secs());
-                    warned = true;
-                }
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(Duration::from_secs(2));
-            }
-            Err(Error::Store { message, source }) => {
-                return Err(Error::Store {
-                    message: format!(
-                        "{message} (still failing {what} after {}s of retries)",
-                        patience.as_secs()
-                    ),
-                    source,
-                });
-            }
-            other => return other,
-        }
-    }
 }
 
 impl Executor {
@@ -131,6 +102,7 @@ impl Executor {
             stop,
             stop_open: true,
             storing: HashMap::new(),
+            closing: HashMap::new(),
             unstored: Vec::new(),
             next_pacing_report: now(),
         };
@@ -142,12 +114,25 @@ impl Executor {
     /// Checks the run, moves it to `running` and builds its dispatcher.
     async fn prepare(&self, run_id: &RunId, include_errors: bool) -> Result<Dispatcher> {
         let conditions = self.store.run_conditions(run_id).await?;
+        let mut caps = HashMap::new();
         for c in &conditions {
-            if !self.providers.contains_key(&c.provider) {
+            let Some(provider) = self.providers.get(&c.provider) else {
                 return Err(Error::Preflight(format!(
                     "condition `{}`: no {} provider configured",
                     c.slug, c.provider
                 )));
+            };
+            match provider.batches() {
+                Some(api) => {
+                    caps.insert(c.provider, api.caps());
+                }
+                None if self.options.batch => {
+                    return Err(Error::Preflight(format!(
+                        "{} has no Batch API client here; run without --batch",
+                        c.provider
+                    )));
+                }
+                None => {}
             }
         }
         let replicates = self.store.run(run_id).await?.replicates as usize;
@@ -156,9 +141,20 @@ impl Executor {
             tracing::info!(generations = n, "retrying generations stored as error");
         }
         self.store.set_run_state(run_id, RunState::Running).await?;
-        let remaining = self.store.run(run_id).await?.counts;
+        let remaining: HashMap<String, u64> = self
+            .store
+            .remaining_by_condition(run_id)
+            .await?
+            .into_iter()
+            .collect();
+        let per_condition: Vec<(String, u64)> = conditions
+            .iter()
+            .map(|c| (c.slug.clone(), remaining.get(&c.slug).copied().unwrap_or(0)))
+            .collect();
         self.progress.event(&ProgressEvent::Started {
-            total: remaining.pending + remaining.running,
+            run_id: run_id.clone(),
+            total: per_condition.iter().map(|(_, n)| n).sum(),
+            conditions: per_condition,
         });
         let options = &self.options;
         let config = DispatchConfig {
@@ -174,13 +170,18 @@ impl Executor {
             // jobs) so memory does not grow with the replicates: twice
             // --concurrency, and at least CLAIM_JOBS, since each claim
             // scans the run's unfinished rows; at least two per condition.
-            claim_batch: u32::try_from(
-                (options.concurrency.max(1) * 2)
-                    .max(CLAIM_JOBS)
-                    .div_ceil(replicates.max(1))
-                    .max(conditions.len() * 2),
-            )
-            .unwrap_or(u32::MAX),
+            // Batches take the whole run at once (a wave is every leader).
+            claim_batch: if options.batch {
+                u32::MAX
+            } else {
+                u32::try_from(
+                    (options.concurrency.max(1) * 2)
+                        .max(CLAIM_JOBS)
+                        .div_ceil(replicates.max(1))
+                        .max(conditions.len() * 2),
+                )
+                .unwrap_or(u32::MAX)
+            },
             claim_interval: self.lease() / 3,
             replicates,
             time_scale: options.time_scale,
@@ -188,6 +189,7 @@ impl Executor {
             // processes on this ledger split them as they come and go.
             share_interval: (!options.limits.is_off() && options.limits.share() == 1)
                 .then(|| self.share_interval()),
+            batch: options.batch.then_some(BatchTransport { caps }),
         };
         Ok(Dispatcher::new(
             config,
@@ -230,7 +232,9 @@ impl Executor {
         }
         if let Some(error) = summary.failure {
             // Best effort: the ledger has just failed.
-            let _ = store.release_claims(run_id, worker).await;
+            if summary.batches_left == 0 {
+                let _ = store.release_claims(run_id, worker).await;
+            }
             let _ = store.set_run_state(run_id, RunState::Interrupted).await;
             self.unstored
                 .lock()
@@ -238,10 +242,15 @@ impl Executor {
                 .extend(unstored);
             return Err(error);
         }
-        patiently(patience, "giving back claims", || {
-            store.release_claims(run_id, worker)
-        })
-        .await?;
+        // Batches left running keep their items claimed (their attempts
+        // open) until a resume takes them back: at once on this machine,
+        // after --claim-timeout from another.
+        if summary.batches_left == 0 {
+            patiently(patience, "giving back claims", || {
+                store.release_claims(run_id, worker)
+            })
+            .await?;
+        }
         let counts = patiently(patience, "reading the run", || store.run(run_id))
             .await?
             .counts;
@@ -257,8 +266,29 @@ impl Executor {
             verify_failed: summary.verify_failed,
             interrupted: summary.interrupted,
             rate_limited: summary.rate_limited,
-            cancelled: None,
+            halted: summary.halted,
+            batches_left: summary.batches_left,
         })
+    }
+
+    /// Cancels the run's provider batches still in flight (`apex cancel`);
+    /// how many were asked to cancel. The run's next execution stores what
+    /// they processed and sends the rest.
+    pub async fn cancel_batches(&self, run_id: &RunId) -> Result<usize> {
+        super::batch_driver::cancel_open_batches(&*self.store, &self.providers, run_id).await
+    }
+
+    fn batch_io(
+        &self,
+        run_id: &RunId,
+        provider: Option<crate::condition::ProviderKind>,
+    ) -> BatchIo {
+        BatchIo {
+            store: Arc::clone(&self.store),
+            provider: provider.map(|p| Arc::clone(&self.providers[&p])),
+            run_id: run_id.clone(),
+            patience: self.options.ledger_patience,
+        }
     }
 }
 
@@ -277,6 +307,8 @@ struct Driver<'a> {
     stop_open: bool,
     /// Results being stored, kept until the ledger has them.
     storing: HashMap<GenerationId, (u32, AttemptEnd)>,
+    /// The generations of each batch whose results are being stored.
+    closing: HashMap<BatchRef, Vec<GenerationId>>,
     /// Paid results the ledger never took.
     unstored: Vec<UnstoredResult>,
     /// When the display next hears how each model is paced.
@@ -350,23 +382,35 @@ impl Driver<'_> {
     /// Keeps a successful result until the ledger has it; one the ledger
     /// never took is handed back at the end.
     fn track_stored(&mut self, event: &Event) {
-        match event {
+        let ids = match event {
             Event::Stored(id) => {
                 self.storing.remove(id);
+                return;
+            }
+            Event::BatchClosed(batch) => {
+                for id in self.closing.remove(batch).unwrap_or_default() {
+                    self.storing.remove(&id);
+                }
+                return;
             }
             Event::Failed {
                 task: Task::Generation(id),
                 ..
-            } => {
-                if let Some((attempt, end @ AttemptEnd::Success(_))) = self.storing.remove(id) {
-                    self.unstored.push(UnstoredResult {
-                        generation_id: *id,
-                        attempt,
-                        end,
-                    });
-                }
+            } => vec![*id],
+            Event::Failed {
+                task: Task::Batch(batch),
+                ..
+            } => self.closing.remove(batch).unwrap_or_default(),
+            _ => return,
+        };
+        for id in ids {
+            if let Some((attempt, end @ AttemptEnd::Success(_))) = self.storing.remove(&id) {
+                self.unstored.push(UnstoredResult {
+                    generation_id: id,
+                    attempt,
+                    end,
+                });
             }
-            _ => {}
         }
     }
 
@@ -381,10 +425,26 @@ impl Driver<'_> {
                     store.claim_work(self.run_id, &worker, max_groups, &stale_before)
                 })
                 .await;
-                let event = match claimed {
-                    Ok(claim) => Event::Claimed {
+                let batches = match &claimed {
+                    Ok(_) => {
+                        patiently(self.patience(), "reading open batches", || {
+                            store.open_batches(self.run_id)
+                        })
+                        .await
+                    }
+                    Err(_) => Ok(Vec::new()),
+                };
+                let event = match claimed.and_then(|c| Ok((c, batches?))) {
+                    Ok((claim, batches)) => Event::Claimed {
                         items: claim.items,
                         held_by_others: claim.held_by_others,
+                        batches: batches
+                            .into_iter()
+                            .map(|b| {
+                                let age = submitted_ago(&b);
+                                (b, age)
+                            })
+                            .collect(),
                     },
                     Err(error) => Event::Failed {
                         task: Task::Claim,
@@ -479,9 +539,92 @@ impl Driver<'_> {
                 });
             }
             Action::Notify(event) => self.executor.progress.event(&event),
+            Action::SubmitBatch(submission) => {
+                let batch = submission.batch;
+                let mut requests = Vec::with_capacity(submission.items.len());
+                for attempt in &submission.items {
+                    match self.request(attempt, true).await {
+                        Ok(request) => requests.push(request),
+                        Err(error) => {
+                            let task = Task::Batch(batch);
+                            self.machine.handle(Event::Failed { task, error }, now());
+                            return None;
+                        }
+                    }
+                }
+                let io = self
+                    .executor
+                    .batch_io(self.run_id, Some(submission.provider));
+                self.spawn(Task::Batch(batch), io.submit(submission, requests));
+            }
+            Action::FindBatch {
+                batch,
+                provider,
+                key,
+                created_at,
+                items,
+            } => {
+                let io = self.executor.batch_io(self.run_id, Some(provider));
+                self.spawn(Task::Batch(batch), io.find(batch, key, created_at, items));
+            }
+            Action::PollBatch {
+                batch,
+                provider,
+                id,
+            } => {
+                let io = self.executor.batch_io(self.run_id, Some(provider));
+                self.spawn(Task::Batch(batch), io.poll(batch, id));
+            }
+            Action::FetchResults {
+                batch,
+                provider,
+                id,
+                items,
+            } => {
+                let mut requests = Vec::with_capacity(items.len());
+                for attempt in items {
+                    match self.request(&attempt, true).await {
+                        Ok(request) => requests.push((attempt, request)),
+                        Err(error) => {
+                            let task = Task::Batch(batch);
+                            self.machine.handle(Event::Failed { task, error }, now());
+                            return None;
+                        }
+                    }
+                }
+                let io = self.executor.batch_io(self.run_id, Some(provider));
+                self.spawn(Task::Batch(batch), io.fetch(batch, id, requests));
+            }
+            Action::CloseBatch {
+                batch,
+                key,
+                state,
+                ends,
+            } => {
+                let mut held = Vec::new();
+                for (id, attempt, end) in &ends {
+                    if matches!(end, AttemptEnd::Success(_)) {
+                        self.storing.insert(*id, (*attempt, end.clone()));
+                        held.push(*id);
+                    }
+                }
+                self.closing.insert(batch, held);
+                let io = self.executor.batch_io(self.run_id, None);
+                self.spawn(Task::Batch(batch), io.close(batch, key, state, ends));
+            }
             Action::Done(summary) => return Some(summary),
         }
         None
+    }
+
+    /// The request an attempt sends, its context read once for all.
+    async fn request(
+        &mut self,
+        attempt: &Attempt,
+        in_batch: bool,
+    ) -> Result<crate::provider::GenerationRequest> {
+        let package = self.package(&attempt.prompt_id, &attempt.version).await?;
+        Ok(attempt.request(package, self.run_id, in_batch))
     }
 
     fn patience(&self) -> Duration {
@@ -495,8 +638,8 @@ impl Driver<'_> {
 
     async fn send(&mut self, attempt: Attempt) {
         let id = attempt.generation_id;
-        let package = match self.package(&attempt.prompt_id, &attempt.version).await {
-            Ok(package) => package,
+        let request = match self.request(&attempt, false).await {
+            Ok(request) => request,
             Err(error) => {
                 let task = Task::Generation(id);
                 self.machine.handle(Event::Failed { task, error }, now());
@@ -504,15 +647,6 @@ impl Driver<'_> {
             }
         };
         let provider = Arc::clone(&self.executor.providers[&attempt.condition.provider]);
-        let request = GenerationRequest {
-            condition: attempt.condition,
-            package,
-            cache: attempt.cache,
-            cache_controls: attempt.cache_controls,
-            trace: Some(format!("{}/{id}/{}", self.run_id, attempt.attempt)),
-            body: attempt.body,
-            in_batch: false,
-        };
         self.spawn(Task::Generation(id), async move {
             let started = tokio::time::Instant::now();
             let outcome = provider.generate(&request).await;
@@ -572,4 +706,17 @@ impl Driver<'_> {
             .await
             .map_err(|e| Error::store_msg(format!("token counting failed: {e}")))
     }
+}
+
+/// How long ago a recorded batch was submitted (or recorded, if never
+/// acknowledged), by the ledger's timestamps.
+fn submitted_ago(batch: &crate::run::BatchRecord) -> Duration {
+    batch
+        .submitted_at
+        .as_deref()
+        .unwrap_or(&batch.created_at)
+        .parse::<jiff::Timestamp>()
+        .ok()
+        .and_then(|t| jiff::Timestamp::now().duration_since(t).try_into().ok())
+        .unwrap_or_default()
 }

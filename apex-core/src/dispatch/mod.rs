@@ -1,41 +1,59 @@
-//! Executing a run: cache-aware order under per-minute rate limits, a
-//! concurrency bound, retries with backoff, fatal errors that stop a
-//! condition, and a clean stop on request.
+//! Executing a run, synchronously or through the providers' Batch APIs:
+//! cache-aware order under per-minute rate limits, a concurrency bound,
+//! retries with backoff, fatal errors that stop a condition, and a clean
+//! stop on request.
 //!
-//! The rules live in [`Dispatcher`], a synchronous state machine in the
-//! style of quinn-proto's `Connection`: the driver feeds it [`Event`]s
-//! (work claimed, tokens counted, an attempt begun, finished or stored, a
-//! task failed, a stop requested, time passed) and performs the [`Action`]s
-//! it hands out (claim more, count tokens, begin, send or store an attempt,
-//! notify, done); [`Dispatcher::poll_timeout`] says when to wake it. It does
-//! no I/O and has no runtime, so its tests feed events and check actions
-//! directly. [`Executor`] is the one async driver, over a [`Store`] and
-//! [`Provider`]s; a driver for providers' Batch APIs would perform the same
-//! actions in bulk without touching the rules.
+//! One engine. The rules live in [`Dispatcher`], a synchronous state
+//! machine in the style of quinn-proto's `Connection`: a driver feeds it
+//! [`Event`]s (work claimed, tokens counted, an attempt begun, finished or
+//! stored; a batch submitted, found, polled, read or closed; a task failed,
+//! a stop requested, time passed) and performs the [`Action`]s it hands out
+//! (claim, count, begin, send or store an attempt; submit, look for, poll,
+//! read or close a provider batch; notify; done);
+//! [`Dispatcher::poll_timeout`] says when to wake it. It does no I/O and has
+//! no runtime, so its tests feed events and check actions directly, and a
+//! property test drives it in both transports against an independent model
+//! of the outside. [`Executor`] performs the actions against a [`Store`]
+//! and [`Provider`]s: what both transports share (claiming, storing,
+//! patience with the ledger, paid results it could not take, stopping,
+//! progress, closing the run) in `driver`, the batch calls in
+//! `batch_driver`. The batch transport's rules are pure functions in
+//! [`waves`].
 //!
 //! Order: for each (condition, context) the *leader* (first replicate) goes
 //! first; its *followers* are released when it succeeds, so they read the
 //! cache it wrote ([`GroupPhase::Warm`]); if it fails for good they go
 //! anyway, each writing the cache ([`GroupPhase::Cold`]). Due retries go
 //! first, then released followers, then new leaders. The very first request
-//! of each condition goes alone ([`ConditionGate::Probing`]): if it fails
-//! for a reason every request of that condition would share (bad key, no
-//! quota, unknown model), the condition stops after one request.
+//! of each condition goes alone and synchronously
+//! ([`ConditionGate::Probing`]), in either transport: if it fails for a
+//! reason every request of that condition would share (bad key, no quota,
+//! unknown model, a base URL that redirects), the condition stops after one
+//! request. In batch mode the rest go in two waves per (condition,
+//! context), because items of one batch do not read each other's cache
+//! writes: the leaders in a batch writing the longest cache the model
+//! offers, then, once it has ended and while that cache is warm, the
+//! followers in another.
 //!
-//! Every attempt passes the [`RateLimiter`](crate::limiter::RateLimiter): it
-//! is reserved before it is sent (output at `max_tokens`, input by
-//! estimate; a warm follower's cached prefix does not count against
-//! Anthropic's ITPM) and settled to the real usage when the response
-//! arrives. Every outcome goes through one [`RetryPolicy`].
+//! Every synchronous attempt passes the
+//! [`RateLimiter`](crate::limiter::RateLimiter): it is reserved before it is
+//! sent (output at `max_tokens`, input by estimate; a warm follower's cached
+//! prefix does not count against Anthropic's ITPM) and settled to the real
+//! usage when the response arrives. Every outcome, either transport, goes
+//! through one [`RetryPolicy`]; a refused batch submission is answered by a
+//! smaller or a later one, never the same one at once.
 //!
 //! [`Store`]: crate::store::Store
 //! [`Provider`]: crate::provider::Provider
 
-pub mod batches;
+mod batch_driver;
 mod driver;
 mod machine;
 pub(crate) mod pacing;
+mod patience;
+mod protocol;
 mod retry;
+pub mod waves;
 mod work;
 
 #[cfg(test)]
@@ -46,14 +64,16 @@ use std::time::Duration;
 use crate::limiter::LimitTable;
 use crate::run::StatusCounts;
 
-pub use batches::BatchExecutor;
 pub use driver::Executor;
-pub use machine::{
-    Action, Attempt, DispatchConfig, Dispatcher, Event, ReservationBook, Summary, Task,
-};
+pub use machine::{Dispatcher, ReservationBook};
 pub use pacing::{CacheRole, charge, check_limits, choose_ttl};
+pub use protocol::{
+    Action, Attempt, BatchSubmission, BatchTransport, DispatchConfig, Event, ItemOutcome, Summary,
+    Task,
+};
 pub use retry::{Budget, RetryPolicy, Verdict, backoff_delay};
-pub use work::{ConditionGate, GenerationId, GroupId, GroupPhase, Role, VerifyGate};
+pub use waves::queue_limit_in;
+pub use work::{BatchRef, ConditionGate, GenerationId, GroupId, GroupPhase, Role, VerifyGate};
 
 /// How to execute.
 #[derive(Debug, Clone)]
@@ -73,7 +93,8 @@ pub struct RunOptions {
     pub backoff_base: Duration,
     /// Per-minute limits; [`LimitTable::none`] turns rate limiting off.
     pub limits: LimitTable,
-    /// This process's name in claims (unique per process).
+    /// This process's name in claims (unique per process; by default
+    /// [`worker::name`](crate::worker::name)).
     pub worker: String,
     /// A claim not renewed for this long (times `time_scale`) is taken over:
     /// its process is presumed dead.
@@ -81,6 +102,9 @@ pub struct RunOptions {
     /// How long a failing ledger is retried (with backoff) before the run
     /// stops; results received meanwhile are kept, not lost.
     pub ledger_patience: Duration,
+    /// Send through the providers' Batch APIs at the batch price, in a
+    /// leader wave and a follower wave per (condition, context).
+    pub batch: bool,
 }
 
 impl Default for RunOptions {
@@ -93,17 +117,12 @@ impl Default for RunOptions {
             time_scale: 1.0,
             backoff_base: Duration::from_secs(1),
             limits: LimitTable::defaults(),
-            worker: default_worker(),
+            worker: crate::worker::name(),
             claim_timeout: Duration::from_secs(60),
             ledger_patience: Duration::from_secs(60),
+            batch: false,
         }
     }
-}
-
-/// A worker name unique to this process: `apex-PID-RANDOM`.
-pub fn default_worker() -> String {
-    let id = uuid::Uuid::now_v7().simple().to_string();
-    format!("apex-{}-{}", std::process::id(), &id[id.len() - 8..])
 }
 
 /// What happened, for progress displays.
@@ -111,8 +130,12 @@ pub fn default_worker() -> String {
 pub enum ProgressEvent {
     /// Work is about to start.
     Started {
+        /// The run.
+        run_id: crate::run::RunId,
         /// Generations to execute.
         total: u64,
+        /// Of those, per condition, in plan order.
+        conditions: Vec<(String, u64)>,
     },
     /// A generation reached `success` or `error`.
     Finished {
@@ -209,7 +232,10 @@ pub struct RunReport {
     pub interrupted: bool,
     /// Responses with status 429 received.
     pub rate_limited: u64,
-    /// Batch mode: a batch was cancelled (`apex cancel`, or the provider's
-    /// console), and why the run stopped.
-    pub cancelled: Option<String>,
+    /// Why the run stopped short, if it did: a batch cancelled from outside
+    /// the run, a Batch API that stopped answering.
+    pub halted: Option<String>,
+    /// Provider batches left running at the provider (a stop while they
+    /// were processed); a resume collects them.
+    pub batches_left: usize,
 }

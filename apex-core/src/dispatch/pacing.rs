@@ -104,7 +104,7 @@ pub fn check_limits(
     conditions: &[Condition],
     packages: &[PackageRef],
 ) -> Result<()> {
-    let limiter = RateLimiter::fixed(1.0);
+    let mut limiter = RateLimiter::fixed(1.0);
     limiter.set_share(limits.share());
     for c in conditions {
         let key = bucket_key(catalog, c.provider, &c.model);

@@ -5,7 +5,7 @@ use std::time::Duration;
 use crate::provider::{AttemptError, ErrorClass};
 
 /// What happens to a generation after an attempt.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Verdict {
     /// It succeeded.
     Success,

@@ -56,6 +56,7 @@ fn config(concurrency: usize, verify_first: bool) -> DispatchConfig {
         replicates: 3,
         time_scale: 1.0,
         share_interval: None,
+        batch: None,
     }
 }
 
@@ -143,6 +144,7 @@ fn started(
         Event::Claimed {
             items: items.clone(),
             held_by_others: 0,
+            batches: Vec::new(),
         },
         now,
     );
@@ -171,6 +173,7 @@ fn started(
                         Event::Claimed {
                             items: items.clone(),
                             held_by_others: 0,
+                            batches: Vec::new(),
                         },
                         now,
                     );
@@ -220,6 +223,7 @@ fn store_all(m: &mut Dispatcher, now: Instant) -> Vec<Action> {
                     Event::Claimed {
                         items: Vec::new(),
                         held_by_others: 0,
+                        batches: Vec::new(),
                     },
                     now,
                 ),
@@ -376,6 +380,7 @@ fn a_group_taken_over_and_claimed_again_is_dispatched_again() {
         Event::Claimed {
             items,
             held_by_others: 0,
+            batches: Vec::new(),
         },
         now,
     );
@@ -425,7 +430,10 @@ fn a_retry_waits_its_backoff_and_is_handed_back_on_stop() {
     assert!(stored.iter().any(|a| matches!(
         a,
         Action::Store {
-            end: AttemptEnd::Failed { last: false, .. },
+            end: AttemptEnd::Failed {
+                then: crate::run::AfterFailure::Retry,
+                ..
+            },
             ..
         }
     )));
@@ -525,12 +533,12 @@ fn a_redirect_stops_its_condition_and_hands_the_generation_back() {
     assert!(
         matches!(
             stores[..],
-            [
-                AttemptEnd::Failed { last: false, .. },
-                AttemptEnd::Abandoned
-            ]
+            [AttemptEnd::Failed {
+                then: crate::run::AfterFailure::Pending,
+                ..
+            }]
         ),
-        "its attempt recorded, then the generation handed back as pending: {stores:?}"
+        "its attempt recorded, the generation handed back as pending: {stores:?}"
     );
     let Some(Action::Done(summary)) = end.last() else {
         panic!("done: {end:?}")
@@ -587,6 +595,7 @@ fn fate() -> impl Strategy<Value = Fate> {
 }
 
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant, reason = "a test's queue of events")]
 enum Due {
     Event(Event),
     Stop,
@@ -612,6 +621,32 @@ struct World {
     max_out: usize,
     prefix: u64,
     sends: usize,
+    /// The batch world, when the dispatcher sends in batches.
+    bulk: Option<BulkWorld>,
+}
+
+/// The provider's Batch API, by its own rules: a per-batch cap the
+/// dispatcher is not told, submissions refused in passing, batches that end
+/// after a while and answer each item by its fate, a cache that items of
+/// one batch do not share.
+#[derive(Default)]
+struct BulkWorld {
+    /// Most requests per batch; more is refused, naming the cap or not.
+    cap: usize,
+    names_cap: bool,
+    /// Submissions refused in passing (429), in a row, before one goes.
+    busy: u32,
+    busy_left: u32,
+    /// Batches by id: their items, when they left and when they end.
+    open: HashMap<String, (Vec<i64>, Instant, Instant)>,
+    /// Every item in an open batch here (submitted, not yet read).
+    in_batches: HashMap<i64, String>,
+    /// Refusals: (items, when).
+    refused: Vec<(Vec<i64>, Instant)>,
+    /// Items answered with a success, ever (each must be paid once).
+    paid: HashMap<i64, u32>,
+    next: u64,
+    submissions: usize,
 }
 
 impl World {
@@ -712,6 +747,7 @@ impl World {
                 let claimed = Event::Claimed {
                     items,
                     held_by_others: 0,
+                    batches: Vec::new(),
                 };
                 m.handle(claimed, self.now);
             }
@@ -735,9 +771,211 @@ impl World {
                 generation_id, end, ..
             } => self.store(generation_id, &end)?,
             Action::Notify(_) => {}
+            Action::SubmitBatch(sub) => self.submit_batch(sub)?,
+            Action::FindBatch { batch, .. } => {
+                // Submissions here always answer: never left unknown.
+                prop_assert!(false, "looked for batch {:?} that was answered", batch);
+            }
+            Action::PollBatch { batch, id, .. } => {
+                let bulk = self.bulk.as_ref().expect("batch mode");
+                let (items, _, ends) = bulk
+                    .open
+                    .get(&id)
+                    .cloned()
+                    .ok_or_else(|| TestCaseError::fail(format!("polled unknown batch {id}")))?;
+                let ended = ends <= self.now;
+                let progress = crate::provider::BatchProgress {
+                    ended,
+                    processed: if ended { items.len() as u64 } else { 0 },
+                    total: items.len() as u64,
+                    cancelled: false,
+                    failure: None,
+                    queue_limit: None,
+                };
+                self.at(
+                    Duration::from_millis(5),
+                    Due::Event(Event::BatchPolled {
+                        batch,
+                        outcome: Ok(progress),
+                    }),
+                );
+            }
+            Action::FetchResults {
+                batch, id, items, ..
+            } => self.fetch(batch, &id, &items)?,
+            Action::CloseBatch { batch, ends, .. } => {
+                for (id, _, end) in &ends {
+                    self.end_item(*id, end)?;
+                }
+                self.at(
+                    Duration::from_millis(2),
+                    Due::Event(Event::BatchClosed(batch)),
+                );
+            }
             Action::Done(summary) => return Ok(Some(summary)),
         }
         Ok(None)
+    }
+
+    /// A batch submission, as the provider takes it: recorded (its items
+    /// begun) first, then accepted or refused.
+    fn submit_batch(&mut self, sub: BatchSubmission) -> Result<(), TestCaseError> {
+        let ids: Vec<i64> = sub.items.iter().map(|a| a.generation_id).collect();
+        let now = self.now;
+        for id in &ids {
+            prop_assert!(
+                self.status[id] != GenerationStatus::Success,
+                "{} submitted after its success",
+                id
+            );
+            self.status.insert(*id, GenerationStatus::Running);
+        }
+        let latency = Duration::from_millis(self.latencies[self.sends % self.latencies.len()]) * 20;
+        let bulk = self.bulk.as_mut().expect("batch mode");
+        bulk.submissions += 1;
+        prop_assert!(bulk.submissions < 2000, "submits for ever");
+        for id in &ids {
+            prop_assert!(
+                !bulk.in_batches.contains_key(id),
+                "{} is in two open batches",
+                id
+            );
+        }
+        // "At once": without a backoff (the policy's first is a second).
+        for (refused, at) in &bulk.refused {
+            if now < *at + Duration::from_millis(500) && ids.iter().any(|id| refused.contains(id)) {
+                prop_assert!(
+                    ids.len() < refused.len(),
+                    "a refusal answered by the same submission at once: {:?} after {:?}",
+                    ids,
+                    refused
+                );
+            }
+        }
+        let key = format!("k{}", sub.batch.0);
+        // The answer comes in 4 ms: a refusal is known from then.
+        let answered = now + Duration::from_millis(4);
+        let outcome = if ids.len() > bulk.cap {
+            bulk.refused.push((ids.clone(), answered));
+            let mut e = if bulk.names_cap {
+                AttemptError::new(
+                    ErrorClass::InvalidRequest,
+                    format!(
+                        "requests: List should have at most {} items after validation, not {}",
+                        bulk.cap,
+                        ids.len()
+                    ),
+                )
+            } else {
+                AttemptError::new(ErrorClass::RequestTooLarge, "Request too large")
+            };
+            e.http_status = Some(if bulk.names_cap { 400 } else { 413 });
+            Err(e)
+        } else if bulk.busy_left > 0 {
+            bulk.busy_left -= 1;
+            bulk.refused.push((ids.clone(), answered));
+            Err(error(ErrorClass::RateLimited))
+        } else {
+            bulk.busy_left = bulk.busy;
+            bulk.next += 1;
+            let id = format!("batch_{}", bulk.next);
+            for item in &ids {
+                bulk.in_batches.insert(*item, id.clone());
+            }
+            bulk.open
+                .insert(id.clone(), (ids.clone(), now, now + latency));
+            Ok(id)
+        };
+        self.at(
+            Duration::from_millis(4),
+            Due::Event(Event::BatchSubmitted {
+                batch: sub.batch,
+                key,
+                created_at: "2026-01-01T00:00:00Z".into(),
+                outcome,
+            }),
+        );
+        Ok(())
+    }
+
+    /// An ended batch's results: each item by its fate; a success reads
+    /// the cache only if it was written before the batch left.
+    fn fetch(&mut self, batch: BatchRef, id: &str, items: &[Attempt]) -> Result<(), TestCaseError> {
+        let bulk = self.bulk.as_mut().expect("batch mode");
+        let (ids, submitted, ends) = bulk
+            .open
+            .remove(id)
+            .ok_or_else(|| TestCaseError::fail(format!("read unknown batch {id}")))?;
+        prop_assert!(ends <= self.now, "read before it ended");
+        let asked: Vec<i64> = items.iter().map(|a| a.generation_id).collect();
+        prop_assert_eq!(&asked, &ids, "read the results of other items");
+        for item in &ids {
+            bulk.in_batches.remove(item);
+        }
+        let mut results = Vec::new();
+        for item in ids {
+            let n = self.sends;
+            self.sends += 1;
+            let key = {
+                let i = self.item(item);
+                (i.condition_slug.clone(), i.context_index)
+            };
+            let warm = self.cache_ready.get(&key).is_some_and(|t| *t <= submitted);
+            let outcome = match self.fates[n % self.fates.len()] {
+                Fate::Success | Fate::RateLimited => Ok(generated(if warm {
+                    warm_usage(self.prefix)
+                } else {
+                    cold(self.prefix)
+                })),
+                Fate::Retryable => Err(error(ErrorClass::ServerError)),
+                Fate::Fatal | Fate::Invalid => Err(error(ErrorClass::InvalidRequest)),
+            };
+            if outcome.is_ok() {
+                *self
+                    .bulk
+                    .as_mut()
+                    .expect("batch mode")
+                    .paid
+                    .entry(item)
+                    .or_default() += 1;
+                self.cache_ready.entry(key).or_insert(ends);
+            }
+            results.push((item, outcome));
+        }
+        self.at(
+            Duration::from_millis(5),
+            Due::Event(Event::BatchFetched {
+                batch,
+                outcome: Ok(results),
+            }),
+        );
+        Ok(())
+    }
+
+    /// The ledger takes one item's end from a batch.
+    fn end_item(&mut self, id: i64, end: &AttemptEnd) -> Result<(), TestCaseError> {
+        prop_assert!(
+            self.status[&id] != GenerationStatus::Success,
+            "stored twice"
+        );
+        let status = match end {
+            AttemptEnd::Success(_) => GenerationStatus::Success,
+            AttemptEnd::Failed {
+                then: crate::run::AfterFailure::Error,
+                ..
+            } => GenerationStatus::Error,
+            AttemptEnd::Failed {
+                then: crate::run::AfterFailure::Retry,
+                ..
+            } => GenerationStatus::Running,
+            AttemptEnd::Failed {
+                then: crate::run::AfterFailure::Pending,
+                ..
+            }
+            | AttemptEnd::Abandoned => GenerationStatus::Pending,
+        };
+        self.status.insert(id, status);
+        Ok(())
     }
 
     fn begin(&mut self, id: i64) -> Result<(), TestCaseError> {
@@ -777,15 +1015,25 @@ impl World {
     fn store(&mut self, id: i64, end: &AttemptEnd) -> Result<(), TestCaseError> {
         let status = match end {
             AttemptEnd::Success(_) => GenerationStatus::Success,
-            AttemptEnd::Failed { last: true, .. } => GenerationStatus::Error,
-            AttemptEnd::Failed { last: false, .. } => GenerationStatus::Running,
+            AttemptEnd::Failed {
+                then: crate::run::AfterFailure::Error,
+                ..
+            } => GenerationStatus::Error,
+            AttemptEnd::Failed {
+                then: crate::run::AfterFailure::Pending,
+                ..
+            } => GenerationStatus::Pending,
+            AttemptEnd::Failed {
+                then: crate::run::AfterFailure::Retry,
+                ..
+            } => GenerationStatus::Running,
             AttemptEnd::Abandoned => GenerationStatus::Pending,
         };
         prop_assert!(
             self.status[&id] != GenerationStatus::Success,
             "stored twice"
         );
-        if status != GenerationStatus::Pending {
+        if *end != AttemptEnd::Abandoned {
             // Abandoning a queued retry frees no slot.
             self.out -= 1;
         }
@@ -838,13 +1086,32 @@ impl World {
         if !may_leave_pending {
             prop_assert_eq!(m.groups_held(), 0, "finished groups are forgotten");
         }
+        let left_in_batches = self
+            .bulk
+            .as_ref()
+            .map(|b| b.in_batches.clone())
+            .unwrap_or_default();
+        prop_assert_eq!(
+            summary.batches_left,
+            self.bulk.as_ref().map_or(0, |b| b.open.len()),
+            "the batches left are the ones still open"
+        );
         for (id, status) in &self.status {
             match status {
                 GenerationStatus::Success | GenerationStatus::Error => {}
                 GenerationStatus::Pending => {
                     prop_assert!(may_leave_pending, "{} left pending", id)
                 }
-                GenerationStatus::Running => prop_assert!(false, "{} left running", id),
+                GenerationStatus::Running => prop_assert!(
+                    summary.interrupted && left_in_batches.contains_key(id),
+                    "{} left running",
+                    id
+                ),
+            }
+        }
+        if let Some(bulk) = &self.bulk {
+            for (id, paid) in &bulk.paid {
+                prop_assert_eq!(*paid, 1, "{} paid {} times", id, paid);
             }
         }
         Ok(())
@@ -862,6 +1129,9 @@ struct Case<'a> {
     stop_after: Option<u64>,
     groups_per_claim: usize,
     rpm: u64,
+    /// Batch mode: the provider's hidden cap, whether its refusal names
+    /// it, and how many submissions in a row it refuses in passing.
+    bulk: Option<(usize, bool, u32)>,
 }
 
 fn run_world(case: Case<'_>) -> Result<(), TestCaseError> {
@@ -871,6 +1141,18 @@ fn run_world(case: Case<'_>) -> Result<(), TestCaseError> {
     let start = Instant::now();
     let mut cfg = config(case.concurrency, false);
     cfg.claim_batch = case.groups_per_claim as u32;
+    cfg.replicates = case.replicates as usize;
+    if case.bulk.is_some() {
+        cfg.batch = Some(BatchTransport {
+            caps: HashMap::from([(
+                ProviderKind::Anthropic,
+                crate::provider::BatchCaps {
+                    max_requests: 100_000,
+                    max_bytes: 256 << 20,
+                },
+            )]),
+        });
+    }
     let mut m = Dispatcher::new(
         cfg,
         case.conditions.iter().map(|s| condition(s)).collect(),
@@ -899,6 +1181,13 @@ fn run_world(case: Case<'_>) -> Result<(), TestCaseError> {
         max_out: case.concurrency,
         prefix,
         sends: 0,
+        bulk: case.bulk.map(|(cap, names_cap, busy)| BulkWorld {
+            cap,
+            names_cap,
+            busy,
+            busy_left: busy,
+            ..BulkWorld::default()
+        }),
     };
     if let Some(ms) = case.stop_after {
         w.at(Duration::from_millis(ms), Due::Stop);
@@ -933,6 +1222,28 @@ proptest! {
         rpm in 2u64..20,
     ) {
         let conditions: &[&str] = if two_conditions { &["a", "b"] } else { &["a"] };
-        run_world(Case { conditions, contexts, replicates, concurrency, fates, latencies, stop_after, groups_per_claim, rpm })?;
+        run_world(Case { conditions, contexts, replicates, concurrency, fates, latencies, stop_after, groups_per_claim, rpm, bulk: None })?;
+    }
+
+    /// The same dispatcher through a Batch API that refuses what passes a
+    /// cap it does not tell, and refuses in passing: no item in two open
+    /// batches, nothing paid or stored twice, no refusal answered by the
+    /// same submission at once (only by a smaller or a later one), every
+    /// cell success, error or (after a stop) pending or in a batch left
+    /// running.
+    #[test]
+    fn batch_dispatch_invariants_hold(
+        two_conditions in any::<bool>(),
+        contexts in 1u32..6,
+        replicates in 1u32..4,
+        fates in proptest::collection::vec(fate(), 1..30),
+        latencies in proptest::collection::vec(50u64..20_000, 1..30),
+        stop_after in proptest::option::weighted(0.2, 0u64..600_000),
+        cap in 1usize..8,
+        names_cap in any::<bool>(),
+        busy in 0u32..3,
+    ) {
+        let conditions: &[&str] = if two_conditions { &["a", "b"] } else { &["a"] };
+        run_world(Case { conditions, contexts, replicates, concurrency: 4, fates, latencies, stop_after, groups_per_claim: 64, rpm: 1000, bulk: Some((cap, names_cap, busy)) })?;
     }
 }

@@ -1,19 +1,25 @@
 //! The dispatcher's domain: groups and their phases, jobs and their stages,
 //! condition gates, the verify-first gate and the ready queue.
 
-use std::collections::{BTreeSet, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use crate::condition::Condition;
+use crate::condition::{Condition, ProviderKind};
 use crate::limiter::Reservation;
 use crate::provider::{CacheControls, CacheTtl, SharedBody};
+use crate::run::Wave;
 use crate::run::WorkItem;
 
 use super::retry::{Budget, Verdict};
 
 /// A generation's row id in the ledger: jobs are keyed by it.
 pub type GenerationId = i64;
+
+/// A provider batch this dispatch submitted or re-attached to, by its place
+/// in the dispatcher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BatchRef(pub(crate) u32);
 
 /// One (condition, context) group of replicates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -51,6 +57,15 @@ pub(crate) struct Group {
     /// The request body every attempt of the group sends; dropped once the
     /// group has no work left.
     pub body: SharedBody,
+    /// The body without cache hints (batch items whose cache would be
+    /// cold, or that share none).
+    pub plain_body: SharedBody,
+    /// When its cache was written (batch transport: whether followers still
+    /// read it when their batch is processed).
+    pub warmth: Option<super::waves::Warmth>,
+    /// Whether its replicates share a cache in the batch transport (caching
+    /// on, more than one replicate): a leader wave, then a follower wave.
+    pub shares_cache: bool,
 }
 
 /// What a job does in its group.
@@ -75,6 +90,8 @@ pub(crate) enum Stage {
     Sending,
     /// Its outcome is being stored; the verdict applies once it is.
     Storing(Verdict, Box<Outcome>),
+    /// Its attempt is an item of an open provider batch.
+    InBatch,
 }
 
 /// What an attempt's outcome means for progress and for its condition,
@@ -100,6 +117,14 @@ pub(crate) struct Job {
     pub budget: Budget,
     pub stage: Stage,
     pub reservation: Option<Reservation>,
+    /// The provider batch its current attempt is in, if any.
+    pub batch: Option<BatchRef>,
+    /// Most items a batch holding it may have: set when a batch it was in
+    /// was refused as invalid, so the bad request is isolated by halving.
+    pub max_batch: Option<usize>,
+    /// A request that can never be sent: it fails with this error when its
+    /// attempt is recorded, without leaving.
+    pub doomed: Option<Box<crate::provider::AttemptError>>,
 }
 
 impl Job {
@@ -108,12 +133,14 @@ impl Job {
         self.item.attempts.saturating_add(self.budget.tries)
     }
 
-    /// Whether an attempt of this job is out (counted against concurrency).
+    /// Whether a synchronous attempt of this job is out (counted against
+    /// concurrency); batch items are not.
     pub fn in_flight(&self) -> bool {
-        matches!(
-            self.stage,
-            Stage::Beginning | Stage::Sending | Stage::Storing(..)
-        )
+        self.batch.is_none()
+            && matches!(
+                self.stage,
+                Stage::Beginning | Stage::Sending | Stage::Storing(..)
+            )
     }
 }
 
@@ -149,7 +176,7 @@ pub(crate) struct ReadyQueue {
 }
 
 /// One candidate for dispatch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum Candidate {
     Retry(Instant, GenerationId),
     Follower(GenerationId),
@@ -168,6 +195,19 @@ impl ReadyQueue {
             .collect()
     }
 
+    /// Takes many candidates out of their queues at once (one pass each).
+    pub fn remove_all(&mut self, candidates: &HashSet<Candidate>) {
+        if candidates.is_empty() {
+            return;
+        }
+        self.retries
+            .retain(|&(at, id)| !candidates.contains(&Candidate::Retry(at, id)));
+        self.followers
+            .retain(|&id| !candidates.contains(&Candidate::Follower(id)));
+        self.leaders
+            .retain(|&g| !candidates.contains(&Candidate::Leader(g)));
+    }
+
     /// Takes a candidate out of its queue.
     pub fn remove(&mut self, candidate: Candidate) {
         match candidate {
@@ -183,4 +223,65 @@ impl ReadyQueue {
     pub fn next_retry_after(&self, now: Instant) -> Option<Instant> {
         self.retries.iter().map(|(at, _)| *at).find(|at| *at > now)
     }
+}
+
+/// Where an open batch stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BatchStage {
+    /// [`Action::SubmitBatch`] is out.
+    Submitting,
+    /// Its submission got no answer: look for it at the provider then.
+    Unacknowledged(Instant),
+    /// [`Action::FindBatch`] is out.
+    Finding,
+    /// Submitted: poll it then.
+    Waiting(Instant),
+    /// [`Action::PollBatch`] is out.
+    Polling,
+    /// [`Action::FetchResults`] is out.
+    Fetching,
+    /// Its results failed to download: try again then.
+    FetchAgain(Instant),
+    /// [`Action::CloseBatch`] is out.
+    Closing,
+    /// Left at the provider (the run halted); a resume re-attaches.
+    Left,
+}
+
+/// A provider batch open in this dispatch.
+#[derive(Debug)]
+pub(crate) struct OpenBatch {
+    pub provider: ProviderKind,
+    pub model: String,
+    pub wave: Wave,
+    pub items: Vec<GenerationId>,
+    pub key: Option<String>,
+    pub created_at: Option<String>,
+    pub provider_id: Option<String>,
+    pub stage: BatchStage,
+    /// When it left (re-attached: its submission time, from the ledger).
+    pub submitted: Instant,
+    /// Re-attached from an earlier execution.
+    pub reattached: bool,
+    /// The provider reported it cancelled.
+    pub cancelled: bool,
+    /// Its items' input tokens, where its model's enqueued tokens count.
+    pub tokens: u64,
+    /// The wait before the next poll (doubling up to [`POLL_MAX`]).
+    pub interval: Duration,
+    /// Polls, lookups or downloads failed in a row.
+    pub failures: u32,
+    /// Items processed and in all, as the provider last reported.
+    pub progress: (u64, u64),
+}
+
+/// What a claim's open batches mean for its items.
+#[derive(Debug, Default)]
+pub(crate) struct Attached {
+    /// Items of batches this dispatch re-attached to, with their wave.
+    pub mine: HashMap<GenerationId, (BatchRef, Wave)>,
+    /// Items in another live process's open batches: left alone.
+    pub theirs: HashSet<GenerationId>,
+    /// How long ago each re-attached batch was submitted.
+    pub ages: HashMap<BatchRef, Duration>,
 }

@@ -270,11 +270,14 @@ fn check_items(
         return Err(bad_request(provider, "a batch needs at least one request"));
     }
     let (max_requests, max_bytes) = s.batch_caps(provider);
-    if items.len() > max_requests {
-        return Err(too_large(
+    // Anthropic validates the request list as it takes it (a 400 naming
+    // the cap); an OpenAI batch over the cap is created and then fails
+    // validation as a whole (see `create_openai`).
+    if provider == ProviderKind::Anthropic && items.len() > max_requests {
+        return Err(bad_request(
             provider,
             &format!(
-                "the batch has {} requests; at most {max_requests} are allowed per batch",
+                "requests: List should have at most {max_requests} items after validation, not {}",
                 items.len()
             ),
         ));
@@ -476,9 +479,21 @@ async fn create_openai(state: &Arc<Mutex<State>>, body: &Bytes) -> Reply {
     } else {
         SimApi::Chat
     };
+    let (max_requests, _) = s.batch_caps(provider);
+    let count = items.len();
     let mut batch = new_batch(&mut s, provider, &endpoint, items);
     batch.input_file_id = Some(file_id);
     batch.metadata = value["metadata"].clone();
+    if count > max_requests {
+        // Validation fails as a whole, naming the cap (the shape of
+        // OpenAI's failed batches; the wording is the simulator's).
+        batch.failed = Some((
+            "invalid_request".into(),
+            format!(
+                "The batch input file contains {count} requests; the maximum is {max_requests} requests per batch."
+            ),
+        ));
+    }
     batch.tokens = batch
         .items
         .iter()
@@ -504,7 +519,7 @@ async fn create_openai(state: &Arc<Mutex<State>>, body: &Bytes) -> Reply {
             })
             .map(|b| b.tokens)
             .sum();
-        if enqueued + batch.tokens > limit {
+        if batch.failed.is_none() && enqueued + batch.tokens > limit {
             let limit_text = thousands(limit);
             batch.failed = Some((
                 "token_limit_exceeded".into(),

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use apex_core::batches::BatchApi;
+use apex_core::provider::BatchApi;
 use apex_core::provider::ErrorClass;
 use apex_core::{Api, AttemptError, CacheHint, Provider, ProviderKind};
 use apex_providers::{AnthropicProvider, ApiKey, OpenAiProvider, ProviderConfig, ProviderError};

@@ -1,13 +1,14 @@
 //! The PostgreSQL backend: the same `apex_audition` schema and semantics as
 //! SQLite, over a pool of tokio-postgres connections.
 
-use apex_core::batches::{BatchRecord, BatchState};
 use apex_core::run::AttemptEnd;
+use apex_core::run::{BatchRecord, BatchState};
 use apex_core::store::{ConditionInfo, ConditionUsage, PacingShare};
 use apex_core::time::now_rfc3339;
 use apex_core::{
-    Claim, Condition, ContextPackage, Error, ErrorRow, GenerationRow, IngestReport, NewRun,
-    PackageRef, Plan, QueryResult, RegisterReport, RunId, RunInfo, RunState, SqlValue, Store,
+    AttemptRow, Claim, Condition, ContextPackage, Error, ErrorRow, GenerationRow, IngestReport,
+    NewRun, PackageRef, Plan, QueryResult, RegisterReport, RunId, RunInfo, RunState, SqlValue,
+    StatusRow, Store,
 };
 use async_trait::async_trait;
 use bytes::BytesMut;
@@ -32,6 +33,7 @@ const MIGRATIONS: &[(&str, &str)] = &[
     ("o200k_split", include_str!("0004_o200k_split.sql")),
     ("pacing", include_str!("0005_pacing.sql")),
     ("batches", include_str!("0006_batches.sql")),
+    ("transport", include_str!("0007_transport.sql")),
 ];
 
 type CoreResult<T> = apex_core::Result<T>;
@@ -508,6 +510,23 @@ impl Store for PostgresStore {
             attempt,
             end
         ))
+    }
+
+    async fn status_counts(&self, run_id: &RunId) -> CoreResult<Vec<StatusRow>> {
+        on_connection!(self, |tx| ledger::status_counts(tx, run_id))
+    }
+
+    async fn remaining_by_condition(&self, run_id: &RunId) -> CoreResult<Vec<(String, u64)>> {
+        on_connection!(self, |tx| ledger::remaining_by_condition(tx, run_id))
+    }
+
+    async fn attempts_page(
+        &self,
+        run_id: &RunId,
+        after: (i64, u32),
+        limit: u32,
+    ) -> CoreResult<Vec<AttemptRow>> {
+        on_connection!(self, |tx| ledger::attempts_page(tx, run_id, after, limit))
     }
 
     async fn error_rows(&self, run_id: &RunId) -> CoreResult<Vec<ErrorRow>> {

@@ -4,12 +4,13 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use apex_core::batches::{BatchRecord, BatchState};
 use apex_core::run::AttemptEnd;
+use apex_core::run::{BatchRecord, BatchState};
 use apex_core::store::{ConditionInfo, ConditionUsage, PacingShare};
 use apex_core::{
-    Claim, Condition, ContextPackage, Error, ErrorRow, GenerationRow, IngestReport, NewRun,
-    PackageRef, Plan, QueryResult, RegisterReport, RunId, RunInfo, RunState, SqlValue, Store,
+    AttemptRow, Claim, Condition, ContextPackage, Error, ErrorRow, GenerationRow, IngestReport,
+    NewRun, PackageRef, Plan, QueryResult, RegisterReport, RunId, RunInfo, RunState, SqlValue,
+    StatusRow, Store,
 };
 use async_trait::async_trait;
 use rusqlite::types::ValueRef;
@@ -27,6 +28,7 @@ const MIGRATIONS: &[(&str, &str)] = &[
     ("o200k_split", include_str!("0004_o200k_split.sql")),
     ("pacing", include_str!("0005_pacing.sql")),
     ("batches", include_str!("0006_batches.sql")),
+    ("transport", include_str!("0007_transport.sql")),
 ];
 
 /// How long a statement waits for another writer's lock by default.
@@ -637,6 +639,29 @@ impl Store for SqliteStore {
     ) -> CoreResult<()> {
         let end = end.clone();
         self.grouped(move |tx| run_now(ledger::end_attempt(tx, generation_id, attempt, &end)))
+            .await
+    }
+
+    async fn status_counts(&self, run_id: &RunId) -> CoreResult<Vec<StatusRow>> {
+        let run_id = run_id.clone();
+        self.on_connection(move |tx| run_now(ledger::status_counts(tx, &run_id)))
+            .await
+    }
+
+    async fn remaining_by_condition(&self, run_id: &RunId) -> CoreResult<Vec<(String, u64)>> {
+        let run_id = run_id.clone();
+        self.on_connection(move |tx| run_now(ledger::remaining_by_condition(tx, &run_id)))
+            .await
+    }
+
+    async fn attempts_page(
+        &self,
+        run_id: &RunId,
+        after: (i64, u32),
+        limit: u32,
+    ) -> CoreResult<Vec<AttemptRow>> {
+        let run_id = run_id.clone();
+        self.on_connection(move |tx| run_now(ledger::attempts_page(tx, &run_id, after, limit)))
             .await
     }
 

@@ -62,6 +62,7 @@ fn success(cache_read: u64) -> AttemptEnd {
         request_hash: Some("abc".into()),
         response_text: "hello".into(),
         latency_ms: 12,
+        transport: apex_core::Transport::Sync,
     })
 }
 
@@ -209,13 +210,17 @@ async fn seed_sql_runs_verbatim_and_counts_transitions(backend: Backend) {
         .end_attempt(items[1].generation_id, 1, &success(900))
         .await
         .unwrap();
-    let failed = |last| AttemptEnd::Failed {
+    let failed = |last: bool| AttemptEnd::Failed {
         class: ErrorClass::ServerError,
         message: "api_error: boom".into(),
         http_status: Some(500),
         provider_request_id: None,
         latency_ms: 3,
-        last,
+        then: if last {
+            apex_core::AfterFailure::Error
+        } else {
+            apex_core::AfterFailure::Retry
+        },
     };
     store
         .begin_attempt(items[2].generation_id, 1, None)
@@ -411,7 +416,7 @@ async fn abandoned_attempts_return_to_pending(backend: Backend) {
                 http_status: Some(529),
                 provider_request_id: None,
                 latency_ms: 1,
-                last: false,
+                then: apex_core::AfterFailure::Retry,
             },
         )
         .await
@@ -661,7 +666,7 @@ async fn pacing_is_shared_among_live_members(backend: Backend) {
 
 conformance!(batches_are_recorded_before_submission_and_found_again);
 async fn batches_are_recorded_before_submission_and_found_again(backend: Backend) {
-    use apex_core::batches::{BatchItemRecord, BatchRecord, BatchState, Wave, custom_id};
+    use apex_core::run::{BatchItemRecord, BatchRecord, BatchState, Wave, custom_id};
     let (store, run_id) = seeded(backend, 2).await;
     let items = unfinished(&*store, &run_id).await;
     let leaders: Vec<_> = items.iter().filter(|i| i.replicate_index == 0).collect();

@@ -1,4 +1,7 @@
-//! Worker names, and telling whether the process behind a claim is gone.
+//! Worker names, and telling whether the process behind a claim is gone:
+//! the one generator of the names claims carry ([`name`], which
+//! [`RunOptions::default`](crate::dispatch::RunOptions) uses too). It reads
+//! the kernel's description of this process (`/proc`), nothing else.
 //!
 //! A worker is named `apex-HOST-PID-RANDOM~BOOT.PIDNS.START`: the kernel's
 //! boot id, the inode of its pid namespace and its start time (clock ticks
@@ -12,7 +15,7 @@ use std::path::Path;
 
 /// Where a process runs: boot, pid namespace, start time.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct ProcessIdentity {
+pub struct ProcessIdentity {
     boot: String,
     pid_namespace: String,
     start_ticks: String,
@@ -20,7 +23,7 @@ pub(crate) struct ProcessIdentity {
 
 impl ProcessIdentity {
     /// This process's identity (Linux; `None` elsewhere).
-    pub(crate) fn of_self() -> Option<Self> {
+    pub fn of_self() -> Option<Self> {
         Some(Self {
             boot: boot_id()?,
             pid_namespace: pid_namespace("self")?,
@@ -77,10 +80,10 @@ fn start_ticks(pid: &str) -> Option<String> {
 }
 
 /// A name unique to this process, telling which process on which machine
-/// holds a claim.
-pub(crate) fn worker_name() -> String {
-    let random = apex_core::executor::default_worker();
-    let suffix = random.rsplit('-').next().unwrap_or("0");
+/// holds a claim: `apex-HOST-PID-RANDOM~BOOT.PIDNS.START`.
+pub fn name() -> String {
+    let random = uuid::Uuid::now_v7().simple().to_string();
+    let suffix = &random[random.len() - 8..];
     let base = format!("apex-{}-{}-{suffix}", hostname(), std::process::id());
     match ProcessIdentity::of_self() {
         Some(identity) => format!("{base}~{}", identity.render()),
@@ -90,7 +93,7 @@ pub(crate) fn worker_name() -> String {
 
 /// Whether `worker` is a process of this machine's boot and pid namespace
 /// that no longer runs: its claims can be taken back without waiting.
-pub(crate) fn is_gone_locally(worker: &str, me: Option<&ProcessIdentity>) -> bool {
+pub fn is_gone_locally(worker: &str, me: Option<&ProcessIdentity>) -> bool {
     let (Some(me), Some((name, identity))) = (me, worker.split_once('~')) else {
         return false;
     };
@@ -126,7 +129,7 @@ mod tests {
         let Some(me) = ProcessIdentity::of_self() else {
             return; // not Linux
         };
-        let mine = worker_name();
+        let mine = name();
         assert!(mine.contains('~'), "{mine}");
         assert!(!is_gone_locally(&mine, Some(&me)), "this process runs");
         let dead_pid = format!("apex-host-4194303-abcd~{}.{}.1", me.boot, me.pid_namespace);

@@ -1,223 +1,32 @@
 //! The dispatcher as a deterministic, synchronous state machine: events in,
 //! actions out, `poll_timeout` for the next wake-up. No I/O, no runtime.
+//! One machine for both transports: this file holds what they share and
+//! the synchronous rules; [`bulk`] the provider-batch transitions.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+mod bulk;
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::catalog::Catalog;
 use crate::condition::Condition;
+use crate::condition::ProviderKind;
 use crate::error::Error;
 use crate::limiter::{Admission, Charge, LimitTable, RateLimiter, bucket_key};
 use crate::plan::PackageRef;
-use crate::provider::{AttemptError, CacheControls, CacheHint, Generated, SharedBody};
-use crate::run::{AttemptEnd, GenerationResult, RunState, StatusCounts, WorkItem};
+use crate::provider::{AttemptError, CacheHint, Generated, SharedBody};
+use crate::run::{AfterFailure, AttemptEnd, BatchRecord, GenerationResult, Wave, WorkItem};
 use crate::tokens::Tokenizer;
 
 use super::ProgressEvent;
 use super::pacing::{self, CacheRole};
+use super::protocol::{Action, Attempt, DispatchConfig, Event, Summary, Task};
 use super::retry::{Budget, RetryPolicy, Verdict};
 use super::work::{
-    Candidate, ConditionGate, GenerationId, Group, GroupId, GroupPhase, Job, Outcome, ReadyQueue,
-    Role, Stage, VerifyGate,
+    Attached, BatchRef, Candidate, ConditionGate, GenerationId, Group, GroupId, GroupPhase, Job,
+    OpenBatch, Outcome, ReadyQueue, Role, Stage, VerifyGate,
 };
-
-/// How the dispatcher paces, orders and retries.
-#[derive(Debug, Clone)]
-pub struct DispatchConfig {
-    /// Most attempts out at once.
-    pub concurrency: usize,
-    /// Send prompt-caching hints.
-    pub cache: bool,
-    /// One request per condition first; nothing else if one fails.
-    pub verify_first: bool,
-    /// When to retry and how long to wait.
-    pub retry: RetryPolicy,
-    /// Groups to claim at a time.
-    pub claim_batch: u32,
-    /// How often to heartbeat, and to look again for work when none was
-    /// left to claim.
-    pub claim_interval: Duration,
-    /// Replicates per (condition, context), for choosing the cache TTL.
-    pub replicates: usize,
-    /// Multiplies the limiter's window.
-    pub time_scale: f64,
-    /// How often to share the rate-limit budgets with the other processes
-    /// on the ledger; `None`: this process paces alone (or by `--workers`).
-    pub share_interval: Option<Duration>,
-}
-
-/// One attempt to begin or send.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Attempt {
-    /// The generation.
-    pub generation_id: GenerationId,
-    /// The ledger's attempt number (1-based, counting earlier executions).
-    pub attempt: u32,
-    /// Its condition.
-    pub condition: Arc<Condition>,
-    /// Its context package.
-    pub prompt_id: String,
-    /// The package version.
-    pub version: String,
-    /// The cache hint to send.
-    pub cache: CacheHint,
-    /// The cache controls the model takes.
-    pub cache_controls: CacheControls,
-    /// The body, shared by every attempt of the group.
-    pub body: SharedBody,
-}
-
-/// Work the driver was asked to do that could fail.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Task {
-    /// [`Action::Claim`].
-    Claim,
-    /// [`Action::Renew`].
-    Renew,
-    /// [`Action::CountTokens`].
-    Count {
-        /// The package version.
-        version: String,
-        /// The tokenizer.
-        tokenizer: Tokenizer,
-    },
-    /// [`Action::Begin`], [`Action::Send`] or [`Action::Store`] of one
-    /// generation.
-    Generation(GenerationId),
-    /// [`Action::SharePacing`].
-    Pacing,
-}
-
-/// What the driver tells the dispatcher.
-#[derive(Debug)]
-pub enum Event {
-    /// The answer to [`Action::Claim`]: every unfinished generation this
-    /// worker holds, and how many live workers elsewhere hold.
-    Claimed {
-        /// The generations held, in plan order.
-        items: Vec<WorkItem>,
-        /// Unfinished generations other workers hold.
-        held_by_others: u64,
-    },
-    /// [`Action::Renew`] was done.
-    Renewed,
-    /// The answer to [`Action::SharePacing`]: per key, the processes pacing
-    /// it and what the others count; `None` if the ledger did not answer.
-    PacingShared(Option<Vec<crate::store::PacingShare>>),
-    /// The answer to [`Action::CountTokens`]: (cacheable prefix, rest).
-    Counted {
-        /// The package version.
-        version: String,
-        /// The tokenizer.
-        tokenizer: Tokenizer,
-        /// (cacheable prefix, the rest) in tokens.
-        split: (u64, u64),
-    },
-    /// [`Action::Begin`] was recorded: the attempt may leave now.
-    Began(GenerationId),
-    /// [`Action::Begin`] was refused: another worker took the claim over.
-    NotClaimable(GenerationId),
-    /// The answer to [`Action::Send`].
-    Finished {
-        /// The generation.
-        generation_id: GenerationId,
-        /// The response, or why there is none.
-        outcome: Box<Result<Generated, AttemptError>>,
-        /// Wall time of the attempt.
-        latency_ms: u64,
-    },
-    /// [`Action::Store`] was done.
-    Stored(GenerationId),
-    /// A task failed (the ledger, or counting tokens): nothing new starts,
-    /// what is in flight finishes and is stored.
-    Failed {
-        /// Which task.
-        task: Task,
-        /// Why.
-        error: Error,
-    },
-    /// Stop starting work (Ctrl-C); what is in flight finishes.
-    StopRequested,
-}
-
-/// What the dispatcher asks the driver to do.
-#[derive(Debug)]
-pub enum Action {
-    /// Claim up to `max_groups` more groups and heartbeat; answer with
-    /// [`Event::Claimed`].
-    Claim {
-        /// How many (condition, context) groups.
-        max_groups: u32,
-    },
-    /// Heartbeat; answer with [`Event::Renewed`].
-    Renew,
-    /// Tell the other processes what this one counts per limiter key and
-    /// learn what they count; answer with [`Event::PacingShared`].
-    SharePacing(Vec<(String, [u64; 3])>),
-    /// Count a package's tokens; answer with [`Event::Counted`].
-    CountTokens {
-        /// The package id.
-        prompt_id: String,
-        /// The package version.
-        version: String,
-        /// The tokenizer.
-        tokenizer: Tokenizer,
-    },
-    /// Record the attempt as begun (if this worker still holds the claim);
-    /// answer with [`Event::Began`] or [`Event::NotClaimable`].
-    Begin(Attempt),
-    /// Send the attempt; answer with [`Event::Finished`].
-    Send(Attempt),
-    /// Record how an attempt ended; answer with [`Event::Stored`].
-    Store {
-        /// The generation.
-        generation_id: GenerationId,
-        /// The attempt number.
-        attempt: u32,
-        /// How it ended.
-        end: AttemptEnd,
-    },
-    /// Tell the user.
-    Notify(ProgressEvent),
-    /// Nothing more to do.
-    Done(Summary),
-}
-
-/// How a dispatch ended.
-#[derive(Debug, Default)]
-pub struct Summary {
-    /// Conditions stopped: (slug, reason).
-    pub stopped: Vec<(String, String)>,
-    /// `--verify-first` failed.
-    pub verify_failed: bool,
-    /// A stop was requested.
-    pub interrupted: bool,
-    /// Responses with status 429.
-    pub rate_limited: u64,
-    /// Unfinished generations other workers held at the last claim.
-    pub others_hold: u64,
-    /// The failure that stopped it, if any.
-    pub failure: Option<Error>,
-}
-
-impl Summary {
-    /// The run's state given its final counts: `None` leaves it `running`
-    /// (other workers still hold work).
-    pub fn final_state(&self, counts: &StatusCounts) -> Option<RunState> {
-        if counts.pending + counts.running == 0 {
-            Some(RunState::Finished)
-        } else if self.interrupted
-            || self.verify_failed
-            || !self.stopped.is_empty()
-            || self.others_hold == 0
-        {
-            Some(RunState::Interrupted)
-        } else {
-            None
-        }
-    }
-}
 
 /// Claiming work from the ledger.
 #[derive(Debug)]
@@ -256,9 +65,6 @@ pub struct Dispatcher {
     splits: HashMap<(String, Tokenizer), (u64, u64)>,
     counting: HashSet<(String, Tokenizer)>,
     queue: ReadyQueue,
-    /// Jobs handed back as `pending` when the dispatch ends (their request
-    /// never reached the API).
-    parked: Vec<GenerationId>,
     verify: VerifyGate,
     claims: Claims,
     next_renew: Instant,
@@ -273,6 +79,24 @@ pub struct Dispatcher {
     outbox: VecDeque<Action>,
     now: Instant,
     reservations: ReservationBook,
+    /// Provider batches open in this dispatch.
+    batches: BTreeMap<BatchRef, OpenBatch>,
+    next_batch: u32,
+    /// Batch keys known here (submitted or re-attached), so a later claim
+    /// does not attach one twice.
+    known_batches: HashSet<String>,
+    /// Batch keys seen held by another live process (said once each).
+    foreign_batches: HashSet<String>,
+    /// Per (provider, model): the most requests per batch a refusal taught.
+    learned_caps: HashMap<(ProviderKind, String), usize>,
+    /// Per (provider, model): the enqueued-token limit a failure named.
+    queue_limits: HashMap<(ProviderKind, String), u64>,
+    /// Per provider: submissions refused in a row, and when the next may go.
+    refusals: HashMap<ProviderKind, (u32, Instant)>,
+    /// Per provider: the longest a batch took to end in this dispatch.
+    turnaround: HashMap<ProviderKind, Duration>,
+    /// The earliest a batch held back by a provider's backoff may go.
+    bulk_wake: Option<Instant>,
 }
 
 /// Counts of reservations granted and settled, to check that each is
@@ -298,7 +122,7 @@ impl Dispatcher {
         packages: Vec<PackageRef>,
         now: Instant,
     ) -> Self {
-        let limiter = if limits.is_off() {
+        let mut limiter = if limits.is_off() {
             RateLimiter::fixed(config.time_scale)
         } else if config.share_interval.is_some() {
             RateLimiter::shared(config.time_scale)
@@ -350,7 +174,6 @@ impl Dispatcher {
             splits: HashMap::new(),
             counting: HashSet::new(),
             queue: ReadyQueue::default(),
-            parked: Vec::new(),
             renewing: false,
             next_share: now,
             sharing: false,
@@ -362,6 +185,15 @@ impl Dispatcher {
             outbox: VecDeque::new(),
             now,
             reservations: ReservationBook::default(),
+            batches: BTreeMap::new(),
+            next_batch: 0,
+            known_batches: HashSet::new(),
+            foreign_batches: HashSet::new(),
+            learned_caps: HashMap::new(),
+            queue_limits: HashMap::new(),
+            refusals: HashMap::new(),
+            turnaround: HashMap::new(),
+            bulk_wake: None,
         }
     }
 
@@ -428,9 +260,11 @@ impl Dispatcher {
         let mut wake = [
             self.queue.next_retry_after(self.now),
             self.limiter_wake,
+            (!self.stopping).then_some(self.bulk_wake).flatten(),
+            self.next_batch_timer(),
             (self.config.share_interval.is_some() && !self.sharing && !self.stopping)
                 .then_some(self.next_share),
-            (self.in_flight > 0).then_some(self.next_renew),
+            (self.in_flight > 0 || !self.batches.is_empty()).then_some(self.next_renew),
             self.idle_waiting_for_others()
                 .then_some(self.claims.next_at),
         ]
@@ -458,7 +292,8 @@ impl Dispatcher {
             Event::Claimed {
                 items,
                 held_by_others,
-            } => self.on_claimed(items, held_by_others),
+                batches,
+            } => self.on_claimed(items, held_by_others, batches),
             Event::Renewed => self.renewing = false,
             Event::PacingShared(shares) => {
                 self.sharing = false;
@@ -491,6 +326,16 @@ impl Dispatcher {
                 self.stopping = true;
                 self.summary.interrupted = true;
             }
+            Event::BatchSubmitted {
+                batch,
+                key,
+                created_at,
+                outcome,
+            } => self.on_batch_submitted(batch, key, created_at, outcome),
+            Event::BatchFound { batch, outcome } => self.on_batch_found(batch, outcome),
+            Event::BatchPolled { batch, outcome } => self.on_batch_polled(batch, outcome),
+            Event::BatchFetched { batch, outcome } => self.on_batch_fetched(batch, outcome),
+            Event::BatchClosed(batch) => self.on_batch_closed(batch),
         }
         self.maybe_finish_handing_back();
     }
@@ -527,6 +372,7 @@ impl Dispatcher {
         if !self.claims.answered_once || self.claims.outstanding {
             return;
         }
+        self.service_batches();
         loop {
             if !self.dispatch_ready() {
                 return;
@@ -534,6 +380,9 @@ impl Dispatcher {
             if !self.end_of_verification() {
                 break;
             }
+        }
+        if !self.dispatch_bulk() {
+            return;
         }
         self.finish_if_idle();
     }
@@ -555,8 +404,18 @@ impl Dispatcher {
             && (!self.claims.exhausted || self.now >= self.claims.next_at)
     }
 
+    /// Nothing out: no synchronous attempt, claim or count, and no batch
+    /// open (when stopping: no batch action outstanding; the batches left
+    /// keep running at the provider).
     fn idle(&self) -> bool {
-        self.in_flight == 0 && !self.claims.outstanding && self.counting.is_empty()
+        self.in_flight == 0
+            && !self.claims.outstanding
+            && self.counting.is_empty()
+            && if self.stopping {
+                !self.batch_action_outstanding()
+            } else {
+                self.batches.is_empty()
+            }
     }
 
     fn idle_waiting_for_others(&self) -> bool {
@@ -565,6 +424,7 @@ impl Dispatcher {
             && self.claims.others_hold > 0
             && self.queue.next_retry_after(self.now).is_none()
             && self.limiter_wake.is_none()
+            && self.bulk_wake.is_none()
     }
 
     /// Ends `--verify-first` once its requests are settled; true when the
@@ -599,6 +459,7 @@ impl Dispatcher {
             || self.stopping
             || (self.queue.next_retry_after(self.now).is_none()
                 && self.limiter_wake.is_none()
+                && self.bulk_wake.is_none()
                 && self.claims.others_hold == 0)
         {
             self.begin_handing_back();
@@ -611,9 +472,7 @@ impl Dispatcher {
     fn begin_handing_back(&mut self) {
         let mut handing_back = HashSet::new();
         if self.summary.failure.is_none() {
-            let retries = std::mem::take(&mut self.queue.retries);
-            let parked = std::mem::take(&mut self.parked);
-            for id in retries.into_iter().map(|(_, id)| id).chain(parked) {
+            for (_, id) in std::mem::take(&mut self.queue.retries) {
                 if let Some(job) = self.jobs.get(&id) {
                     self.outbox.push_back(Action::Store {
                         generation_id: id,
@@ -634,6 +493,7 @@ impl Dispatcher {
         {
             self.phase = Phase::Done;
             self.summary.others_hold = self.claims.others_hold;
+            self.summary.batches_left = self.batches.len();
             self.outbox
                 .push_back(Action::Done(std::mem::take(&mut self.summary)));
         }
@@ -663,6 +523,13 @@ impl Dispatcher {
                 continue;
             }
             let group = &self.groups[&group_id];
+            // Batch conditions go in bulk, but for their first request: it
+            // goes alone and synchronously (a bad key costs one request).
+            if self.via_batch(&group.condition.slug)
+                && self.gates[&group.condition.slug] != ConditionGate::Probing
+            {
+                continue;
+            }
             let condition = Arc::clone(&group.condition);
             let key = self.bucket_keys[&condition.slug].clone();
             if blocked.contains(&key) {
@@ -760,23 +627,34 @@ impl Dispatcher {
         self.outbox.push_back(Action::Begin(attempt));
     }
 
-    /// The current attempt of a job, as the driver needs it.
+    /// The current attempt of a job, as the driver needs it: with cache
+    /// hints, unless caching is off or `plain` (a batch item reading no
+    /// cache and writing none).
     fn attempt_of(&self, id: GenerationId) -> Attempt {
+        self.attempt_with(id, false)
+    }
+
+    fn attempt_with(&self, id: GenerationId, plain: bool) -> Attempt {
         let job = &self.jobs[&id];
         let group = &self.groups[&job.group];
+        let hinted = self.config.cache && !plain;
         Attempt {
             generation_id: id,
             attempt: job.attempt(),
             condition: Arc::clone(&group.condition),
             prompt_id: group.prompt_id.clone(),
             version: group.version.clone(),
-            cache: if self.config.cache {
+            cache: if hinted {
                 CacheHint::On(group.ttl)
             } else {
                 CacheHint::Off
             },
             cache_controls: group.cache_controls,
-            body: group.body.clone(),
+            body: if hinted {
+                group.body.clone()
+            } else {
+                group.plain_body.clone()
+            },
         }
     }
 
@@ -822,13 +700,19 @@ impl Dispatcher {
         }
     }
 
-    fn on_claimed(&mut self, items: Vec<WorkItem>, held_by_others: u64) {
+    fn on_claimed(
+        &mut self,
+        items: Vec<WorkItem>,
+        held_by_others: u64,
+        batches: Vec<(BatchRecord, Duration)>,
+    ) {
         let first = !self.claims.answered_once;
         self.claims.outstanding = false;
         self.claims.answered_once = true;
         self.claims.others_hold = held_by_others;
         self.claims.next_at = crate::time::later(self.now, self.config.claim_interval);
-        match self.absorb(items) {
+        let attached = self.attach_batches(&items, batches);
+        match self.absorb(items, &attached) {
             Ok(added) => self.claims.exhausted = added == 0,
             Err(error) => self.fail(error),
         }
@@ -846,11 +730,15 @@ impl Dispatcher {
     }
 
     /// Takes newly claimed generations in: a generation already held is
-    /// skipped; consecutive replicates of a queued group join it.
-    fn absorb(&mut self, items: Vec<WorkItem>) -> Result<usize, Error> {
+    /// skipped, and so is one in another process's open batch;
+    /// consecutive replicates of a group join it. An item of a batch this
+    /// dispatch re-attached to waits for that batch.
+    fn absorb(&mut self, items: Vec<WorkItem>, attached: &Attached) -> Result<usize, Error> {
         let mut added = 0;
         for item in items {
-            if self.jobs.contains_key(&item.generation_id) {
+            if self.jobs.contains_key(&item.generation_id)
+                || attached.theirs.contains(&item.generation_id)
+            {
                 continue;
             }
             let Some(condition) = self.conditions.get(&item.condition_slug).cloned() else {
@@ -861,22 +749,50 @@ impl Dispatcher {
             };
             added += 1;
             let id = item.generation_id;
+            let in_batch = attached.mine.get(&id).copied();
             let joins = self.open_group.filter(|g| {
                 let group = &self.groups[g];
-                group.phase == GroupPhase::Queued
-                    && group.condition.slug == item.condition_slug
+                group.condition.slug == item.condition_slug
                     && group.prompt_id == item.prompt_id
                     && group.version == item.package_version
             });
             let (group_id, role) = match joins {
                 Some(g) => {
-                    self.groups.get_mut(&g).expect("open").waiting.push(id);
+                    let group = self.groups.get_mut(&g).expect("open");
+                    match (in_batch, group.phase) {
+                        (Some(_), _) => {}
+                        (None, GroupPhase::Queued | GroupPhase::LeaderOut) => {
+                            group.waiting.push(id);
+                        }
+                        (None, GroupPhase::Warm | GroupPhase::Cold) => {
+                            self.queue.followers.push_back(id);
+                        }
+                    }
                     (g, Role::Follower)
                 }
-                None => (self.new_group(condition, &item), Role::Leader),
+                None => {
+                    let (phase, role) = match in_batch {
+                        None => (GroupPhase::Queued, Role::Leader),
+                        Some((_, Wave::Leader)) => (GroupPhase::LeaderOut, Role::Leader),
+                        Some((_, Wave::Follower)) => (GroupPhase::Warm, Role::Follower),
+                        Some((_, Wave::Single)) => (GroupPhase::Cold, Role::Follower),
+                    };
+                    (self.new_group(condition, &item, phase), role)
+                }
             };
             if let Some(group) = self.groups.get_mut(&group_id) {
                 group.live += 1;
+                if group.warmth.is_none() && group.phase == GroupPhase::Warm {
+                    // Written before its followers' batch left.
+                    let age = in_batch.and_then(|(b, _)| attached.ages.get(&b).copied());
+                    group.warmth = Some(super::waves::Warmth {
+                        written: self
+                            .now
+                            .checked_sub(age.unwrap_or_default())
+                            .unwrap_or(self.now),
+                        took: Duration::ZERO,
+                    });
+                }
             }
             self.jobs.insert(
                 id,
@@ -885,27 +801,45 @@ impl Dispatcher {
                     group: group_id,
                     role,
                     budget: Budget::default(),
-                    stage: Stage::Queued,
+                    stage: if in_batch.is_some() {
+                        Stage::InBatch
+                    } else {
+                        Stage::Queued
+                    },
                     reservation: None,
+                    batch: in_batch.map(|(b, _)| b),
+                    max_batch: None,
+                    doomed: None,
                 },
             );
         }
         Ok(added)
     }
 
-    fn new_group(&mut self, condition: Arc<Condition>, leader: &WorkItem) -> GroupId {
-        let ttl = self
-            .packages
-            .get(&(leader.prompt_id.clone(), leader.package_version.clone()))
-            .map_or(crate::provider::CacheTtl::FiveMinutes, |p| {
-                pacing::choose_ttl(
-                    &self.catalog,
-                    &self.limits,
-                    &condition,
-                    self.config.replicates,
-                    p,
-                )
-            });
+    fn new_group(
+        &mut self,
+        condition: Arc<Condition>,
+        leader: &WorkItem,
+        phase: GroupPhase,
+    ) -> GroupId {
+        let via_batch = self.via_batch(&condition.slug);
+        // A batch's followers come a batch turnaround later: the leader
+        // writes the longest cache the model offers.
+        let ttl = if via_batch {
+            crate::provider::CacheTtl::OneHour
+        } else {
+            self.packages
+                .get(&(leader.prompt_id.clone(), leader.package_version.clone()))
+                .map_or(crate::provider::CacheTtl::FiveMinutes, |p| {
+                    pacing::choose_ttl(
+                        &self.catalog,
+                        &self.limits,
+                        &condition,
+                        self.config.replicates,
+                        p,
+                    )
+                })
+        };
         let cache_controls = self
             .catalog
             .lookup(condition.provider, &condition.model)
@@ -921,14 +855,19 @@ impl Dispatcher {
                 version: leader.package_version.clone(),
                 ttl,
                 cache_controls,
-                phase: GroupPhase::Queued,
+                phase,
                 leader: leader.generation_id,
                 waiting: Vec::new(),
                 live: 0,
                 body: SharedBody::default(),
+                plain_body: SharedBody::default(),
+                warmth: None,
+                shares_cache: via_batch && self.config.cache && self.config.replicates > 1,
             },
         );
-        self.queue.leaders.push_back(id);
+        if phase == GroupPhase::Queued {
+            self.queue.leaders.push_back(id);
+        }
         self.open_group = Some(id);
         id
     }
@@ -942,6 +881,11 @@ impl Dispatcher {
             return;
         };
         job.stage = Stage::Sending;
+        if let Some(error) = job.doomed.take() {
+            // It can never be sent: recorded, and failed without leaving.
+            self.on_finished(id, Err(*error), 0);
+            return;
+        }
         if let Some(reservation) = job.reservation.as_mut() {
             self.limiter.mark_sent(reservation, self.now);
         }
@@ -1060,36 +1004,59 @@ impl Dispatcher {
             }
         }
         self.settle(id, actual);
+        let (end, verdict, note) = self.judge(id, outcome, latency_ms, false);
         let job = self.jobs.get_mut(&id).expect("checked above");
-        let policy = self.config.retry;
-        let verdict = policy.verdict(outcome.as_ref().map(|_| ()), id, &mut job.budget);
-        let (end, note) = match outcome {
-            Ok(generated) => {
-                let cost_usd = self.catalog.cost(&condition, &generated.usage);
-                let note = Outcome::Success {
-                    cache_hit: generated.usage.cache_hit(),
-                    cost_usd,
-                };
-                (success_end(generated, cost_usd, latency_ms), note)
-            }
-            Err(error) => (
-                AttemptEnd::Failed {
-                    class: error.class,
-                    message: policy.stored_message(&error),
-                    http_status: error.http_status,
-                    provider_request_id: error.request_id.clone(),
-                    latency_ms,
-                    last: verdict == Verdict::GiveUp,
-                },
-                Outcome::Failure(Box::new(error)),
-            ),
-        };
         job.stage = Stage::Storing(verdict, Box::new(note));
         self.outbox.push_back(Action::Store {
             generation_id: id,
             attempt: job.attempt(),
             end,
         });
+    }
+
+    /// An attempt's outcome, either transport: the one retry policy's
+    /// verdict (counted in the job's budget), the end the ledger stores
+    /// (a success priced at the transport's rate) and the note kept for
+    /// when it is stored.
+    fn judge(
+        &mut self,
+        id: GenerationId,
+        outcome: Result<Generated, AttemptError>,
+        latency_ms: u64,
+        in_batch: bool,
+    ) -> (AttemptEnd, Verdict, Outcome) {
+        let job = self.jobs.get_mut(&id).expect("a judged job exists");
+        let condition = &self.groups[&job.group].condition;
+        let policy = self.config.retry;
+        let verdict = policy.verdict(outcome.as_ref().map(|_| ()), id, &mut job.budget);
+        match outcome {
+            Ok(generated) => {
+                let cost_usd = if in_batch {
+                    self.catalog.batch_cost(condition, &generated.usage)
+                } else {
+                    self.catalog.cost(condition, &generated.usage)
+                };
+                let note = Outcome::Success {
+                    cache_hit: generated.usage.cache_hit(),
+                    cost_usd,
+                };
+                let transport = if in_batch {
+                    crate::run::Transport::Batch
+                } else {
+                    crate::run::Transport::Sync
+                };
+                (
+                    success_end(generated, cost_usd, latency_ms, transport),
+                    verdict,
+                    note,
+                )
+            }
+            Err(error) => (
+                failed_end(&policy, &error, latency_ms, &verdict),
+                verdict,
+                Outcome::Failure(Box::new(error)),
+            ),
+        }
     }
 
     fn on_stored(&mut self, id: GenerationId) {
@@ -1100,20 +1067,26 @@ impl Dispatcher {
         if !self
             .jobs
             .get(&id)
-            .is_some_and(|j| matches!(j.stage, Stage::Storing(..)))
+            .is_some_and(|j| j.batch.is_none() && matches!(j.stage, Stage::Storing(..)))
         {
             return;
         }
-        let Some(mut job) = self.remove_in_flight(id) else {
+        let Some(job) = self.remove_in_flight(id) else {
             return;
         };
+        self.after_stored(job);
+    }
+
+    /// A job whose attempt's end is in the ledger, either transport: what
+    /// its verdict means for it, its group and its condition.
+    fn after_stored(&mut self, mut job: Job) {
         let Stage::Storing(verdict, outcome) = std::mem::replace(&mut job.stage, Stage::Queued)
         else {
             return;
         };
         let slug = self.groups[&job.group].condition.slug.clone();
         let group = job.group;
-        let retrying = matches!(verdict, Verdict::Retry { .. } | Verdict::HandBack);
+        let retrying = matches!(verdict, Verdict::Retry { .. });
         match *outcome {
             Outcome::Success {
                 cache_hit,
@@ -1160,12 +1133,8 @@ impl Dispatcher {
                 self.jobs.insert(item.generation_id, job);
             }
             Verdict::HandBack => {
-                // Its condition is stopped; it goes back to `pending` when
-                // the dispatch ends.
+                // Stored as `pending` already; a resume sends it.
                 tracing::warn!(condition = %slug, prompt_id = %item.prompt_id, replicate = item.replicate_index, %error, "not sent; handed back for a resume");
-                job.stage = Stage::Retrying;
-                self.parked.push(item.generation_id);
-                self.jobs.insert(item.generation_id, job);
             }
             Verdict::GiveUp | Verdict::Success => {
                 tracing::warn!(condition = %slug, prompt_id = %item.prompt_id, replicate = item.replicate_index, attempt = job.attempt(), %error, "generation failed");
@@ -1204,10 +1173,19 @@ impl Dispatcher {
     /// The leader is done: its followers may go, reading its cache (warm) or
     /// writing their own (cold).
     fn release_followers(&mut self, group_id: GroupId, phase: GroupPhase) {
+        let now = self.now;
         let Some(group) = self.groups.get_mut(&group_id) else {
             return;
         };
         group.phase = phase;
+        if phase == GroupPhase::Warm {
+            // A synchronous leader wrote it as its answer came (a batch
+            // leader's warmth is set when its batch closes).
+            group.warmth.get_or_insert(super::waves::Warmth {
+                written: now,
+                took: Duration::ZERO,
+            });
+        }
         self.queue.followers.extend(group.waiting.drain(..));
         if self.open_group == Some(group_id) {
             self.open_group = None;
@@ -1227,6 +1205,7 @@ impl Dispatcher {
             Task::Count { version, tokenizer } => {
                 self.counting.remove(&(version, tokenizer));
             }
+            Task::Batch(batch) => self.batch_task_failed(batch),
             Task::Generation(id) => {
                 if let Phase::Finishing(left) = &mut self.phase {
                     left.remove(&id);
@@ -1258,7 +1237,33 @@ impl Dispatcher {
     }
 }
 
-fn success_end(generated: Generated, cost_usd: Option<f64>, latency_ms: u64) -> AttemptEnd {
+/// The stored end of a failed attempt under `verdict`.
+fn failed_end(
+    policy: &RetryPolicy,
+    error: &AttemptError,
+    latency_ms: u64,
+    verdict: &Verdict,
+) -> AttemptEnd {
+    AttemptEnd::Failed {
+        class: error.class,
+        message: policy.stored_message(error),
+        http_status: error.http_status,
+        provider_request_id: error.request_id.clone(),
+        latency_ms,
+        then: match verdict {
+            Verdict::Retry { .. } | Verdict::Success => AfterFailure::Retry,
+            Verdict::GiveUp => AfterFailure::Error,
+            Verdict::HandBack => AfterFailure::Pending,
+        },
+    }
+}
+
+fn success_end(
+    generated: Generated,
+    cost_usd: Option<f64>,
+    latency_ms: u64,
+    transport: crate::run::Transport,
+) -> AttemptEnd {
     AttemptEnd::Success(GenerationResult {
         usage: generated.usage,
         cost_usd,
@@ -1268,5 +1273,6 @@ fn success_end(generated: Generated, cost_usd: Option<f64>, latency_ms: u64) -> 
         request_hash: Some(generated.request_hash),
         response_text: generated.text,
         latency_ms,
+        transport,
     })
 }
