@@ -480,11 +480,11 @@ async fn batch_report(
         "naive_usd",
         "ratio"
     );
-    let (mut all_cost, mut all_sync) = (0.0, 0.0);
+    let (mut all_cost, mut all_sync, mut all_sync_extra) = (0.0, 0.0, 0.0);
     for (c, e) in conditions.iter().zip(&estimates) {
         let rows = store
             .query_read_only(&format!(
-                "SELECT prompt_id, input_tokens, cache_write_tokens, cache_read_tokens, output_tokens, cost_usd, cache_hit, replicate_index
+                "SELECT prompt_id, input_tokens, cache_write_tokens, cache_read_tokens, output_tokens, cost_usd, cache_hit, replicate_index, transport
                  FROM apex_audition.generations WHERE run_id = '{run_id}' AND condition_slug = '{}'",
                 c.slug
             ))
@@ -494,7 +494,10 @@ async fn batch_report(
             .lookup(c.provider, &c.model)
             .map(|m| m.prices)
             .context("model prices")?;
+        // Each generation at the rate of the transport it took: the batch
+        // rate, or the full rate for the one that went alone first.
         let mut least = 0.0;
+        let mut sync_extra = 0.0;
         for (prefix, group) in by_context(&rows) {
             for r in group {
                 let total = num(&r[1]) + num(&r[2]) + num(&r[3]);
@@ -506,13 +509,18 @@ async fn batch_report(
                     (true, ProviderKind::OpenAi) => prices.input,
                     (false, _) => prices.cache_read,
                 };
-                least += (prefix * prefix_price
+                let full = (prefix * prefix_price
                     + (total - prefix) * prices.input
                     + num(&r[4]) * prices.output)
                     / 1e6;
+                if r[8].to_string() == "batch" {
+                    least += full * prices.batch_discount;
+                } else {
+                    least += full;
+                    sync_extra += full * (1.0 - prices.batch_discount);
+                }
             }
         }
-        least *= prices.batch_discount;
         let output: f64 = rows.iter().map(|r| num(&r[4])).sum();
         let output_cost = output * prices.output / 1e6;
         let sync = e.with_cache.map_or(0.0, |r| r.low) + output_cost;
@@ -521,6 +529,7 @@ async fn batch_report(
         let hits = rows.iter().filter(|r| num(&r[6]) > 0.0).count();
         all_cost += cost;
         all_sync += sync;
+        all_sync_extra += sync_extra;
         println!(
             "{:<14} {:>5}/{:<5} {:>10.4} {:>10.4} {:>6.3} {:>10.4} {:>6.3} {:>10.4} {:>6.3}",
             c.slug,
@@ -535,8 +544,9 @@ async fn batch_report(
             cost / naive
         );
     }
+    let refused = batches.iter().filter(|b| !b.accepted).count();
     println!(
-        "\nall four: {all_cost:.4} USD in batches, {:.3} of the same run sent synchronously with caching ({all_sync:.4} USD)",
+        "\nall four: {all_cost:.4} USD, {:.3} of the same run sent synchronously with caching ({all_sync:.4} USD); generations sent synchronously cost {all_sync_extra:.4} USD more than the batch rate; {refused} batch(es) refused or failed as a whole",
         all_cost / all_sync
     );
     Ok(())

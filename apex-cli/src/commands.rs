@@ -9,6 +9,7 @@ use apex::{Apex, RunSpec};
 use apex_core::executor::RunOptions;
 use apex_core::limiter::LimitTable;
 use apex_core::{Catalog, Condition, Plan, PlanOptions, ProviderKind, RunId, RunInfo, Store};
+use apex_providers::ProviderConfig;
 use apex_providers::simulator::{
     LimitRules, Replenish, Simulator, SimulatorConfig, TokenCount, parse_limits, published_tiers,
 };
@@ -474,11 +475,17 @@ async fn run(store: Arc<dyn Store>, mut cmd: RunCmd) -> Result<ExitCode> {
     // A request that never answers is abandoned (and retried) after this
     // long; a simulator running F times faster waits F times less.
     let request_timeout = apex_core::time::scaled(
-        std::time::Duration::from_secs_f64(cmd.request_timeout.unwrap_or(600.0)),
+        cmd.request_timeout.map_or(
+            ProviderConfig::DEFAULT_REQUEST_TIMEOUT,
+            std::time::Duration::from_secs_f64,
+        ),
         cmd.time_scale.unwrap_or(1.0),
     );
     let stream_idle_timeout = apex_core::time::scaled(
-        std::time::Duration::from_secs_f64(cmd.stream_idle_timeout.unwrap_or(300.0)),
+        cmd.stream_idle_timeout.map_or(
+            ProviderConfig::DEFAULT_STREAM_IDLE_TIMEOUT,
+            std::time::Duration::from_secs_f64,
+        ),
         cmd.time_scale.unwrap_or(1.0),
     );
     let apex = Apex::new(Arc::clone(&store))

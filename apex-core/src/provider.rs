@@ -384,6 +384,14 @@ pub trait Provider: Send + Sync {
     fn batches(&self) -> Option<&dyn BatchApi> {
         None
     }
+
+    /// Checks, with a request that costs nothing (a token count, a model
+    /// lookup), that the key and the condition's model would be accepted:
+    /// what the first request of a condition learns before its batches are
+    /// paid for. `Ok` where the provider has no such request.
+    async fn check(&self, _condition: &Condition) -> Result<(), AttemptError> {
+        Ok(())
+    }
 }
 
 /// A provider's per-batch caps.

@@ -180,6 +180,22 @@ impl Wire for AnthropicWire {
         format!("{}/v1/messages", base_url.trim_end_matches('/'))
     }
 
+    fn check_request(base_url: &str, model: &str) -> (reqwest::Method, String, Option<Vec<u8>>) {
+        // Counting tokens is free and answers 401 / 404 as a message would.
+        let body = serde_json::json!({
+            "model": model,
+            "messages": [{"role": "user", "content": "ping"}],
+        });
+        (
+            reqwest::Method::POST,
+            format!(
+                "{}/v1/messages/count_tokens",
+                base_url.trim_end_matches('/')
+            ),
+            Some(body.to_string().into_bytes()),
+        )
+    }
+
     fn headers(key: &ApiKey) -> HeaderMap {
         let mut headers = HeaderMap::new();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));

@@ -127,6 +127,25 @@ impl<W: Wire> Provider for HttpProvider<W> {
             .map(|b| b as &dyn apex_core::provider::BatchApi)
     }
 
+    async fn check(&self, condition: &apex_core::Condition) -> Result<(), AttemptError> {
+        let endpoint = Endpoint {
+            client: self.client.clone(),
+            base: self.base.clone(),
+            key: self.key.clone(),
+        };
+        let key = endpoint.key(W::KIND.api_key_env())?;
+        let (method, url, body) = W::check_request(&self.base, &condition.model);
+        let mut builder = self
+            .client
+            .request(method, url)
+            .headers(W::headers(key))
+            .timeout(self.request_timeout);
+        if let Some(body) = body {
+            builder = builder.body(body);
+        }
+        endpoint.call::<W>(builder).await.map(drop)
+    }
+
     async fn generate(&self, request: &GenerationRequest) -> Result<Generated, AttemptError> {
         let Some(key) = &self.key else {
             return Err(AttemptError::new(
@@ -333,5 +352,9 @@ impl Provider for OpenAiProvider {
 
     fn batches(&self) -> Option<&dyn apex_core::provider::BatchApi> {
         Some(&self.batch_api)
+    }
+
+    async fn check(&self, condition: &apex_core::Condition) -> Result<(), AttemptError> {
+        self.chat.check(condition).await
     }
 }

@@ -10,7 +10,14 @@
 //!   parsing a response (a body or a stream of [`sse`] events) are pure
 //!   functions of the wire format.
 //! - [`ProviderConfig`]: base URL, key and timeouts, read from the official
-//!   SDKs' environment variables by [`ProviderConfig::from_env`].
+//!   SDKs' environment variables by [`ProviderConfig::from_env`]; one HTTP
+//!   layer for every request (`transport`): no redirect is followed (a key
+//!   never reaches another host) and no key goes over plain `http://` off
+//!   loopback unless [`ALLOW_INSECURE_HTTP_ENV`] allows it.
+//! - [`Clients`]: the clients a process uses, each built once per
+//!   configuration.
+//! - [`batches`]: both providers' Batch APIs behind apex-core's
+//!   [`BatchApi`](apex_core::provider::BatchApi).
 //! - [`ApiKey`]: a key that cannot be printed.
 //! - `simulator::Simulator` (feature `simulator`, off by default, on for the
 //!   `apex` CLI): a loopback server speaking both wire formats, with a

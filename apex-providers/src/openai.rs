@@ -286,6 +286,16 @@ impl Wire for OpenAiWire {
         format!("{}/chat/completions", base_url.trim_end_matches('/'))
     }
 
+    fn check_request(base_url: &str, model: &str) -> (reqwest::Method, String, Option<Vec<u8>>) {
+        // Retrieving the model is free and answers 401 / 404 as a request
+        // would.
+        (
+            reqwest::Method::GET,
+            format!("{}/models/{model}", base_url.trim_end_matches('/')),
+            None,
+        )
+    }
+
     fn headers(key: &ApiKey) -> HeaderMap {
         let mut headers = HeaderMap::new();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));

@@ -144,6 +144,10 @@ impl Wire for ResponsesWire {
         format!("{}/responses", base_url.trim_end_matches('/'))
     }
 
+    fn check_request(base_url: &str, model: &str) -> (reqwest::Method, String, Option<Vec<u8>>) {
+        OpenAiWire::check_request(base_url, model)
+    }
+
     fn headers(key: &ApiKey) -> HeaderMap {
         OpenAiWire::headers(key)
     }

@@ -33,6 +33,7 @@ use tokio::time::Instant;
 mod accounting;
 mod answers;
 mod batches;
+mod checks;
 mod requests;
 
 use answers::Answer;
@@ -705,9 +706,12 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Repl
     if let Some(provider) = batches::route(req.uri().path()) {
         return batches::handle(state, provider, req).await;
     }
+    if let Some(provider) = checks::route(req.method().as_str(), req.uri().path()) {
+        return checks::handle(state, provider, req).await;
+    }
     let Some(api) = SimApi::route(req.method().as_str(), req.uri().path()) else {
         let message = format!(
-            "Invalid URL ({} {}): the simulator serves POST /v1/chat/completions, /v1/responses and /v1/messages",
+            "Invalid URL ({} {}): the simulator serves POST /v1/chat/completions, /v1/responses, /v1/messages and /v1/messages/count_tokens, GET /v1/models/MODEL, and both Batch APIs",
             req.method(),
             req.uri().path()
         );

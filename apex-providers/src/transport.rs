@@ -39,6 +39,12 @@ pub struct ProviderConfig {
 }
 
 impl ProviderConfig {
+    /// A request answered in one body is abandoned (and retried) after
+    /// this long: the official SDKs' ten minutes.
+    pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
+    /// A stream that sends nothing for this long is abandoned (and retried).
+    pub const DEFAULT_STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
     /// The official default base URL of a provider.
     pub fn default_base_url(kind: ProviderKind) -> &'static str {
         match kind {
@@ -58,8 +64,8 @@ impl ProviderConfig {
             base_url,
             api_key: ApiKey::from_env(kind.api_key_env()),
             connect_timeout: Duration::from_secs(10),
-            request_timeout: Duration::from_secs(600),
-            stream_idle_timeout: Duration::from_secs(300),
+            request_timeout: Self::DEFAULT_REQUEST_TIMEOUT,
+            stream_idle_timeout: Self::DEFAULT_STREAM_IDLE_TIMEOUT,
             allow_insecure_http: insecure_http_allowed(),
         }
     }

@@ -82,6 +82,9 @@ pub trait Wire: Send + Sync + 'static {
     const REQUEST_ID_HEADER: &'static str;
     /// The endpoint URL under a base URL.
     fn endpoint(base_url: &str) -> String;
+    /// The free request that checks a key and a model before anything is
+    /// spent: method, URL under a base URL, and body.
+    fn check_request(base_url: &str, model: &str) -> (reqwest::Method, String, Option<Vec<u8>>);
     /// Auth and version headers.
     fn headers(key: &ApiKey) -> HeaderMap;
     /// The exact JSON body (asking for a stream when the condition streams).

@@ -62,45 +62,27 @@ fn submitted(live: &Live) -> usize {
     .len()
 }
 
-/// Asserts the shape every batch run has: per condition, its first request
-/// went alone and synchronously (the leader of the first context), every
-/// other generation went in a batch, each succeeded with one attempt, and
-/// every follower read its leader's cache.
-fn assert_one_probe_then_batches(live: &Live, run_id: &str, conditions: usize, total: usize) {
-    let sync = live.sim.requests();
-    assert_eq!(
-        sync.len(),
-        conditions,
-        "one synchronous probe per condition"
-    );
-    let by_transport = rows(
+/// Asserts the shape every batch run has: nothing went synchronously (each
+/// condition's first request was a free check of its key and model), every
+/// generation succeeded in a batch with one attempt, and (where the model's
+/// cache outlives a batch) every follower read its leader's cache.
+fn assert_two_waves(live: &Live, run_id: &str, total: usize, followers_hit: bool) {
+    assert!(live.sim.requests().is_empty(), "nothing went synchronously");
+    let rows = rows(
         live,
         &format!(
-            "SELECT transport, replicate_index = 0, COUNT(*), SUM(attempts), SUM(cache_hit)
-             FROM generations WHERE run_id = '{run_id}' AND status = 'success'
-             GROUP BY 1, 2 ORDER BY 1, 2"
+            "SELECT transport, COUNT(*), SUM(attempts), SUM(replicate_index > 0), SUM(cache_hit)
+             FROM generations WHERE run_id = '{run_id}' AND status = 'success' GROUP BY 1"
         ),
     );
-    let count = |transport: &str, leader: bool, column: usize| -> usize {
-        by_transport
-            .iter()
-            .find(|r| r[0] == transport && (r[1] == "1") == leader)
-            .map_or(0, |r| r[column].parse().unwrap())
-    };
-    assert_eq!(count("sync", true, 2), conditions, "{by_transport:?}");
-    assert_eq!(count("sync", false, 2), 0, "{by_transport:?}");
-    let batched = count("batch", true, 2) + count("batch", false, 2);
-    assert_eq!(batched + conditions, total, "{by_transport:?}");
-    assert_eq!(
-        count("batch", true, 3) + count("batch", false, 3) + count("sync", true, 3),
-        total,
-        "one attempt each: {by_transport:?}"
-    );
-    assert_eq!(
-        count("batch", false, 4),
-        count("batch", false, 2),
-        "every follower read the cache: {by_transport:?}"
-    );
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    let row = &rows[0];
+    assert_eq!(row[0], "batch", "{row:?}");
+    assert_eq!(row[1], total.to_string(), "{row:?}");
+    assert_eq!(row[2], total.to_string(), "one attempt each: {row:?}");
+    if followers_hit {
+        assert_eq!(row[3], row[4], "every follower read the cache: {row:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -114,18 +96,21 @@ async fn two_waves_for_both_providers_read_the_leaders_cache_at_the_batch_price(
         .await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let run_id = run_id_from(&stdout(&out));
-    assert_one_probe_then_batches(&live, &run_id, 4, 36);
-    // Per model: the leaders of the other two contexts in a leader batch,
-    // the probe's followers in a follower batch beside it, then the other
-    // followers once the leaders have ended.
+    assert_two_waves(&live, &run_id, 36, true);
+    // Per model one leader batch (a request per context), then one
+    // follower batch (the other replicates); the first request of each
+    // condition was a free check.
+    let checks = live
+        .sim
+        .arrivals()
+        .iter()
+        .filter(|a| a.request.contains("/models/") || a.request.contains("count_tokens"))
+        .count();
+    assert_eq!(checks, 4, "one check per condition");
     let batches = live.sim.batches();
     let mut sizes: Vec<usize> = batches.iter().map(|b| b.requests).collect();
     sizes.sort_unstable();
-    assert_eq!(
-        sizes,
-        vec![2, 2, 2, 2, 2, 2, 2, 2, 4, 4, 4, 4],
-        "{batches:?}"
-    );
+    assert_eq!(sizes, vec![3, 3, 3, 3, 6, 6, 6, 6], "{batches:?}");
     // Leaders wrote (Anthropic for an hour), followers read.
     let by_role = rows(
         &live,
@@ -150,8 +135,7 @@ async fn two_waves_for_both_providers_read_the_leaders_cache_at_the_batch_price(
             }
         }
     }
-    // Each batch item is priced at half its synchronous price; a probe at
-    // the full price.
+    // Each generation is priced at half its synchronous price.
     let catalog = apex::core::Catalog::built_in();
     let priced = rows(
         &live,
@@ -177,11 +161,8 @@ async fn two_waves_for_both_providers_read_the_leaders_cache_at_the_batch_price(
         let prices = catalog.lookup(provider, &row[1]).unwrap().prices;
         let stored: f64 = row[8].parse().unwrap();
         let synchronous = prices.cost(&usage);
-        let expected = if row[9] == "batch" {
-            synchronous / 2.0
-        } else {
-            synchronous
-        };
+        assert_eq!(row[9], "batch");
+        let expected = synchronous / 2.0;
         assert!(
             (stored - expected).abs() < 1e-9,
             "{row:?}: {stored} vs {expected}"
@@ -197,7 +178,7 @@ async fn two_waves_for_both_providers_read_the_leaders_cache_at_the_batch_price(
     assert_eq!(
         recorded,
         vec![
-            vec!["ended".to_owned(), "follower".into(), "8".into()],
+            vec!["ended".to_owned(), "follower".into(), "4".into()],
             vec!["ended".to_owned(), "leader".into(), "4".into()]
         ]
     );
@@ -213,27 +194,23 @@ async fn a_killed_run_re_attaches_to_its_batches_on_resume() {
         &["prod-gpt5", "prod-sonnet45"],
         &["--replicates", "2"],
     ));
-    // Per model: the leaders of two contexts, and the probe's follower.
-    live.wait_for("the first batches", |l| submitted(l) == 4)
+    live.wait_for("the leader batches", |l| submitted(l) == 2)
         .await;
-    let status = std::process::Command::new("kill")
-        .args(["-KILL", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    crate::signal(&child, "KILL");
     let out = Live::outputs(vec![child]).await.remove(0);
     let run_id = run_id_from(&stdout(&out));
-    assert_eq!(live.sim.batches().len(), 4);
+    assert_eq!(live.sim.batches().len(), 2);
     let out = live.apex(&["run", "--resume", &run_id]).await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    // The batches the killed process submitted were collected; only the
-    // other followers went as new batches, and nothing synchronously but
-    // the first run's probes.
+    // The leaders were collected from the batches the killed process
+    // submitted; only the followers went as new batches.
     let batches = live.sim.batches();
-    let mut sizes: Vec<usize> = batches.iter().map(|b| b.requests).collect();
-    sizes[..4].sort_unstable();
-    assert_eq!(sizes, vec![1, 1, 2, 2, 2, 2], "{batches:?}");
-    assert_eq!(live.sim.requests().len(), 2);
+    assert_eq!(
+        batches.iter().map(|b| b.requests).collect::<Vec<_>>(),
+        vec![3, 3, 3, 3],
+        "{batches:?}"
+    );
+    assert_two_waves(&live, &run_id, 12, true);
     let generations = rows(
         &live,
         &format!(
@@ -306,24 +283,14 @@ async fn expired_and_errored_items_go_into_a_later_batch_and_succeed() {
 async fn apex_cancel_then_one_resume_collects_and_sends_the_rest() {
     let live = live(300, SimulatorConfig::default()).await;
     let child = live.spawn(&slugs(&["prod-opus41"], &["--replicates", "2"]));
-    // The leaders of two contexts and the probe's follower, in flight.
-    live.wait_for("the first batches", |l| submitted(l) == 2)
+    live.wait_for("the leader batch", |l| submitted(l) == 1)
         .await;
-    let status = std::process::Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    crate::signal(&child, "INT");
     let out = Live::outputs(vec![child]).await.remove(0);
     assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
     let run_id = run_id_from(&stdout(&out));
     let cancelled = ok(live.apex(&["cancel", &run_id]).await);
-    assert!(cancelled.contains("cancel 2 batch"), "{cancelled}");
-    let again = ok(live.apex(&["cancel", &run_id]).await);
-    assert!(
-        again.contains("cancel 2 batch") || again.contains("nothing to cancel"),
-        "{again}"
-    );
+    assert!(cancelled.contains("cancel 1 batch"), "{cancelled}");
     // One resume: it reads what the cancelled batches processed (nothing
     // here), sends the rest in new batches, and finishes.
     let out = live.apex(&["run", "--resume", &run_id]).await;
@@ -340,7 +307,7 @@ async fn apex_cancel_then_one_resume_collects_and_sends_the_rest() {
                 "SELECT state, COUNT(*) FROM batches WHERE run_id = '{run_id}' AND state = 'cancelled' GROUP BY 1"
             )
         ),
-        vec![vec!["cancelled".to_owned(), "2".into()]]
+        vec![vec!["cancelled".to_owned(), "1".into()]]
     );
     // Cancelled unprocessed, so unbilled: each generation paid once.
     let paid = rows(
@@ -359,11 +326,11 @@ async fn apex_cancel_then_one_resume_collects_and_sends_the_rest() {
 async fn a_batch_cancelled_while_its_run_waits_stops_the_run() {
     let live = live(300, SimulatorConfig::default()).await;
     let child = live.spawn(&slugs(&["prod-opus41"], &["--replicates", "2"]));
-    live.wait_for("the first batches", |l| submitted(l) == 2)
+    live.wait_for("the leader batch", |l| submitted(l) == 1)
         .await;
     let run_id = rows(&live, "SELECT run_id FROM runs")[0][0].clone();
     let cancelled = ok(live.apex(&["cancel", &run_id]).await);
-    assert!(cancelled.contains("cancel 2 batch"), "{cancelled}");
+    assert!(cancelled.contains("cancel 1 batch"), "{cancelled}");
     let out = Live::outputs(vec![child]).await.remove(0);
     assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
     assert!(
@@ -371,20 +338,12 @@ async fn a_batch_cancelled_while_its_run_waits_stops_the_run() {
         "{}",
         stderr(&out)
     );
-    // Nothing was processed, nothing billed: pending again but the probe.
+    // Nothing was processed, nothing billed: all pending again.
     let pending = rows(
         &live,
-        &format!(
-            "SELECT status, COUNT(*) FROM generations WHERE run_id = '{run_id}' GROUP BY 1 ORDER BY 1"
-        ),
+        &format!("SELECT status, COUNT(*) FROM generations WHERE run_id = '{run_id}' GROUP BY 1"),
     );
-    assert_eq!(
-        pending,
-        vec![
-            vec!["pending".to_owned(), "5".into()],
-            vec!["success".to_owned(), "1".into()]
-        ]
-    );
+    assert_eq!(pending, vec![vec!["pending".to_owned(), "6".into()]]);
     let out = live.apex(&["run", "--resume", &run_id]).await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 }
@@ -448,7 +407,7 @@ async fn a_batch_refused_for_its_size_is_split_at_the_cap_it_names() {
         .filter(|b| b.accepted)
         .map(|b| b.requests)
         .sum();
-    assert_eq!(accepted, 70, "every item but the probes, once");
+    assert_eq!(accepted, 72, "every item, once");
     let err = stderr(&out);
     assert!(
         err.contains("the provider's most requests per batch"),
@@ -680,51 +639,43 @@ async fn a_batch_submitted_just_before_a_crash_is_found_not_sent_again() {
 async fn ctrl_c_stops_waiting_and_leaves_the_batches_running() {
     let live = live(300, SimulatorConfig::default()).await;
     let child = live.spawn(&slugs(&["prod-gpt4o"], &["--replicates", "2"]));
-    // The leaders of two contexts, and the probe's follower.
-    live.wait_for("the first batches", |l| submitted(l) == 2)
+    live.wait_for("the leader batch", |l| submitted(l) == 1)
         .await;
-    let status = std::process::Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    crate::signal(&child, "INT");
     let out = Live::outputs(vec![child]).await.remove(0);
     assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
     let err = stderr(&out);
     assert!(err.contains("keep running at the provider"), "{err}");
     let run_id = run_id_from(&stdout(&out));
     assert!(err.contains(&format!("apex cancel {run_id}")), "{err}");
-    // The batches are still recorded as in flight, their items' attempts
-    // open; a resume goes in batch mode (the run recorded --batch) and
-    // re-attaches to them.
-    assert_eq!(submitted(&live), 2);
+    // The batch is still recorded as in flight, its items' attempts open;
+    // a resume goes in batch mode (the run recorded --batch) and
+    // re-attaches to it.
+    assert_eq!(submitted(&live), 1);
     assert_eq!(
         rows(
             &live,
             "SELECT COUNT(*) FROM attempts WHERE finished_at IS NULL"
         ),
         vec![vec!["3".to_owned()]],
-        "two leaders and a follower in flight"
+        "one leader per context"
     );
     let out = live.apex(&["run", "--resume", &run_id]).await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(
         live.sim.batches().len(),
-        3,
-        "re-attached, then the other followers"
+        2,
+        "re-attached, then the followers"
     );
-    assert_eq!(
-        live.sim.requests().len(),
-        1,
-        "only the first run's probe went alone"
-    );
+    // GPT-4o's cache is in memory only: it does not outlive a 5-minute batch.
+    assert_two_waves(&live, &run_id, 6, false);
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_second_process_leaves_another_live_process_its_batches() {
     let live = live(300, SimulatorConfig::default()).await;
     let first = live.spawn(&slugs(&["prod-sonnet45"], &["--replicates", "2"]));
-    live.wait_for("the first batches", |l| submitted(l) == 2)
+    live.wait_for("the leader batch", |l| submitted(l) == 1)
         .await;
     let run_id = rows(&live, "SELECT run_id FROM runs")[0][0].clone();
     let second = live.apex(&["run", "--resume", &run_id]).await;
@@ -736,9 +687,8 @@ async fn a_second_process_leaves_another_live_process_its_batches() {
     );
     let first = Live::outputs(vec![first]).await.remove(0);
     assert_eq!(first.status.code(), Some(0), "{}", stderr(&first));
-    // The leaders' and the probe follower's batches, then the other
-    // followers': nothing collected or sent twice.
-    assert_eq!(live.sim.batches().len(), 3, "{:?}", live.sim.batches());
+    // One leader and one follower batch: nothing collected or sent twice.
+    assert_eq!(live.sim.batches().len(), 2, "{:?}", live.sim.batches());
     let done = rows(
         &live,
         &format!(
@@ -773,10 +723,9 @@ async fn a_batch_created_whose_answer_is_lost_is_found_not_paid_twice() {
     assert!(err.contains("recorded but never acknowledged"), "{err}");
     // Found and collected, never sent again.
     let run_id = run_id_from(&stdout(&out));
-    assert_one_probe_then_batches(&live, &run_id, 2, 12);
-    let mut sizes: Vec<usize> = live.sim.batches().iter().map(|b| b.requests).collect();
-    sizes.sort_unstable();
-    assert_eq!(sizes, vec![1, 1, 2, 2, 2, 2]);
+    assert_two_waves(&live, &run_id, 12, true);
+    let sizes: Vec<usize> = live.sim.batches().iter().map(|b| b.requests).collect();
+    assert_eq!(sizes, vec![3, 3, 3, 3]);
     let done = rows(
         &live,
         &format!(
@@ -784,4 +733,79 @@ async fn a_batch_created_whose_answer_is_lost_is_found_not_paid_twice() {
         ),
     );
     assert_eq!(done, vec![vec!["12".to_owned(), "12".into()]]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bad_key_or_model_stops_its_condition_before_a_batch_is_paid_for() {
+    // The simulator knows one key: Anthropic gets another. The OpenAI
+    // condition names a model the provider does not have.
+    let live = live(
+        30,
+        SimulatorConfig {
+            api_key: Some("sk-test-openai-0123456789".into()),
+            ..SimulatorConfig::default()
+        },
+    )
+    .await;
+    ok(live.sb.apex(&["conditions", "register", &{
+        let path = live.sb.path("bad.toml");
+        std::fs::write(
+            &path,
+            "[[condition]]\nslug = \"no-such-model\"\nprovider = \"openai\"\nmodel = \"gpt-4o-nonexistent\"\nmax_tokens = 64\n",
+        )
+        .unwrap();
+        path.to_string_lossy().into_owned()
+    }]));
+    let mut env = live.env();
+    env.retain(|(k, _)| *k != "ANTHROPIC_API_KEY");
+    env.push(("ANTHROPIC_API_KEY", "sk-ant-wrong-0000000000".into()));
+    let argv = slugs(
+        &["prod-sonnet45", "no-such-model", "prod-gpt4o"],
+        &["--replicates", "2"],
+    );
+    let out = live.apex_env(&argv, env).await;
+    assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("condition `prod-sonnet45` stopped") && err.contains("authentication"),
+        "{err}"
+    );
+    assert!(
+        err.contains("condition `no-such-model` stopped") && err.contains("not_found"),
+        "{err}"
+    );
+    // One free request each for the two that stopped; only the good
+    // condition's batches were submitted.
+    let checks: Vec<String> = live
+        .sim
+        .arrivals()
+        .into_iter()
+        .map(|a| a.request)
+        .filter(|r| r.contains("/models/") || r.contains("count_tokens"))
+        .collect();
+    assert_eq!(checks.len(), 3, "{checks:?}");
+    let batches = live.sim.batches();
+    assert!(
+        batches
+            .iter()
+            .all(|b| b.provider == apex::core::ProviderKind::OpenAi),
+        "{batches:?}"
+    );
+    assert_eq!(batches.iter().map(|b| b.requests).sum::<usize>(), 6);
+    assert!(live.sim.requests().is_empty());
+    let run_id = run_id_from(&stdout(&out));
+    let left = rows(
+        &live,
+        &format!(
+            "SELECT condition_slug, status, COUNT(*) FROM generations WHERE run_id = '{run_id}' GROUP BY 1, 2 ORDER BY 1, 2"
+        ),
+    );
+    assert_eq!(
+        left,
+        vec![
+            vec!["no-such-model".to_owned(), "pending".into(), "6".into()],
+            vec!["prod-gpt4o".to_owned(), "success".into(), "6".into()],
+            vec!["prod-sonnet45".to_owned(), "pending".into(), "6".into()],
+        ]
+    );
 }

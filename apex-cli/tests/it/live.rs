@@ -826,11 +826,7 @@ async fn first_ctrl_c_finishes_in_flight_requests_and_stops() {
     ]));
     live.wait_for("a request in flight", |l| l.count_in_file("running") > 0)
         .await;
-    let status = std::process::Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    crate::signal(&child, "INT");
     let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
         .await
         .unwrap();

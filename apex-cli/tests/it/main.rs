@@ -145,6 +145,15 @@ pub(crate) fn ok(o: Output) -> String {
     stdout(&o)
 }
 
+/// Sends a signal (`INT`, `KILL`, …) to a process started by a test.
+pub(crate) fn signal(child: &std::process::Child, name: &str) {
+    let status = Command::new("kill")
+        .args([format!("-{name}"), child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{name} failed");
+}
+
 /// The repository's examples directory.
 pub(crate) fn examples() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/production")

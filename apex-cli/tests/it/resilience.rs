@@ -58,17 +58,9 @@ async fn a_second_ctrl_c_records_the_run_as_interrupted() {
     ]));
     live.wait_for("a request in flight", |l| l.count_in_file("running") > 0)
         .await;
-    let pid = child.id().to_string();
-    let interrupt = || {
-        let status = std::process::Command::new("kill")
-            .args(["-INT", &pid])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    };
-    interrupt();
+    crate::signal(&child, "INT");
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    interrupt();
+    crate::signal(&child, "INT");
     let out = finished(child).await;
     assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
     let run_id = run_id_from(&stdout(&out));

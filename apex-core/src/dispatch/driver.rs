@@ -539,6 +539,16 @@ impl Driver<'_> {
                 });
             }
             Action::Notify(event) => self.executor.progress.event(&event),
+            Action::Check(condition) => {
+                let provider = Arc::clone(&self.executor.providers[&condition.provider]);
+                let slug = condition.slug.clone();
+                self.spawn(Task::Check(slug.clone()), async move {
+                    Event::Checked {
+                        outcome: provider.check(&condition).await,
+                        slug,
+                    }
+                });
+            }
             Action::SubmitBatch(submission) => {
                 let batch = submission.batch;
                 let mut requests = Vec::with_capacity(submission.items.len());

@@ -117,6 +117,8 @@ pub enum Task {
     Pacing,
     /// An action on a provider batch.
     Batch(BatchRef),
+    /// [`Action::Check`] of a condition.
+    Check(String),
 }
 
 /// What the driver tells the dispatcher.
@@ -210,6 +212,13 @@ pub enum Event {
     /// [`Action::CloseBatch`] was done: every item's end and the batch's
     /// state are in the ledger.
     BatchClosed(BatchRef),
+    /// The answer to [`Action::Check`].
+    Checked {
+        /// The condition.
+        slug: String,
+        /// Whether the provider would take its key and model.
+        outcome: Result<(), AttemptError>,
+    },
 }
 
 /// What the dispatcher asks the driver to do.
@@ -251,6 +260,10 @@ pub enum Action {
     },
     /// Tell the user.
     Notify(ProgressEvent),
+    /// Ask the provider, with a request that costs nothing, whether it
+    /// would take the condition's key and model (the first request of a
+    /// batch condition); answer with [`Event::Checked`].
+    Check(Arc<Condition>),
     /// Record these attempts as one provider batch, then submit it; answer
     /// with [`Event::BatchSubmitted`].
     SubmitBatch(BatchSubmission),

@@ -715,6 +715,20 @@ impl World {
     }
 }
 
+/// The status an attempt's end leaves its generation in, as the ledger
+/// records it.
+fn status_after(end: &AttemptEnd) -> GenerationStatus {
+    match end {
+        AttemptEnd::Success(_) => GenerationStatus::Success,
+        AttemptEnd::Failed { then, .. } => match then {
+            crate::run::AfterFailure::Error => GenerationStatus::Error,
+            crate::run::AfterFailure::Retry => GenerationStatus::Running,
+            crate::run::AfterFailure::Pending => GenerationStatus::Pending,
+        },
+        AttemptEnd::Abandoned => GenerationStatus::Pending,
+    }
+}
+
 fn warm_usage(prefix: u64) -> Usage {
     warm(prefix)
 }
@@ -772,6 +786,13 @@ impl World {
             } => self.store(generation_id, &end)?,
             Action::Notify(_) => {}
             Action::SubmitBatch(sub) => self.submit_batch(sub)?,
+            Action::Check(condition) => self.at(
+                Duration::from_millis(3),
+                Due::Event(Event::Checked {
+                    slug: condition.slug.clone(),
+                    outcome: Ok(()),
+                }),
+            ),
             Action::FindBatch { batch, .. } => {
                 // Submissions here always answer: never left unknown.
                 prop_assert!(false, "looked for batch {:?} that was answered", batch);
@@ -958,22 +979,7 @@ impl World {
             self.status[&id] != GenerationStatus::Success,
             "stored twice"
         );
-        let status = match end {
-            AttemptEnd::Success(_) => GenerationStatus::Success,
-            AttemptEnd::Failed {
-                then: crate::run::AfterFailure::Error,
-                ..
-            } => GenerationStatus::Error,
-            AttemptEnd::Failed {
-                then: crate::run::AfterFailure::Retry,
-                ..
-            } => GenerationStatus::Running,
-            AttemptEnd::Failed {
-                then: crate::run::AfterFailure::Pending,
-                ..
-            }
-            | AttemptEnd::Abandoned => GenerationStatus::Pending,
-        };
+        let status = status_after(end);
         self.status.insert(id, status);
         Ok(())
     }
@@ -1013,22 +1019,7 @@ impl World {
     }
 
     fn store(&mut self, id: i64, end: &AttemptEnd) -> Result<(), TestCaseError> {
-        let status = match end {
-            AttemptEnd::Success(_) => GenerationStatus::Success,
-            AttemptEnd::Failed {
-                then: crate::run::AfterFailure::Error,
-                ..
-            } => GenerationStatus::Error,
-            AttemptEnd::Failed {
-                then: crate::run::AfterFailure::Pending,
-                ..
-            } => GenerationStatus::Pending,
-            AttemptEnd::Failed {
-                then: crate::run::AfterFailure::Retry,
-                ..
-            } => GenerationStatus::Running,
-            AttemptEnd::Abandoned => GenerationStatus::Pending,
-        };
+        let status = status_after(end);
         prop_assert!(
             self.status[&id] != GenerationStatus::Success,
             "stored twice"

@@ -241,3 +241,34 @@ async fn replicates_sharing_a_body_send_the_same_bytes_built_once() {
     let hashes: Vec<String> = sim.requests().into_iter().map(|r| r.body_hash).collect();
     assert_eq!(hashes, [first.request_hash.clone(), first.request_hash]);
 }
+
+#[tokio::test]
+async fn a_free_request_checks_the_key_and_the_model() {
+    let sim = sim(SimulatorConfig {
+        api_key: Some(KEY.into()),
+        ..SimulatorConfig::default()
+    })
+    .await;
+    for kind in [ProviderKind::OpenAi, ProviderKind::Anthropic] {
+        let base = match kind {
+            ProviderKind::OpenAi => sim.openai_base_url(),
+            ProviderKind::Anthropic => sim.anthropic_base_url(),
+        };
+        let model = match kind {
+            ProviderKind::OpenAi => "gpt-4o",
+            ProviderKind::Anthropic => "claude-sonnet-4-5",
+        };
+        let good = apex_providers::build(kind, config(base.clone(), KEY)).unwrap();
+        let req = request(kind, model, CacheHint::Off);
+        good.check(&req.condition).await.unwrap();
+        let bad_key =
+            apex_providers::build(kind, config(base.clone(), "sk-wrong-0000000000")).unwrap();
+        let e = bad_key.check(&req.condition).await.unwrap_err();
+        assert_eq!(e.class, ErrorClass::Authentication, "{kind}: {e}");
+        let unknown = request(kind, "no-such-model-1", CacheHint::Off);
+        let e = good.check(&unknown.condition).await.unwrap_err();
+        assert_eq!(e.class, ErrorClass::NotFound, "{kind}: {e}");
+    }
+    // Free: nothing was generated, nothing counted.
+    assert!(sim.requests().is_empty());
+}

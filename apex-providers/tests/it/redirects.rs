@@ -142,6 +142,19 @@ async fn no_request_path_follows_a_redirect_with_its_key() {
                 "ANTHROPIC_BASE_URL",
             );
         }
+        // The free check of a key and model.
+        let req = request(ProviderKind::OpenAi, "gpt-4o", CacheHint::Off);
+        assert_refused(
+            "openai check",
+            openai.check(&req.condition).await,
+            "OPENAI_BASE_URL",
+        );
+        let req = request(ProviderKind::Anthropic, "claude-sonnet-4-5", CacheHint::Off);
+        assert_refused(
+            "anthropic check",
+            anthropic.check(&req.condition).await,
+            "ANTHROPIC_BASE_URL",
+        );
 
         // Every Batch API call: submit (OpenAI: the file upload first),
         // find, status, results (OpenAI: the file download), cancel.

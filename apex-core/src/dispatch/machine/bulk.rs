@@ -18,7 +18,7 @@ use super::Dispatcher;
 use crate::condition::{Api, ProviderKind};
 use crate::dispatch::ProgressEvent;
 use crate::dispatch::protocol::{Action, BatchSubmission, ItemOutcome};
-use crate::dispatch::retry::Verdict;
+use crate::dispatch::retry::{RetryPolicy, Verdict};
 use crate::dispatch::waves::{
     self, POLL_FAILURES, POLL_FIRST, POLL_MAX, RESULT_TRIES, Refusal, Warmth,
 };
@@ -29,6 +29,7 @@ use crate::dispatch::work::{
 use crate::provider::{AttemptError, BatchCaps, BatchProgress, ErrorClass, Generated};
 use crate::run::{AttemptEnd, BatchRecord, BatchState, Wave, WorkItem};
 use crate::tokens::Tokenizer;
+use std::sync::Arc;
 
 /// A batch's items as the machine decides them: per item, its verdict,
 /// the outcome kept for when it is stored, and the end the ledger stores.
@@ -41,6 +42,13 @@ impl Dispatcher {
     /// Whether a condition's requests go in provider batches.
     pub(super) fn via_batch(&self, _slug: &str) -> bool {
         self.config.batch.is_some()
+    }
+
+    /// Whether a batch condition's replicates share a cache: caching on
+    /// and more than one replicate (a leader wave, then a follower wave);
+    /// otherwise every request goes on its own, at once, without hints.
+    pub(super) fn batch_shares_cache(&self) -> bool {
+        self.config.cache && self.config.replicates > 1
     }
 
     fn scaled(&self, d: Duration) -> Duration {
@@ -236,9 +244,22 @@ impl Dispatcher {
             };
             let group = &self.groups[&group_id];
             let slug = &group.condition.slug;
-            // A probing condition's first request goes alone, synchronously.
-            if !self.via_batch(slug) || self.gates[slug] != ConditionGate::Open {
+            if !self.via_batch(slug) {
                 continue;
+            }
+            match &self.gates[slug] {
+                ConditionGate::Open => {}
+                ConditionGate::Stopped(_) => continue,
+                // The first request of a condition goes alone: a free one
+                // that checks its key and model before a batch is paid for.
+                ConditionGate::Probing => {
+                    if self.checking.insert(slug.clone()) {
+                        tracing::debug!(condition = %slug, "checking the key and model with a free request");
+                        let condition = Arc::clone(&group.condition);
+                        self.outbox.push_back(Action::Check(condition));
+                    }
+                    continue;
+                }
             }
             let provider = group.condition.provider;
             if let Some(&(_, not_before)) = self.refusals.get(&provider)
@@ -683,6 +704,26 @@ impl Dispatcher {
             state,
             ends,
         });
+    }
+
+    /// The answer to a condition's check: taken, its batches may go; a
+    /// refusal every request would share stops it, before anything is paid.
+    pub(super) fn on_checked(&mut self, slug: &str, outcome: Result<(), AttemptError>) {
+        if !self.checking.remove(slug) {
+            return;
+        }
+        match outcome {
+            Ok(()) => self.open_condition(slug),
+            Err(error) if RetryPolicy::stops_condition(&error) || error.class.hands_back() => {
+                self.stop_condition(slug, error.to_string());
+            }
+            Err(error) => {
+                // A passing failure of the check proves nothing either way:
+                // the batches will tell.
+                tracing::warn!(condition = slug, %error, "could not check the key and model; sending the batches");
+                self.open_condition(slug);
+            }
+        }
     }
 
     pub(super) fn on_batch_found(

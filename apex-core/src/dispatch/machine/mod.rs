@@ -85,6 +85,8 @@ pub struct Dispatcher {
     /// Batch keys known here (submitted or re-attached), so a later claim
     /// does not attach one twice.
     known_batches: HashSet<String>,
+    /// Batch conditions whose key and model are being checked.
+    checking: HashSet<String>,
     /// Batch keys seen held by another live process (said once each).
     foreign_batches: HashSet<String>,
     /// Per (provider, model): the most requests per batch a refusal taught.
@@ -189,6 +191,7 @@ impl Dispatcher {
             next_batch: 0,
             known_batches: HashSet::new(),
             foreign_batches: HashSet::new(),
+            checking: HashSet::new(),
             learned_caps: HashMap::new(),
             queue_limits: HashMap::new(),
             refusals: HashMap::new(),
@@ -336,6 +339,7 @@ impl Dispatcher {
             Event::BatchPolled { batch, outcome } => self.on_batch_polled(batch, outcome),
             Event::BatchFetched { batch, outcome } => self.on_batch_fetched(batch, outcome),
             Event::BatchClosed(batch) => self.on_batch_closed(batch),
+            Event::Checked { slug, outcome } => self.on_checked(&slug, outcome),
         }
         self.maybe_finish_handing_back();
     }
@@ -411,6 +415,7 @@ impl Dispatcher {
         self.in_flight == 0
             && !self.claims.outstanding
             && self.counting.is_empty()
+            && self.checking.is_empty()
             && if self.stopping {
                 !self.batch_action_outstanding()
             } else {
@@ -523,11 +528,8 @@ impl Dispatcher {
                 continue;
             }
             let group = &self.groups[&group_id];
-            // Batch conditions go in bulk, but for their first request: it
-            // goes alone and synchronously (a bad key costs one request).
-            if self.via_batch(&group.condition.slug)
-                && self.gates[&group.condition.slug] != ConditionGate::Probing
-            {
+            // Batch conditions go in bulk.
+            if self.via_batch(&group.condition.slug) {
                 continue;
             }
             let condition = Arc::clone(&group.condition);
@@ -772,6 +774,11 @@ impl Dispatcher {
                 }
                 None => {
                     let (phase, role) = match in_batch {
+                        // Replicates that share no cache in a batch go
+                        // together, each on its own: no leader to wait for.
+                        None if self.via_batch(&condition.slug) && !self.batch_shares_cache() => {
+                            (GroupPhase::Cold, Role::Follower)
+                        }
                         None => (GroupPhase::Queued, Role::Leader),
                         Some((_, Wave::Leader)) => (GroupPhase::LeaderOut, Role::Leader),
                         Some((_, Wave::Follower)) => (GroupPhase::Warm, Role::Follower),
@@ -862,11 +869,15 @@ impl Dispatcher {
                 body: SharedBody::default(),
                 plain_body: SharedBody::default(),
                 warmth: None,
-                shares_cache: via_batch && self.config.cache && self.config.replicates > 1,
+                shares_cache: via_batch && self.batch_shares_cache(),
             },
         );
-        if phase == GroupPhase::Queued {
-            self.queue.leaders.push_back(id);
+        match phase {
+            GroupPhase::Queued => self.queue.leaders.push_back(id),
+            GroupPhase::Cold if via_batch && !self.batch_shares_cache() => {
+                self.queue.followers.push_back(leader.generation_id);
+            }
+            _ => {}
         }
         self.open_group = Some(id);
         id
@@ -1206,6 +1217,12 @@ impl Dispatcher {
                 self.counting.remove(&(version, tokenizer));
             }
             Task::Batch(batch) => self.batch_task_failed(batch),
+            Task::Check(slug) => {
+                // The check itself broke (not the provider's answer): the
+                // batches will tell.
+                self.on_checked(&slug, Ok(()));
+                return;
+            }
             Task::Generation(id) => {
                 if let Phase::Finishing(left) = &mut self.phase {
                     left.remove(&id);
