@@ -259,6 +259,52 @@ async fn seed_sql_runs_verbatim_and_counts_transitions(backend: Backend) {
         vec!["error 1 0", "pending 2 0", "running 1 0", "success 2 1"]
     );
 
+    // The same counts through the typed method the CLI reads.
+    let mut typed: Vec<String> = store
+        .status_counts(&run_id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| format!("{} {} {}", r.status, r.count, r.cache_hits))
+        .collect();
+    typed.sort();
+    assert_eq!(typed, shown);
+    assert_eq!(
+        store.remaining_by_condition(&run_id).await.unwrap(),
+        vec![("c1".to_owned(), 3)],
+        "2 pending + 1 running"
+    );
+    // Every attempt, paged in (generation, attempt) order; the failed one
+    // by its class, the open one in flight.
+    let mut attempts = Vec::new();
+    let mut after = (0, 0);
+    loop {
+        let page = store.attempts_page(&run_id, after, 2).await.unwrap();
+        let Some(last) = page.last() else { break };
+        after = (last.generation_id, last.attempt);
+        attempts.extend(page);
+    }
+    let outcomes: Vec<(i64, u32, &str)> = attempts
+        .iter()
+        .map(|a| (a.generation_id, a.attempt, a.outcome.as_str()))
+        .collect();
+    assert_eq!(
+        outcomes,
+        vec![
+            (items[0].generation_id, 1, "success"),
+            (items[1].generation_id, 1, "success"),
+            (items[2].generation_id, 1, "server_error"),
+            (items[2].generation_id, 2, "server_error"),
+            (items[3].generation_id, 1, "in flight"),
+        ]
+    );
+    assert!(attempts.iter().all(|a| !a.started_at.is_empty()));
+    assert!(attempts[4].finished_at.is_none() && attempts[0].finished_at.is_some());
+    // A success records how it was sent.
+    let page = store.generations_page(&run_id, 0, 10).await.unwrap();
+    assert_eq!(page[0].transport.as_deref(), Some("sync"));
+    assert_eq!(page[2].transport, None);
+
     let errors = store.error_rows(&run_id).await.unwrap();
     assert_eq!(errors.len(), 1);
     assert_eq!(errors[0].prompt_id, "ctx-01");
