@@ -112,6 +112,7 @@ fn limiter(c: &mut Criterion) {
                         input: 128_000,
                         output: 300,
                     }),
+                    now,
                 );
             }
         })
@@ -219,9 +220,9 @@ fn shared_pacing(c: &mut Criterion) {
     let dir = std::env::temp_dir().join(format!("apex-crit-{}", uuid_like()));
     std::fs::create_dir_all(&dir).unwrap();
     let store = Arc::new(SqliteStore::open(&dir.join("ledger.db")).unwrap());
-    let usage: Vec<(String, [u64; 3])> = ["a", "b", "c", "d"]
+    let usage: Vec<(String, [u64; 3], u64)> = ["a", "b", "c", "d"]
         .iter()
-        .map(|m| (format!("openai/model-{m}"), [40, 400_000, 0]))
+        .map(|m| (format!("openai/model-{m}"), [40, 400_000, 0], 100))
         .collect();
     let minute = Duration::from_secs(60);
     // Three other processes already share the same four models.

@@ -11,6 +11,10 @@
 //! Prints generations per second (execution only: planning and ingest are
 //! timed apart) and the process's peak resident memory (VmHWM).
 
+#[path = "support/runs.rs"]
+#[allow(dead_code)]
+mod runs;
+use runs::plan_and_record;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
@@ -19,10 +23,7 @@ use anyhow::{Context, Result};
 use apex::core::executor::{Executor, NoProgress, RunOptions};
 use apex::core::limiter::LimitTable;
 use apex::core::testing::InstantProvider;
-use apex::core::{
-    Catalog, Condition, ContextPackage, NewRun, Plan, PlanOptions, Provider, ProviderKind, RunId,
-    Store,
-};
+use apex::core::{Catalog, Condition, ContextPackage, Provider, ProviderKind, Store};
 use apex::store::SqliteStore;
 
 fn peak_rss_mib() -> Option<f64> {
@@ -84,27 +85,8 @@ async fn main() -> Result<()> {
             .collect::<apex::core::Result<Vec<_>>>()?;
         store.ingest_packages(&packages).await?;
     }
-    let plan = Plan::build(
-        vec![condition],
-        store.current_packages().await?,
-        PlanOptions {
-            replicates,
-            limit: None,
-        },
-    )?;
-    let run_id = RunId::generate();
-    store
-        .create_run(
-            &NewRun {
-                run_id: run_id.clone(),
-                created_by: None,
-                notes: None,
-                flags: serde_json::json!({}),
-                dry_run: false,
-            },
-            &plan,
-        )
-        .await?;
+    let (run_id, _) =
+        plan_and_record(&*store, vec![condition], replicates, serde_json::json!({})).await?;
     let setup = started.elapsed();
 
     let provider = Arc::new(InstantProvider::new(ProviderKind::Anthropic, 100));

@@ -48,15 +48,20 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use apex::core::executor::{Executor, NoProgress, RunOptions};
 use apex::core::limiter::LimitTable;
-use apex::core::{
-    Catalog, ContextPackage, NewRun, Plan, PlanOptions, Provider, ProviderKind, RunId, SqlValue,
-    Store,
-};
+use apex::core::{Catalog, ContextPackage, Plan, Provider, ProviderKind, RunId, SqlValue, Store};
 use apex::store::SqliteStore;
 use apex_providers::simulator::{
     LimitRules, Replenish, SimLimits, Simulator, SimulatorConfig, TokenCount,
 };
 use apex_providers::{ApiKey, ProviderConfig};
+
+#[path = "support/bounds.rs"]
+mod bounds;
+#[path = "support/runs.rs"]
+#[allow(dead_code)]
+mod runs;
+use bounds::{bucket_floor, count_floor, limit_floor};
+use runs::plan_and_record;
 
 const REPLICATES: u32 = 3;
 
@@ -86,36 +91,6 @@ fn by_context(rows: &[Vec<SqlValue>]) -> Vec<(f64, Vec<&Vec<SqlValue>>)> {
             (prefix, group)
         })
         .collect()
-}
-
-/// The least time one limit allows for demand `d` in requests of at most `a`.
-fn limit_floor(d: f64, a: f64, l: f64) -> f64 {
-    if l <= 0.0 || d <= 0.0 {
-        return 0.0;
-    }
-    let whole = if a > 0.0 && a <= l {
-        60.0 * (((d / a).floor() / (l / a).floor()).ceil() - 1.0).max(0.0)
-    } else {
-        0.0
-    };
-    whole.max(60.0 * (d / l - 1.0).max(0.0))
-}
-
-/// The least time one limit allows counting requests: of the n largest
-/// requests (each at least t), at most ⌊L/t⌋ share a window, so they need
-/// ⌈n / ⌊L/t⌋⌉ windows; the largest over n. Tighter than `limit_floor` when
-/// requests are nearly equal (⌊D/a⌋ then loses one).
-fn count_floor(charges: &[f64], l: f64) -> f64 {
-    let mut sorted: Vec<f64> = charges.iter().copied().filter(|c| *c > 0.0).collect();
-    sorted.sort_by(|a, b| b.total_cmp(a));
-    let mut windows: f64 = 0.0;
-    for (i, t) in sorted.iter().enumerate() {
-        let per = (l / t).floor();
-        if per >= 1.0 {
-            windows = windows.max(((i + 1) as f64 / per).ceil());
-        }
-    }
-    60.0 * (windows - 1.0).max(0.0)
 }
 
 #[tokio::main]
@@ -216,29 +191,14 @@ async fn main() -> Result<()> {
         )?;
         store.ingest_packages(&[package]).await?;
     }
-    let plan = Plan::build(
+    let (run_id, plan) = plan_and_record(
+        &*store,
         conditions.clone(),
-        store.current_packages().await?,
-        PlanOptions {
-            replicates: REPLICATES,
-            limit: None,
-        },
-    )?;
+        REPLICATES,
+        serde_json::json!({"bench": "production", "time_scale": scale}),
+    )
+    .await?;
     apex::core::executor::check_limits(&catalog, &limits, &plan.conditions, &plan.packages)?;
-    let run_id = RunId::generate();
-    let flags = serde_json::json!({"bench": "production", "time_scale": scale});
-    store
-        .create_run(
-            &NewRun {
-                run_id: run_id.clone(),
-                created_by: Some("bench".into()),
-                notes: None,
-                flags,
-                dry_run: false,
-            },
-            &plan,
-        )
-        .await?;
 
     let mut providers: HashMap<ProviderKind, Arc<dyn Provider>> = HashMap::new();
     for (kind, base) in [
@@ -357,20 +317,29 @@ async fn main() -> Result<()> {
         let (d_in, a_in) = demand(|x| x.0);
         let (d_out, a_out) = demand(|x| x.1);
         let n = ok.len() as f64;
-        let mut bound = l.rpm.map_or(0.0, |rpm| limit_floor(n, 1.0, rpm as f64));
         let in_limit = match c.provider {
             ProviderKind::Anthropic => l.itpm,
             ProviderKind::OpenAi => l.tpm,
         };
         let ins: Vec<f64> = per_request.iter().map(|x| x.0).collect();
         let outs: Vec<f64> = per_request.iter().map(|x| x.1).collect();
-        bound = bound.max(in_limit.map_or(0.0, |lim| {
-            limit_floor(d_in, a_in, lim as f64).max(count_floor(&ins, lim as f64))
-        }));
-        bound = bound.max(l.otpm.map_or(0.0, |lim| {
-            limit_floor(d_out, a_out, lim as f64).max(count_floor(&outs, lim as f64))
-        }));
-        bound += 2.0 * mean_latency;
+        let bound = if rules(c.provider)?.replenish == Replenish::TokenBucket {
+            // A burst of each bucket's size, then its refill, overlapping
+            // the first answer; the last answer a latency after.
+            let mut bound = l.rpm.map_or(0.0, |rpm| bucket_floor(n, rpm as f64));
+            bound = bound.max(in_limit.map_or(0.0, |lim| bucket_floor(d_in, lim as f64)));
+            bound = bound.max(l.otpm.map_or(0.0, |lim| bucket_floor(d_out, lim as f64)));
+            bound.max(mean_latency) + mean_latency
+        } else {
+            let mut bound = l.rpm.map_or(0.0, |rpm| limit_floor(n, 1.0, rpm as f64));
+            bound = bound.max(in_limit.map_or(0.0, |lim| {
+                limit_floor(d_in, a_in, lim as f64).max(count_floor(&ins, lim as f64))
+            }));
+            bound = bound.max(l.otpm.map_or(0.0, |lim| {
+                limit_floor(d_out, a_out, lim as f64).max(count_floor(&outs, lim as f64))
+            }));
+            bound + 2.0 * mean_latency
+        };
 
         // The least cost caching allows: per context one write of the
         // cacheable prefix, reads for the other replicates.

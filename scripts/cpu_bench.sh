@@ -2,10 +2,13 @@
 # Client CPU per generation: user + system CPU of the `apex run` process
 # (the simulator runs in its own process), for N contexts of T tokens x R
 # replicates over HTTP, with the default tier limits switched off so the
-# figure is CPU, not waiting.
+# figure is CPU, not waiting. PACED=1 paces as a plain run does (limits
+# learned from the simulator's headers, the published tiers): what pacing
+# costs is the difference. TIME_SCALE (default 0.001) sets both clocks.
 #
 #   scripts/cpu_bench.sh [APEX_BINARY] [CONTEXTS] [TOKENS] [REPLICATES]
 #   scripts/cpu_bench.sh                                   # ./target/release/apex 21 100000 3
+#   PACED=1 scripts/cpu_bench.sh
 #
 # Prints one line: generations, user_s, sys_s, cpu_s per 100 generations,
 # wall_s, peak RSS. Ingest (which counts tokens once per context) is
@@ -22,7 +25,8 @@ work=$(mktemp -d)
 . scripts/simulator.sh
 trap 'stop_simulator; rm -rf "$work"' EXIT
 cargo run --release --locked -q --example make_contexts -- "$work/contexts" "$contexts" "$tokens" >/dev/null
-start_simulator "$bin" sk-bench "$work" --time-scale 0.001 --latency-ms 400
+scale=${TIME_SCALE:-0.001}
+start_simulator "$bin" sk-bench "$work" --time-scale "$scale" --latency-ms 400
 db="sqlite://$work/bench.db"
 apex() { "$bin" --log-level warn --database-url "$db" "$@"; }
 apex conditions register examples/production/conditions.toml >/dev/null
@@ -33,7 +37,8 @@ printf 'ingest  %d contexts x %d tokens: user %.2f s, sys %.2f s, wall %.2f s, p
   "$contexts" "$tokens" "$iu" "$is" "$ie" $((im / 1024))
 read -r u s e m < <(measure "$bin" --log-level warn --database-url "$db" run \
   --condition-slug prod-gpt5 --condition-slug prod-gpt4o --condition-slug prod-sonnet45 \
-  --condition-slug prod-opus41 --allow-retired --replicates "$replicates" --no-rate-limiting --time-scale 0.001)
+  --condition-slug prod-opus41 --allow-retired --replicates "$replicates" \
+  $([ "${PACED:-0}" = 1 ] || echo --no-rate-limiting) --time-scale "$scale")
 n=$(( contexts * 4 * replicates ))
 awk -v n="$n" -v u="$u" -v s="$s" -v e="$e" -v m="$m" 'BEGIN {
   printf "run     %d generations: user %.2f s, sys %.2f s, cpu %.3f s per 100 generations, wall %.2f s, peak RSS %d MiB\n",

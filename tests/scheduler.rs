@@ -593,7 +593,7 @@ impl Store for FailingEnd {
     async fn share_pacing(
         &self,
         worker: &str,
-        usage: &[(String, [u64; 3])],
+        usage: &[(String, [u64; 3], u64)],
         fresh_within: Duration,
     ) -> apex::core::Result<Vec<apex::core::PacingShare>> {
         self.inner.share_pacing(worker, usage, fresh_within).await

@@ -68,8 +68,9 @@ pub use context::{ContextPackage, PackageSources, SourceFile};
 pub use error::{Error, Result};
 pub use plan::{Cell, PackageRef, Plan, PlanOptions};
 pub use provider::{
-    AttemptError, CacheControls, CacheHint, CacheTtl, ErrorClass, Generated, GenerationRequest,
-    PreparedBody, Provider, RateLimitSnapshot, RequestPreview, SharedBody, Usage,
+    AttemptError, CacheControls, CacheHint, CacheTtl, ErrorClass, FirstEvent, Generated,
+    GenerationRequest, PreparedBody, Provider, RateLimitSnapshot, RequestPreview, SharedBody,
+    Usage,
 };
 pub use run::{
     AfterFailure, AttemptEnd, AttemptRow, ErrorRow, GenerationResult, GenerationRow,

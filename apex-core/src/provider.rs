@@ -144,6 +144,32 @@ pub struct GenerationRequest {
     pub body: SharedBody,
     /// An item of a provider batch: never streamed (a batch answers whole).
     pub in_batch: bool,
+    /// Told when the answer's first event arrives: the request is streamed
+    /// (whatever its condition says), and what waits for the provider to
+    /// have begun answering (followers reading the cache it writes) goes.
+    pub first_event: Option<FirstEvent>,
+}
+
+/// A signal given once, when a streamed answer's first event arrives.
+#[derive(Clone)]
+pub struct FirstEvent(Arc<dyn Fn() + Send + Sync>);
+
+impl FirstEvent {
+    /// A signal that calls `notify`.
+    pub fn new(notify: impl Fn() + Send + Sync + 'static) -> Self {
+        Self(Arc::new(notify))
+    }
+
+    /// Gives the signal.
+    pub fn fire(&self) {
+        (self.0)();
+    }
+}
+
+impl std::fmt::Debug for FirstEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FirstEvent")
+    }
 }
 
 impl GenerationRequest {
@@ -164,13 +190,14 @@ impl GenerationRequest {
             trace: None,
             body: SharedBody::default(),
             in_batch: false,
+            first_event: None,
         }
     }
 
-    /// Whether this request is sent as a stream: its condition streams and
-    /// it is not a batch item.
+    /// Whether this request is sent as a stream: its condition streams (or
+    /// something waits for its first event) and it is not a batch item.
     pub fn streams(&self) -> bool {
-        self.condition.streams() && !self.in_batch
+        (self.condition.streams() || self.first_event.is_some()) && !self.in_batch
     }
 }
 

@@ -58,6 +58,9 @@ pub struct PacingShare {
     /// What the other members count in their current windows: requests,
     /// input-side tokens, output tokens.
     pub others: [u64; 3],
+    /// The unfinished generations of this key's model the other members
+    /// hold: the limits are split in proportion to the work held.
+    pub others_work: u64,
 }
 
 /// A registered condition and whether a run has used it.
@@ -196,14 +199,16 @@ pub trait Store: Send + Sync {
     async fn release_claims(&self, run_id: &RunId, worker: &str) -> Result<()>;
 
     /// Shares rate-limit budgets among the processes using this ledger:
-    /// records what `worker` counts in its window per limiter key (keys
-    /// listed with zeros too: it paces them), and returns, per key any live
-    /// member paces, how many members there are (those that shared within
-    /// `fresh_within`) and what the others count. One round trip.
+    /// records what `worker` counts in its window per limiter key and how
+    /// much of that model's work it holds (unfinished generations), and
+    /// returns, per key any live member paces, how many members hold work
+    /// for it (those that shared within `fresh_within`; the caller always
+    /// counts), what the others count and the work they hold. One round
+    /// trip.
     async fn share_pacing(
         &self,
         worker: &str,
-        usage: &[(String, [u64; 3])],
+        usage: &[(String, [u64; 3], u64)],
         fresh_within: std::time::Duration,
     ) -> Result<Vec<PacingShare>>;
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use apex_core::context::sha256_hex;
-use apex_core::provider::ErrorClass;
+use apex_core::provider::{ErrorClass, FirstEvent};
 use apex_core::{
     Api, AttemptError, Generated, GenerationRequest, Provider, ProviderKind, RequestPreview,
 };
@@ -203,7 +203,10 @@ impl<W: Wire> Provider for HttpProvider<W> {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("text/event-stream"));
         if status == 200 && is_event_stream {
-            let parsed = self.read_stream(response).await.map_err(&failed)?;
+            let parsed = self
+                .read_stream(response, request.first_event.as_ref())
+                .await
+                .map_err(&failed)?;
             tracing::debug!(url = %self.url, status, request_id = request_id.as_deref().unwrap_or(""), ?rate_limits, "stream completed");
             return Ok(self.generated(request, parsed, request_id, request_hash, rate_limits));
         }
@@ -242,6 +245,7 @@ impl<W: Wire> HttpProvider<W> {
     async fn read_stream(
         &self,
         mut response: reqwest::Response,
+        mut first_event: Option<&FirstEvent>,
     ) -> Result<ParsedResponse, (ErrorClass, String)> {
         let mut parser = SseParser::default();
         let mut state = StreamState::default();
@@ -271,6 +275,11 @@ impl<W: Wire> HttpProvider<W> {
             };
             for event in parser.feed(&chunk).map_err(|m| (ErrorClass::Decode, m))? {
                 W::stream_event(&mut state, &event)?;
+                // The provider has begun answering (`message_start`, the
+                // first chunk): told once.
+                if let Some(signal) = first_event.take() {
+                    signal.fire();
+                }
             }
             if state.complete {
                 // Everything after the final event is ignored.

@@ -52,6 +52,7 @@
 //!     trace: None,
 //!     body: SharedBody::default(),
 //!     in_batch: false,
+//!     first_event: None,
 //! };
 //! let preview = provider.preview(&request);
 //! assert_eq!(preview.url, "http://127.0.0.1:9/v1/messages");

@@ -54,7 +54,8 @@ pub struct SimulatorConfig {
     pub time_scale: f64,
     /// Time to first byte of a response, before scaling.
     pub base_latency: Duration,
-    /// Extra time per uncached input token, before scaling.
+    /// Extra time per input token processed (not read from the cache;
+    /// written to it counts), before scaling.
     pub per_input_token: Duration,
     /// Extra time per output token, before scaling.
     pub per_output_token: Duration,
@@ -204,7 +205,8 @@ pub struct RequestRecord {
     pub body: Arc<Value>,
     /// When it arrived, from the simulator's start.
     pub arrived: Duration,
-    /// When it was answered, from the simulator's start.
+    /// When it was answered (a stream: when its last event went), from the
+    /// simulator's start.
     pub answered: Duration,
     /// What its limiter finally charged it, by the simulator's own count:
     /// requests, input-side tokens (OpenAI: all of TPM) and output tokens
@@ -982,14 +984,17 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Repl
         }
         let charge_id = charge_id.expect("admitted above");
         let answer = s.answer(api, &parsed, (uncached, cache_read, cache_write));
+        // The input is processed before the first byte: what is not read
+        // from the cache, including what is written to it.
+        let processed = uncached + cache_write;
         let latency = s.scaled(
             s.config.base_latency
-                + s.config.per_input_token.mul_f64(uncached as f64)
+                + s.config.per_input_token.mul_f64(processed as f64)
                 + s.config.per_output_token.mul_f64(answer.output as f64),
         );
         let ttl = s.scaled(parsed.ttl);
         let first_byte =
-            s.scaled(s.config.base_latency + s.config.per_input_token.mul_f64(uncached as f64));
+            s.scaled(s.config.base_latency + s.config.per_input_token.mul_f64(processed as f64));
         Accepted {
             first_byte,
             answer_fault,
@@ -1027,17 +1032,36 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Repl
         let expires = Instant::now() + ttl;
         s.cache.insert(k.clone(), expires);
     }
-    // Settle the output reservation to what was produced.
+    // Settle the output reservation to what was produced, when the answer
+    // ends (Anthropic adjusts OTPM at the end; a stream ends after its
+    // text).
     let settled = match key.0 {
         ProviderKind::OpenAi => [1, charged[1] - parsed.max_tokens + output, 0],
         ProviderKind::Anthropic => [1, charged[1], output],
     };
-    if let Some(account) = s.accounts.get_mut(&key) {
+    if parsed.stream {
+        let (state, key, spread) = (
+            Arc::clone(&state),
+            key.clone(),
+            latency.saturating_sub(first_byte),
+        );
+        tokio::spawn(async move {
+            tokio::time::sleep(spread).await;
+            let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(account) = s.accounts.get_mut(&key) {
+                account.settle(charge_id, charged, settled);
+            }
+        });
+    } else if let Some(account) = s.accounts.get_mut(&key) {
         account.settle(charge_id, charged, settled);
     }
     record(&mut s, 200, answer.cache_read, answer.cache_write);
     if let Some(last) = s.log.back_mut() {
         last.charged = settled;
+        if parsed.stream {
+            // A stream is answered when its last event has gone.
+            last.answered += latency.saturating_sub(first_byte);
+        }
     }
     let stall = s.scaled(Duration::from_secs(3600));
     drop(s);

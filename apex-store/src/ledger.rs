@@ -647,14 +647,16 @@ pub(crate) async fn claim_work(
 
 static PACING_RECORD: Statement = Statement::new(
     "INSERT INTO apex_audition.pacing
-       (bucket_key, worker, seen_ms, requests, input_tokens, output_tokens)
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+       (bucket_key, worker, seen_ms, requests, input_tokens, output_tokens, work)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
      ON CONFLICT (bucket_key, worker) DO UPDATE SET seen_ms = excluded.seen_ms,
        requests = excluded.requests, input_tokens = excluded.input_tokens,
-       output_tokens = excluded.output_tokens",
+       output_tokens = excluded.output_tokens, work = excluded.work",
 );
 static PACING_SHARES: Statement = Statement::new(
-    "SELECT bucket_key, COUNT(*) AS members,
+    "SELECT bucket_key,
+            CAST(COUNT(CASE WHEN work > 0 OR worker = ?1 THEN 1 END) AS BIGINT) AS members,
+            CAST(COALESCE(SUM(CASE WHEN worker <> ?1 THEN work ELSE 0 END), 0) AS BIGINT) AS others_work,
             CAST(COALESCE(SUM(CASE WHEN worker <> ?1 THEN requests ELSE 0 END), 0) AS BIGINT) AS requests,
             CAST(COALESCE(SUM(CASE WHEN worker <> ?1 THEN input_tokens ELSE 0 END), 0) AS BIGINT) AS input_tokens,
             CAST(COALESCE(SUM(CASE WHEN worker <> ?1 THEN output_tokens ELSE 0 END), 0) AS BIGINT) AS output_tokens
@@ -672,14 +674,14 @@ fn epoch_ms() -> i64 {
 pub(crate) async fn share_pacing(
     tx: &mut impl Tx,
     worker: &str,
-    usage: &[(String, [u64; 3])],
+    usage: &[(String, [u64; 3], u64)],
     fresh_within: std::time::Duration,
 ) -> CoreResult<Vec<PacingShare>> {
     let now = epoch_ms();
-    for (key, [requests, input, output]) in usage {
+    for (key, [requests, input, output], work) in usage {
         tx.execute(
             &PACING_RECORD,
-            params![key.as_str(), worker, now, *requests, *input, *output],
+            params![key.as_str(), worker, now, *requests, *input, *output, *work],
         )
         .await?;
     }
@@ -691,6 +693,7 @@ pub(crate) async fn share_pacing(
             Ok(PacingShare {
                 key: r.text("bucket_key")?,
                 members: r.u32("members")?,
+                others_work: r.u64("others_work")?,
                 others: [
                     r.u64("requests")?,
                     r.u64("input_tokens")?,

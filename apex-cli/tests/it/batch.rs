@@ -568,6 +568,7 @@ async fn a_batch_submitted_just_before_a_crash_is_found_not_sent_again() {
                     trace: None,
                     body: Default::default(),
                     in_batch: true,
+                    first_event: None,
                 },
             ));
         }

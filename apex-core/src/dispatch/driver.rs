@@ -17,7 +17,7 @@ use crate::catalog::Catalog;
 use crate::condition::ProviderKind;
 use crate::context::ContextPackage;
 use crate::error::{Error, Result};
-use crate::provider::Provider;
+use crate::provider::{FirstEvent, Provider};
 use crate::run::{AttemptEnd, RunId, RunState, UnstoredResult};
 use crate::store::Store;
 use crate::tokens::Tokenizer;
@@ -105,6 +105,7 @@ impl Executor {
             closing: HashMap::new(),
             unstored: Vec::new(),
             next_pacing_report: now(),
+            began: tokio::sync::mpsc::unbounded_channel(),
         };
         let summary = driver.run().await;
         let unstored = std::mem::take(&mut driver.unstored);
@@ -313,6 +314,11 @@ struct Driver<'a> {
     unstored: Vec<UnstoredResult>,
     /// When the display next hears how each model is paced.
     next_pacing_report: Instant,
+    /// Leaders whose streamed answers have begun, told by their requests.
+    began: (
+        tokio::sync::mpsc::UnboundedSender<GenerationId>,
+        tokio::sync::mpsc::UnboundedReceiver<GenerationId>,
+    ),
 }
 
 /// How often a display hears how each model is paced.
@@ -353,6 +359,9 @@ impl Driver<'_> {
                     };
                     self.track_stored(&event);
                     self.machine.handle(event, now());
+                }
+                Some(id) = self.began.1.recv() => {
+                    self.machine.handle(Event::AnswerBegun(id), now());
                 }
                 () = tokio::time::sleep_until(sleep_until), if wake.is_some() => {
                     self.machine.handle_timeout(now());
@@ -649,7 +658,17 @@ impl Driver<'_> {
     async fn send(&mut self, attempt: Attempt) {
         let id = attempt.generation_id;
         let request = match self.request(&attempt, false).await {
-            Ok(request) => request,
+            Ok(mut request) => {
+                if attempt.leads {
+                    let began = self.began.0.clone();
+                    request.first_event = Some(FirstEvent::new(move || {
+                        // The driver outlives its requests; a closed channel
+                        // means it has stopped listening.
+                        let _ = began.send(id);
+                    }));
+                }
+                request
+            }
             Err(error) => {
                 let task = Task::Generation(id);
                 self.machine.handle(Event::Failed { task, error }, now());

@@ -71,6 +71,9 @@ pub struct Attempt {
     pub cache_controls: CacheControls,
     /// The body, shared by every attempt of the group with this hint.
     pub body: SharedBody,
+    /// Its group's followers wait for it: it is streamed, and its first
+    /// event ([`Event::AnswerBegun`]) lets them go.
+    pub leads: bool,
 }
 
 impl Attempt {
@@ -84,7 +87,13 @@ impl Attempt {
     ) -> crate::provider::GenerationRequest {
         crate::provider::GenerationRequest {
             trace: Some(format!("{run_id}/{}/{}", self.generation_id, self.attempt)),
-            body: self.body.clone(),
+            // A leader streamed only for its followers has a body of its
+            // own (the group's says whether the condition streams).
+            body: if self.leads && !self.condition.streams() {
+                SharedBody::default()
+            } else {
+                self.body.clone()
+            },
             in_batch,
             ..crate::provider::GenerationRequest::new(
                 Arc::clone(&self.condition),
@@ -154,6 +163,9 @@ pub enum Event {
     Began(GenerationId),
     /// [`Action::Begin`] was refused: another worker took the claim over.
     NotClaimable(GenerationId),
+    /// A leader's streamed answer has begun: the provider serves its cache
+    /// from now on.
+    AnswerBegun(GenerationId),
     /// The answer to [`Action::Send`].
     Finished {
         /// The generation.
@@ -234,7 +246,7 @@ pub enum Action {
     Renew,
     /// Tell the other processes what this one counts per limiter key and
     /// learn what they count; answer with [`Event::PacingShared`].
-    SharePacing(Vec<(String, [u64; 3])>),
+    SharePacing(Vec<(String, [u64; 3], u64)>),
     /// Count a package's tokens; answer with [`Event::Counted`].
     CountTokens {
         /// The package id.

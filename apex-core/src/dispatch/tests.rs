@@ -14,7 +14,7 @@ use proptest::prelude::*;
 use super::*;
 use crate::catalog::Catalog;
 use crate::condition::{Condition, ProviderKind};
-use crate::provider::{AttemptError, ErrorClass, Generated, RateLimitSnapshot, Usage};
+use crate::provider::{AttemptError, CacheHint, ErrorClass, Generated, RateLimitSnapshot, Usage};
 use crate::run::{AttemptEnd, GenerationStatus, WorkItem};
 use crate::tokens::Tokenizer;
 
@@ -354,6 +354,56 @@ fn warm_followers_are_reserved_as_cache_readers() {
     assert_eq!(begins(&store_all(&mut m, now)), vec![2, 3]);
     let itpm = m.window_usage("c", now).unwrap()[1];
     assert_eq!(itpm, prefix + REST + 2 * REST);
+}
+
+#[test]
+fn followers_go_at_their_leaders_first_event_and_stay_warm() {
+    let now = Instant::now();
+    let (mut m, actions) = started(
+        config(8, false),
+        &["c"],
+        plan(&["c"], 1, 3),
+        LimitTable::none(),
+        PREFIX,
+        now,
+    );
+    let leads = |actions: &[Action], id: i64| {
+        actions.iter().find_map(|a| match a {
+            Action::Begin(a) | Action::Send(a) if a.generation_id == id => Some(a.leads),
+            _ => None,
+        })
+    };
+    assert_eq!(leads(&actions, 1), Some(true), "followers wait on it");
+    m.handle(Event::Began(1), now);
+    let sent = drain(&mut m, now);
+    assert_eq!(leads(&sent, 1), Some(true), "streamed for its followers");
+    assert!(
+        begins(&sent).is_empty(),
+        "followers wait for the answer to begin"
+    );
+    // The leader's answer begins: its followers go, reading its cache,
+    // while it is still answering.
+    m.handle(Event::AnswerBegun(1), now);
+    let released = drain(&mut m, now);
+    assert_eq!(begins(&released), vec![2, 3]);
+    for action in &released {
+        if let Action::Begin(a) = action {
+            assert!(!a.leads);
+            assert!(matches!(a.cache, CacheHint::On(_)));
+        }
+    }
+    // The leader then fails: the cache was written, the followers stay
+    // warm (a retry of the leader is its own affair).
+    m.handle(
+        Event::Finished {
+            generation_id: 1,
+            outcome: Box::new(Err(error(ErrorClass::InvalidRequest))),
+            latency_ms: 1,
+        },
+        now,
+    );
+    store_all(&mut m, now);
+    assert_eq!(m.cache_role_of(2), Some(CacheRole::Reads));
 }
 
 #[test]

@@ -247,22 +247,30 @@ async fn responses_api_plain_cached_and_reasoning() {
     assert!(e.message.contains("unsupported_value"), "{}", e.message);
 }
 
+/// A model of each API: Chat Completions, Responses, Messages.
+fn three_apis<'a>(
+    openai: &'a OpenAiProvider,
+    anthropic: &'a AnthropicProvider,
+) -> Vec<(&'a dyn Provider, ProviderKind, &'static str, Api)> {
+    vec![
+        (openai, ProviderKind::OpenAi, "gpt-4o", Api::Chat),
+        (openai, ProviderKind::OpenAi, "gpt-6-luna", Api::Responses),
+        (
+            anthropic,
+            ProviderKind::Anthropic,
+            "claude-opus-5-5",
+            Api::Chat,
+        ),
+    ]
+}
+
 /// The same answer streamed and in one body: text, usage and finish
 /// reason agree, for each of the three APIs.
 #[tokio::test]
 async fn streamed_answers_equal_whole_ones() {
     let sim = sim().await;
     let (openai, anthropic) = clients(&sim, Duration::from_secs(5));
-    let cases: Vec<(&dyn Provider, ProviderKind, &str, Api)> = vec![
-        (&openai, ProviderKind::OpenAi, "gpt-4o", Api::Chat),
-        (&openai, ProviderKind::OpenAi, "gpt-6-luna", Api::Responses),
-        (
-            &anthropic,
-            ProviderKind::Anthropic,
-            "claude-opus-5-5",
-            Api::Chat,
-        ),
-    ];
+    let cases = three_apis(&openai, &anthropic);
     for (provider, kind, model, api) in cases {
         let whole = current(kind, model, CacheHint::Off, |c| c.api = api);
         let streamed = current(kind, model, CacheHint::Off, |c| {
@@ -284,6 +292,36 @@ async fn streamed_answers_equal_whole_ones() {
         );
         let log = sim.requests();
         assert_eq!(log.last().unwrap().body["stream"], json!(true), "{model}");
+    }
+}
+
+/// A request something waits on is streamed though its condition is not,
+/// and says so at its first event, once, before its answer ends: for each
+/// of the three APIs.
+#[tokio::test]
+async fn the_first_event_is_told_while_the_answer_streams() {
+    let sim = sim().await;
+    let (openai, anthropic) = clients(&sim, Duration::from_secs(5));
+    let cases = three_apis(&openai, &anthropic);
+    for (provider, kind, model, api) in cases {
+        let told: Arc<std::sync::Mutex<Vec<std::time::Instant>>> = Arc::default();
+        let mut request = current(kind, model, CacheHint::Off, |c| c.api = api);
+        let record = Arc::clone(&told);
+        request.first_event = Some(apex_core::FirstEvent::new(move || {
+            record.lock().unwrap().push(std::time::Instant::now());
+        }));
+        let sent = std::time::Instant::now();
+        let answer = provider.generate(&request).await.unwrap();
+        let ended = std::time::Instant::now();
+        assert!(!answer.text.is_empty(), "{model}");
+        let told = told.lock().unwrap().clone();
+        assert_eq!(told.len(), 1, "{model}: told once");
+        assert!(sent <= told[0] && told[0] < ended, "{model}");
+        assert_eq!(
+            sim.requests().last().unwrap().body["stream"],
+            json!(true),
+            "{model}"
+        );
     }
 }
 

@@ -42,6 +42,7 @@ pub(crate) fn request(provider: ProviderKind, model: &str, cache: CacheHint) -> 
         trace: None,
         body: apex_core::SharedBody::default(),
         in_batch: false,
+        first_event: None,
     }
 }
 

@@ -34,6 +34,7 @@ const MIGRATIONS: &[(&str, &str)] = &[
     ("pacing", include_str!("0005_pacing.sql")),
     ("batches", include_str!("0006_batches.sql")),
     ("transport", include_str!("0007_transport.sql")),
+    ("pacing_work", include_str!("0008_pacing_work.sql")),
 ];
 
 type CoreResult<T> = apex_core::Result<T>;
@@ -461,7 +462,7 @@ impl Store for PostgresStore {
     async fn share_pacing(
         &self,
         worker: &str,
-        usage: &[(String, [u64; 3])],
+        usage: &[(String, [u64; 3], u64)],
         fresh_within: std::time::Duration,
     ) -> CoreResult<Vec<PacingShare>> {
         in_transaction!(self, |tx| ledger::share_pacing(

@@ -29,6 +29,7 @@ const MIGRATIONS: &[(&str, &str)] = &[
     ("pacing", include_str!("0005_pacing.sql")),
     ("batches", include_str!("0006_batches.sql")),
     ("transport", include_str!("0007_transport.sql")),
+    ("pacing_work", include_str!("0008_pacing_work.sql")),
 ];
 
 /// How long a statement waits for another writer's lock by default.
@@ -581,7 +582,7 @@ impl Store for SqliteStore {
     async fn share_pacing(
         &self,
         worker: &str,
-        usage: &[(String, [u64; 3])],
+        usage: &[(String, [u64; 3], u64)],
         fresh_within: Duration,
     ) -> CoreResult<Vec<PacingShare>> {
         let (worker, usage) = (worker.to_owned(), usage.to_vec());

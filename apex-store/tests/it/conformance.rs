@@ -643,26 +643,26 @@ async fn pacing_is_shared_among_live_members(backend: Backend) {
     let minute = std::time::Duration::from_secs(60);
     let gpt = "openai/gpt-4o".to_owned();
     let claude = "anthropic/claude-sonnet-4-5".to_owned();
+    let share = |key: &String, members, others, others_work| PacingShare {
+        key: key.clone(),
+        members,
+        others,
+        others_work,
+    };
     // a alone: one member, nobody else counting.
     let a = store
-        .share_pacing("a", &[(gpt.clone(), [3, 30_000, 0])], minute)
+        .share_pacing("a", &[(gpt.clone(), [3, 30_000, 0], 50)], minute)
         .await
         .unwrap();
-    assert_eq!(
-        a,
-        vec![PacingShare {
-            key: gpt.clone(),
-            members: 1,
-            others: [0; 3],
-        }]
-    );
-    // b joins on gpt-4o and alone paces Claude: it sees a's use, a sees b's.
+    assert_eq!(a, vec![share(&gpt, 1, [0; 3], 0)]);
+    // b joins on gpt-4o and alone paces Claude: it sees a's use and work,
+    // a sees b's.
     let b = store
         .share_pacing(
             "b",
             &[
-                (claude.clone(), [1, 500, 20]),
-                (gpt.clone(), [2, 20_000, 0]),
+                (claude.clone(), [1, 500, 20], 10),
+                (gpt.clone(), [2, 20_000, 0], 30),
             ],
             minute,
         )
@@ -671,43 +671,51 @@ async fn pacing_is_shared_among_live_members(backend: Backend) {
     assert_eq!(
         b,
         vec![
-            PacingShare {
-                key: claude.clone(),
-                members: 1,
-                others: [0; 3],
-            },
-            PacingShare {
-                key: gpt.clone(),
-                members: 2,
-                others: [3, 30_000, 0],
-            },
+            share(&claude, 1, [0; 3], 0),
+            share(&gpt, 2, [3, 30_000, 0], 50),
         ]
     );
     let a = store
-        .share_pacing("a", &[(gpt.clone(), [4, 40_000, 0])], minute)
+        .share_pacing("a", &[(gpt.clone(), [4, 40_000, 0], 50)], minute)
+        .await
+        .unwrap();
+    assert_eq!(
+        a,
+        vec![
+            share(&claude, 1, [1, 500, 20], 10),
+            share(&gpt, 2, [2, 20_000, 0], 30)
+        ]
+    );
+    // b holds no more gpt-4o work: it no longer takes a share of its
+    // limits, though what it sent still counts.
+    store
+        .share_pacing("b", &[(gpt.clone(), [2, 20_000, 0], 0)], minute)
+        .await
+        .unwrap();
+    let a = store
+        .share_pacing("a", &[(gpt.clone(), [4, 40_000, 0], 50)], minute)
         .await
         .unwrap();
     let gpt_share = a.iter().find(|s| s.key == gpt).unwrap();
-    assert_eq!((gpt_share.members, gpt_share.others), (2, [2, 20_000, 0]));
+    assert_eq!(gpt_share, &share(&gpt, 1, [2, 20_000, 0], 0));
     // A member that left, or stopped sharing, no longer counts.
     store.leave_pacing("b").await.unwrap();
     let a = store
-        .share_pacing("a", &[(gpt.clone(), [4, 40_000, 0])], minute)
+        .share_pacing("a", &[(gpt.clone(), [4, 40_000, 0], 50)], minute)
         .await
         .unwrap();
-    assert_eq!(a.len(), 1);
-    assert_eq!((a[0].members, a[0].others), (1, [0; 3]));
+    assert_eq!(a, vec![share(&gpt, 1, [0; 3], 0)]);
     store
-        .share_pacing("b", &[(gpt.clone(), [1, 1, 0])], minute)
+        .share_pacing("b", &[(gpt.clone(), [1, 1, 0], 5)], minute)
         .await
         .unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     let fresh = std::time::Duration::from_millis(10);
     let a = store
-        .share_pacing("a", &[(gpt.clone(), [4, 40_000, 0])], fresh)
+        .share_pacing("a", &[(gpt.clone(), [4, 40_000, 0], 50)], fresh)
         .await
         .unwrap();
-    assert_eq!((a[0].members, a[0].others), (1, [0; 3]), "b is stale");
+    assert_eq!(a, vec![share(&gpt, 1, [0; 3], 0)], "b is stale");
 }
 
 conformance!(batches_are_recorded_before_submission_and_found_again);

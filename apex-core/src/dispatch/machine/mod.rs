@@ -224,6 +224,31 @@ impl Dispatcher {
             .collect()
     }
 
+    /// The unfinished generations this process holds, per limiter key.
+    fn work_by_key(&self) -> HashMap<String, u64> {
+        let mut work: HashMap<String, u64> = HashMap::new();
+        for job in self.jobs.values() {
+            let slug = &self.groups[&job.group].condition.slug;
+            *work.entry(self.bucket_keys[slug].clone()).or_default() += 1;
+        }
+        work
+    }
+
+    /// What this process tells the others: per key it paces, what it
+    /// counts in its window and the work it holds (none: it leaves that
+    /// key's pacing).
+    fn share_report(&self) -> Vec<(String, [u64; 3], u64)> {
+        let work = self.work_by_key();
+        self.limiter
+            .window_usage(self.now)
+            .into_iter()
+            .map(|(key, usage)| {
+                let held = work.get(&key).copied().unwrap_or(0);
+                (key, usage, held)
+            })
+            .collect()
+    }
+
     /// The limiter's sums in the current window for a condition's model.
     pub fn window_usage(&self, slug: &str, now: Instant) -> Option<[u64; 3]> {
         self.limiter.usage(self.bucket_keys.get(slug)?, now)
@@ -237,6 +262,11 @@ impl Dispatcher {
     /// Reservations granted and settled so far.
     pub fn reservation_book(&self) -> ReservationBook {
         self.reservations
+    }
+
+    /// How a held generation's next attempt meets the cache.
+    pub fn cache_role_of(&self, id: GenerationId) -> Option<CacheRole> {
+        self.jobs.contains_key(&id).then(|| self.cache_role(id))
     }
 
     /// A condition's gate.
@@ -300,7 +330,8 @@ impl Dispatcher {
             Event::Renewed => self.renewing = false,
             Event::PacingShared(shares) => {
                 self.sharing = false;
-                self.limiter.set_members(shares.as_deref());
+                let mine = self.work_by_key();
+                self.limiter.set_members(shares.as_deref(), &mine);
             }
             Event::Counted {
                 version,
@@ -312,6 +343,7 @@ impl Dispatcher {
             }
             Event::Began(id) => self.on_began(id),
             Event::NotClaimable(id) => self.on_not_claimable(id),
+            Event::AnswerBegun(id) => self.on_answer_begun(id),
             Event::Finished {
                 generation_id,
                 outcome,
@@ -359,7 +391,7 @@ impl Dispatcher {
             self.sharing = true;
             self.next_share = crate::time::later(self.now, interval);
             self.outbox
-                .push_back(Action::SharePacing(self.limiter.window_usage(self.now)));
+                .push_back(Action::SharePacing(self.share_report()));
         }
         if self.wants_claim() {
             self.claims.outstanding = true;
@@ -657,6 +689,28 @@ impl Dispatcher {
             } else {
                 group.plain_body.clone()
             },
+            leads: hinted
+                && self.config.batch.is_none()
+                && job.role == Role::Leader
+                && matches!(group.phase, GroupPhase::Queued | GroupPhase::LeaderOut)
+                && !group.waiting.is_empty(),
+        }
+    }
+
+    /// A leader's answer has begun: the provider serves the cache it writes
+    /// from now on, so its followers go (they read it even if the leader
+    /// fails later).
+    fn on_answer_begun(&mut self, id: GenerationId) {
+        let Some(job) = self.jobs.get(&id).filter(|j| j.stage == Stage::Sending) else {
+            return;
+        };
+        if job.role == Role::Leader
+            && self
+                .groups
+                .get(&job.group)
+                .is_some_and(|g| g.phase == GroupPhase::LeaderOut)
+        {
+            self.release_followers(job.group, GroupPhase::Warm);
         }
     }
 
@@ -915,11 +969,11 @@ impl Dispatcher {
         {
             return;
         }
-        tracing::warn!(
+        tracing::info!(
             generation = id,
-            "claim taken over by another process; not sent here"
+            "another process holds this generation now; not sent here"
         );
-        self.settle(id, Some(Charge::default()));
+        self.settle(id, Settlement::Refused);
         let Some(job) = self.remove_in_flight(id) else {
             return;
         };
@@ -953,13 +1007,19 @@ impl Dispatcher {
     }
 
     /// Settles a job's reservation: to `actual`, or as reserved.
-    fn settle(&mut self, id: GenerationId, actual: Option<Charge>) {
+    fn settle(&mut self, id: GenerationId, settlement: Settlement) {
         let Some(job) = self.jobs.get_mut(&id) else {
             return;
         };
         match job.reservation.take() {
             Some(reservation) => {
-                self.limiter.settle(&reservation, actual);
+                match settlement {
+                    Settlement::Used(charge) => {
+                        self.limiter.settle(&reservation, Some(charge), self.now);
+                    }
+                    Settlement::Unknown => self.limiter.settle(&reservation, None, self.now),
+                    Settlement::Refused => self.limiter.settle_refused(&reservation, self.now),
+                }
                 self.reservations.settled += 1;
             }
             None => self.reservations.settled_twice += 1,
@@ -976,12 +1036,21 @@ impl Dispatcher {
             return;
         };
         let condition = Arc::clone(&self.groups[&job.group].condition);
-        let key = &self.bucket_keys[&condition.slug];
-        let sent_at = job.reservation.as_ref().map_or(self.now, |r| r.at);
+        let key = self.bucket_keys[&condition.slug].clone();
+        let key = key.as_str();
+        let reservation = job.reservation.clone();
         let snapshot = match &outcome {
             Ok(g) => g.rate_limits,
             Err(e) => e.rate_limits,
         };
+        let actual = match &outcome {
+            Ok(g) => Settlement::Used(Charge::actual(condition.provider, &g.usage)),
+            // Refused requests count nothing.
+            Err(e) if RetryPolicy::is_rate_limit(e) => Settlement::Refused,
+            Err(_) => Settlement::Unknown,
+        };
+        // Settled first: the report is read against what the request used.
+        self.settle(id, actual);
         self.limiter.observe(
             key,
             condition.provider,
@@ -992,19 +1061,9 @@ impl Dispatcher {
                 Ok(_) => true,
                 Err(e) => e.http_status.is_some_and(|s| (400..500).contains(&s)),
             },
-            sent_at,
+            reservation.as_ref(),
             self.now,
         );
-        let actual = match &outcome {
-            Ok(g) => Some(Charge::actual(condition.provider, &g.usage)),
-            // Rejected requests spend no tokens.
-            Err(e) if RetryPolicy::is_rate_limit(e) => Some(Charge {
-                requests: 1,
-                input: 0,
-                output: 0,
-            }),
-            Err(_) => None,
-        };
         if let Err(e) = &outcome
             && RetryPolicy::is_rate_limit(e)
         {
@@ -1014,7 +1073,6 @@ impl Dispatcher {
                 self.limiter.pause(key, crate::time::later(self.now, wait));
             }
         }
-        self.settle(id, actual);
         let (end, verdict, note) = self.judge(id, outcome, latency_ms, false);
         let job = self.jobs.get_mut(&id).expect("checked above");
         job.stage = Stage::Storing(verdict, Box::new(note));
@@ -1188,6 +1246,11 @@ impl Dispatcher {
         let Some(group) = self.groups.get_mut(&group_id) else {
             return;
         };
+        if group.phase == GroupPhase::Warm && phase == GroupPhase::Cold {
+            // Released at the leader's first event: the cache was written
+            // even if the leader failed afterwards.
+            return;
+        }
         group.phase = phase;
         if phase == GroupPhase::Warm {
             // A synchronous leader wrote it as its answer came (a batch
@@ -1210,7 +1273,7 @@ impl Dispatcher {
             Task::Pacing => {
                 // Sharing is best effort: pacing goes on with what it knows.
                 self.sharing = false;
-                self.limiter.set_members(None);
+                self.limiter.set_members(None, &HashMap::new());
                 return;
             }
             Task::Count { version, tokenizer } => {
@@ -1234,7 +1297,14 @@ impl Dispatcher {
                         .get(&id)
                         .is_some_and(|j| j.stage == Stage::Beginning);
                     if self.jobs.get(&id).is_some_and(|j| j.reservation.is_some()) {
-                        self.settle(id, never_sent.then(Charge::default));
+                        self.settle(
+                            id,
+                            if never_sent {
+                                Settlement::Refused
+                            } else {
+                                Settlement::Unknown
+                            },
+                        );
                     }
                     if let Some(job) = self.remove_in_flight(id) {
                         self.job_finished(job.group);
@@ -1273,6 +1343,16 @@ fn failed_end(
             Verdict::HandBack => AfterFailure::Pending,
         },
     }
+}
+
+/// How a reservation ends.
+enum Settlement {
+    /// The answer's usage.
+    Used(Charge),
+    /// Never counted: refused (a 429) or never sent.
+    Refused,
+    /// Unknown (no answer): it stays counted as reserved.
+    Unknown,
 }
 
 fn success_end(
