@@ -110,6 +110,8 @@ impl Default for Factor {
 const FACTOR_MARGIN: f64 = 1.01;
 /// Anchors kept per limit.
 const ANCHORS_KEPT: usize = 64;
+/// Earlier rounded reports read alongside the latest.
+const ROUNDED_REPORTS: usize = 7;
 
 /// One limit as the admission sees it now.
 #[derive(Debug, Clone, Copy)]
@@ -375,8 +377,27 @@ impl Dim {
         // The report misses nothing of others' use and the factor's error
         // stops at what it has not seen (counted as unseen when sent close
         // to it, as it may have arrived after).
-        let anchor = anchored.then(|| self.anchor(view, now)).flatten();
-        self.level_from(view, entries, d, now, anchor)
+        let Some(latest) = anchored.then(|| self.anchor(view, now)).flatten() else {
+            return self.level_from(view, entries, d, now, None);
+        };
+        let mut level = self.level_from(view, entries, d, now, Some(latest));
+        if view.rounding > 0.0 {
+            // Each rounded report, carried forward, bounds the count from
+            // above by its rounding: the lowest of a few recent ones is the
+            // tightest (their rounding errors differ).
+            for &anchor in self.anchors.iter().rev().skip(1).take(ROUNDED_REPORTS) {
+                if self.replenish() == Replenish::Window
+                    && now.saturating_duration_since(anchor.at) >= view.window
+                {
+                    break;
+                }
+                let earlier = self.level_from(view, entries, d, now, Some(anchor));
+                if earlier.level < level.level {
+                    level = earlier;
+                }
+            }
+        }
+        level
     }
 
     fn level_from(
