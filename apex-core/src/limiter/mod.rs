@@ -471,6 +471,11 @@ impl RateLimiter {
                 } else {
                     view.limit
                 };
+                // An over-estimated factor slows pacing, never stops it:
+                // what `check_fits` lets through goes once the server's
+                // count is (predicted) empty, and its report measures the
+                // factor afresh.
+                let need = need.min(cap);
                 let at = dim.fits_at(&view, &state.entries, d, now, level, need, cap);
                 if at > now {
                     wait = Some(wait.map_or(at, |w| w.max(at)));
@@ -488,6 +493,7 @@ impl RateLimiter {
             state.knowledge = Knowledge::Probing(Some(id));
         }
         state.entries.push_back(Entry {
+            unknown: false,
             id,
             at: now,
             reserved: amounts,
@@ -535,12 +541,20 @@ impl RateLimiter {
         if state.knowledge == Knowledge::Probing(Some(reservation.id)) {
             state.knowledge = Knowledge::Probing(None);
         }
-        if let Some(actual) = actual
-            && let Some(entry) = state.entry_mut(reservation.id)
-        {
-            entry.amounts = actual.amounts();
-            entry.settled_at = Some(now.max(entry.at));
-            entry.refused = refused;
+        let Some(entry) = state.entry_mut(reservation.id) else {
+            return;
+        };
+        entry.settled_at = Some(now.max(entry.at));
+        match actual {
+            Some(actual) => {
+                entry.amounts = actual.amounts();
+                entry.refused = refused;
+            }
+            // Not known what the server counted (a 5xx, a dropped
+            // connection): paced as reserved, read by the factor as
+            // anywhere between nothing and that; settled all the same, so
+            // the reports after it still teach.
+            None => entry.unknown = true,
         }
     }
 
@@ -725,6 +739,11 @@ impl RateLimiter {
                     .limit(d)
                     .map(|l| ((l as f64 * fraction).floor() as u64).max(1))
             }),
+            whole: std::array::from_fn(|d| state.limit(d)),
+            learned: state.learned.iter().any(Option::is_some),
+            capped: std::array::from_fn(|d| {
+                matches!((state.caps[d], state.learned[d]), (Some(cap), server) if server.is_none_or(|s| cap < s))
+            }),
             corrections: std::array::from_fn(|d| state.dims[d].factor.upper),
             buckets: std::array::from_fn(|d| state.dims[d].replenish() == Replenish::Bucket),
         })
@@ -734,8 +753,15 @@ impl RateLimiter {
 /// What a model is paced at, from [`RateLimiter::pacing`].
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Pacing {
-    /// Requests, input (or all, on OpenAI) tokens, output tokens per minute.
+    /// Requests, input (or all, on OpenAI) tokens, output tokens per minute:
+    /// this process's part.
     pub limits: [Option<u64>; 3],
+    /// The same, whole (every process's).
+    pub whole: [Option<u64>; 3],
+    /// Whether the server's headers taught any of them.
+    pub learned: bool,
+    /// Per dimension, whether the `--limits` file's cap is what binds.
+    pub capped: [bool; 3],
     /// The server's count per unit of Apex's (the upper bound paced at),
     /// per dimension.
     pub corrections: [f64; 3],
@@ -811,6 +837,77 @@ mod tests {
     ) {
         l.settle(r, Some(used), now);
         l.observe("k", provider, snapshot, true, Some(r), now);
+    }
+
+    #[test]
+    fn a_request_that_fits_goes_once_the_server_is_empty_whatever_the_factor() {
+        let mut l = RateLimiter::new(1.0);
+        l.configure("k", ProviderKind::Anthropic, Limits::default());
+        let t0 = Instant::now();
+        let probe = granted(&mut l, charge(1_000, 0), t0);
+        answered(
+            &mut l,
+            ProviderKind::Anthropic,
+            &probe,
+            charge(1_000, 0),
+            &input_report(450_000, 449_000),
+            t0,
+        );
+        // 429s count what goes out up to twice over: a request of 300,000
+        // is then 600,000 to pacing, more than the whole limit.
+        for _ in 0..10 {
+            l.rejected("k");
+        }
+        assert!(l.pacing("k").unwrap().corrections[1] >= 2.0);
+        assert!(l.check_fits("k", charge(300_000, 0)).is_ok());
+        // It still goes, once nothing is counted against it any more.
+        let later = t0 + Duration::from_secs(600);
+        assert!(matches!(
+            l.try_reserve("k", charge(300_000, 0), later),
+            Admission::Granted(_)
+        ));
+    }
+
+    #[test]
+    fn a_request_without_an_answer_does_not_stop_the_factor_being_measured() {
+        let mut l = RateLimiter::new(1.0);
+        l.configure("k", ProviderKind::OpenAi, Limits::default());
+        let t0 = Instant::now();
+        // Two answers a second apart, each reset a minute out: a window,
+        // counting as Apex does.
+        let minute = Some(Duration::from_secs(60));
+        for (i, used) in [(0u64, 10_000u64), (1, 20_000)] {
+            let at = t0 + Duration::from_secs(i);
+            let r = granted(&mut l, charge(10_000, 0), at);
+            answered(
+                &mut l,
+                ProviderKind::OpenAi,
+                &r,
+                charge(10_000, 0),
+                &tokens(100_000, 100_000 - used, minute),
+                at,
+            );
+        }
+        assert!(!l.pacing("k").unwrap().buckets[1]);
+        assert!((l.pacing("k").unwrap().corrections[1] - 1.01).abs() < 1e-9);
+        // A minute on, one request ends without an answer (a 500, a dropped
+        // connection), then the next answer shows the server counting 1.3
+        // times Apex's count: 13,000 for each of the two.
+        let t61 = t0 + Duration::from_secs(61);
+        let lost = granted(&mut l, charge(10_000, 0), t61);
+        l.settle(&lost, None, t61 + Duration::from_millis(100));
+        let t62 = t0 + Duration::from_secs(62);
+        let next = granted(&mut l, charge(10_000, 0), t62);
+        answered(
+            &mut l,
+            ProviderKind::OpenAi,
+            &next,
+            charge(10_000, 0),
+            &tokens(100_000, 74_000, minute),
+            t62,
+        );
+        let factor = l.pacing("k").unwrap().corrections[1];
+        assert!(factor > 1.2, "{factor}");
     }
 
     #[test]
@@ -1197,6 +1294,10 @@ mod tests {
             fixed.pacing("k").unwrap(),
             Pacing {
                 limits: [Some(10), Some(100_000), Some(1_000)],
+                whole: [Some(10), Some(100_000), Some(1_000)],
+                // The figures are the file's, whatever a header said.
+                learned: false,
+                capped: [true; 3],
                 corrections: [1.0; 3],
                 buckets: [false; 3],
             }

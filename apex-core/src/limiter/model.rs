@@ -49,6 +49,9 @@ pub(super) struct Entry {
     /// counted with it (requests sent close together reach the server in
     /// either order; this tells which).
     pub rank: Option<f64>,
+    /// It ended without an answer that says what the server counted (a
+    /// 5xx, a dropped connection).
+    pub unknown: bool,
 }
 
 impl Entry {
@@ -108,6 +111,9 @@ impl Default for Factor {
 
 /// A margin on the upper bound of the factor.
 const FACTOR_MARGIN: f64 = 1.01;
+/// The most a wide sample (small amounts against the rounding) can make
+/// of the factor's upper bound: what 429s can make of it.
+const WIDE_CEILING: f64 = 2.0;
 /// Anchors kept per limit.
 const ANCHORS_KEPT: usize = 64;
 /// Earlier rounded reports read alongside the latest.
@@ -333,7 +339,21 @@ impl Dim {
     /// rounding) bound it from above only.
     fn settle_factor(&mut self) {
         let tight: Vec<&Sample> = self.samples.iter().filter(|s| s.tight).collect();
-        let mut highs: Vec<f64> = self.samples.iter().map(|s| s.high).collect();
+        // A wide sample (a small amount against the rounding) bounds the
+        // factor loosely: a report of a few tokens bounds it at thousands,
+        // which says nothing. It counts up to what a 429 can make of the
+        // factor, no further.
+        let mut highs: Vec<f64> = self
+            .samples
+            .iter()
+            .map(|s| {
+                if s.tight {
+                    s.high
+                } else {
+                    s.high.min(WIDE_CEILING)
+                }
+            })
+            .collect();
         let mut lows: Vec<f64> = tight.iter().map(|s| s.low).filter(|l| *l > 0.0).collect();
         let mut mids: Vec<f64> = tight
             .iter()
@@ -592,7 +612,9 @@ fn seen(e: &Entry, anchor: &Anchor, ambiguity: Duration) -> Seen {
 /// anywhere between its reservation and what it used.
 fn counted(e: &Entry, d: usize, t: Instant) -> (f64, f64) {
     let (reserved, used) = (e.reserved[d] as f64, e.amounts[d] as f64);
-    if e.settled_at.is_some_and(|s| s <= t) {
+    if e.unknown {
+        (0.0, reserved)
+    } else if e.settled_at.is_some_and(|s| s <= t) {
         (used, used)
     } else {
         (reserved.min(used), reserved.max(used))
