@@ -7,7 +7,7 @@
 # costs is the difference. TIME_SCALE (default 0.001) sets both clocks.
 #
 #   scripts/cpu_bench.sh [APEX_BINARY] [CONTEXTS] [TOKENS] [REPLICATES]
-#   scripts/cpu_bench.sh                                   # ./target/release/apex 21 100000 3
+#   scripts/cpu_bench.sh                                   # a release build, 21 100000 3
 #   PACED=1 scripts/cpu_bench.sh
 #
 # Prints one line: generations, user_s, sys_s, cpu_s per 100 generations,
@@ -15,18 +15,19 @@
 # measured on its own line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bin=${1:-./target/release/apex}
+. scripts/simulator.sh
+bin=${1:-$(release_apex)}
 contexts=${2:-21}
 tokens=${3:-100000}
 replicates=${4:-3}
-[ "$bin" = ./target/release/apex ] && cargo build --release --locked -q -p apex-cli
 bin=$(realpath "$bin")
 work=$(mktemp -d)
-. scripts/simulator.sh
 trap 'stop_simulator; rm -rf "$work"' EXIT
-cargo run --release --locked -q --example make_contexts -- "$work/contexts" "$contexts" "$tokens" >/dev/null
+"$bin" make-contexts "$work/contexts" --count "$contexts" --tokens "$tokens" >/dev/null
 scale=${TIME_SCALE:-0.001}
-start_simulator "$bin" sk-bench "$work" --time-scale "$scale" --latency-ms 400
+# Fixed answer lengths and latencies: the figure is Apex's CPU per answer.
+start_simulator "$bin" sk-bench "$work" --time-scale "$scale" --latency-ms 400 \
+  --output-spread 0 --latency-jitter 0
 db="sqlite://$work/bench.db"
 apex() { "$bin" --log-level warn --database-url "$db" "$@"; }
 apex conditions register examples/production/conditions.toml >/dev/null

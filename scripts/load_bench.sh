@@ -12,14 +12,13 @@ cd "$(dirname "$0")/.."
 replicates=${1:-25}
 contexts=${2:-500}
 tokens=${3:-1000}
-[ -z "${APEX_BIN:-}" ] && cargo build --release --locked -q -p apex-cli
-cargo build --release --locked -q --example make_contexts
-bin=$(realpath "${APEX_BIN:-./target/release/apex}")
-work=$(mktemp -d)
 . scripts/simulator.sh
+bin=$(realpath "${APEX_BIN:-$(release_apex)}")
+work=$(mktemp -d)
 trap 'stop_simulator; rm -rf "$work"' EXIT
-./target/release/examples/make_contexts "$work/contexts" "$contexts" "$tokens" >/dev/null
-start_simulator "$bin" sk-load "$work" --time-scale 0.001 --output-tokens 50
+"$bin" make-contexts "$work/contexts" --count "$contexts" --tokens "$tokens" >/dev/null
+start_simulator "$bin" sk-load "$work" --time-scale 0.001 --output-tokens 50 \
+  --output-spread 0 --latency-jitter 0
 db="sqlite://$work/load.db"
 apex() { "$bin" --log-level warn --database-url "$db" "$@"; }
 apex conditions register examples/production/conditions.toml >/dev/null

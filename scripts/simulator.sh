@@ -1,5 +1,28 @@
 # Sourced by the scripts that run Apex against its simulator.
 
+# cargo_target_dir: where cargo puts its builds (CARGO_TARGET_DIR and
+# build.target-dir honoured), from cargo itself.
+cargo_target_dir() {
+  local meta dir
+  meta=$(cargo metadata --format-version 1 --no-deps --locked) ||
+    { echo "cargo metadata failed: is this a checkout of Apex with cargo on PATH?" >&2; return 1; }
+  dir=$(printf '%s\n' "$meta" | grep -o '"target_directory":"[^"]*"' | head -n 1 | sed 's/^"target_directory":"//; s/"$//')
+  [ -n "$dir" ] || { echo "cargo metadata did not name a target directory" >&2; return 1; }
+  printf '%s\n' "$dir"
+}
+
+# release_apex: builds the apex binary (release) and prints its path.
+release_apex() {
+  local dir
+  cargo build --release --locked -q -p apex-cli >&2 || { echo "building apex failed (see above)" >&2; return 1; }
+  dir=$(cargo_target_dir) || return 1
+  if [ ! -x "$dir/release/apex" ]; then
+    echo "cargo built apex but $dir/release/apex is not there" >&2
+    return 1
+  fi
+  printf '%s\n' "$dir/release/apex"
+}
+
 # start_simulator BIN KEY DIR [SIMULATE OPTIONS...]: starts `BIN simulate`
 # in the background (the binary itself, so that $sim_pid is the simulator,
 # not a subshell), waits for its address and exports the base URLs and keys.

@@ -180,7 +180,18 @@ impl Apex {
     /// Checks every condition of a plan against the catalog (parameters the
     /// model accepts, window, output limit, lifecycle); warnings are logged.
     pub fn preflight(&self, plan: &Plan, allow_retired: bool) -> Result<()> {
+        for warning in self.preflight_warnings(plan, allow_retired)? {
+            tracing::warn!("{warning}");
+        }
+        Ok(())
+    }
+
+    /// The checks of [`preflight`](Self::preflight), returning its warnings
+    /// (deprecated or retired models, little room to answer after
+    /// thinking) instead of logging them.
+    pub fn preflight_warnings(&self, plan: &Plan, allow_retired: bool) -> Result<Vec<String>> {
         let today = jiff::Timestamp::now().strftime("%Y-%m-%d").to_string();
+        let mut out = Vec::new();
         for condition in &plan.conditions {
             let warnings = apex_core::catalog::preflight(
                 &self.catalog,
@@ -189,11 +200,9 @@ impl Apex {
                 &today,
                 allow_retired,
             )?;
-            for warning in warnings {
-                tracing::warn!("{}", warning.0);
-            }
+            out.extend(warnings.into_iter().map(|w| w.0));
         }
-        Ok(())
+        Ok(out)
     }
 
     /// Records a planned run: the run and every cell `pending` (state

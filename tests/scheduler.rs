@@ -708,6 +708,16 @@ impl Store for FailingEnd {
     ) -> apex::core::Result<Vec<apex::core::GenerationRow>> {
         self.inner.generations_page(run_id, after, limit).await
     }
+    async fn generations_brief_page(
+        &self,
+        run_id: &RunId,
+        after: i64,
+        limit: u32,
+    ) -> apex::core::Result<Vec<apex::core::GenerationRow>> {
+        self.inner
+            .generations_brief_page(run_id, after, limit)
+            .await
+    }
     async fn query_read_only(&self, sql: &str) -> apex::core::Result<apex::core::QueryResult> {
         self.inner.query_read_only(sql).await
     }

@@ -35,6 +35,24 @@ pub enum Command {
     Models(ModelsCmd),
     Cancel(CancelCmd),
     Report(ReportCmd),
+    MakeContexts(MakeContextsCmd),
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "make-contexts")]
+/// Write synthetic context packages (case files of plausible text, the same
+/// bytes every time) for trying Apex against `apex simulate`.
+pub struct MakeContextsCmd {
+    #[argh(positional)]
+    /// the directory to write ctx-01, ctx-02, ... under
+    pub dir: String,
+    /// how many packages (default 21)
+    #[argh(option, default = "21")]
+    pub count: usize,
+    /// about how many tokens each package holds, system and prompt included,
+    /// at four bytes per token (default 128000)
+    #[argh(option, default = "128_000")]
+    pub tokens: usize,
 }
 
 #[derive(FromArgs, Debug)]
@@ -51,6 +69,13 @@ pub struct ReportCmd {
     /// model catalog TOML file (as for `run`)
     #[argh(option)]
     pub catalog: Option<String>,
+    /// most megabytes of answers in the audition view (default 20); the
+    /// contexts beyond are listed with the command that shows them
+    #[argh(option, default = "20.0")]
+    pub max_audition_mb: f64,
+    /// show only these contexts in the audition, by position (e.g. 41-80)
+    #[argh(option)]
+    pub contexts: Option<String>,
 }
 
 #[derive(FromArgs, Debug)]
@@ -249,9 +274,17 @@ pub struct SimulateCmd {
     /// base latency of a response in milliseconds, before scaling (default 400)
     #[argh(option, default = "400")]
     pub latency_ms: u64,
-    /// output tokens per answer (default 200)
+    /// most output tokens per answer (default 200)
     #[argh(option, default = "200")]
     pub output_tokens: u32,
+    /// how much answer lengths vary, 0 to 1: each has between (1 - F) x
+    /// --output-tokens and --output-tokens (default 0.6)
+    #[argh(option, default = "0.6")]
+    pub output_spread: f64,
+    /// how much latencies vary, 0 to 1: each is scaled by 1 +/- F
+    /// (default 0.3)
+    #[argh(option, default = "0.3")]
+    pub latency_jitter: f64,
     /// share of requests (0 to 1) answered with a transient 500/503/529 (default 0)
     #[argh(option, default = "0.0")]
     pub fault_rate: f64,

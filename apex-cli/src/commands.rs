@@ -18,7 +18,8 @@ use apex_store::{DEFAULT_DATABASE_URL, open_store};
 
 use crate::UsageError;
 use crate::args::{
-    Cli, Command, ConditionsSub, EstimateCmd, ModelsCmd, ReportCmd, RunCmd, SimulateCmd,
+    Cli, Command, ConditionsSub, EstimateCmd, MakeContextsCmd, ModelsCmd, ReportCmd, RunCmd,
+    SimulateCmd,
 };
 use crate::exit;
 use crate::progress::RunProgress;
@@ -33,6 +34,7 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
     let command = match cli.command {
         Command::Simulate(cmd) => return simulate(cmd).await,
         Command::Models(cmd) => return models(&cmd),
+        Command::MakeContexts(cmd) => return make_contexts(&cmd),
         other => other,
     };
     let store = open_store(&url).await?;
@@ -45,7 +47,7 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Run(r) => run(store, r).await,
         Command::Status(s) => status(&*store, &s.run_id).await,
         Command::Runs(_) => runs(&*store).await,
-        Command::Simulate(_) | Command::Models(_) => {
+        Command::Simulate(_) | Command::Models(_) | Command::MakeContexts(_) => {
             unreachable!("handled before the store opens")
         }
         Command::Estimate(e) => estimate_cmd(store, e).await,
@@ -461,6 +463,27 @@ async fn run(store: Arc<dyn Store>, mut cmd: RunCmd) -> Result<ExitCode> {
     check_run_flags(&cmd)?;
     if let Some(id) = &cmd.resume {
         let run_id = RunId::parse(id)?;
+        // A finished run has nothing to send: say so before asking for
+        // keys or checking conditions.
+        let counts = store.run(&run_id).await?.counts;
+        let recovery = Path::new(&format!("apex-recovery-{run_id}.jsonl")).exists();
+        if counts.pending + counts.running == 0
+            && (counts.error == 0 || !cmd.retry_errors)
+            && !recovery
+            && store.open_batches(&run_id).await?.is_empty()
+        {
+            println!(
+                "run {run_id}: nothing to do ({} success, {} error{})",
+                counts.success,
+                counts.error,
+                if counts.error > 0 {
+                    "; --retry-errors sends the errors again"
+                } else {
+                    ""
+                }
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
         restore_options(&*store, &mut cmd, &run_id).await?;
     }
     if let Some(dir) = &cmd.ingest {
@@ -613,7 +636,8 @@ async fn dry_run(
     let plan = apex.plan(spec).await?;
     apex.providers_for(&plan.conditions, false)?;
     let run_id = apex.record(spec, &plan, true).await?;
-    dry_run_log(apex, &plan, cache).await?;
+    // One replicate goes without cache hints (nobody would read them).
+    dry_run_log(apex, &plan, cache && spec.replicates > 1).await?;
     report::print_estimate(
         &**apex.store(),
         apex.catalog(),
@@ -668,8 +692,15 @@ async fn estimate_cmd(store: Arc<dyn Store>, cmd: EstimateCmd) -> Result<ExitCod
     };
     let plan = Plan::build(conditions, store.current_packages().await?, options)?;
     let apex = Apex::new(Arc::clone(&store)).with_catalog(catalog.clone());
-    // An estimate of a retired model is still an estimate: warn, not refuse.
-    apex.preflight(&plan, true)?;
+    // An estimate of a retired model is still an estimate: warn, not
+    // refuse, and say what a run would meet (an estimate sends nothing).
+    for warning in apex.preflight_warnings(&plan, true)? {
+        let warning = warning.replace(
+            "; sent anyway (--allow-retired): expect 404 from the real API",
+            ": requests to it would be answered 404 by the real API (apex run refuses it unless --allow-retired)",
+        );
+        tracing::warn!("{warning}");
+    }
     report::print_estimate(
         &*store,
         &catalog,
@@ -687,8 +718,14 @@ async fn simulate(cmd: SimulateCmd) -> Result<ExitCode> {
     if !(cmd.time_scale.is_finite() && cmd.time_scale > 0.0) {
         return Err(UsageError("--time-scale must be a number above 0".into()).into());
     }
-    if !(0.0..=1.0).contains(&cmd.fault_rate) {
-        return Err(UsageError("--fault-rate must be between 0 and 1".into()).into());
+    for (name, value) in [
+        ("--fault-rate", cmd.fault_rate),
+        ("--output-spread", cmd.output_spread),
+        ("--latency-jitter", cmd.latency_jitter),
+    ] {
+        if !(0.0..=1.0).contains(&value) {
+            return Err(UsageError(format!("{name} must be between 0 and 1")).into());
+        }
     }
     if !(0.0..=1.0).contains(&cmd.batch_expire_rate) || !(0.0..=1.0).contains(&cmd.batch_error_rate)
     {
@@ -768,6 +805,8 @@ async fn simulate(cmd: SimulateCmd) -> Result<ExitCode> {
         time_scale: cmd.time_scale,
         base_latency: std::time::Duration::from_millis(cmd.latency_ms),
         output_tokens: cmd.output_tokens,
+        output_spread: cmd.output_spread,
+        latency_jitter: cmd.latency_jitter,
         fault_rate: cmd.fault_rate,
         batch_time: std::time::Duration::from_secs_f64(cmd.batch_time),
         batch_expire_rate: cmd.batch_expire_rate,
@@ -792,6 +831,52 @@ async fn simulate(cmd: SimulateCmd) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `apex make-contexts DIR`: sample packages, written whole or not at all
+/// (each to a temporary name first), so an interrupted call never leaves a
+/// half-written package that a later ingest would take.
+fn make_contexts(cmd: &MakeContextsCmd) -> Result<ExitCode> {
+    use apex_providers::simulator::sample::{SAMPLE_PROMPT, SAMPLE_SYSTEM, sample_context};
+    if cmd.count == 0 || cmd.count > 100_000 {
+        return Err(UsageError("--count must be between 1 and 100000".into()).into());
+    }
+    if cmd.tokens < 100 {
+        return Err(UsageError("--tokens must be at least 100".into()).into());
+    }
+    let out = Path::new(&cmd.dir);
+    for i in 1..=cmd.count {
+        let name = format!("ctx-{i:02}");
+        let dir = out.join(&name);
+        if dir.join("context.md").exists() {
+            let same = std::fs::read(dir.join("context.md"))
+                .is_ok_and(|b| b == sample_context(i, cmd.tokens).as_bytes());
+            if same {
+                continue;
+            }
+            return Err(UsageError(format!(
+                "{} already holds a different package; choose an empty directory",
+                dir.display()
+            ))
+            .into());
+        }
+        let partial = out.join(format!(".{name}.partial"));
+        let _ = std::fs::remove_dir_all(&partial);
+        std::fs::create_dir_all(&partial)
+            .with_context(|| format!("creating {}", partial.display()))?;
+        std::fs::write(partial.join("system.md"), SAMPLE_SYSTEM)?;
+        std::fs::write(partial.join("context.md"), sample_context(i, cmd.tokens))?;
+        std::fs::write(partial.join("prompt.md"), SAMPLE_PROMPT)?;
+        std::fs::rename(&partial, &dir)
+            .with_context(|| format!("moving {} into place", dir.display()))?;
+    }
+    println!(
+        "{} package(s) of about {} tokens under {}",
+        cmd.count,
+        cmd.tokens,
+        out.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `apex report RUN_ID...`.
 async fn html_report(store: &dyn Store, cmd: ReportCmd) -> Result<ExitCode> {
     if cmd.run_ids.is_empty() {
@@ -806,22 +891,72 @@ async fn html_report(store: &dyn Store, cmd: ReportCmd) -> Result<ExitCode> {
         .map(|id| RunId::parse(id))
         .collect::<apex_core::Result<Vec<_>>>()?;
     let catalog = load_catalog(cmd.catalog.as_deref())?;
-    let html = crate::html::report(store, &catalog, &LimitTable::defaults(), &run_ids).await?;
+    let contexts = cmd
+        .contexts
+        .as_deref()
+        .map(|range| {
+            let parsed = match range.split_once('-') {
+                Some((a, b)) => a.trim().parse::<usize>().ok().zip(b.trim().parse::<usize>().ok()),
+                None => range.trim().parse::<usize>().ok().map(|n| (n, n)),
+            };
+            parsed.filter(|(a, b)| *a >= 1 && a <= b).ok_or_else(|| {
+                UsageError(format!(
+                    "--contexts `{range}` is not a range of context positions like 1-40 (or one, like 7)"
+                ))
+            })
+        })
+        .transpose()?;
+    if !(cmd.max_audition_mb.is_finite() && cmd.max_audition_mb > 0.0) {
+        return Err(UsageError(
+            "--max-audition-mb must be a number of megabytes above 0, like 20".into(),
+        )
+        .into());
+    }
+    let audition = crate::html::AuditionOptions {
+        budget: (cmd.max_audition_mb * 1024.0 * 1024.0) as usize,
+        contexts,
+    };
     let path = cmd
         .output
         .unwrap_or_else(|| format!("apex-report-{}.html", run_ids[0]));
-    // Written whole to a temporary file, then renamed: never half a report.
+    // Written as it goes to a temporary file, then renamed: never half a
+    // report, and never the whole page in memory.
     let partial = format!("{path}.partial");
-    std::fs::write(&partial, html.as_bytes())
-        .and_then(|()| std::fs::rename(&partial, &path))
-        .map_err(|e| {
+    let cannot = |e: &dyn std::fmt::Display| {
+        let _ = std::fs::remove_file(&partial);
+        UsageError(format!("cannot write the report to `{path}`: {e}"))
+    };
+    let file = std::fs::File::create(&partial).map_err(|e| cannot(&e))?;
+    let mut out = std::io::BufWriter::with_capacity(256 * 1024, file);
+    let written = match crate::html::report(
+        store,
+        &catalog,
+        &LimitTable::defaults(),
+        &run_ids,
+        &audition,
+        &mut out,
+    )
+    .await
+    {
+        Ok(written) => written,
+        Err(e) => {
             let _ = std::fs::remove_file(&partial);
-            UsageError(format!("cannot write the report to `{path}`: {e}"))
-        })?;
-    println!(
-        "report written to {path} ({} KB)",
-        html.len().div_ceil(1024)
-    );
+            return Err(e);
+        }
+    };
+    out.into_inner()
+        .map_err(|e| cannot(&e.error().to_string()))?
+        .sync_all()
+        .map_err(|e| cannot(&e))?;
+    std::fs::rename(&partial, &path).map_err(|e| cannot(&e))?;
+    let bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    println!("report written to {path} ({} KB)", bytes.div_ceil(1024));
+    if written.contexts_shown < written.contexts_total {
+        println!(
+            "its audition shows {} of {} contexts (--max-audition-mb {}); --contexts A-B shows others",
+            written.contexts_shown, written.contexts_total, cmd.max_audition_mb
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -893,6 +1028,24 @@ async fn status(store: &dyn Store, run_id: &str) -> Result<ExitCode> {
         );
     }
     report::condition_summary(store, &run_id).await?;
+    // What failed and was tried again: the faults a run met and rode out.
+    let retried = store
+        .query_read_only(&format!(
+            "SELECT g.condition_slug AS condition, a.error_class AS failed_attempt, COUNT(*) AS attempts,
+                    SUM(CASE WHEN g.status = 'success' THEN 1 ELSE 0 END) AS then_succeeded
+             FROM apex_audition.attempts a JOIN apex_audition.generations g
+               ON g.generation_id = a.generation_id
+             WHERE g.run_id = '{run_id}' AND a.outcome = 'error'
+             GROUP BY g.condition_slug, a.error_class ORDER BY g.condition_slug, a.error_class"
+        ))
+        .await?;
+    if !retried.rows.is_empty() {
+        println!();
+        println!(
+            "failed attempts (each retried or waited out; then_succeeded: its generation succeeded in the end)"
+        );
+        print!("{}", render_query(&retried));
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -19,6 +19,9 @@ pub const GENERATIONS_FAILED: u8 = 5;
 /// The run stopped early: `--verify-first` failed, or a condition failed
 /// fatally (auth, quota, unknown model); the rest stays `pending`.
 pub const RUN_STOPPED: u8 = 6;
+/// The query given to `apex sql` is wrong (syntax, an unknown table or
+/// column); the database's message says what.
+pub const QUERY: u8 = 7;
 /// Interrupted by Ctrl-C; `apex run --resume RUN_ID` finishes the run.
 pub const INTERRUPTED: u8 = 130;
 
@@ -26,6 +29,9 @@ pub const INTERRUPTED: u8 = 130;
 pub fn code_for(error: &anyhow::Error) -> ExitCode {
     for cause in error.chain() {
         if let Some(e) = cause.downcast_ref::<Error>() {
+            if matches!(e, Error::Query(_)) {
+                return ExitCode::from(QUERY);
+            }
             return ExitCode::from(if e.is_bad_input() { BAD_INPUT } else { STORE });
         }
         if cause.downcast_ref::<StoreError>().is_some() {

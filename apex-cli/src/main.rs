@@ -52,13 +52,24 @@ fn main() -> ExitCode {
     let cli = match <Cli as argh::FromArgs>::from_args(&strs[..1], &strs[1..]) {
         Ok(cli) => cli,
         Err(early) => {
-            return if early.status.is_ok() {
+            if early.status.is_ok() {
                 println!("{}", early.output);
-                ExitCode::SUCCESS
-            } else {
-                eprintln!("{}", early.output.trim_end());
-                ExitCode::from(exit::USAGE)
-            };
+                return ExitCode::SUCCESS;
+            }
+            // argh takes no `--opt=value`; say what it does take.
+            if let Some((name, value)) = raw[1..].iter().find_map(|a| {
+                let (name, value) = a.split_once('=')?;
+                let word = name.strip_prefix("--")?;
+                (!word.is_empty() && word.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
+                    .then_some((name, value))
+            }) {
+                eprintln!(
+                    "error: options take their value after a space: write `{name} {value}`, not `{name}={value}`"
+                );
+                return ExitCode::from(exit::USAGE);
+            }
+            eprintln!("{}", early.output.trim_end());
+            return ExitCode::from(exit::USAGE);
         }
     };
     if let Err(message) = init_logging(cli.log_level.as_deref()) {

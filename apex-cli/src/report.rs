@@ -20,6 +20,20 @@ pub(crate) fn usd(v: f64) -> String {
     format!("${v:.4}")
 }
 
+/// What caching saves, `without` against `with` dollars: never a negative
+/// zero or a negative saving; a plan that caching makes dearer says so.
+pub(crate) fn saving(without: f64, with: f64) -> String {
+    let saved = without - with;
+    let percent = 100.0 * saved.abs() / without.abs().max(1e-12);
+    if saved.abs() < 0.000_05 {
+        "none ($0.0000)".into()
+    } else if saved > 0.0 {
+        format!("{} ({percent:.0}%)", usd(saved))
+    } else {
+        format!("none: caching costs {} more ({percent:.0}%)", usd(-saved))
+    }
+}
+
 fn range(r: Option<apex_core::estimate::CostRange>) -> String {
     r.map_or_else(
         || "no prices".to_owned(),
@@ -27,14 +41,48 @@ fn range(r: Option<apex_core::estimate::CostRange>) -> String {
     )
 }
 
-/// Loads the planned packages and counts their tokens under both tokenizers.
-pub async fn sized(store: &dyn Store, packages: &[PackageRef]) -> Result<Vec<SizedPackage>> {
+/// The limits a run recorded it was paced at (`paced_limits` in its
+/// flags), as a limits table; `None` when it recorded none.
+pub fn paced_limit_table(run: &apex_core::RunInfo) -> Option<LimitTable> {
+    let paced = run.flags.get("paced_limits")?.as_object()?;
+    let mut text = String::new();
+    for (key, limits) in paced {
+        let (provider, model) = key.split_once('/')?;
+        text.push_str(&format!(
+            "[{provider}.{}]\n",
+            serde_json::Value::from(model)
+        ));
+        for name in ["rpm", "tpm", "itpm", "otpm"] {
+            if let Some(n) = limits.get(name).and_then(serde_json::Value::as_u64) {
+                text.push_str(&format!("{name} = {n}\n"));
+            }
+        }
+    }
+    LimitTable::with_file(&text).ok()
+}
+
+/// Loads the planned packages and counts their tokens under both tokenizers
+/// (the exact `o200k_base` count read from the ledger where ingest kept it,
+/// and only where an OpenAI condition needs it: it is the slow one).
+pub async fn sized(
+    store: &dyn Store,
+    packages: &[PackageRef],
+    conditions: &[Condition],
+) -> Result<Vec<SizedPackage>> {
+    let openai = conditions
+        .iter()
+        .any(|c| c.provider == apex_core::ProviderKind::OpenAi);
     let mut out = Vec::with_capacity(packages.len());
     for p in packages {
+        let stored = if openai {
+            store.o200k_split(&p.id, &p.version).await?
+        } else {
+            Some((0, 0))
+        };
         let package = store.package(&p.id, &p.version).await?;
         let (o200k, est) = tokio::task::spawn_blocking(move || {
             (
-                Tokenizer::O200k.split(&package),
+                stored.unwrap_or_else(|| Tokenizer::O200k.split(&package)),
                 Tokenizer::Estimate.split(&package),
             )
         })
@@ -59,7 +107,7 @@ pub async fn print_estimate(
     replicates: u32,
     cache: bool,
 ) -> Result<Vec<ConditionEstimate>> {
-    let sized = sized(store, packages).await?;
+    let sized = sized(store, packages, conditions).await?;
     let estimates = estimate(catalog, limits, conditions, &sized, replicates, cache);
     let mut rows = Vec::new();
     let (mut low, mut high, mut base_low, mut base_high) = (0.0, 0.0, 0.0, 0.0);
@@ -89,11 +137,11 @@ pub async fn print_estimate(
                 high += w.high;
                 base_low += n.low;
                 base_high += n.high;
-                format!(
-                    "{} ({:.0}%)",
-                    usd(n.low - w.low),
-                    100.0 * (n.low - w.low) / n.low.max(1e-12)
-                )
+                if replicates == 1 && cache {
+                    "none: one replicate is sent without cache hints".into()
+                } else {
+                    saving(n.low, w.low)
+                }
             }
             _ => "-".into(),
         };
@@ -165,6 +213,7 @@ pub async fn run_estimates(
     catalog: &Catalog,
     run: &apex_core::RunInfo,
     conditions: &[Condition],
+    limits: &LimitTable,
 ) -> Result<Vec<ConditionEstimate>> {
     let run_id = &run.run_id;
     // The packages this run sent, for the estimate beside the actual.
@@ -214,10 +263,10 @@ pub async fn run_estimates(
             .into());
         }
     };
-    let sized = sized(store, &refs).await?;
+    let sized = sized(store, &refs, conditions).await?;
     Ok(estimate(
         catalog,
-        &LimitTable::none(),
+        limits,
         conditions,
         &sized,
         run.replicates,
@@ -244,7 +293,7 @@ pub async fn cost(store: &dyn Store, catalog: &Catalog, run_id: &RunId) -> Resul
             e.with_cache
         }
     };
-    let estimates = run_estimates(store, catalog, &run, &conditions).await?;
+    let estimates = run_estimates(store, catalog, &run, &conditions, &LimitTable::none()).await?;
 
     let mut table = Vec::new();
     let mut total = 0.0;
@@ -324,11 +373,7 @@ pub async fn cost(store: &dyn Store, catalog: &Catalog, run_id: &RunId) -> Resul
             usd(synchronous),
             usd(batch_price),
             usd(actual),
-            format!(
-                "{} ({:.0}%)",
-                usd(without_caching - actual),
-                100.0 * (without_caching - actual) / without_caching.max(1e-12)
-            ),
+            saving(without_caching, actual),
             format!(
                 "{}{}",
                 range(expected(e)),
@@ -453,4 +498,18 @@ pub async fn export(
         Out::Jsonl(mut w) => w.flush()?,
     }
     Ok(written)
+}
+
+#[cfg(test)]
+mod saving_tests {
+    use super::saving;
+
+    #[test]
+    fn a_saving_is_never_negative_and_a_dearer_plan_says_so() {
+        assert_eq!(saving(1.0, 0.49), "$0.5100 (51%)");
+        assert_eq!(saving(1.0, 1.0), "none ($0.0000)");
+        assert_eq!(saving(1.0, 1.000_01), "none ($0.0000)");
+        assert_eq!(saving(0.0, 0.0), "none ($0.0000)");
+        assert_eq!(saving(1.0, 1.25), "none: caching costs $0.2500 more (25%)");
+    }
 }

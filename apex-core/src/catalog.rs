@@ -357,6 +357,25 @@ pub fn preflight(
         }
     }
     warnings.extend(lifecycle_warnings(model, condition, today));
+    // A prefix under the model's caching minimum is never cached: every
+    // replicate pays the whole input (the whole package bounds the prefix).
+    let uncacheable: Vec<&str> = packages
+        .iter()
+        .filter(|p| p.tokens(tokenizer) < model.min_cacheable_tokens)
+        .map(|p| p.id.as_str())
+        .collect();
+    if !uncacheable.is_empty() {
+        let shown: Vec<&str> = uncacheable.iter().take(5).copied().collect();
+        warnings.push(Warning(format!(
+            "condition `{slug}`: {} of {} context(s) ({}{}) are below {}'s prompt-caching minimum of {} tokens: they will not be cached, and every replicate pays their whole input",
+            uncacheable.len(),
+            packages.len(),
+            shown.join(", "),
+            if uncacheable.len() > shown.len() { ", …" } else { "" },
+            condition.model,
+            model.min_cacheable_tokens
+        )));
+    }
     Ok(warnings)
 }
 

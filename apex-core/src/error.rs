@@ -69,6 +69,11 @@ pub enum Error {
     /// A statement given to the read-only SQL entry point that would write.
     #[error("refused: {0}")]
     ReadOnly(String),
+    /// A query given to the read-only SQL entry point that the database
+    /// refused as written (syntax, an unknown table or column): the
+    /// caller's mistake, with the database's own message.
+    #[error("query failed: {0}")]
+    Query(String),
     /// A generation this process meant to send is no longer its to send:
     /// it finished, or another process took its claim over.
     #[error("generation {0} is finished or held by another process; it will not be sent")]

@@ -117,6 +117,8 @@ pub fn estimate(
     replicates: u32,
     cache: bool,
 ) -> Vec<ConditionEstimate> {
+    // One replicate is sent without cache hints (nobody would read them).
+    let cache = cache && replicates > 1;
     conditions
         .iter()
         .map(|c| estimate_condition(catalog, limits, c, packages, replicates, cache))

@@ -362,8 +362,10 @@ pub struct GenerationRow {
     pub model_snapshot: Option<String>,
     /// SHA-256 of the request body.
     pub request_hash: Option<String>,
-    /// The response text.
+    /// The response text (`None` in a brief page, which leaves it out).
     pub response_text: Option<String>,
+    /// The response text's length in bytes (UTF-8), also in a brief page.
+    pub response_length: Option<u64>,
     /// Error class of the last failure.
     pub error_class: Option<String>,
     /// Error message of the last failure.

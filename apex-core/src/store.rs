@@ -276,6 +276,16 @@ pub trait Store: Send + Sync {
         limit: u32,
     ) -> Result<Vec<GenerationRow>>;
 
+    /// The same page without the response texts (`response_text` is
+    /// `None`, `response_length` kept): what a summary of a large run needs
+    /// without reading every answer.
+    async fn generations_brief_page(
+        &self,
+        run_id: &RunId,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<GenerationRow>>;
+
     /// Records a provider batch before it is submitted: the batch, its
     /// items, and each item's attempt as begun (`running`), in one
     /// transaction.

@@ -32,7 +32,7 @@ impl Tokenizer {
     pub fn name(self) -> &'static str {
         match self {
             Self::O200k => "o200k_base",
-            Self::Estimate => "estimate (4 bytes/token)",
+            Self::Estimate => "4-bytes-per-token estimate",
         }
     }
 

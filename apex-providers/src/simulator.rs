@@ -35,6 +35,7 @@ mod answers;
 mod batches;
 mod checks;
 mod requests;
+pub mod sample;
 
 use answers::Answer;
 pub use batches::BatchLogEntry;
@@ -59,8 +60,16 @@ pub struct SimulatorConfig {
     pub per_input_token: Duration,
     /// Extra time per output token, before scaling.
     pub per_output_token: Duration,
-    /// Tokens each answer has (capped by the request's max tokens).
+    /// Tokens each answer has at most (capped by the request's max tokens).
     pub output_tokens: u32,
+    /// How much answer lengths vary (0..1): each answer has between
+    /// `(1 - spread) * output_tokens` and `output_tokens`, drawn from the
+    /// request and how often it was seen, so runs repeat exactly. 0 by
+    /// default here (tests count tokens); `apex simulate` uses 0.6.
+    pub output_spread: f64,
+    /// How much latencies vary (0..1): each is scaled by a factor drawn
+    /// from `1 ± jitter`. 0 by default here; `apex simulate` uses 0.3.
+    pub latency_jitter: f64,
     /// Share of requests (0..1) answered with a transient error (500, 529
     /// or 503), chosen by a fixed-seed generator.
     pub fault_rate: f64,
@@ -112,6 +121,8 @@ impl Default for SimulatorConfig {
             per_input_token: Duration::from_micros(20),
             per_output_token: Duration::from_millis(10),
             output_tokens: 200,
+            output_spread: 0.0,
+            latency_jitter: 0.0,
             fault_rate: 0.0,
             limits: Vec::new(),
             openai_rules: LimitRules::of(ProviderKind::OpenAi),
@@ -224,6 +235,9 @@ struct State {
     log: VecDeque<RequestRecord>,
     next_id: u64,
     rng: u64,
+    /// How many answers each (model, source) has had: identical requests at
+    /// a temperature above 0 get different answers, in a repeatable order.
+    answered: HashMap<u64, u64>,
     batches: batches::Batches,
     /// `http://ADDR`, for the absolute URLs some answers carry.
     base_url: String,
@@ -264,7 +278,8 @@ impl State {
     }
 
     /// The answer to a request served now: the next id, the snapshot of the
-    /// model that answers, the configured output (cut at `max_tokens`).
+    /// model that answers, text drawn from the request's context, a length
+    /// up to the configured output (cut at `max_tokens`).
     fn answer(&mut self, api: SimApi, parsed: &Parsed, input: (u64, u64, u64)) -> Answer {
         let id = self.next_id;
         self.next_id += 1;
@@ -273,14 +288,47 @@ impl State {
             .lookup(api.provider(), &parsed.model)
             .and_then(|m| m.ids.last().cloned())
             .unwrap_or_else(|| parsed.model.clone());
+        let seed = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            parsed.model.hash(&mut h);
+            parsed.source.hash(&mut h);
+            let source = h.finish();
+            if self.answered.len() > 100_000 {
+                self.answered.clear();
+            }
+            let seen = self.answered.entry(source).or_default();
+            *seen += 1;
+            if parsed.varies {
+                source ^ seen.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            } else {
+                source
+            }
+        };
+        let mut draw = sample::Xorshift(seed | 1);
+        let unit = |r: &mut sample::Xorshift| (r.next() >> 11) as f64 / (1u64 << 53) as f64;
+        let spread = self.config.output_spread.clamp(0.0, 1.0);
         let configured = u64::from(self.config.output_tokens);
+        let configured = ((configured as f64) * (1.0 - spread * unit(&mut draw))).round() as u64;
+        let configured = configured.max(1);
+        let output = parsed.max_tokens.min(configured);
+        let text = sample::answer_text(&parsed.source, output, draw.next());
         Answer::of(
             (api, id, snapshot),
             parsed,
             input,
-            parsed.max_tokens.min(configured),
+            (output, text),
             parsed.max_tokens < configured,
         )
+    }
+
+    /// A latency varied by the configured jitter.
+    fn jittered(&mut self, d: Duration) -> Duration {
+        let jitter = self.config.latency_jitter.clamp(0.0, 1.0);
+        if jitter == 0.0 {
+            return d;
+        }
+        d.mul_f64(1.0 + jitter * (2.0 * self.next_random() - 1.0))
     }
 
     fn next_random(&mut self) -> f64 {
@@ -386,6 +434,7 @@ impl Simulator {
             log: VecDeque::new(),
             next_id: 1,
             rng: 0x2545_F491_4F6C_DD1D,
+            answered: HashMap::new(),
             batches: batches::Batches::default(),
             base_url: format!("http://{addr}"),
             arrivals: VecDeque::new(),
@@ -987,14 +1036,14 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Repl
         // The input is processed before the first byte: what is not read
         // from the cache, including what is written to it.
         let processed = uncached + cache_write;
-        let latency = s.scaled(
-            s.config.base_latency
-                + s.config.per_input_token.mul_f64(processed as f64)
-                + s.config.per_output_token.mul_f64(answer.output as f64),
-        );
+        // Time to first token, then the output at the model's throughput,
+        // each varied by the jitter.
+        let to_first = s.config.base_latency + s.config.per_input_token.mul_f64(processed as f64);
+        let first_byte = s.jittered(to_first);
+        let writing = s.config.per_output_token.mul_f64(answer.output as f64);
+        let writing = s.jittered(writing);
+        let (first_byte, latency) = (s.scaled(first_byte), s.scaled(first_byte + writing));
         let ttl = s.scaled(parsed.ttl);
-        let first_byte =
-            s.scaled(s.config.base_latency + s.config.per_input_token.mul_f64(processed as f64));
         Accepted {
             first_byte,
             answer_fault,

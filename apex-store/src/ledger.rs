@@ -960,18 +960,28 @@ static ERROR_ROWS: Statement = Statement::new(
      WHERE status = 'error' AND run_id = ?1 ORDER BY generation_id",
 );
 /// The one column list of a generation row.
-static GENERATIONS_PAGE: Statement = Statement::new(
-    "SELECT generation_id, run_id, condition_slug, prompt_id, package_version,
+macro_rules! generation_columns {
+    ($text:literal) => {
+        concat!(
+            "SELECT generation_id, run_id, condition_slug, prompt_id, package_version,
             context_index, replicate_index, status, cache_hit, attempts,
             input_tokens, cache_write_tokens, cache_write_1h_tokens,
             cache_read_tokens, output_tokens, reasoning_tokens, cost_usd,
             latency_ms, finish_reason, provider_request_id, model_snapshot,
-            request_hash, response_text, error_class, error_message,
-            created_at, started_at, finished_at, transport
+            request_hash, ",
+            $text,
+            " AS response_text, CAST(OCTET_LENGTH(response_text) AS BIGINT) AS response_length,
+            error_class, error_message, created_at, started_at, finished_at, transport
      FROM apex_audition.generations
      WHERE run_id = ?1 AND generation_id > ?2
-     ORDER BY generation_id LIMIT ?3",
-);
+     ORDER BY generation_id LIMIT ?3"
+        )
+    };
+}
+static GENERATIONS_PAGE: Statement = Statement::new(generation_columns!("response_text"));
+/// The same rows without their texts (their lengths kept).
+static GENERATIONS_BRIEF_PAGE: Statement =
+    Statement::new(generation_columns!("CAST(NULL AS TEXT)"));
 static USAGE_BY_CONDITION: Statement = Statement::new(
     "SELECT condition_slug, COUNT(*) AS generations,
             CAST(COALESCE(SUM(input_tokens), 0) AS BIGINT) AS input_tokens,
@@ -1030,6 +1040,7 @@ fn generation_from(r: &Record) -> CoreResult<GenerationRow> {
         model_snapshot: r.opt_text("model_snapshot")?,
         request_hash: r.opt_text("request_hash")?,
         response_text: r.opt_text("response_text")?,
+        response_length: r.opt_u64("response_length")?,
         error_class: r.opt_text("error_class")?,
         error_message: r.opt_text("error_message")?,
         created_at: r.text("created_at")?,
@@ -1108,8 +1119,14 @@ pub(crate) async fn generations_page(
     run_id: &RunId,
     after: i64,
     limit: u32,
+    texts: bool,
 ) -> CoreResult<Vec<GenerationRow>> {
-    tx.query(&GENERATIONS_PAGE, params![run_id.as_str(), after, limit])
+    let statement = if texts {
+        &GENERATIONS_PAGE
+    } else {
+        &GENERATIONS_BRIEF_PAGE
+    };
+    tx.query(statement, params![run_id.as_str(), after, limit])
         .await?
         .iter()
         .map(generation_from)

@@ -16,7 +16,7 @@ fn refused(sb: &Sandbox, args: &[&str], code: i32, needle: &str) {
     assert_eq!(before, sb.dump(), "{args:?} changed the ledger");
 }
 
-fn registered() -> Sandbox {
+pub(crate) fn registered() -> Sandbox {
     let sb = Sandbox::new();
     ok(sb.apex(&[
         "conditions",

@@ -5,6 +5,7 @@ mod batch;
 mod current;
 mod keys;
 mod live;
+mod messages;
 mod multi;
 mod pacing;
 mod report;

@@ -153,6 +153,7 @@ async fn a_report_holds_every_condition_context_and_cost_escaped_and_self_contai
         "prompt is too long for this test",
         "class=\"error\">invalid_request",
         run_id.as_str(),
+        "<ul class=\"legend\">",
     ] {
         assert!(html.contains(needle), "{needle}");
     }
@@ -181,6 +182,12 @@ async fn a_report_holds_every_condition_context_and_cost_escaped_and_self_contai
     let both = report(&live, &[&run_id, &second], "both.html");
     assert_well_formed(&both);
     assert!(both.contains(&format!("Run {second}")) && both.contains(&format!("Run {run_id}")));
+    // One run: its id in the title and the heading, nowhere else.
+    assert_eq!(
+        html.matches(run_id.as_str()).count(),
+        2,
+        "the run id more than once"
+    );
     assert!(both.contains(&format!("{} · prod-gpt5", &second[..8])));
     // Bad input: one line, nothing written.
     let out = live.sb.apex(&["report", "not-a-run"]);
@@ -304,4 +311,123 @@ async fn headless_chromium_renders_the_report_without_errors_and_draws_every_cha
             "{chart} has no numbers beside it"
         );
     }
+}
+
+/// The cells of the table row that starts with `first`.
+fn row<'a>(html: &'a str, first: &str) -> Vec<&'a str> {
+    let start = html
+        .find(&format!("<tr><td>{first}</td>"))
+        .unwrap_or_else(|| panic!("no row for {first}"));
+    let row = &html[start + 8..];
+    let row = &row[..row.find("</tr>").unwrap()];
+    row.trim_end_matches("</td>").split("</td><td>").collect()
+}
+
+/// A number as the report prints it (1.2M, 30K, 7).
+fn number(text: &str) -> f64 {
+    let (digits, factor) = match text.chars().last() {
+        Some('K') => (&text[..text.len() - 1], 1e3),
+        Some('M') => (&text[..text.len() - 1], 1e6),
+        _ => (text, 1.0),
+    };
+    digits
+        .parse::<f64>()
+        .unwrap_or_else(|_| panic!("`{text}` is not a number"))
+        * factor
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_report_tells_the_truth_about_rates_limits_axes_and_size() {
+    let live = Live::with(SimulatorConfig {
+        limits: vec![(
+            apex_core::ProviderKind::OpenAi,
+            "gpt-4o".into(),
+            apex_providers::simulator::SimLimits {
+                rpm: Some(500),
+                tpm: Some(90_000),
+                ..Default::default()
+            },
+        )],
+        ..SimulatorConfig::default()
+    })
+    .await;
+    let out = live
+        .apex(&args(&[
+            "--condition-slug",
+            "prod-gpt4o",
+            "--replicates",
+            "3",
+        ]))
+        .await;
+    assert!(out.status.success(), "{}", crate::stderr(&out));
+    let run_id = run_id_from(&stdout(&out));
+    // The limits it was paced at are in the ledger, with their source.
+    let flags = live
+        .column(&format!(
+            "SELECT flags_json FROM apex_audition.runs WHERE run_id = '{run_id}'"
+        ))
+        .await;
+    assert!(
+        flags[0].contains("\"paced_limits\"") && flags[0].contains("\"rpm\":500"),
+        "{flags:?}"
+    );
+    let html = report(&live, &[&run_id], "truth.html");
+    // Nine requests in a run of a few seconds (a few minutes of its scaled
+    // time): the highest count in any minute is at most what was sent, not
+    // a rate extrapolated from seconds.
+    let cells = row(&html, "gpt-4o");
+    let attempts: f64 = cells[1].parse().unwrap();
+    let highest_requests = number(cells[2]);
+    assert!(highest_requests <= attempts, "{cells:?}");
+    assert_eq!(cells[3], "500", "{cells:?}");
+    let highest_tokens = number(cells[4]);
+    assert!(
+        highest_tokens > 0.0 && highest_tokens <= 90_000.0,
+        "{cells:?}"
+    );
+    assert_eq!(cells[5], "90K", "{cells:?}");
+    assert_eq!(cells[8], "learned from the server", "{cells:?}");
+    assert!(html.contains("gpt-4o limit (learned from the server)"));
+    // Axes read 30K, not 30000.0; the attempts chart names its interval.
+    assert!(!html.contains("000.0</text>"), "an axis label like 30000.0");
+    assert!(!html.contains("per 0 s"));
+    assert!(html.contains("attempts started per "));
+    // A size budget: the audition keeps to it and names the way to the rest.
+    let path = live.sb.path("small.html");
+    let out = ok(live.sb.apex(&[
+        "report",
+        &run_id,
+        "--max-audition-mb",
+        "0.004",
+        "--output",
+        path.to_str().unwrap(),
+    ]));
+    assert!(out.contains("its audition shows 1 of 3 contexts"), "{out}");
+    let small = std::fs::read_to_string(&path).unwrap();
+    assert_well_formed(&small);
+    assert!(
+        small.contains("This page shows contexts 1–1 of 3"),
+        "budget note"
+    );
+    assert!(small.contains(&format!("apex report {run_id} --contexts 2-2")));
+    assert!(small.contains("id=\"ctx-ctx-01\"") && !small.contains("id=\"ctx-ctx-02\""));
+    // Every generation is still in the overview and the charts.
+    assert!(row(&small, "gpt-4o")[1] == cells[1]);
+    // And a range shows what it names.
+    let out = ok(live.sb.apex(&[
+        "report",
+        &run_id,
+        "--contexts",
+        "2-3",
+        "--output",
+        path.to_str().unwrap(),
+    ]));
+    assert!(out.contains("its audition shows 2 of 3 contexts"), "{out}");
+    let ranged = std::fs::read_to_string(&path).unwrap();
+    assert!(ranged.contains("id=\"ctx-ctx-02\"") && ranged.contains("id=\"ctx-ctx-03\""));
+    assert!(!ranged.contains("id=\"ctx-ctx-01\""));
+    assert!(ranged.contains(&format!("apex report {run_id} --contexts 1-1")));
+    let out = live.sb.apex(&["report", &run_id, "--contexts", "3-1"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(crate::stderr(&out).contains("--contexts `3-1` is not a range"));
 }

@@ -109,6 +109,10 @@ impl Executor {
         };
         let summary = driver.run().await;
         let unstored = std::mem::take(&mut driver.unstored);
+        let paced = driver.machine.paced_limits();
+        if !paced.is_empty() && summary.failure.is_none() {
+            self.record_paced_limits(run_id, paced).await;
+        }
         self.conclude(run_id, summary, unstored).await
     }
 
@@ -207,6 +211,39 @@ impl Executor {
     fn share_interval(&self) -> Duration {
         crate::time::scaled(Duration::from_secs(3), self.options.time_scale)
             .max(Duration::from_millis(50))
+    }
+
+    /// Records with the run (its flags, key `paced_limits`) the limits its
+    /// models were paced at, so a report draws those rather than a tier
+    /// table. Best effort: a ledger that fails here fails the run's own
+    /// record next, and says so there.
+    async fn record_paced_limits(
+        &self,
+        run_id: &RunId,
+        paced: serde_json::Map<String, serde_json::Value>,
+    ) {
+        let patience = self.options.ledger_patience;
+        let Ok(info) = patiently(patience, "reading the run", || self.store.run(run_id)).await
+        else {
+            return;
+        };
+        let mut flags = info.flags;
+        let Some(object) = flags.as_object_mut() else {
+            return;
+        };
+        let recorded = object
+            .entry("paced_limits")
+            .or_insert_with(|| serde_json::Value::Object(serde_json::Map::new()));
+        if let Some(recorded) = recorded.as_object_mut() {
+            recorded.extend(paced);
+        }
+        if let Err(error) = patiently(patience, "recording the limits paced at", || {
+            self.store.set_run_flags(run_id, &flags)
+        })
+        .await
+        {
+            tracing::warn!(%error, "could not record the limits the run was paced at");
+        }
     }
 
     /// A claim not renewed for this long is taken over by other workers.

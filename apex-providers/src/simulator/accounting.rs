@@ -41,8 +41,21 @@ impl SimLimits {
 
 /// The published standard tiers the simulator enforces by default (the
 /// shared reference providers.md §1.4 and §2.5): Anthropic Tier 2, OpenAI
-/// Tier 2 for GPT-4o and Tier 1 for GPT-5. The simulator's own copy.
+/// Tier 2 for GPT-4o and Tier 1 for GPT-5; this month's Claude 5.5 models at
+/// 1,000 RPM, 500K ITPM, 100K OTPM and GPT-6.x at 500 RPM, 500K TPM (the tier
+/// table's assumptions for them). The simulator's own copy.
 pub fn published_tiers() -> Vec<(ProviderKind, String, SimLimits)> {
+    let current_anthropic = SimLimits {
+        rpm: Some(1000),
+        itpm: Some(500_000),
+        otpm: Some(100_000),
+        tpm: None,
+    };
+    let current_openai = SimLimits {
+        rpm: Some(500),
+        tpm: Some(500_000),
+        ..SimLimits::default()
+    };
     let anthropic_tier_2 = SimLimits {
         rpm: Some(1000),
         itpm: Some(450_000),
@@ -78,6 +91,19 @@ pub fn published_tiers() -> Vec<(ProviderKind, String, SimLimits)> {
                 ..SimLimits::default()
             },
         ),
+        // This month's equivalents (examples/production/conditions-2026-11.toml).
+        (
+            ProviderKind::Anthropic,
+            "claude-sonnet-5-5".into(),
+            current_anthropic,
+        ),
+        (
+            ProviderKind::Anthropic,
+            "claude-opus-5-5".into(),
+            current_anthropic,
+        ),
+        (ProviderKind::OpenAi, "gpt-6.2-sol".into(), current_openai),
+        (ProviderKind::OpenAi, "gpt-6-luna".into(), current_openai),
     ]
 }
 

@@ -33,17 +33,14 @@ impl Answer {
         (api, id, model): (SimApi, u64, String),
         parsed: &super::requests::Parsed,
         (uncached, cache_read, cache_write): (u64, u64, u64),
-        output: u64,
+        (output, text): (u64, String),
         truncated: bool,
     ) -> Self {
         Self {
             api,
             id,
             model,
-            text: std::iter::repeat_n("word ", output as usize)
-                .collect::<String>()
-                .trim_end()
-                .to_owned(),
+            text,
             reasoning: if parsed.thinks { output / 2 } else { 0 },
             uncached,
             cache_read,
@@ -74,10 +71,14 @@ impl Answer {
 
     fn responses_usage(&self) -> Value {
         let input = self.uncached + self.cache_read + self.cache_write;
-        let mut input_details = json!({"cached_tokens": self.cache_read});
-        if self.reports_writes {
-            input_details["cache_write_tokens"] = json!(self.cache_write);
-        }
+        // Always present (the SDK's type requires it); before GPT-5.6
+        // writes are not billed apart, so none are reported.
+        let writes = if self.reports_writes {
+            self.cache_write
+        } else {
+            0
+        };
+        let input_details = json!({"cached_tokens": self.cache_read, "cache_write_tokens": writes});
         json!({
             "input_tokens": input,
             "input_tokens_details": input_details,

@@ -59,10 +59,28 @@ pub(super) struct Parsed {
     pub thinks: bool,
     /// Responses: the caller asked OpenAI to store the response.
     pub store: bool,
+    /// The longest text part (the context): what answers are drawn from.
+    pub source: String,
+    /// Sampling varies between identical requests (temperature not 0).
+    pub varies: bool,
 }
 
 /// A rejected request: status, error type, error code, message.
 pub(super) type Rejection = (u16, &'static str, Option<&'static str>, String);
+
+/// The longest part's text, what an answer is made from.
+fn source_of(parts: &[Part]) -> String {
+    parts
+        .iter()
+        .max_by_key(|p| p.text.len())
+        .map(|p| p.text.clone())
+        .unwrap_or_default()
+}
+
+/// Whether identical requests may be answered differently.
+fn varies(obj: &serde_json::Map<String, Value>) -> bool {
+    obj.get("temperature").and_then(Value::as_f64) != Some(0.0)
+}
 
 /// One text part: its text, its Anthropic `cache_control`, and its OpenAI
 /// `prompt_cache_breakpoint`.
@@ -296,6 +314,8 @@ fn openai_cache(
         // Effort `none` does not reason.
         thinks: info.reasoning && effort != Some("none"),
         store,
+        source: source_of(parts),
+        varies: varies(obj),
     })
 }
 
@@ -694,5 +714,7 @@ pub(super) fn parse_messages(body: &Value, catalog: &Catalog) -> Result<Parsed, 
         stream: stream_flag(obj)?,
         thinks,
         store: false,
+        source: source_of(&parts),
+        varies: varies(obj),
     })
 }

@@ -44,6 +44,18 @@ fn pg(e: tokio_postgres::Error) -> Error {
 }
 
 /// A PostgreSQL error as one line, with the server's message when there is one.
+/// A failed query: the caller's mistake where PostgreSQL says the statement
+/// itself is wrong (class 42, syntax or an unknown name; class 22, bad
+/// data in it), the ledger's otherwise.
+fn query_error(e: &tokio_postgres::Error, text: String) -> Error {
+    let class = e.as_db_error().map(|db| &db.code().code()[..2]);
+    if matches!(class, Some("42" | "22")) {
+        Error::Query(text)
+    } else {
+        Error::store_msg(format!("query failed: {text}"))
+    }
+}
+
 fn describe(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => format!("{} ({})", db.message(), db.code().code()),
@@ -560,7 +572,18 @@ impl Store for PostgresStore {
         limit: u32,
     ) -> CoreResult<Vec<GenerationRow>> {
         on_connection!(self, |tx| ledger::generations_page(
-            tx, run_id, after, limit
+            tx, run_id, after, limit, true
+        ))
+    }
+
+    async fn generations_brief_page(
+        &self,
+        run_id: &RunId,
+        after: i64,
+        limit: u32,
+    ) -> CoreResult<Vec<GenerationRow>> {
+        on_connection!(self, |tx| ledger::generations_page(
+            tx, run_id, after, limit, false
         ))
     }
 
@@ -597,7 +620,7 @@ impl Store for PostgresStore {
             if text.contains("cannot insert multiple commands") {
                 Error::ReadOnly("more than one statement; give one query at a time".into())
             } else {
-                Error::store_msg(format!("query failed: {text}"))
+                query_error(&e, text)
             }
         })?;
         let types: Vec<Type> = statement
@@ -618,7 +641,7 @@ impl Store for PostgresStore {
                     "the statement would write to the ledger; `apex sql` is read-only".into(),
                 )
             } else {
-                Error::store_msg(format!("query failed: {text}"))
+                query_error(&e, text)
             }
         })?;
         tx.rollback().await.map_err(pg)?;

@@ -331,13 +331,26 @@ fn sql_value(value: ValueRef<'_>) -> SqlValue {
     }
 }
 
+/// A failed query: the caller's mistake where SQLite says the statement
+/// itself is wrong (`SQLITE_ERROR`: syntax, no such table or column, a
+/// bad function), the ledger's otherwise (busy, I/O, corruption).
+fn query_error(e: rusqlite::Error) -> Error {
+    match &e {
+        rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::Unknown => {
+            Error::Query(e.to_string())
+        }
+        rusqlite::Error::SqlInputError { .. } => Error::Query(e.to_string()),
+        _ => Error::store_msg(format!("query failed: {e}")),
+    }
+}
+
 fn run_read_only(conn: &Connection, sql: &str) -> CoreResult<QueryResult> {
     check_read_only_keyword(sql)?;
     let mut stmt = conn.prepare(sql).map_err(|e| match e {
         rusqlite::Error::MultipleStatement => {
             Error::ReadOnly("more than one statement; give one query at a time".into())
         }
-        other => Error::store_msg(format!("query failed: {other}")),
+        other => query_error(other),
     })?;
     if !stmt.readonly() {
         return Err(Error::ReadOnly(
@@ -346,14 +359,9 @@ fn run_read_only(conn: &Connection, sql: &str) -> CoreResult<QueryResult> {
     }
     let columns: Vec<String> = stmt.column_names().map(String::from).collect();
     let width = columns.len();
-    let mut rows = stmt
-        .query([])
-        .map_err(|e| Error::store_msg(format!("query failed: {e}")))?;
+    let mut rows = stmt.query([]).map_err(query_error)?;
     let mut out = Vec::new();
-    while let Some(row) = rows
-        .next()
-        .map_err(|e| Error::store_msg(format!("query failed: {e}")))?
-    {
+    while let Some(row) = rows.next().map_err(query_error)? {
         out.push(
             (0..width)
                 .map(|i| row.get_ref(i).map(sql_value))
@@ -704,8 +712,23 @@ impl Store for SqliteStore {
         limit: u32,
     ) -> CoreResult<Vec<GenerationRow>> {
         let run_id = run_id.clone();
-        self.on_connection(move |tx| run_now(ledger::generations_page(tx, &run_id, after, limit)))
-            .await
+        self.on_connection(move |tx| {
+            run_now(ledger::generations_page(tx, &run_id, after, limit, true))
+        })
+        .await
+    }
+
+    async fn generations_brief_page(
+        &self,
+        run_id: &RunId,
+        after: i64,
+        limit: u32,
+    ) -> CoreResult<Vec<GenerationRow>> {
+        let run_id = run_id.clone();
+        self.on_connection(move |tx| {
+            run_now(ledger::generations_page(tx, &run_id, after, limit, false))
+        })
+        .await
     }
 
     async fn record_batch(&self, batch: &BatchRecord) -> CoreResult<()> {

@@ -428,6 +428,20 @@ async fn export_pages_cover_every_generation_in_order(backend: Backend) {
         seen.iter().map(|r| r.generation_id).collect::<Vec<_>>(),
         items.iter().map(|w| w.generation_id).collect::<Vec<_>>()
     );
+    // A brief page: the same rows, the texts left out, their lengths kept.
+    let brief = store.generations_brief_page(&run_id, 0, 100).await.unwrap();
+    assert_eq!(brief.len(), seen.len());
+    for (b, full) in brief.iter().zip(&seen) {
+        assert_eq!(b.response_text, None);
+        assert_eq!(
+            b.response_length,
+            full.response_text.as_ref().map(|t| t.len() as u64)
+        );
+        assert_eq!(
+            (b.generation_id, &b.status, b.cost_usd),
+            (full.generation_id, &full.status, full.cost_usd)
+        );
+    }
     let first = &seen[0];
     assert_eq!(
         (

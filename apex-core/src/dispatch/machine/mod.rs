@@ -224,6 +224,42 @@ impl Dispatcher {
             .collect()
     }
 
+    /// The limits each condition's model is paced at now, whole (not this
+    /// process's part), as JSON for the run's record: per limiter key, the
+    /// provider, each limit, whether each refills as a bucket and where the
+    /// figures came from. Keys not known yet are left out.
+    pub fn paced_limits(&self) -> serde_json::Map<String, serde_json::Value> {
+        let mut out = serde_json::Map::new();
+        for (slug, key) in &self.bucket_keys {
+            let Some(pacing) = self.limiter.pacing(key) else {
+                continue;
+            };
+            let provider = self.conditions.get(slug).map(|c| c.provider);
+            let names = match provider {
+                Some(crate::ProviderKind::OpenAi) => ["rpm", "tpm", "otpm"],
+                _ => ["rpm", "itpm", "otpm"],
+            };
+            let mut entry = serde_json::Map::new();
+            for (d, name) in names.iter().enumerate() {
+                if let Some(limit) = pacing.whole[d] {
+                    entry.insert((*name).into(), limit.into());
+                    if pacing.buckets[d] {
+                        entry.insert(format!("{name}_bucket"), true.into());
+                    }
+                }
+            }
+            let capped = pacing.capped.iter().any(|c| *c);
+            let source = match (pacing.learned, capped) {
+                (true, false) => "server",
+                (true, true) => "server, capped by the limits file",
+                (false, _) => "limits file",
+            };
+            entry.insert("source".into(), source.into());
+            out.insert(key.clone(), entry.into());
+        }
+        out
+    }
+
     /// The unfinished generations this process holds, per limiter key.
     fn work_by_key(&self) -> HashMap<String, u64> {
         let mut work: HashMap<String, u64> = HashMap::new();
@@ -671,7 +707,10 @@ impl Dispatcher {
     fn attempt_with(&self, id: GenerationId, plain: bool) -> Attempt {
         let job = &self.jobs[&id];
         let group = &self.groups[&job.group];
-        let hinted = self.config.cache && !plain;
+        // One replicate: no later request reads what a hint would write,
+        // so none is sent (Anthropic bills the write premium, GPT-5.6+ the
+        // write, for nobody to read).
+        let hinted = self.config.cache && self.config.replicates > 1 && !plain;
         Attempt {
             generation_id: id,
             attempt: job.attempt(),
