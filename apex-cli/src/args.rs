@@ -9,7 +9,8 @@ use serde::Serialize;
 /// replicates) against OpenAI and Anthropic, and records every generation in a
 /// SQL ledger.
 pub struct Cli {
-    /// ledger URL: sqlite://PATH (default: $APEX_DATABASE_URL, else sqlite://apex.db)
+    /// ledger URL: sqlite://PATH or postgres://USER:PASSWORD@HOST:PORT/DATABASE
+    /// (default: $APEX_DATABASE_URL, else sqlite://apex.db)
     #[argh(option)]
     pub database_url: Option<String>,
     /// log level: error, warn, info (default), debug or trace
@@ -161,8 +162,9 @@ pub struct RunCmd {
     #[argh(switch)]
     pub verify_first: bool,
     /// send through the providers' Batch APIs at half price: a leader batch
-    /// writes each context's cache, then a follower batch reads it (hours,
-    /// not minutes; Ctrl-C leaves the batches running)
+    /// writes each context's cache, then a follower batch reads it (each
+    /// batch minutes to an hour, up to 24 hours; Ctrl-C leaves the batches
+    /// running)
     #[argh(switch)]
     pub batch: bool,
     /// run conditions whose model is past its retirement date (refused
@@ -311,7 +313,8 @@ pub struct SimulateCmd {
     #[argh(option)]
     pub addr_file: Option<String>,
     /// per-minute limits to enforce, in the --limits file format (default:
-    /// the published tiers of the seed's four models)
+    /// the published tiers of the seed's four models and their current
+    /// equivalents)
     #[argh(option)]
     pub limits: Option<String>,
     /// enforce no limits and send no rate-limit headers
