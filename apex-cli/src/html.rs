@@ -348,11 +348,18 @@ fn line_chart(
     y_format: fn(f64) -> String,
 ) -> String {
     let x_max = axis.end.max(1e-3);
-    let y_max = series
+    let data_max = series
         .iter()
         .flat_map(|(_, p)| p.iter().map(|p| p.1))
-        .chain(limits.iter().map(|l| l.1))
-        .fold(0.0, f64::max)
+        .fold(0.0, f64::max);
+    // A limit far above everything drawn would flatten the data to the
+    // axis: it is named in the legend instead (plainly not crossed).
+    let reachable = |limit: f64| data_max <= 0.0 || limit <= 5.0 * data_max;
+    let y_max = limits
+        .iter()
+        .map(|l| l.1)
+        .filter(|l| reachable(*l))
+        .fold(data_max, f64::max)
         .max(1e-9)
         * 1.1;
     let chart = svg(700, 320, |root| {
@@ -375,6 +382,9 @@ fn line_chart(
                 .map_err(|e| e.to_string())?;
         }
         for (i, (_, limit)) in limits.iter().enumerate() {
+            if !reachable(*limit) {
+                continue;
+            }
             let color = PALETTE[i % PALETTE.len()];
             chart
                 .draw_series(DashedLineSeries::new(
@@ -388,7 +398,16 @@ fn line_chart(
         Ok(())
     });
     let names: Vec<String> = series.iter().map(|(n, _)| n.clone()).collect();
-    let limit_names: Vec<String> = limits.iter().map(|(n, _)| n.clone()).collect();
+    let limit_names: Vec<String> = limits
+        .iter()
+        .map(|(n, l)| {
+            if reachable(*l) {
+                n.clone()
+            } else {
+                format!("{n}: {}, above the chart", y_format(*l))
+            }
+        })
+        .collect();
     format!(
         "<div class=\"plotbox\">{chart}{}</div>",
         legend_html(&names, &limit_names)
@@ -1529,6 +1548,30 @@ mod tests {
         let bars = bar_chart("t", "y", &["x".into()], &[("s", vec![2.0])]);
         assert!(bars.contains("<rect"), "{bars}");
         assert_eq!(quantile(&[1.0, 2.0, 3.0, 4.0], 0.5), 3.0);
+    }
+
+    #[test]
+    fn a_limit_far_above_the_data_is_named_not_drawn() {
+        let axis = TimeAxis {
+            start: 0.0,
+            minute: 60.0,
+            end: 1.0,
+        };
+        let chart = line_chart(
+            "t",
+            axis,
+            "y",
+            &[("a".into(), vec![(0.0, 1.0), (1.0, 20.0)])],
+            &[("a limit".into(), 5_000.0), ("b limit".into(), 50.0)],
+            si,
+        );
+        assert!(
+            chart.contains("a limit: 5K, above the chart</li>"),
+            "{chart}"
+        );
+        assert!(chart.contains("b limit</li>"), "{chart}");
+        // The axis reaches the near limit, not the far one.
+        assert!(!chart.contains(">5K<"), "{chart}");
     }
 
     #[test]
