@@ -636,8 +636,12 @@ async fn dry_run(
     let plan = apex.plan(spec).await?;
     apex.providers_for(&plan.conditions, false)?;
     let run_id = apex.record(spec, &plan, true).await?;
-    // One replicate goes without cache hints (nobody would read them).
-    dry_run_log(apex, &plan, cache && spec.replicates > 1).await?;
+    dry_run_log(
+        apex,
+        &plan,
+        apex_core::plan::sends_cache_hints(cache, spec.replicates),
+    )
+    .await?;
     report::print_estimate(
         &**apex.store(),
         apex.catalog(),

@@ -69,10 +69,6 @@ struct RunData {
     generations: Vec<GenerationRow>,
     attempts: Vec<AttemptRow>,
     batch: bool,
-    /// The answers' lengths in bytes, by generation: the texts themselves
-    /// are read again only for the contexts the audition shows, so memory
-    /// follows that budget, not the run's size.
-    text_bytes: HashMap<i64, usize>,
     /// The texts of the generations the audition shows.
     texts: HashMap<i64, String>,
 }
@@ -85,16 +81,14 @@ async fn load(store: &dyn Store, catalog: &Catalog, run_id: &RunId) -> Result<Ru
     let paced = crate::report::paced_limit_table(&info).unwrap_or_else(LimitTable::defaults);
     let estimates = run_estimates(store, catalog, &info, &conditions, &paced).await?;
     let mut generations = Vec::new();
-    let mut text_bytes = HashMap::new();
     let mut after = 0;
     loop {
         let page = store.generations_brief_page(run_id, after, 2000).await?;
         let Some(last) = page.last() else { break };
         after = last.generation_id;
+        // Brief rows: no texts (their lengths kept), read again only for
+        // the contexts the audition shows, so memory follows that budget.
         generations.extend(page.into_iter().map(|mut g| {
-            if let Some(length) = g.response_length {
-                text_bytes.insert(g.generation_id, length as usize);
-            }
             // What only a card shows is read again for the cards shown:
             // a large run's rows stay small here.
             for field in [
@@ -138,7 +132,6 @@ async fn load(store: &dyn Store, catalog: &Catalog, run_id: &RunId) -> Result<Ru
         generations,
         attempts,
         batch,
-        text_bytes,
         texts: HashMap::new(),
     })
 }
@@ -1268,14 +1261,17 @@ fn all_contexts(runs: &[RunData]) -> Vec<(u32, String)> {
 
 /// The contexts the audition shows: those in the chosen range, in order,
 /// while their answers fit the budget (the first always).
-fn chosen_contexts(runs: &[RunData], options: &AuditionOptions) -> Vec<(u32, String)> {
-    let all = all_contexts(runs);
+fn chosen_contexts(
+    runs: &[RunData],
+    all: &[(u32, String)],
+    options: &AuditionOptions,
+) -> Vec<(u32, String)> {
     let (from, to) = options.contexts.unwrap_or((1, all.len()));
     let mut size: HashMap<&str, usize> = HashMap::new();
     for run in runs {
         for g in &run.generations {
             *size.entry(g.prompt_id.as_str()).or_default() +=
-                CARD_OVERHEAD + run.text_bytes.get(&g.generation_id).copied().unwrap_or(0);
+                CARD_OVERHEAD + g.response_length.unwrap_or(0) as usize;
         }
     }
     let mut used = 0usize;
@@ -1302,6 +1298,7 @@ fn chosen_contexts(runs: &[RunData], options: &AuditionOptions) -> Vec<(u32, Str
 fn write_audition(
     out: &mut dyn Write,
     runs: &[RunData],
+    all: &[(u32, String)],
     chosen: &[(u32, String)],
     options: &AuditionOptions,
 ) -> std::io::Result<()> {
@@ -1312,7 +1309,6 @@ fn write_audition(
             columns.push((r, c.slug.clone()));
         }
     }
-    let all = all_contexts(runs);
     let label = |(r, slug): &(usize, String)| {
         if several {
             format!("{} · {slug}", &runs[*r].info.run_id.as_str()[..8])
@@ -1456,7 +1452,8 @@ pub async fn report(
     for id in run_ids {
         runs.push(load(store, catalog, id).await?);
     }
-    let chosen = chosen_contexts(&runs, audition);
+    let all = all_contexts(&runs);
+    let chosen = chosen_contexts(&runs, &all, audition);
     let shown: HashSet<&str> = chosen.iter().map(|(_, p)| p.as_str()).collect();
     for run in &mut runs {
         let wanted: HashSet<i64> = run
@@ -1502,11 +1499,11 @@ pub async fn report(
         out.write_all(charts(run, catalog, limits).as_bytes())?;
     }
     write!(out, "<h2 id=\"audition\">Audition</h2>")?;
-    write_audition(out, &runs, &chosen, audition)?;
+    write_audition(out, &runs, &all, &chosen, audition)?;
     write!(out, "<script>{SCRIPT}</script></body></html>")?;
     Ok(Written {
         contexts_shown: chosen.len(),
-        contexts_total: all_contexts(&runs).len(),
+        contexts_total: all.len(),
     })
 }
 

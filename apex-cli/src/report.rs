@@ -137,7 +137,7 @@ pub async fn print_estimate(
                 high += w.high;
                 base_low += n.low;
                 base_high += n.high;
-                if replicates == 1 && cache {
+                if cache && !apex_core::plan::sends_cache_hints(cache, replicates) {
                     "none: one replicate is sent without cache hints".into()
                 } else {
                     saving(n.low, w.low)

@@ -117,8 +117,7 @@ pub fn estimate(
     replicates: u32,
     cache: bool,
 ) -> Vec<ConditionEstimate> {
-    // One replicate is sent without cache hints (nobody would read them).
-    let cache = cache && replicates > 1;
+    let cache = crate::plan::sends_cache_hints(cache, replicates);
     conditions
         .iter()
         .map(|c| estimate_condition(catalog, limits, c, packages, replicates, cache))

@@ -39,6 +39,13 @@ pub struct PlanOptions {
     pub limit: Option<u32>,
 }
 
+/// Whether a run sends cache hints: caching asked for, and a later request
+/// of the same (condition, context) to read what a hint writes. With one
+/// replicate nobody would, and Anthropic (and GPT-5.6+) bill the write.
+pub fn sends_cache_hints(cache: bool, replicates: u32) -> bool {
+    cache && replicates > 1
+}
+
 impl Default for PlanOptions {
     fn default() -> Self {
         Self {

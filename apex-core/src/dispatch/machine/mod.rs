@@ -707,10 +707,9 @@ impl Dispatcher {
     fn attempt_with(&self, id: GenerationId, plain: bool) -> Attempt {
         let job = &self.jobs[&id];
         let group = &self.groups[&job.group];
-        // One replicate: no later request reads what a hint would write,
-        // so none is sent (Anthropic bills the write premium, GPT-5.6+ the
-        // write, for nobody to read).
-        let hinted = self.config.cache && self.config.replicates > 1 && !plain;
+        let hinted =
+            crate::plan::sends_cache_hints(self.config.cache, self.config.replicates as u32)
+                && !plain;
         Attempt {
             generation_id: id,
             attempt: job.attempt(),
